@@ -1,0 +1,158 @@
+"""The dataset: manifest (path, class, sha256), duplicate groups, label conflicts and a stable split.
+
+The split assigns each *content hash* to train/val/test from a salted hash of that content, so
+byte-identical images always land together, adding images never moves existing ones, and each
+class is split in the requested proportions (in expectation, class by class).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from leukemia.config import CLASSES
+from leukemia.storage import MANIFEST_NAME, dataset_digest, iter_image_files
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+SPLIT_FIELDS = ("path", "label", "sha256", "split")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of the manifest; `path` is relative to the images folder."""
+
+    path: str
+    label: str
+    sha256: str
+
+
+@dataclass
+class SplitInfo:
+    """Where a split was written and what it holds (small: fits in XCom)."""
+
+    path: str
+    digest: str
+    counts: dict[str, dict[str, int]]
+    images: int
+    duplicate_groups: int
+    conflicts: list[dict[str, object]]
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def build_manifest(images_dir: str | Path) -> list[ImageRecord]:
+    """Records for every image under `images_dir`.
+
+    Uses the sync manifest's hashes when the folder came from `sync_images`, otherwise reads the
+    `<Class>/<name>` folder (e.g. the public data set used in place).
+    """
+    root = Path(images_dir)
+    sync_manifest = root / MANIFEST_NAME
+    if sync_manifest.exists():
+        entries = json.loads(sync_manifest.read_text())["images"].values()
+        records = [ImageRecord(e["path"], e["label"], e["sha256"]) for e in entries]
+    else:
+        records = [
+            ImageRecord(str(p.relative_to(root).as_posix()), label, file_sha256(p))
+            for label, p in iter_image_files(root)
+        ]
+    if not records:
+        raise ValueError(
+            f"no images under {root}: expected {root}/<Benign|Early|Pre|Pro>/<name>.jpg "
+            "(run the sync first, or point to a folder in that layout)"
+        )
+    return sorted(records, key=lambda r: r.path)
+
+
+def assign_split(sha256: str, seed: int, fractions: Sequence[float]) -> str:
+    """The split of one content hash: a salted hash mapped to [0, 1) against the cumulative fractions."""
+    u = int(hashlib.sha256(f"{seed}:{sha256}".encode()).hexdigest()[:15], 16) / 16**15
+    edge = 0.0
+    for name, frac in zip(SPLITS, fractions, strict=True):
+        edge += frac
+        if u < edge:
+            return name
+    return SPLITS[-1]
+
+
+def split_records(
+    records: Iterable[ImageRecord], seed: int = 0, fractions: Sequence[float] = (0.7, 0.15, 0.15)
+) -> tuple[list[dict[str, str]], list[dict[str, object]], int]:
+    """Rows with a `split` column, the label conflicts left out, and the number of duplicate groups."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
+    by_hash: dict[str, list[ImageRecord]] = defaultdict(list)
+    for rec in records:
+        by_hash[rec.sha256].append(rec)
+    rows: list[dict[str, str]] = []
+    conflicts: list[dict[str, object]] = []
+    duplicate_groups = 0
+    for sha, group in sorted(by_hash.items()):
+        labels = sorted({r.label for r in group})
+        if len(labels) > 1:
+            conflicts.append({"sha256": sha, "labels": labels, "paths": sorted(r.path for r in group)})
+            log.warning("Label conflict: identical image under %s (%s); left out", labels, group[0].path)
+            continue
+        duplicate_groups += len(group) > 1
+        split = assign_split(sha, seed, fractions)
+        rows.extend(
+            {"path": r.path, "label": r.label, "sha256": sha, "split": split}
+            for r in sorted(group, key=lambda r: r.path)
+        )
+    rows.sort(key=lambda r: r["path"])
+    return rows, conflicts, duplicate_groups
+
+
+def split_counts(rows: Iterable[dict[str, str]]) -> dict[str, dict[str, int]]:
+    """Images per split and class, every class present (zeros included)."""
+    counter = Counter((r["split"], r["label"]) for r in rows)
+    return {s: {c: counter[(s, c)] for c in CLASSES} for s in SPLITS}
+
+
+def write_split_csv(rows: Iterable[dict[str, str]], path: Path) -> Path:
+    """Write split rows as CSV (path,label,sha256,split)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=SPLIT_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+    return path
+
+
+def read_split(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a split CSV written by `make_split`."""
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def make_split(
+    images_dir: str | Path,
+    out_dir: str | Path,
+    seed: int = 0,
+    fractions: Sequence[float] = (0.7, 0.15, 0.15),
+) -> SplitInfo:
+    """Manifest → grouped, stable split saved as `<out_dir>/split-<digest>.csv`."""
+    records = build_manifest(images_dir)
+    digest = dataset_digest((r.label, r.sha256) for r in records)
+    rows, conflicts, groups = split_records(records, seed, fractions)
+    path = write_split_csv(rows, Path(out_dir) / f"split-{digest[:16]}-seed{seed}.csv")
+    counts = split_counts(rows)
+    log.info(
+        "Split %d images (%d duplicate groups kept together, %d label conflicts left out): %s",
+        len(rows), groups, len(conflicts),
+        ", ".join(f"{s} {sum(counts[s].values())}" for s in SPLITS),
+    )
+    return SplitInfo(str(path), digest, counts, len(rows), groups, conflicts)

@@ -1,0 +1,129 @@
+"""The embedded stack: moto's S3 server on loopback, and the Airflow connection that points at it.
+
+The demo, the integration tests and the benchmarks talk to it over HTTP exactly as to a real bucket
+(no in-process mocking); an optional per-request delay stands in for a real S3 round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: Credentials moto accepts; never real ones.
+LOCAL_ACCESS_KEY = "local-access-key"
+LOCAL_SECRET_KEY = "local-secret-key"
+LOCAL_REGION = "us-east-1"
+
+
+def aws_connection_json(endpoint_url: str, region: str = LOCAL_REGION) -> str:
+    """An `AIRFLOW_CONN_AWS_DEFAULT` value (JSON form) that points the S3 hook at `endpoint_url`."""
+    return json.dumps(
+        {
+            "conn_type": "aws",
+            "login": LOCAL_ACCESS_KEY,
+            "password": LOCAL_SECRET_KEY,
+            "extra": {"endpoint_url": endpoint_url, "region_name": region},
+        }
+    )
+
+
+@dataclass
+class RequestCounter:
+    """Counts requests by HTTP method (the tests check that a no-op resync makes no GET of objects)."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, method: str, listing: bool) -> None:
+        name = "LIST" if listing else method
+        with self.lock:
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def reset(self) -> None:
+        with self.lock:
+            self.counts.clear()
+
+
+def _middleware(app: Callable, delay_s: float, counter: RequestCounter) -> Callable:
+    """WSGI wrapper: count each request, then wait `delay_s` before answering."""
+
+    def wrapped(environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        query = environ.get("QUERY_STRING", "")
+        path = environ.get("PATH_INFO", "")
+        listing = environ["REQUEST_METHOD"] == "GET" and (
+            "list-type" in query or path.strip("/").count("/") == 0
+        )
+        counter.add(environ["REQUEST_METHOD"], listing)
+        if delay_s:
+            time.sleep(delay_s)
+        return app(environ, start_response)
+
+    return wrapped
+
+
+class S3Server:
+    """moto's S3-compatible server in a background thread, on 127.0.0.1."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, delay_s: float = 0.0) -> None:
+        self.host, self.port, self.delay_s = host, port, delay_s
+        self.requests = RequestCounter()
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> S3Server:
+        """Bind (port 0 picks a free one) and serve in a daemon thread."""
+        from moto.moto_server.werkzeug_app import (
+            DomainDispatcherApplication,
+            MotoRequestHandler,
+            create_backend_app,
+        )
+        from werkzeug.serving import make_server
+
+        class QuietHandler(MotoRequestHandler):
+            def log_request(self, *args: object) -> None:  # one line per request drowns the task log
+                pass
+
+        app = _middleware(DomainDispatcherApplication(create_backend_app), self.delay_s, self.requests)
+        self._server = make_server(
+            self.host, self.port, app, threaded=True, request_handler=QuietHandler
+        )
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        log.info("Local S3 server listening on %s", self.endpoint_url)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> S3Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve(host: str = "127.0.0.1", port: int = 9000, delay_s: float = 0.0) -> None:
+    """Run the local S3 server in the foreground until interrupted (the demo's `s3-server`)."""
+    with S3Server(host, port, delay_s) as server:
+        print(f"Local S3 server on {server.endpoint_url} (Ctrl-C stops it)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass

@@ -1,0 +1,55 @@
+"""Shared fixtures: a moto S3 server on loopback, the Airflow connection to it, synthetic images."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "include"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from leukemia.embedded import S3Server, aws_connection_json  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """One moto S3 server for the whole session; tests use their own buckets."""
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture()
+def aws_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """Point Airflow's `aws_default` connection at the local server."""
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", aws_connection_json(s3_server.endpoint_url))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "local-access-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "local-secret-key")
+    s3_server.requests.reset()
+    return s3_server
+
+
+@pytest.fixture()
+def bucket(aws_env: S3Server) -> str:
+    """A fresh, empty bucket on the local server."""
+    from leukemia.storage import s3_client
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3_client("aws_default").create_bucket(Bucket=name)
+    aws_env.requests.reset()
+    return name
+
+
+@pytest.fixture(scope="session")
+def smear_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic data set: 6 images of 48 px per class."""
+    from leukemia.synthetic import generate
+
+    out = tmp_path_factory.mktemp("smears")
+    generate(out, n_per_class=6, size=48, seed=1)
+    return out
