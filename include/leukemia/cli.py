@@ -69,6 +69,17 @@ def cmd_s3_server(args: argparse.Namespace) -> int:
     return 0
 
 
+@command
+def cmd_demo(args: argparse.Namespace) -> int:
+    from leukemia.demo import run_demo
+
+    conf = json.loads(args.conf) if args.conf else {}
+    if args.weights:
+        conf["weights"] = args.weights
+    summary = run_demo(args.data, args.workdir, args.per_class, args.size, conf)
+    return 0 if summary else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command and its documented options."""
     parser = argparse.ArgumentParser(prog="python -m leukemia", description=__doc__)
@@ -102,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9000)
     p.add_argument("--delay-ms", type=float, default=0.0, help="added to every request")
+    p = sub.add_parser("demo", help="run the whole training pipeline on the embedded stack")
+    p.add_argument("--data", type=Path, help="a <Class>/<name> folder (default: synthetic smears)")
+    p.add_argument("--workdir", type=Path, help="default: ./data/demo")
+    p.add_argument("--per-class", type=int, default=30, help="synthetic images per class")
+    p.add_argument("--size", type=int, default=224, help="image and model input size")
+    p.add_argument("--weights", help="VGG16 weights: imagenet (default), a .h5 path, or none")
+    p.add_argument("--conf", help='extra DAG run conf as JSON, e.g. {"epochs": 10}')
     return parser
 
 

@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 
 MIN_SIZE = 32
 _SS = 2  # supersampling factor
+_NZ = 1.0  # EXPERIMENT nuisance scale
+_WS = 1.0
+_RBC = (222.0, 148.0, 152.0)
+_COV = (0.35, 0.65)
+_AVOID = False
 _RGB = tuple[int, int, int]
 
 
@@ -51,13 +56,13 @@ class _Blast:
 
 
 _CELLS: dict[str, _Blast] = {
-    "Benign": _Blast((0.15, 0.18), (0.80, 0.88), (62, 28, 96), (168, 182, 214), "round", 0.05, (0, 0),
+    "Benign": _Blast((0.14, 0.17), (0.80, 0.88), (62, 28, 96), (168, 182, 214), "round", 0.05, (0, 0),
                      (0, 0)),
-    "Early": _Blast((0.22, 0.25), (0.86, 0.92), (112, 72, 158), (128, 156, 210), "round", 0.30, (0, 0),
+    "Early": _Blast((0.21, 0.25), (0.90, 0.95), (112, 72, 158), (120, 150, 210), "round", 0.40, (0, 0),
                     (0, 0)),
-    "Pre": _Blast((0.27, 0.31), (0.66, 0.74), (104, 66, 150), (160, 182, 224), "cleft", 0.22, (0, 0),
-                  (3, 7)),
-    "Pro": _Blast((0.32, 0.37), (0.62, 0.72), (118, 80, 162), (78, 108, 186), "irregular", 0.26, (1, 3),
+    "Pre": _Blast((0.28, 0.32), (0.58, 0.68), (104, 66, 150), (172, 184, 214), "cleft", 0.22, (0, 0),
+                  (4, 8)),
+    "Pro": _Blast((0.34, 0.40), (0.62, 0.72), (118, 80, 162), (78, 108, 186), "irregular", 0.26, (1, 3),
                   (0, 0)),
 }
 
@@ -97,7 +102,8 @@ def _noise_field(rng: np.random.Generator, grid: int, side: int) -> np.ndarray:
 def _background(rng: np.random.Generator, side: int) -> np.ndarray:
     """Pale pinkish-beige field with a vignette and slow brightness variation."""
     base = np.array([234.0, 220.0, 216.0]) + rng.normal(0.0, [6.0, 8.0, 8.0])
-    base += rng.normal(0.0, 7.0)
+    base += rng.normal(0.0, 7.0) * _NZ
+    base = np.array([234.0, 220.0, 216.0]) + (base - np.array([234.0, 220.0, 216.0])) * _NZ
     ax = np.linspace(-1.0, 1.0, side, dtype=np.float32)
     r2 = ax[None, :] ** 2 + ax[:, None] ** 2
     shade = 1.0 - rng.uniform(0.02, 0.10) * r2 + 0.015 * _noise_field(rng, 5, side)
@@ -105,15 +111,25 @@ def _background(rng: np.random.Generator, side: int) -> np.ndarray:
 
 
 def _red_cells(draw: ImageDraw.ImageDraw, rng: np.random.Generator, side: int, bg: np.ndarray,
-               shift: np.ndarray) -> None:
-    """Pink-red discs of varying size, some overlapping or clipped by the border, each with a pallor."""
+               shift: np.ndarray, white: list[tuple[str, float, float, float]]) -> None:
+    """Pink-red discs of varying size, some overlapping or clipped by the border, each with a pallor;
+    they fill the field around the white cells, which push them aside as in a monolayer."""
     r_mean = side * rng.uniform(0.055, 0.07)
-    coverage = rng.uniform(0.35, 0.65)
-    n = max(4, int(coverage * side * side / (np.pi * r_mean**2)))
-    rbc = np.array([214.0, 122.0, 130.0]) + shift + rng.normal(0.0, [6.0, 8.0, 8.0])
+    coverage = rng.uniform(*_COV)
+    free = side * side - (sum(np.pi * rc**2 for _, _, _, rc in white) if _AVOID else 0.0)
+    n = max(4, int(coverage * free / (np.pi * r_mean**2)))
+    rbc = np.array(_RBC) + shift + rng.normal(0.0, [6.0, 8.0, 8.0])
     theta = np.linspace(0.0, 2 * np.pi, 24, endpoint=False)
-    xs = rng.uniform(-r_mean, side + r_mean, n)
-    ys = rng.uniform(-r_mean, side + r_mean, n)
+    xs = rng.uniform(-r_mean, side + r_mean, 3 * n)
+    ys = rng.uniform(-r_mean, side + r_mean, 3 * n)
+    if _AVOID:
+        ok = np.ones(3 * n, dtype=bool)
+        for _, cx, cy, rc in white:
+            ok &= np.hypot(xs - cx, ys - cy) > rc + 0.4 * r_mean
+        xs, ys = xs[ok][:n], ys[ok][:n]
+        n = len(xs)
+    else:
+        xs, ys = xs[:n], ys[:n]
     rs = r_mean * rng.uniform(0.82, 1.18, n)
     aspects = rng.uniform(1.0, 1.12, n)
     angles = rng.uniform(0.0, np.pi, n)
@@ -134,7 +150,7 @@ def _nucleus_radial(shape: str, theta: np.ndarray, rng: np.random.Generator) -> 
     if shape == "cleft":
         centre, width = rng.uniform(0, 2 * np.pi), rng.uniform(0.28, 0.4)
         d = np.angle(np.exp(1j * (theta - centre)))
-        radial -= rng.uniform(0.4, 0.55) * np.exp(-0.5 * (d / width) ** 2)
+        radial -= rng.uniform(0.45, 0.6) * np.exp(-0.5 * (d / width) ** 2)
     elif shape == "irregular":
         for k in range(2, 7):
             radial += rng.uniform(0.04, 0.10) / np.sqrt(k - 1) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
@@ -169,7 +185,7 @@ def _blast(draw: ImageDraw.ImageDraw, mask: ImageDraw.ImageDraw, rng: np.random.
     nx, ny = cx + off * np.cos(direction), cy + off * np.sin(direction)
     pale = _jitter((236, 232, 240), 0.0, rng, 3.0)
     for _ in range(rng.integers(spec.vacuoles[0], spec.vacuoles[1] + 1)):
-        rv = rc * rng.uniform(0.05, 0.09)
+        rv = rc * rng.uniform(0.08, 0.13)
         a = rng.uniform(0, 2 * np.pi)
         d = rc * rng.uniform(0.55, 0.85)
         vx, vy = cx + d * np.cos(a), cy + d * np.sin(a)
@@ -180,9 +196,9 @@ def _blast(draw: ImageDraw.ImageDraw, mask: ImageDraw.ImageDraw, rng: np.random.
     draw.polygon(poly, fill=_jitter(spec.nucleus, shift, rng, 5.0))
     mask.polygon(poly, fill=int(255 * spec.chromatin / 0.4))
     small = np.linspace(0.0, 2 * np.pi, 16, endpoint=False)
-    nucleolus = _jitter((176, 150, 206), shift, rng, 5.0)
+    nucleolus = _jitter((192, 172, 218), shift, rng, 5.0)
     for _ in range(rng.integers(spec.nucleoli[0], spec.nucleoli[1] + 1)):
-        ro = rn * rng.uniform(0.12, 0.18)
+        ro = rn * rng.uniform(0.16, 0.24)
         a, d = rng.uniform(0, 2 * np.pi), rn * rng.uniform(0.0, 0.5)
         late.append((_outline(nx + d * np.cos(a), ny + d * np.sin(a), ro, small,
                               aspect=rng.uniform(1.0, 1.2), angle=rng.uniform(0, np.pi)), nucleolus))
@@ -211,6 +227,27 @@ def _neutrophil(draw: ImageDraw.ImageDraw, mask: ImageDraw.ImageDraw, rng: np.ra
             d.ellipse((x - rl, y - rl, x + rl, y + rl), fill=nuc if d is draw else 13)
 
 
+def _plan_white_cells(label: str, spec: _Blast, rng: np.random.Generator,
+                      side: int) -> list[tuple[str, float, float, float]]:
+    """Kind, centre and radius of each white cell in the field."""
+    kinds = ["blast"] * (1 if label != "Benign" else int(rng.integers(1, 3)))
+    if label == "Benign" and rng.random() < 0.35:
+        kinds.append("neutrophil")
+    if label != "Benign" and rng.random() < 0.15:
+        kinds.append("blast")
+    taken: list[tuple[float, float, float]] = []
+    cells = []
+    for kind in kinds:
+        if kind == "neutrophil":
+            rc = side * rng.uniform(0.2, 0.24) / 2
+        else:
+            rc = _WS * side * rng.uniform(*spec.diameter) / 2
+        cx, cy = _place(rng, side, rc, taken, not taken)
+        taken.append((cx, cy, rc))
+        cells.append((kind, cx, cy, rc))
+    return cells
+
+
 def render_smear(label: str, rng: np.random.Generator, size: int = 224) -> Image.Image:
     """Draw one size x size RGB smear field whose white cells show the morphology of `label`."""
     _check_label(label)
@@ -221,28 +258,18 @@ def render_smear(label: str, rng: np.random.Generator, size: int = 224) -> Image
     bg_mean = bg.reshape(-1, 3).mean(axis=0)
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), mode="RGB")
     draw = ImageDraw.Draw(img)
-    shift = rng.normal(0.0, 6.0, 3)  # stain hue shared by every element of this image
-    _red_cells(draw, rng, side, bg_mean, shift)
+    shift = rng.normal(0.0, 6.0, 3) * _NZ  # stain hue shared by every element of this image
+    white = _plan_white_cells(label, spec, rng, side)
+    _red_cells(draw, rng, side, bg_mean, shift, white)
 
     mask_img = Image.new("L", (side, side), 0)
     mask = ImageDraw.Draw(mask_img)
     late: list[tuple[list[tuple[float, float]], _RGB]] = []
-    taken: list[tuple[float, float, float]] = []
-    cells = ["blast"] * (1 if label != "Benign" else int(rng.integers(1, 3)))
-    if label == "Benign" and rng.random() < 0.35:
-        cells.append("neutrophil")
-    if label != "Benign" and rng.random() < 0.15:
-        cells.append("blast")
-    for kind in cells:
+    for kind, cx, cy, rc in white:
         if kind == "neutrophil":
-            rc = side * rng.uniform(0.2, 0.24) / 2
-            cx, cy = _place(rng, side, rc, taken, not taken)
             _neutrophil(draw, mask, rng, cx, cy, rc, shift)
         else:
-            rc = side * rng.uniform(*spec.diameter) / 2
-            cx, cy = _place(rng, side, rc, taken, not taken)
             _blast(draw, mask, rng, spec, cx, cy, rc, shift, late)
-        taken.append((cx, cy, rc))
 
     # chromatin: fine stippling inside the nuclei, scaled so the grain is ~1 px at 64 and ~2 px at 224
     amp = np.asarray(mask_img, dtype=np.float32) * (0.4 / 255.0)
@@ -257,7 +284,7 @@ def render_smear(label: str, rng: np.random.Generator, size: int = 224) -> Image
     img = img.reduce(_SS)
 
     # stain strength and sensor noise, drawn the same way for every class
-    strength = rng.uniform(0.85, 1.15) * rng.uniform(0.95, 1.05, 3)
+    strength = 1 + (rng.uniform(0.85, 1.15) * rng.uniform(0.95, 1.05, 3) - 1) * _NZ
     arr = 255.0 - (255.0 - np.asarray(img, dtype=np.float32)) * strength.astype(np.float32)
     arr += rng.normal(0.0, rng.uniform(1.5, 4.0), arr.shape).astype(np.float32)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="RGB")

@@ -1,0 +1,127 @@
+"""
+# Leukaemia classifier: train, select and promote
+
+Syncs new blood-smear images from S3, splits them (identical images kept together), extracts frozen
+VGG16 features once, trains one head per **optimizer × batch size × feature variant** (mapped tasks,
+each an MLflow run), registers the best run by **validation** macro-F1 as `leukemia-classifier` and
+moves `@champion` to it only when it beats the current champion on the same test split.
+
+Runs weekly and whenever new images land (the `leukemia_raw_images` asset). When the data is exactly
+what the champion was trained on, training is skipped unless `force_retrain` is set.
+All logic lives in `include/leukemia`; this file only wires it.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pendulum
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, TriggerRule, dag, get_current_context, task
+
+from leukemia.assets import champion_asset, raw_images_asset
+from leukemia.config import env
+from leukemia.pipeline import DEFAULTS
+
+IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": True}
+
+
+@dag(
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable("0 3 * * 1", timezone="UTC"), assets=raw_images_asset()
+    ),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    tags=["leukemia", "training", "mlflow"],
+    default_args={"retries": 1, "retry_delay": timedelta(seconds=30)},
+    params={
+        "bucket": Param(env("LEUKEMIA_BUCKET"), type="string", title="S3 bucket", description="Bucket holding <prefix>/<Class>/<image>."),
+        "prefix": Param(env("LEUKEMIA_RAW_PREFIX"), type="string", title="S3 prefix", description="Prefix of the class folders, e.g. raw/."),
+        "conn_id": Param(env("LEUKEMIA_AWS_CONN_ID"), type="string", title="AWS connection", description="Airflow connection used by the S3 hook."),
+        "optimizers": Param(DEFAULTS["optimizers"], type="array", items={"type": "string", "enum": ["adam", "sgd", "rmsprop"]}, title="Optimizers", description="One training task per optimizer × batch size × variant."),
+        "batch_sizes": Param(DEFAULTS["batch_sizes"], type="array", items={"type": "integer", "minimum": 1}, title="Batch sizes"),
+        "variants": Param(DEFAULTS["variants"], type="array", items={"type": "string", "enum": ["seed", "multiscale"]}, title="Feature variants", description="seed: block5 GlobalMaxPooling (the reference); multiscale: GAP+GMP of blocks 3-5."),
+        "epochs": Param(DEFAULTS["epochs"], type="integer", minimum=1, title="Max epochs", description="Early stopping on validation loss restores the best epoch."),
+        "patience": Param(DEFAULTS["patience"], type="integer", minimum=1, title="Early-stopping patience"),
+        "learning_rate": Param(DEFAULTS["learning_rate"], type=["null", "number"], title="Learning rate", description="Empty: adam/rmsprop 1e-3, sgd 1e-2 with momentum."),
+        "weights": Param(env("LEUKEMIA_WEIGHTS"), type="string", title="VGG16 weights", description="imagenet, a local VGG16 no-top .h5 path (air-gapped sites), or none."),
+        "input_size": Param(DEFAULTS["input_size"], type="integer", minimum=32, title="Input size (px)"),
+        "precision": Param(DEFAULTS["precision"], type="string", enum=["auto", "float32", "bfloat16"], title="Extraction precision", description="auto: bfloat16 where the CPU/GPU supports it."),
+        "promotion_margin": Param(DEFAULTS["promotion_margin"], type="number", minimum=0, title="Promotion margin", description="Test macro-F1 the candidate must gain over the champion."),
+        "force_retrain": Param(False, type="boolean", title="Force retrain", description="Train even if the data equals the champion's."),
+    },
+)
+def leukemia_training() -> None:
+    @task(**IO_RETRIES)
+    def sync_images() -> dict[str, Any]:
+        from leukemia import pipeline
+
+        params = get_current_context()["params"]
+        return pipeline.sync(params["bucket"], params["prefix"], params["conn_id"])
+
+    @task
+    def build_split(synced: dict[str, Any]) -> dict[str, Any]:
+        from leukemia import pipeline
+
+        return pipeline.split(synced["images_dir"])
+
+    @task.short_circuit
+    def data_changed(split: dict[str, Any]) -> bool:
+        from leukemia import pipeline
+
+        params = get_current_context()["params"]
+        return pipeline.needs_training(split["digest"], bool(params["force_retrain"]))
+
+    @task
+    def extract_features(split: dict[str, Any]) -> dict[str, Any]:
+        from leukemia import pipeline
+
+        return pipeline.features(split, get_current_context()["params"])
+
+    @task
+    def plan_grid() -> list[dict[str, Any]]:
+        from leukemia import pipeline
+
+        return [{"config": c} for c in pipeline.plan(get_current_context()["params"])]
+
+    @task(
+        map_index_template="{{ config_label }}",
+        queue=env("LEUKEMIA_TRAINING_QUEUE"),
+        max_active_tis_per_dagrun=int(env("LEUKEMIA_TRAINING_SLOTS")),
+    )
+    def train(config: dict[str, Any], split: dict[str, Any], features: dict[str, Any]) -> dict[str, Any]:
+        from leukemia import pipeline
+
+        context = get_current_context()
+        context["config_label"] = f"{config['optimizer']} · bs{config['batch_size']} · {config['variant']}"
+        ti = context["ti"]
+        tags = {"airflow_dag_id": ti.dag_id, "airflow_run_id": ti.run_id, "airflow_map_index": str(ti.map_index)}
+        return pipeline.train_one(config, split, features, tags)
+
+    # a failed configuration must not stop the others from being compared and promoted
+    @task(outlets=[champion_asset()], trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)
+    def select_and_promote(results: list[dict[str, Any]], split: dict[str, Any]) -> dict[str, Any]:
+        from leukemia import pipeline
+
+        context = get_current_context()
+        margin = float(context["params"]["promotion_margin"])
+        return pipeline.promote(split, context["run_id"], margin)
+
+    @task(trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)
+    def report(results: list[dict[str, Any]], promotion: dict[str, Any]) -> dict[str, Any]:
+        from leukemia import pipeline
+
+        finished = [results[i] for i in range(len(results))]  # a failed configuration has no result
+        return pipeline.report([r for r in finished if r], promotion, get_current_context()["run_id"])
+
+    split = build_split(sync_images())
+    features = extract_features(split)
+    grid = plan_grid()
+    data_changed(split) >> [features, grid]
+    results = train.partial(split=split, features=features).expand_kwargs(grid)
+    report(results, select_and_promote(results, split))
+
+
+leukemia_training()

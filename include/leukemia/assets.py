@@ -1,0 +1,23 @@
+"""Airflow assets the DAGs share: the raw-image prefix (new images trigger training) and the champion
+model (a new champion triggers batch scoring)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from leukemia.config import env
+
+
+def raw_images_asset() -> Any:
+    """`s3://<bucket>/<prefix>`: updated by the ingest DAG or, in production, by S3 → SQS events."""
+    from airflow.sdk import Asset
+
+    prefix = env("LEUKEMIA_RAW_PREFIX").strip("/")
+    return Asset(uri=f"s3://{env('LEUKEMIA_BUCKET')}/{prefix}/", name="leukemia_raw_images")
+
+
+def champion_asset() -> Any:
+    """The registered model's champion alias, updated by select-and-promote."""
+    from airflow.sdk import Asset
+
+    return Asset(name="leukemia_champion", uri=f"mlflow-model://{env('LEUKEMIA_MODEL_NAME')}/champion")

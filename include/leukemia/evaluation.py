@@ -1,0 +1,53 @@
+"""Evaluation with scikit-learn: the reference's metrics plus the clinician's first question.
+
+Benign vs malignant: Early, Pre and Pro are malignant. Sensitivity is the share of malignant images
+called malignant (any malignant class); specificity the share of benign images called benign.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from leukemia.config import BENIGN, CLASSES
+
+
+def evaluate(y_true: Any, probs: Any) -> dict[str, Any]:
+    """Metrics dict (floats), the per-class report (text and dict) and the confusion matrix."""
+    import numpy as np
+    from sklearn.metrics import (
+        accuracy_score,
+        classification_report,
+        confusion_matrix,
+        log_loss,
+        precision_recall_fscore_support,
+    )
+
+    y_true = np.asarray(y_true, dtype="int64")
+    probs = np.asarray(probs, dtype="float64")
+    y_pred = probs.argmax(axis=1)
+    labels = list(range(len(CLASSES)))
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, average="macro", zero_division=0
+    )
+    benign = CLASSES.index(BENIGN)
+    true_malignant, pred_malignant = y_true != benign, y_pred != benign
+    sensitivity = float((pred_malignant & true_malignant).sum() / max(true_malignant.sum(), 1))
+    specificity = float((~pred_malignant & ~true_malignant).sum() / max((~true_malignant).sum(), 1))
+    metrics = {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "precision_macro": float(precision),
+        "recall_macro": float(recall),
+        "f1_macro": float(f1),
+        "loss": float(log_loss(y_true, np.clip(probs, 1e-7, 1), labels=labels)),
+        "malignant_sensitivity": sensitivity,
+        "benign_specificity": specificity,
+    }
+    report_kwargs = {"labels": labels, "target_names": list(CLASSES), "zero_division": 0, "digits": 3}
+    return {
+        "metrics": metrics,
+        "report": classification_report(y_true, y_pred, **report_kwargs),
+        "report_dict": classification_report(y_true, y_pred, output_dict=True, **report_kwargs),
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "y_pred": y_pred.tolist(),
+        "confidence": probs.max(axis=1).tolist() if len(probs) else [],
+    }

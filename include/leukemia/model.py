@@ -1,0 +1,192 @@
+"""The network: VGG16 transfer learning from raw pixels to the four class probabilities.
+
+The full model is three parts, each a Keras model of its own so the pipeline can run them apart:
+
+    raw RGB 0-255 → preprocess (VGG16's caffe preprocessing as a fixed layer)
+                  → trunk  (frozen VGG16 conv base, outputs block3/4/5_pool, called with training=False)
+                  → pool   (the variant's global pooling + concatenation)
+                  → head   (Normalization → Dense/Dropout … → softmax over CLASSES)
+
+The trunk's pooled outputs never change for an image, so `features.py` caches them and training only
+fits the head; `assemble` joins the parts into one model that takes raw pixels, which is what is logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from leukemia.config import CLASSES
+
+log = logging.getLogger(__name__)
+
+#: VGG16's caffe-style preprocessing: RGB → BGR, minus the ImageNet channel means (in BGR order).
+VGG_MEAN_BGR = (103.939, 116.779, 123.68)
+#: Pooled outputs every cache entry holds, in this order (one trunk pass serves every variant).
+POOL_LAYERS = ("block3_pool", "block4_pool", "block5_pool")
+POOL_WIDTHS = {"block3_pool": 256, "block4_pool": 512, "block5_pool": 512}
+POOLED_KEYS = tuple(f"{layer}_{how}" for layer in POOL_LAYERS for how in ("gap", "gmp"))
+#: Feature variants: which pooled outputs feed the head, concatenated in this order.
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "seed": ("block5_pool_gmp",),  # the reference: block5 → GlobalMaxPooling2D, 512 values
+    "multiscale": POOLED_KEYS,  # GAP and GMP of blocks 3, 4 and 5: 2,560 values
+}
+VGG16_CONV_PARAMS = 14_714_688
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What decides the network's shape and base weights."""
+
+    input_size: int = 224
+    weights: str = "imagenet"  # "imagenet", a path to a VGG16 no-top .h5 file, or "none"
+    variant: str = "seed"
+    head_units: tuple[int, ...] = (256, 128, 64)
+    dropout: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown feature variant {self.variant!r}: choose one of {', '.join(VARIANTS)}")
+        if self.input_size < 32:
+            raise ValueError(f"input_size must be at least 32 (VGG16 pools 5 times), got {self.input_size}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+def feature_width(variant: str) -> int:
+    """Length of the variant's feature vector."""
+    return sum(POOL_WIDTHS[key.rsplit("_", 1)[0]] for key in VARIANTS[variant])
+
+
+def weights_identity(weights: str) -> str:
+    """A short, stable name for the base weights (part of the feature-cache key and MLflow params)."""
+    if weights in ("imagenet", "none", ""):
+        return weights or "none"
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"VGG16 weights file {path} does not exist: pass 'imagenet', 'none', or the path of a "
+            "VGG16 include_top=False weights file (.h5/.weights.h5)"
+        )
+    return f"{path.stem}-{_file_digest(str(path.resolve()), path.stat().st_mtime_ns)[:12]}"
+
+
+@lru_cache(maxsize=8)
+def _file_digest(path: str, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_trunk(cfg: ModelConfig) -> Any:
+    """The frozen VGG16 conv base with the block3/4/5 pool outputs, weights loaded and checked."""
+    import keras
+
+    weights = None if cfg.weights in ("none", "") else cfg.weights
+    shape = (cfg.input_size, cfg.input_size, 3)
+    if weights not in (None, "imagenet"):
+        weights_identity(weights)  # fails early, naming the path, when the file is missing
+        base = keras.applications.VGG16(include_top=False, weights=None, input_shape=shape)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # keras warns per layer before it raises
+                base.load_weights(weights)
+        except Exception as exc:
+            expected = ", ".join(f"{w.path}{tuple(w.shape)}" for w in base.weights[:4])
+            first = str(exc).strip().splitlines()[0]
+            raise ValueError(
+                f"cannot load VGG16 weights from {weights}: {first} Expected a VGG16 include_top=False "
+                f"file with 26 arrays ({VGG16_CONV_PARAMS:,} parameters), e.g. {expected}, ..."
+            ) from exc
+    else:
+        base = keras.applications.VGG16(include_top=False, weights=weights, input_shape=shape)
+    base.trainable = False
+    trunk = keras.Model(
+        base.inputs, [base.get_layer(n).output for n in POOL_LAYERS], name="vgg16_trunk"
+    )
+    trunk.trainable = False
+    return trunk
+
+
+def build_preprocess(input_size: int) -> Any:
+    """`keras.applications.vgg16.preprocess_input` as a fixed Dense layer on the channel axis.
+
+    Built from stock layers so the saved model loads anywhere without custom code.
+    """
+    import keras
+    import numpy as np
+
+    inputs = keras.Input((input_size, input_size, 3), name="pixels")
+    layer = keras.layers.Dense(3, name="vgg16_preprocess", trainable=False)
+    outputs = layer(inputs)
+    flip = np.eye(3, dtype="float32")[::-1]  # RGB → BGR
+    layer.set_weights([flip, -np.asarray(VGG_MEAN_BGR, dtype="float32")])
+    return keras.Model(inputs, outputs, name="preprocess")
+
+
+def build_pool(input_size: int, variant: str) -> Any:
+    """Pool the trunk's outputs the variant's way and concatenate (same op order as the cache)."""
+    import keras
+
+    shapes = {"block3_pool": 8, "block4_pool": 16, "block5_pool": 32}
+    inputs = [
+        keras.Input((input_size // shapes[n], input_size // shapes[n], POOL_WIDTHS[n]), name=n)
+        for n in POOL_LAYERS
+    ]
+    by_key: dict[str, Any] = {}
+    for name, tensor in zip(POOL_LAYERS, inputs, strict=True):
+        by_key[f"{name}_gap"] = keras.layers.GlobalAveragePooling2D(name=f"{name}_gap")(tensor)
+        by_key[f"{name}_gmp"] = keras.layers.GlobalMaxPooling2D(name=f"{name}_gmp")(tensor)
+    keys = VARIANTS[variant]
+    out = by_key[keys[0]] if len(keys) == 1 else keras.layers.Concatenate(name="features")(
+        [by_key[k] for k in keys]
+    )
+    return keras.Model(inputs, out, name=f"pool_{variant}")
+
+
+def build_head(cfg: ModelConfig, normalization: Any | None = None) -> Any:
+    """Normalization → (Dense → Dropout)* → softmax; `normalization` is an adapted Normalization layer."""
+    import keras
+
+    inputs = keras.Input((feature_width(cfg.variant),), name="features")
+    x = normalization(inputs) if normalization is not None else inputs
+    for i, units in enumerate(cfg.head_units, 1):
+        x = keras.layers.Dense(units, activation="relu", name=f"dense_{i}")(x)
+        x = keras.layers.Dropout(cfg.dropout, name=f"dropout_{i}")(x)
+    outputs = keras.layers.Dense(len(CLASSES), activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="head")
+
+
+def assemble(cfg: ModelConfig, trunk: Any, head: Any) -> Any:
+    """One model from raw pixels (0-255) to class probabilities: preprocess → trunk → pool → head."""
+    import keras
+
+    inputs = keras.Input((cfg.input_size, cfg.input_size, 3), name="pixels")
+    x = build_preprocess(cfg.input_size)(inputs)
+    pooled = trunk(x, training=False)
+    features = build_pool(cfg.input_size, cfg.variant)(pooled)
+    outputs = head(features, training=False)
+    return keras.Model(inputs, outputs, name=f"leukemia_vgg16_{cfg.variant}")
+
+
+def build_model(cfg: ModelConfig) -> Any:
+    """The full untrained network (frozen base, fresh head) for the given configuration."""
+    import keras
+
+    norm = keras.layers.Normalization(name="standardize")
+    norm.build((None, feature_width(cfg.variant)))
+    return assemble(cfg, build_trunk(cfg), build_head(cfg, norm))
+
+
+def trainable_params(model: Any) -> int:
+    """Number of trainable parameters (the head's)."""
+    import numpy as np
+
+    return int(sum(np.prod(w.shape) for w in model.trainable_weights))

@@ -1,0 +1,200 @@
+"""The training pipeline's steps as plain functions: each takes plain values and returns a small dict.
+
+The Airflow DAG (`dags/leukemia_training.py`) calls one of these per task, so everything here runs
+and is tested without Airflow; XCom carries only what these return (paths, ids, URIs, metrics).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from leukemia.config import StorageConfig, data_dir, env
+
+log = logging.getLogger(__name__)
+
+#: Defaults of the DAG's Params (the UI's trigger form shows these).
+DEFAULTS: dict[str, Any] = {
+    "optimizers": ["adam", "sgd", "rmsprop"],
+    "batch_sizes": [16, 32, 64],
+    "variants": ["seed", "multiscale"],
+    "epochs": 30,
+    "patience": 5,
+    "learning_rate": None,
+    "input_size": 224,
+    "head_units": [256, 128, 64],
+    "dropout": 0.3,
+    "seed": 42,
+    "precision": "auto",
+    "promotion_margin": 0.0,
+    "split_seed": 0,
+}
+
+
+def sync(bucket: str | None = None, prefix: str | None = None, conn_id: str | None = None) -> dict[str, Any]:
+    """Sync new and changed images from S3 into the data folder."""
+    from leukemia.storage import sync_images
+
+    cfg = StorageConfig.from_env(bucket=bucket or None, prefix=prefix or None, conn_id=conn_id or None)
+    result = sync_images(cfg)
+    if result.images == 0:
+        raise ValueError(
+            f"no usable images under s3://{cfg.bucket}/{cfg.prefix}: expected "
+            f"{cfg.prefix}<Benign|Early|Pre|Pro>/<name>.jpg (see {result.report_path})"
+        )
+    return {**result.summary(), "images_dir": str(cfg.local_dir)}
+
+
+def split(images_dir: str, seed: int = 0) -> dict[str, Any]:
+    """Manifest and stable split of the synced images."""
+    from leukemia.dataset import make_split
+
+    info = make_split(images_dir, data_dir() / "splits", seed=seed)
+    out = asdict(info)
+    out["images_dir"] = images_dir
+    out["conflicts"] = len(info.conflicts)
+    return out
+
+
+def needs_training(digest: str, force: bool = False, model_name: str | None = None) -> bool:
+    """False when the champion was trained on exactly this image set (and no retrain is forced)."""
+    from leukemia import tracking
+
+    tracking.setup()
+    model_name = model_name or env("LEUKEMIA_MODEL_NAME")
+    trained_on = tracking.champion_digest(model_name)
+    if force:
+        log.info("force_retrain is set: training even though the data may be unchanged")
+        return True
+    if trained_on == digest:
+        log.info(
+            "Dataset digest %s equals the one champion %s was trained on: skipping training "
+            "(set force_retrain to train anyway)", digest[:12], model_name,
+        )
+        return False
+    log.info("Dataset digest %s is new (champion: %s): training", digest[:12], (trained_on or "none")[:12])
+    return True
+
+
+def features(split_info: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Cached base features of every image in the split (one pass serves every variant)."""
+    from leukemia.dataset import read_split
+    from leukemia.features import extract_features
+    from leukemia.model import ModelConfig
+
+    rows = read_split(split_info["path"])
+    cfg = ModelConfig(input_size=int(params["input_size"]), weights=str(params["weights"]))
+    result = extract_features(
+        [Path(split_info["images_dir"]) / r["path"] for r in rows],
+        [r["sha256"] for r in rows],
+        cfg,
+        data_dir() / "features",
+        precision=str(params.get("precision", "auto")),
+    )
+    return asdict(result)
+
+
+def plan(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The grid as flat config dicts, one per mapped training task."""
+    from leukemia.training import TrainConfig, grid
+
+    lr = params.get("learning_rate")
+    base = TrainConfig.from_dict(
+        {
+            "epochs": int(params["epochs"]),
+            "patience": int(params.get("patience", DEFAULTS["patience"])),
+            "learning_rate": float(lr) if lr not in (None, "", 0) else None,
+            "seed": int(params.get("seed", DEFAULTS["seed"])),
+            "input_size": int(params["input_size"]),
+            "weights": str(params["weights"]),
+            "head_units": params.get("head_units", DEFAULTS["head_units"]),
+            "dropout": float(params.get("dropout", DEFAULTS["dropout"])),
+        }
+    )
+    configs = grid(list(params["optimizers"]), list(params["batch_sizes"]), list(params["variants"]), base)
+    if not configs:
+        raise ValueError("the grid is empty: give at least one optimizer, batch size and variant")
+    return [c.to_dict() for c in configs]
+
+
+def train_one(
+    config: dict[str, Any],
+    split_info: dict[str, Any],
+    features_info: dict[str, Any],
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Train and log one configuration; returns the run id, model URI and metrics."""
+    from leukemia.training import TrainConfig, train
+
+    result = train(
+        TrainConfig.from_dict(config),
+        split_info["path"],
+        split_info["images_dir"],
+        features_info["cache_dir"],
+        tags=tags,
+        dataset_digest=split_info["digest"],
+    )
+    return asdict(result)
+
+
+def promote(
+    split_info: dict[str, Any], airflow_run_id: str | None, margin: float = 0.0
+) -> dict[str, Any]:
+    """Register the best-by-validation run of this DAG run and move the aliases."""
+    from leukemia import tracking
+
+    experiment_id = tracking.setup()
+    outcome = tracking.select_and_promote(
+        experiment_id, split_info["path"], split_info["images_dir"], airflow_run_id, margin=margin
+    )
+    return asdict(outcome)
+
+
+def report(
+    results: list[dict[str, Any]], promotion: dict[str, Any], airflow_run_id: str | None = None
+) -> dict[str, Any]:
+    """A summary MLflow run: the grid's comparison figure and a table of every configuration."""
+    import tempfile
+
+    import mlflow
+
+    from leukemia import plots, tracking
+
+    tracking.setup()
+    rows = []
+    for r in sorted(results, key=lambda r: (r["config"]["variant"], r["config"]["optimizer"], r["config"]["batch_size"])):
+        rows.append(
+            {
+                "variant": r["config"]["variant"],
+                "optimizer": r["config"]["optimizer"],
+                "batch_size": r["config"]["batch_size"],
+                "epochs_run": r["epochs_run"],
+                **{f"val_{k}": round(v, 4) for k, v in r["val"].items()},
+                **{f"test_{k}": round(v, 4) for k, v in r["test"].items()},
+                "run_id": r["run_id"],
+                "selected": r["run_id"] == promotion.get("run_id"),
+            }
+        )
+    columns = ["variant", "optimizer", "batch_size", "epochs_run", "val_f1_macro", "val_loss",
+               "test_accuracy", "test_f1_macro", "test_malignant_sensitivity", "selected"]
+    table = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    table += "".join("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |\n" for row in rows)
+    log.info("Grid results:\n%s", table)
+    tags = {"kind": "summary"}
+    if airflow_run_id:
+        tags["airflow_run_id"] = airflow_run_id
+    with mlflow.start_run(run_name="grid-summary", tags=tags) as run, tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        plots.comparison_png(rows, out / "grid_comparison.png")
+        (out / "grid_results.md").write_text(
+            f"Selected run {promotion.get('run_id')} → v{promotion.get('version')} "
+            f"@{promotion.get('alias')}: {promotion.get('reason')}\n\n{table}"
+        )
+        mlflow.log_artifacts(str(out))
+        mlflow.log_dict({"rows": rows, "promotion": promotion}, "grid_results.json")
+        best = next((r for r in rows if r["selected"]), None)
+        if best:
+            mlflow.log_metrics({k: v for k, v in best.items() if k.startswith(("val_", "test_"))})
+    return {"summary_run_id": run.info.run_id, "configurations": len(rows), **promotion}

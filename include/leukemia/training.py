@@ -1,0 +1,233 @@
+"""Training one grid configuration: fit the head on cached features, evaluate, log to MLflow.
+
+`fit_head` is the pure core (arrays in, Keras head and history out); `train` is what the Airflow task,
+the CLI and the benchmarks call: it reads the split and the feature cache, fits, evaluates on the
+validation and test splits, assembles the full model from raw pixels, and logs one MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from leukemia.model import ModelConfig
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
+#: Learning rates used when none is given: Keras' defaults, SGD with momentum at 0.01.
+DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-2, "rmsprop": 1e-3}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One grid configuration."""
+
+    optimizer: str = "adam"
+    batch_size: int = 32
+    learning_rate: float | None = None
+    epochs: int = 30
+    patience: int = 5
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ValueError(f"batch_size and epochs must be >= 1, got {self.batch_size}, {self.epochs}")
+
+    @property
+    def lr(self) -> float:
+        return self.learning_rate or DEFAULT_LR[self.optimizer]
+
+    @property
+    def name(self) -> str:
+        """Short label, e.g. `adam · bs64 · multiscale` (the grid view's map index)."""
+        return f"{self.optimizer} · bs{self.batch_size} · {self.model.variant}"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a flat dict (Airflow XCom / Params): model keys go to ModelConfig."""
+        model_keys = set(ModelConfig.__dataclass_fields__)
+        model = {k: v for k, v in values.items() if k in model_keys}
+        if "head_units" in model:
+            model["head_units"] = tuple(int(u) for u in model["head_units"])
+        rest = {k: v for k, v in values.items() if k in cls.__dataclass_fields__ and k != "model"}
+        return cls(model=ModelConfig(**model), **rest)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat dict, the inverse of `from_dict`."""
+        out = {k: v for k, v in asdict(self).items() if k != "model"}
+        out.update(asdict(self.model))
+        out["head_units"] = list(self.model.head_units)
+        return out
+
+
+def make_optimizer(name: str, learning_rate: float) -> Any:
+    """A fresh Keras optimizer; SGD gets Nesterov momentum (plain SGD crawls on this head)."""
+    import keras
+
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate)
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True)
+    if name == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate)
+    raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+
+
+def fit_head(
+    cfg: TrainConfig,
+    x_train: Any,
+    y_train: Any,
+    x_val: Any,
+    y_val: Any,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[Any, dict[str, list[float]]]:
+    """Train the head on features: standardised input, early stopping on val_loss, best weights kept.
+
+    Seeded: the same inputs and configuration give the same weights.
+    """
+    import keras
+
+    from leukemia.model import build_head
+
+    keras.utils.set_random_seed(cfg.seed)
+    norm = keras.layers.Normalization(name="standardize")
+    norm.adapt(x_train)
+    head = build_head(cfg.model, norm)
+    head.compile(
+        optimizer=make_optimizer(cfg.optimizer, cfg.lr),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+
+    class EpochLog(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            logs = {k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}
+            log.info(
+                "%s epoch %d/%d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f",
+                cfg.name, epoch + 1, cfg.epochs, logs.get("loss", float("nan")),
+                logs.get("accuracy", float("nan")), logs.get("val_loss", float("nan")),
+                logs.get("val_accuracy", float("nan")),
+            )
+            if on_epoch is not None:
+                on_epoch(epoch, logs)
+
+    stop = keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=cfg.patience, restore_best_weights=True
+    )
+    history = head.fit(
+        x_train,
+        y_train,
+        validation_data=(x_val, y_val),
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        verbose=0,
+        callbacks=[stop, EpochLog()],
+    )
+    return head, {k: [float(v) for v in vals] for k, vals in history.history.items()}
+
+
+@dataclass
+class TrainResult:
+    """What one configuration produced (small: fits in XCom)."""
+
+    run_id: str
+    model_uri: str
+    config: dict[str, Any]
+    val: dict[str, float]
+    test: dict[str, float]
+    epochs_run: int
+    seconds: float
+
+
+def split_arrays(
+    rows: list[dict[str, str]], cache_dir: str | Path, variant: str
+) -> dict[str, tuple[Any, Any, list[dict[str, str]]]]:
+    """Features, labels and rows of each split, from the split rows and the feature cache."""
+    from leukemia.features import labels_to_index, load_features
+
+    out = {}
+    for split in ("train", "val", "test"):
+        part = [r for r in rows if r["split"] == split]
+        x = load_features(cache_dir, [r["sha256"] for r in part], variant)
+        out[split] = (x, labels_to_index([r["label"] for r in part]), part)
+    empty = [s for s, (_, _, part) in out.items() if not part]
+    if empty:
+        raise ValueError(
+            f"the split has no {' and no '.join(empty)} images: add images or change the fractions"
+        )
+    return out
+
+
+def train(
+    cfg: TrainConfig,
+    split_path: str | Path,
+    images_dir: str | Path,
+    cache_dir: str | Path,
+    tags: dict[str, str] | None = None,
+    dataset_digest: str = "",
+) -> TrainResult:
+    """Train, evaluate and log one configuration as one MLflow run; the run ends FAILED on error."""
+    import mlflow
+
+    from leukemia import tracking
+    from leukemia.dataset import read_split
+    from leukemia.evaluation import evaluate
+    from leukemia.model import assemble, build_trunk
+
+    started = time.monotonic()
+    rows = read_split(split_path)
+    data = split_arrays(rows, cache_dir, cfg.model.variant)
+    tracking.setup()
+    run_tags = {"kind": "training", "dataset_digest": dataset_digest, **(tags or {})}
+    tracking.fail_stale_runs(run_tags)
+    with mlflow.start_run(run_name=cfg.name.replace(" · ", "-"), tags=run_tags) as run:
+        tracking.log_config(cfg, dataset_digest)
+        head, history = fit_head(
+            cfg, *data["train"][:2], *data["val"][:2],
+            on_epoch=lambda epoch, logs: mlflow.log_metrics(logs, step=epoch),
+        )
+        results = {s: evaluate(data[s][1], head.predict(data[s][0], verbose=0)) for s in ("val", "test")}
+        epochs_run = len(history.get("loss", []))
+        full = assemble(cfg.model, build_trunk(cfg.model), head)
+        model_uri = tracking.log_outcome(
+            cfg, full, history, results, data["test"][2], images_dir, split_path, epochs_run,
+            dataset_digest,
+        )
+        mlflow.set_tags({"model_uri": model_uri, "config": json.dumps(cfg.to_dict(), sort_keys=True)})
+    result = TrainResult(
+        run_id=run.info.run_id,
+        model_uri=model_uri,
+        config=cfg.to_dict(),
+        val=results["val"]["metrics"],
+        test=results["test"]["metrics"],
+        epochs_run=epochs_run,
+        seconds=round(time.monotonic() - started, 2),
+    )
+    log.info(
+        "%s: val F1 %.3f, test accuracy %.3f (%d epochs, %.0fs), run %s",
+        cfg.name, result.val["f1_macro"], result.test["accuracy"], epochs_run, result.seconds,
+        result.run_id,
+    )
+    return result
+
+
+def grid(
+    optimizers: list[str], batch_sizes: list[int], variants: list[str], base: TrainConfig
+) -> list[TrainConfig]:
+    """Every (optimizer, batch size, variant) combination over a base configuration."""
+    return [
+        replace(base, optimizer=o, batch_size=int(b), model=replace(base.model, variant=v))
+        for v in variants
+        for o in optimizers
+        for b in batch_sizes
+    ]
