@@ -27,12 +27,12 @@ RIGHT, WRONG = "#1a7f37", "#cf222e"
 _CELL_PX, _PAD_PX, _LINE_PX, _CAPTION_PT = 256, 12, 15, 9
 
 
-def _figure(width: float, height: float) -> Figure:
-    """A constrained-layout figure on its own Agg canvas (no pyplot)."""
+def _figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
+    """A figure of `width` x `height` inches on its own Agg canvas (no pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=DPI, layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
@@ -41,9 +41,8 @@ def _save(fig: Figure, path: str | Path) -> Path:
     """Write `fig` as a PNG, release its artists and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(
-        path, format="png", dpi=DPI, facecolor="white", pil_kwargs={"compress_level": 1}
-    )  # zlib level 1: ~3x faster, ~15% larger
+    # zlib level 1: about 3x faster than the default on photo grids, files about 15% larger
+    fig.savefig(path, dpi=DPI, facecolor="white", pil_kwargs={"compress_level": 1})
     fig.clear()
     return path
 
@@ -213,9 +212,6 @@ def _grid_png(
 
     Images are placed at pixel offsets with `figimage` (no axes, no layout engine): crisp and fast.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if len(images) != len(captions):
         raise ValueError(
             f"got {len(images)} images but {len(captions)} captions: expected one each"
@@ -231,8 +227,7 @@ def _grid_png(
     cell_h = _CELL_PX + caption_h + _PAD_PX
     title_h = 2 * _LINE_PX + _PAD_PX if title else _PAD_PX
     width, height = cols * cell_w, nrows * cell_h + title_h
-    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
-    FigureCanvasAgg(fig)
+    fig = _figure(width / DPI, height / DPI, layout=None)
     if n == 0:
         fig.text(0.5, 0.5, "no images", ha="center", va="center", color="grey")
     for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
@@ -267,7 +262,7 @@ def contact_sheet_png(
     ncols: int = 4,
     title: str = "",
 ) -> Path:
-    """A grid of images (arrays 0-255 HxWx3 or file paths), each captioned, e.g. Grad-CAM overlays."""
+    """A captioned grid of images (HxWx3 arrays, 0-255 or 0-1, or file paths), e.g. Grad-CAM overlays."""
     return _grid_png(images, captions, path, ncols, title=title)
 
 
