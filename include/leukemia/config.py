@@ -26,6 +26,7 @@ ENV_DEFAULTS: dict[str, tuple[str, str]] = {
     "LEUKEMIA_EXPERIMENT": ("leukemia-vgg16", "MLflow experiment for the training runs"),
     "LEUKEMIA_TRAINING_QUEUE": ("default", "Celery queue of the training tasks"),
     "LEUKEMIA_TRAINING_SLOTS": ("1", "training tasks that may run at once in one DAG run"),
+    "LEUKEMIA_MLFLOW_UI_URL": ("", "MLflow UI address for links (default: the tracking URI if http)"),
 }
 
 
@@ -70,3 +71,12 @@ class StorageConfig:
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["local_dir"] = Path(str(values["local_dir"]))
         return cls(**values)  # type: ignore[arg-type]
+
+
+def mlflow_ui_url() -> str:
+    """Base address of the MLflow UI that task links point to."""
+    explicit = env("LEUKEMIA_MLFLOW_UI_URL")
+    if explicit:
+        return explicit.rstrip("/")
+    uri = tracking_uri()
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"

@@ -37,6 +37,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "multiscale": POOLED_KEYS,  # GAP and GMP of blocks 3, 4 and 5: 2,560 values
 }
 VGG16_CONV_PARAMS = 14_714_688
+RANDOM_TRUNK_SEED = 1234
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,10 @@ def build_trunk(cfg: ModelConfig) -> Any:
                 f"file with 26 arrays ({VGG16_CONV_PARAMS:,} parameters), e.g. {expected}, ..."
             ) from exc
     else:
+        if weights is None:
+            # no weights (tests): a fixed random initialisation, so that the trunk that extracted the
+            # cached features and the trunk inside the logged model are the same network
+            keras.utils.set_random_seed(RANDOM_TRUNK_SEED)
         base = keras.applications.VGG16(include_top=False, weights=weights, input_shape=shape)
     base.trainable = False
     trunk = keras.Model(

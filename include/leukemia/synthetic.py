@@ -34,10 +34,18 @@ log = logging.getLogger(__name__)
 MIN_SIZE = 32
 _SS = 2  # supersampling factor
 _NZ = 1.0  # EXPERIMENT nuisance scale
+_NZB = 1.0
+_NZS = 1.0
+_NZH = 1.0
+_NOISE = (1.5, 4.0)
+_BLUR = (0.4, 1.0)
 _WS = 1.0
-_RBC = (222.0, 148.0, 152.0)
+_RBC = (228.0, 172.0, 174.0)
 _COV = (0.35, 0.65)
-_AVOID = False
+_AVOID = True
+_P2 = 0.3
+_PN = 0.3
+_PX = 0.0
 _RGB = tuple[int, int, int]
 
 
@@ -56,13 +64,13 @@ class _Blast:
 
 
 _CELLS: dict[str, _Blast] = {
-    "Benign": _Blast((0.14, 0.17), (0.80, 0.88), (62, 28, 96), (168, 182, 214), "round", 0.05, (0, 0),
+    "Benign": _Blast((0.17, 0.21), (0.80, 0.88), (62, 28, 96), (168, 182, 214), "round", 0.05, (0, 0),
                      (0, 0)),
-    "Early": _Blast((0.21, 0.25), (0.90, 0.95), (112, 72, 158), (120, 150, 210), "round", 0.40, (0, 0),
+    "Early": _Blast((0.24, 0.28), (0.90, 0.95), (132, 80, 172), (110, 140, 205), "round", 0.40, (0, 0),
                     (0, 0)),
-    "Pre": _Blast((0.28, 0.32), (0.58, 0.68), (104, 66, 150), (172, 184, 214), "cleft", 0.22, (0, 0),
+    "Pre": _Blast((0.36, 0.41), (0.56, 0.64), (92, 56, 140), (140, 162, 214), "cleft", 0.22, (0, 0),
                   (4, 8)),
-    "Pro": _Blast((0.34, 0.40), (0.62, 0.72), (118, 80, 162), (78, 108, 186), "irregular", 0.26, (1, 3),
+    "Pro": _Blast((0.44, 0.50), (0.62, 0.72), (118, 80, 162), (78, 108, 186), "irregular", 0.26, (1, 3),
                   (0, 0)),
 }
 
@@ -102,8 +110,8 @@ def _noise_field(rng: np.random.Generator, grid: int, side: int) -> np.ndarray:
 def _background(rng: np.random.Generator, side: int) -> np.ndarray:
     """Pale pinkish-beige field with a vignette and slow brightness variation."""
     base = np.array([234.0, 220.0, 216.0]) + rng.normal(0.0, [6.0, 8.0, 8.0])
-    base += rng.normal(0.0, 7.0) * _NZ
-    base = np.array([234.0, 220.0, 216.0]) + (base - np.array([234.0, 220.0, 216.0])) * _NZ
+    base += rng.normal(0.0, 7.0)
+    base = np.array([234.0, 220.0, 216.0]) + (base - np.array([234.0, 220.0, 216.0])) * _NZ * _NZB
     ax = np.linspace(-1.0, 1.0, side, dtype=np.float32)
     r2 = ax[None, :] ** 2 + ax[:, None] ** 2
     shade = 1.0 - rng.uniform(0.02, 0.10) * r2 + 0.015 * _noise_field(rng, 5, side)
@@ -230,16 +238,18 @@ def _neutrophil(draw: ImageDraw.ImageDraw, mask: ImageDraw.ImageDraw, rng: np.ra
 def _plan_white_cells(label: str, spec: _Blast, rng: np.random.Generator,
                       side: int) -> list[tuple[str, float, float, float]]:
     """Kind, centre and radius of each white cell in the field."""
-    kinds = ["blast"] * (1 if label != "Benign" else int(rng.integers(1, 3)))
-    if label == "Benign" and rng.random() < 0.35:
+    kinds = ["blast"]
+    if label == "Benign" and rng.random() < _P2:
+        kinds.append("blast")
+    if label == "Benign" and rng.random() < _PN:
         kinds.append("neutrophil")
-    if label != "Benign" and rng.random() < 0.15:
+    if label != "Benign" and rng.random() < _PX:
         kinds.append("blast")
     taken: list[tuple[float, float, float]] = []
     cells = []
     for kind in kinds:
         if kind == "neutrophil":
-            rc = side * rng.uniform(0.2, 0.24) / 2
+            rc = side * rng.uniform(0.24, 0.28) / 2
         else:
             rc = _WS * side * rng.uniform(*spec.diameter) / 2
         cx, cy = _place(rng, side, rc, taken, not taken)
@@ -258,7 +268,7 @@ def render_smear(label: str, rng: np.random.Generator, size: int = 224) -> Image
     bg_mean = bg.reshape(-1, 3).mean(axis=0)
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), mode="RGB")
     draw = ImageDraw.Draw(img)
-    shift = rng.normal(0.0, 6.0, 3) * _NZ  # stain hue shared by every element of this image
+    shift = rng.normal(0.0, 6.0, 3) * _NZ * _NZH  # stain hue shared by every element of this image
     white = _plan_white_cells(label, spec, rng, side)
     _red_cells(draw, rng, side, bg_mean, shift, white)
 
@@ -280,13 +290,13 @@ def render_smear(label: str, rng: np.random.Generator, size: int = 224) -> Image
     for poly, colour in late:
         draw.polygon(poly, fill=colour)
 
-    img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 1.0) * side / 128))
+    img = img.filter(ImageFilter.GaussianBlur(rng.uniform(*_BLUR) * side / 128))
     img = img.reduce(_SS)
 
     # stain strength and sensor noise, drawn the same way for every class
-    strength = 1 + (rng.uniform(0.85, 1.15) * rng.uniform(0.95, 1.05, 3) - 1) * _NZ
+    strength = 1 + (rng.uniform(0.85, 1.15) * rng.uniform(0.95, 1.05, 3) - 1) * _NZ * _NZS
     arr = 255.0 - (255.0 - np.asarray(img, dtype=np.float32)) * strength.astype(np.float32)
-    arr += rng.normal(0.0, rng.uniform(1.5, 4.0), arr.shape).astype(np.float32)
+    arr += rng.normal(0.0, rng.uniform(*_NOISE), arr.shape).astype(np.float32)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="RGB")
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from leukemia.config import CLASSES, env, tracking_uri
+from leukemia.config import CLASSES, env, mlflow_ui_url, tracking_uri
 
 if TYPE_CHECKING:
     from leukemia.training import TrainConfig
@@ -35,6 +35,11 @@ def setup(experiment: str | None = None) -> str:
     mlflow.set_tracking_uri(uri)
     exp = mlflow.set_experiment(experiment or env("LEUKEMIA_EXPERIMENT"))
     return exp.experiment_id
+
+
+def run_url(experiment_id: str, run_id: str) -> str:
+    """The MLflow UI page of a run."""
+    return f"{mlflow_ui_url()}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def fail_stale_runs(tags: dict[str, str]) -> int:

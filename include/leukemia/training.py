@@ -142,6 +142,7 @@ class TrainResult:
 
     run_id: str
     model_uri: str
+    mlflow_url: str
     config: dict[str, Any]
     val: dict[str, float]
     test: dict[str, float]
@@ -207,6 +208,7 @@ def train(
     result = TrainResult(
         run_id=run.info.run_id,
         model_uri=model_uri,
+        mlflow_url=tracking.run_url(run.info.experiment_id, run.info.run_id),
         config=cfg.to_dict(),
         val=results["val"]["metrics"],
         test=results["test"]["metrics"],

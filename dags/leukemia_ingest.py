@@ -1,0 +1,50 @@
+"""
+# Leukaemia images: ingest a folder
+
+Uploads a folder of images in the public data set's layout (`<Benign|Early|Pre|Pro>/<name>.jpg`) to
+the raw-image prefix and emits the `leukemia_raw_images` asset event, which triggers
+`leukemia_training`. In production, S3 event notifications through SQS do the same without this DAG.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+
+from leukemia.assets import raw_images_asset
+from leukemia.config import env
+
+
+@dag(
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    doc_md=__doc__,
+    tags=["leukemia", "ingest"],
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": True},
+    params={
+        "source": Param("", type="string", title="Folder", description="Local folder with <Class>/<name>.jpg images."),
+        "bucket": Param(env("LEUKEMIA_BUCKET"), type="string", title="S3 bucket"),
+        "prefix": Param(env("LEUKEMIA_RAW_PREFIX"), type="string", title="S3 prefix"),
+    },
+)
+def leukemia_ingest() -> None:
+    @task(outlets=[raw_images_asset()])
+    def upload_images() -> dict[str, Any]:
+        from leukemia.storage import upload_folder
+
+        context = get_current_context()
+        params = context["params"]
+        if not params["source"]:
+            raise ValueError("set the `source` Param to a folder of <Benign|Early|Pre|Pro>/<name>.jpg images")
+        n = upload_folder(params["source"], params["bucket"], params["prefix"], conn_id=env("LEUKEMIA_AWS_CONN_ID"))
+        context["outlet_events"][raw_images_asset()].extra = {"uploaded": n, "source": params["source"]}
+        return {"uploaded": n}
+
+    upload_images()
+
+
+leukemia_ingest()

@@ -1,0 +1,81 @@
+"""The network: architecture, preprocessing inside the model, weights loading and its errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from leukemia.model import (
+    VGG16_CONV_PARAMS,
+    ModelConfig,
+    build_model,
+    build_preprocess,
+    build_trunk,
+    feature_width,
+    trainable_params,
+    weights_identity,
+)
+
+
+def test_default_model_matches_the_reference_shape() -> None:
+    model = build_model(ModelConfig(input_size=224, weights="none"))
+    trainable = trainable_params(model)
+    frozen = model.count_params() - trainable
+    assert 170_000 <= trainable <= 176_000  # the reference head had 173,692
+    assert frozen - VGG16_CONV_PARAMS == 2 * 512 + 1 + 12  # plus Normalization stats and preprocess
+    assert model.input_shape == (None, 224, 224, 3)
+    assert model.output_shape == (None, 4)
+    trunk = model.get_layer("vgg16_trunk")
+    assert not trunk.trainable and trunk.count_params() == VGG16_CONV_PARAMS
+
+
+def test_preprocessing_layer_is_vgg16_preprocess_input() -> None:
+    import keras
+
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    expected = keras.applications.vgg16.preprocess_input(x.copy())
+    got = np.asarray(build_preprocess(32)(x))
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_variants_and_widths() -> None:
+    assert feature_width("seed") == 512
+    assert feature_width("multiscale") == 2 * (256 + 512 + 512)
+    model = build_model(ModelConfig(input_size=64, weights="none", variant="multiscale"))
+    assert model.output_shape == (None, 4)
+    with pytest.raises(ValueError, match="seed, multiscale"):
+        ModelConfig(variant="pyramid")
+    with pytest.raises(ValueError, match="at least 32"):
+        ModelConfig(input_size=16)
+
+
+def test_local_weights_file_is_loaded(tmp_path: Path) -> None:
+    import keras
+
+    source = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    path = tmp_path / "vgg16_notop.weights.h5"
+    source.save_weights(path)
+    trunk = build_trunk(ModelConfig(input_size=48, weights=str(path)))
+    np.testing.assert_array_equal(
+        trunk.get_layer("block1_conv1").get_weights()[0], source.get_layer("block1_conv1").get_weights()[0]
+    )
+    assert weights_identity(str(path)).startswith("vgg16_notop.weights-")
+
+
+def test_missing_weights_file_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nowhere.h5"):
+        build_trunk(ModelConfig(input_size=32, weights=str(tmp_path / "nowhere.h5")))
+
+
+def test_mismatched_weights_file_says_what_was_expected(tmp_path: Path) -> None:
+    import keras
+
+    other = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+    path = tmp_path / "not_vgg.weights.h5"
+    other.save_weights(path)
+    with pytest.raises(ValueError) as err:
+        build_trunk(ModelConfig(input_size=32, weights=str(path)))
+    assert str(path) in str(err.value)
+    assert "14,714,688" in str(err.value) and "block1_conv1" in str(err.value)
