@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,8 +13,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "include"))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Airflow reads its configuration when first imported: give the test session its own SQLite home.
+_AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="leukemia-airflow-"))
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(_AIRFLOW_HOME),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_AIRFLOW_HOME / 'airflow.db'}",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+)
+for _name in ("MLFLOW_TRACKING_URI", "LEUKEMIA_DATA_DIR", "LEUKEMIA_WEIGHTS"):
+    os.environ.pop(_name, None)  # a developer's settings must not leak into the tests
 
 from leukemia.embedded import S3Server, aws_connection_json  # noqa: E402
 
@@ -53,3 +67,19 @@ def smear_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("smears")
     generate(out, n_per_class=6, size=48, seed=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """An initialised Airflow metadata database (SQLite) for DAG runs."""
+    airflow = Path(sys.executable).with_name("airflow")
+    subprocess.run([str(airflow), "db", "migrate"], check=True, capture_output=True, env=os.environ)
+    return _AIRFLOW_HOME
+
+
+@pytest.fixture()
+def mlflow_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh local MLflow store and data folder for one test."""
+    monkeypatch.setenv("LEUKEMIA_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
