@@ -25,6 +25,7 @@ def evaluate(y_true: Any, probs: Any) -> dict[str, Any]:
     y_true = np.asarray(y_true, dtype="int64")
     probs = np.asarray(probs, dtype="float64")
     y_pred = probs.argmax(axis=1)
+    clipped = np.clip(probs, 1e-7, 1)
     labels = list(range(len(CLASSES)))
     precision, recall, f1, _ = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, average="macro", zero_division=0
@@ -38,7 +39,7 @@ def evaluate(y_true: Any, probs: Any) -> dict[str, Any]:
         "precision_macro": float(precision),
         "recall_macro": float(recall),
         "f1_macro": float(f1),
-        "loss": float(log_loss(y_true, np.clip(probs, 1e-7, 1), labels=labels)),
+        "log_loss": float(log_loss(y_true, clipped / clipped.sum(axis=1, keepdims=True), labels=labels)),
         "malignant_sensitivity": sensitivity,
         "benign_specificity": specificity,
     }

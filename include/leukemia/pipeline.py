@@ -177,7 +177,7 @@ def report(
                 "selected": r["run_id"] == promotion.get("run_id"),
             }
         )
-    columns = ["variant", "optimizer", "batch_size", "epochs_run", "val_f1_macro", "val_loss",
+    columns = ["variant", "optimizer", "batch_size", "epochs_run", "val_f1_macro", "val_log_loss",
                "test_accuracy", "test_f1_macro", "test_malignant_sensitivity", "selected"]
     table = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
     table += "".join("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |\n" for row in rows)

@@ -33,19 +33,6 @@ log = logging.getLogger(__name__)
 
 MIN_SIZE = 32
 _SS = 2  # supersampling factor
-_NZ = 1.0  # EXPERIMENT nuisance scale
-_NZB = 1.0
-_NZS = 1.0
-_NZH = 1.0
-_NOISE = (1.5, 4.0)
-_BLUR = (0.4, 1.0)
-_WS = 1.0
-_RBC = (228.0, 172.0, 174.0)
-_COV = (0.35, 0.65)
-_AVOID = True
-_P2 = 0.3
-_PN = 0.3
-_PX = 0.0
 _RGB = tuple[int, int, int]
 
 
@@ -64,13 +51,13 @@ class _Blast:
 
 
 _CELLS: dict[str, _Blast] = {
-    "Benign": _Blast((0.17, 0.21), (0.80, 0.88), (62, 28, 96), (168, 182, 214), "round", 0.05, (0, 0),
+    "Benign": _Blast((0.195, 0.24), (0.80, 0.88), (62, 28, 96), (168, 182, 214), "round", 0.05, (0, 0),
                      (0, 0)),
-    "Early": _Blast((0.24, 0.28), (0.90, 0.95), (132, 80, 172), (110, 140, 205), "round", 0.40, (0, 0),
+    "Early": _Blast((0.275, 0.32), (0.90, 0.95), (132, 80, 172), (110, 140, 205), "round", 0.40, (0, 0),
                     (0, 0)),
-    "Pre": _Blast((0.36, 0.41), (0.56, 0.64), (92, 56, 140), (140, 162, 214), "cleft", 0.22, (0, 0),
+    "Pre": _Blast((0.415, 0.47), (0.56, 0.64), (92, 56, 140), (140, 162, 214), "cleft", 0.22, (0, 0),
                   (4, 8)),
-    "Pro": _Blast((0.44, 0.50), (0.62, 0.72), (118, 80, 162), (78, 108, 186), "irregular", 0.26, (1, 3),
+    "Pro": _Blast((0.505, 0.575), (0.62, 0.72), (118, 80, 162), (78, 108, 186), "irregular", 0.26, (1, 3),
                   (0, 0)),
 }
 
@@ -109,9 +96,7 @@ def _noise_field(rng: np.random.Generator, grid: int, side: int) -> np.ndarray:
 
 def _background(rng: np.random.Generator, side: int) -> np.ndarray:
     """Pale pinkish-beige field with a vignette and slow brightness variation."""
-    base = np.array([234.0, 220.0, 216.0]) + rng.normal(0.0, [6.0, 8.0, 8.0])
-    base += rng.normal(0.0, 7.0)
-    base = np.array([234.0, 220.0, 216.0]) + (base - np.array([234.0, 220.0, 216.0])) * _NZ * _NZB
+    base = np.array([234.0, 220.0, 216.0]) + rng.normal(0.0, [9.0, 12.0, 12.0]) + rng.normal(0.0, 10.0)
     ax = np.linspace(-1.0, 1.0, side, dtype=np.float32)
     r2 = ax[None, :] ** 2 + ax[:, None] ** 2
     shade = 1.0 - rng.uniform(0.02, 0.10) * r2 + 0.015 * _noise_field(rng, 5, side)
@@ -122,22 +107,19 @@ def _red_cells(draw: ImageDraw.ImageDraw, rng: np.random.Generator, side: int, b
                shift: np.ndarray, white: list[tuple[str, float, float, float]]) -> None:
     """Pink-red discs of varying size, some overlapping or clipped by the border, each with a pallor;
     they fill the field around the white cells, which push them aside as in a monolayer."""
-    r_mean = side * rng.uniform(0.055, 0.07)
-    coverage = rng.uniform(*_COV)
-    free = side * side - (sum(np.pi * rc**2 for _, _, _, rc in white) if _AVOID else 0.0)
+    r_mean = side * rng.uniform(0.045, 0.057)
+    coverage = rng.uniform(0.25, 0.45)
+    free = side * side - sum(np.pi * rc**2 for _, _, _, rc in white)
     n = max(4, int(coverage * free / (np.pi * r_mean**2)))
-    rbc = np.array(_RBC) + shift + rng.normal(0.0, [6.0, 8.0, 8.0])
+    rbc = np.array([226.0, 166.0, 169.0]) + shift + rng.normal(0.0, [6.0, 8.0, 8.0])
     theta = np.linspace(0.0, 2 * np.pi, 24, endpoint=False)
     xs = rng.uniform(-r_mean, side + r_mean, 3 * n)
     ys = rng.uniform(-r_mean, side + r_mean, 3 * n)
-    if _AVOID:
-        ok = np.ones(3 * n, dtype=bool)
-        for _, cx, cy, rc in white:
-            ok &= np.hypot(xs - cx, ys - cy) > rc + 0.4 * r_mean
-        xs, ys = xs[ok][:n], ys[ok][:n]
-        n = len(xs)
-    else:
-        xs, ys = xs[:n], ys[:n]
+    free_spot = np.ones(3 * n, dtype=bool)
+    for _, cx, cy, rc in white:
+        free_spot &= np.hypot(xs - cx, ys - cy) > rc + 0.4 * r_mean
+    xs, ys = xs[free_spot][:n], ys[free_spot][:n]
+    n = len(xs)
     rs = r_mean * rng.uniform(0.82, 1.18, n)
     aspects = rng.uniform(1.0, 1.12, n)
     angles = rng.uniform(0.0, np.pi, n)
@@ -202,7 +184,7 @@ def _blast(draw: ImageDraw.ImageDraw, mask: ImageDraw.ImageDraw, rng: np.random.
     poly = _outline(nx, ny, rn, theta, radial, aspect=rng.uniform(1.0, 1.08),
                     angle=rng.uniform(0, np.pi))
     draw.polygon(poly, fill=_jitter(spec.nucleus, shift, rng, 5.0))
-    mask.polygon(poly, fill=int(255 * spec.chromatin / 0.4))
+    mask.polygon(poly, fill=int(255 * spec.chromatin / 0.6))
     small = np.linspace(0.0, 2 * np.pi, 16, endpoint=False)
     nucleolus = _jitter((192, 172, 218), shift, rng, 5.0)
     for _ in range(rng.integers(spec.nucleoli[0], spec.nucleoli[1] + 1)):
@@ -232,26 +214,24 @@ def _neutrophil(draw: ImageDraw.ImageDraw, mask: ImageDraw.ImageDraw, rng: np.ra
     for x, y in centres:
         rl = rc * rng.uniform(0.22, 0.3)
         for d in (draw, mask):
-            d.ellipse((x - rl, y - rl, x + rl, y + rl), fill=nuc if d is draw else 13)
+            d.ellipse((x - rl, y - rl, x + rl, y + rl), fill=nuc if d is draw else 9)
 
 
 def _plan_white_cells(label: str, spec: _Blast, rng: np.random.Generator,
                       side: int) -> list[tuple[str, float, float, float]]:
     """Kind, centre and radius of each white cell in the field."""
     kinds = ["blast"]
-    if label == "Benign" and rng.random() < _P2:
+    if label == "Benign" and rng.random() < 0.3:
         kinds.append("blast")
-    if label == "Benign" and rng.random() < _PN:
+    if label == "Benign" and rng.random() < 0.3:
         kinds.append("neutrophil")
-    if label != "Benign" and rng.random() < _PX:
-        kinds.append("blast")
     taken: list[tuple[float, float, float]] = []
     cells = []
     for kind in kinds:
         if kind == "neutrophil":
             rc = side * rng.uniform(0.24, 0.28) / 2
         else:
-            rc = _WS * side * rng.uniform(*spec.diameter) / 2
+            rc = side * rng.uniform(*spec.diameter) / 2
         cx, cy = _place(rng, side, rc, taken, not taken)
         taken.append((cx, cy, rc))
         cells.append((kind, cx, cy, rc))
@@ -268,7 +248,7 @@ def render_smear(label: str, rng: np.random.Generator, size: int = 224) -> Image
     bg_mean = bg.reshape(-1, 3).mean(axis=0)
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), mode="RGB")
     draw = ImageDraw.Draw(img)
-    shift = rng.normal(0.0, 6.0, 3) * _NZ * _NZH  # stain hue shared by every element of this image
+    shift = rng.normal(0.0, 6.0, 3)  # stain hue shared by every element of this image
     white = _plan_white_cells(label, spec, rng, side)
     _red_cells(draw, rng, side, bg_mean, shift, white)
 
@@ -282,7 +262,7 @@ def render_smear(label: str, rng: np.random.Generator, size: int = 224) -> Image
             _blast(draw, mask, rng, spec, cx, cy, rc, shift, late)
 
     # chromatin: fine stippling inside the nuclei, scaled so the grain is ~1 px at 64 and ~2 px at 224
-    amp = np.asarray(mask_img, dtype=np.float32) * (0.4 / 255.0)
+    amp = np.asarray(mask_img, dtype=np.float32) * (0.6 / 255.0)
     grain = _noise_field(rng, min(size, 96), side)
     arr = np.asarray(img, dtype=np.float32) * (1.0 + amp * grain)[..., None]
     img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="RGB")
@@ -290,13 +270,13 @@ def render_smear(label: str, rng: np.random.Generator, size: int = 224) -> Image
     for poly, colour in late:
         draw.polygon(poly, fill=colour)
 
-    img = img.filter(ImageFilter.GaussianBlur(rng.uniform(*_BLUR) * side / 128))
+    img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 1.0) * side / 128))
     img = img.reduce(_SS)
 
     # stain strength and sensor noise, drawn the same way for every class
-    strength = 1 + (rng.uniform(0.85, 1.15) * rng.uniform(0.95, 1.05, 3) - 1) * _NZ * _NZS
+    strength = rng.uniform(0.925, 1.075) * rng.uniform(0.975, 1.025, 3)
     arr = 255.0 - (255.0 - np.asarray(img, dtype=np.float32)) * strength.astype(np.float32)
-    arr += rng.normal(0.0, rng.uniform(*_NOISE), arr.shape).astype(np.float32)
+    arr += rng.normal(0.0, rng.uniform(1.5, 4.0), arr.shape).astype(np.float32)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="RGB")
 
 

@@ -43,18 +43,25 @@ def run_url(experiment_id: str, run_id: str) -> str:
 
 
 def fail_stale_runs(tags: dict[str, str]) -> int:
-    """End as FAILED any RUNNING run with the same Airflow run id and map index (a killed attempt)."""
+    """End as FAILED the runs an earlier attempt of the same Airflow task left (same run id and map
+    index), whether killed while RUNNING or FINISHED before the task itself failed: a retry must not
+    leave two finished runs competing for one map index."""
     import mlflow
 
     if "airflow_run_id" not in tags:
         return 0
-    query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items() if k.startswith("airflow_"))
-    stale = mlflow.search_runs(filter_string=f"{query} and attributes.status = 'RUNNING'", output_format="list")
+    query = " and ".join(f"tags.{k} = '{v}'" for k, v in sorted(tags.items()) if k.startswith("airflow_"))
+    earlier = [
+        r
+        for r in mlflow.search_runs(filter_string=query, output_format="list")
+        if r.info.status in ("RUNNING", "FINISHED", "SCHEDULED")
+    ]
     client = mlflow.MlflowClient()
-    for run in stale:
+    for run in earlier:
+        client.set_tag(run.info.run_id, "superseded_by_retry", "true")
         client.set_terminated(run.info.run_id, status="FAILED")
-        log.warning("Marked run %s of an earlier attempt as FAILED", run.info.run_id)
-    return len(stale)
+        log.warning("Run %s of an earlier attempt of this task now ends FAILED", run.info.run_id)
+    return len(earlier)
 
 
 def log_config(cfg: TrainConfig, dataset_digest: str) -> None:
@@ -170,12 +177,12 @@ def finished_runs(experiment_id: str, airflow_run_id: str | None = None) -> list
 
 
 def best_run(runs: list[Any]) -> Any:
-    """Highest validation macro-F1; ties go to the lower validation loss."""
+    """Highest validation macro-F1; ties go to the lower validation log-loss (of the kept weights)."""
     if not runs:
         raise ValueError("no finished training runs to choose from: did every training task fail?")
     return max(
         runs,
-        key=lambda r: (r.data.metrics.get(SELECTION_METRIC, -1.0), -r.data.metrics.get("val_loss", 1e9)),
+        key=lambda r: (r.data.metrics.get(SELECTION_METRIC, -1.0), -r.data.metrics.get("val_log_loss", 1e9)),
     )
 
 
@@ -241,7 +248,7 @@ def select_and_promote(
         alias, reason = CHAMPION, "no champion yet"
     else:
         old = evaluate_model_on_split(f"models:/{model_name}/{champion.version}", split_path, images_dir)
-        before = {"version": champion.version, **{f"test_{k}": v for k, v in old.items()}}
+        before = {"version": str(champion.version), **{f"test_{k}": v for k, v in old.items()}}
         new, old_value = candidate[f"test_{metric}"], old[metric]
         if new >= old_value + margin:
             alias = CHAMPION

@@ -1,0 +1,90 @@
+"""Training the head on cached features: it learns, all optimizers train, it is seeded."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from leukemia.dataset import make_split, read_split
+from leukemia.features import extract_features
+from leukemia.model import ModelConfig
+from leukemia.training import TrainConfig, fit_head, grid, split_arrays
+
+SIZE = 48
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def learn_set(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Synthetic smears (48 px), a split and cached features from a randomly initialised VGG16."""
+    from leukemia.synthetic import generate
+
+    root = tmp_path_factory.mktemp("learn")
+    generate(root / "images", n_per_class=50, size=SIZE, seed=11)
+    info = make_split(root / "images", root / "splits", fractions=(0.6, 0.2, 0.2))
+    rows = read_split(info.path)
+    cfg = ModelConfig(input_size=SIZE, weights="none")
+    ex = extract_features(
+        [root / "images" / r["path"] for r in rows], [r["sha256"] for r in rows], cfg, root / "features",
+        precision="float32",
+    )
+    return {"rows": rows, "cache": ex.cache_dir, "root": root, "split": info}
+
+
+def _accuracy(head, x, y) -> float:
+    return float((head.predict(x, verbose=0).argmax(1) == y).mean())
+
+
+@pytest.mark.parametrize("variant", ["multiscale", "seed"])
+def test_head_learns_synthetic_classes(learn_set: dict, variant: str) -> None:
+    data = split_arrays(learn_set["rows"], learn_set["cache"], variant)
+    cfg = TrainConfig(optimizer="adam", batch_size=16, epochs=60, patience=10, model=ModelConfig(SIZE, "none", variant))
+    head, history = fit_head(cfg, *data["train"][:2], *data["val"][:2])
+    acc = _accuracy(head, *data["test"][:2])
+    assert acc >= (0.9 if variant == "multiscale" else 0.8), f"{variant}: held-out accuracy {acc:.3f}"
+
+
+def test_shuffled_labels_stay_near_chance(learn_set: dict) -> None:
+    data = split_arrays(learn_set["rows"], learn_set["cache"], "multiscale")
+    x, y = data["train"][:2]
+    shuffled = np.random.default_rng(0).permutation(y)
+    cfg = TrainConfig(optimizer="adam", batch_size=16, epochs=60, patience=10, model=ModelConfig(SIZE, "none", "multiscale"))
+    head, _ = fit_head(cfg, x, shuffled, *data["val"][:2])
+    assert _accuracy(head, *data["test"][:2]) <= 0.45
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "rmsprop"])
+def test_every_optimizer_trains(learn_set: dict, optimizer: str) -> None:
+    data = split_arrays(learn_set["rows"], learn_set["cache"], "multiscale")
+    cfg = TrainConfig(optimizer=optimizer, batch_size=32, epochs=60, patience=10, model=ModelConfig(SIZE, "none", "multiscale"))
+    head, history = fit_head(cfg, *data["train"][:2], *data["val"][:2])
+    assert _accuracy(head, *data["test"][:2]) >= 0.85
+    assert min(history["val_loss"]) < 0.6 * history["val_loss"][0]
+
+
+def test_training_is_seeded_and_keeps_the_best_epoch(learn_set: dict) -> None:
+    data = split_arrays(learn_set["rows"], learn_set["cache"], "seed")
+    cfg = TrainConfig(optimizer="adam", batch_size=16, epochs=12, patience=2, model=ModelConfig(SIZE, "none", "seed"))
+    a, hist_a = fit_head(cfg, *data["train"][:2], *data["val"][:2])
+    b, hist_b = fit_head(cfg, *data["train"][:2], *data["val"][:2])
+    np.testing.assert_allclose(a.predict(data["test"][0], verbose=0), b.predict(data["test"][0], verbose=0), atol=1e-5)
+    assert hist_a["val_loss"] == pytest.approx(hist_b["val_loss"], rel=1e-4)
+    x_val, y_val = data["val"][:2]
+    restored = a.evaluate(x_val, y_val, verbose=0, return_dict=True)["loss"]
+    assert restored == pytest.approx(min(hist_a["val_loss"]), rel=1e-3)
+
+
+def test_grid_and_config_round_trip() -> None:
+    base = TrainConfig(epochs=3, model=ModelConfig(input_size=64, weights="none"))
+    configs = grid(["adam", "sgd"], [16, 64], ["seed", "multiscale"], base)
+    assert len(configs) == 8
+    assert {(c.optimizer, c.batch_size, c.model.variant) for c in configs} == {
+        (o, b, v) for o in ("adam", "sgd") for b in (16, 64) for v in ("seed", "multiscale")
+    }
+    assert all(TrainConfig.from_dict(c.to_dict()) == c for c in configs)
+    assert configs[0].name == "adam · bs16 · seed"
+    with pytest.raises(ValueError, match="adam, sgd, rmsprop"):
+        replace(base, optimizer="adagrad")
