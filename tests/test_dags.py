@@ -24,7 +24,7 @@ def dagbag() -> Any:
 
 def test_dagbag_imports_without_errors(dagbag: Any) -> None:
     assert dagbag.import_errors == {}
-    assert {"leukemia_training", "leukemia_ingest"} <= set(dagbag.dags)
+    assert {"leukemia_training", "leukemia_ingest", "leukemia_scoring"} <= set(dagbag.dags)
 
 
 @pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)

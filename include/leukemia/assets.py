@@ -1,5 +1,5 @@
-"""Airflow assets the DAGs share: the raw-image prefix (new images trigger training) and the champion
-model (a new champion triggers batch scoring)."""
+"""Airflow assets the DAGs share: the raw-image prefix (new images trigger training), the champion
+model and the incoming-image prefix (either triggers batch scoring)."""
 
 from __future__ import annotations
 
@@ -21,3 +21,10 @@ def champion_asset() -> Any:
     from airflow.sdk import Asset
 
     return Asset(name="leukemia_champion", uri=f"mlflow-model://{env('LEUKEMIA_MODEL_NAME')}/champion")
+
+
+def incoming_images_asset() -> Any:
+    """`s3://<bucket>/incoming/`: images waiting to be scored (updated by S3 → SQS events or by hand)."""
+    from airflow.sdk import Asset
+
+    return Asset(uri=f"s3://{env('LEUKEMIA_BUCKET')}/incoming/", name="leukemia_incoming_images")

@@ -8,8 +8,12 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 from leukemia.config import StorageConfig, env
+
+if TYPE_CHECKING:
+    from leukemia.predict import Prediction
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -80,6 +84,104 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if summary else 1
 
 
+@command
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Score images with the champion (or --model): exit 0 all scored, 1 some skipped, 2 no model."""
+    import contextlib
+
+    if not args.verbose:  # keep stderr to our own lines: skipped inputs, the summary, or the error
+        for name in ("leukemia", "mlflow", "alembic", "botocore", "urllib3"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    results = sys.stdout
+    # stdout carries the results only: whatever the libraries print (Airflow's hook logs) goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        return _predict(args, results)
+
+
+def _predict(args: argparse.Namespace, results: TextIO) -> int:
+    from leukemia import predict
+
+    ref = predict.resolve_model(args.model)  # fails fast, before TensorFlow is imported
+    sources, skipped = predict.collect_inputs(args.inputs, args.conn_id)
+    loaded = predict.load_model(ref)
+    explainer = None
+    if args.explain:
+        from leukemia.gradcam import Explainer
+
+        explainer = Explainer(loaded.model, args.explain)
+    writer = _PredictionWriter(results, args.format, max((len(s.name) for s in sources), default=5))
+    scored = 0
+    for batch in predict.iter_batches(loaded, sources, args.batch_size):
+        for item in batch.predictions:
+            writer.row(item)
+        scored += len(batch.predictions)
+        skipped.extend(batch.skipped)
+        if explainer is not None:
+            explainer.add(batch.pixels, [p.image for p in batch.predictions])
+        results.flush()
+    writer.close()
+    for item in skipped:
+        print(f"skipped {item.image}: {item.reason}", file=sys.stderr)
+    sheet = explainer.finish() if explainer is not None else None
+    note = f"; Grad-CAM overlays and {sheet.name} in {args.explain}" if sheet else ""
+    print(
+        f"scored {scored} images with {ref.describe()}, skipped {len(skipped)}{note}",
+        file=sys.stderr,
+    )
+    return 1 if skipped else 0
+
+
+class _PredictionWriter:
+    """Streams predictions to stdout as an aligned table, a JSON list or CSV."""
+
+    def __init__(self, out: TextIO, fmt: str, name_width: int) -> None:
+        import csv
+
+        from leukemia.config import CLASSES
+
+        self.out, self.fmt, self.n = out, fmt, 0
+        self.columns = ["image", "class", *CLASSES, "malignant", "model_version"]
+        if fmt == "csv":
+            self.csv = csv.DictWriter(out, fieldnames=self.columns, lineterminator="\n")
+            self.csv.writeheader()
+        elif fmt == "table":
+            self.widths = [max(name_width, 5), 6, *(max(len(c), 6) for c in CLASSES), 9, 7]
+            header = ["image", "class", *CLASSES, "call", "model"]
+            print(
+                "  ".join(h.ljust(w) for h, w in zip(header, self.widths, strict=True)).rstrip(),
+                file=out,
+            )
+
+    def row(self, item: Prediction) -> None:
+        if self.fmt == "csv":
+            self.csv.writerow(item.as_row())
+        elif self.fmt == "json":
+            print(
+                ("[\n  " if self.n == 0 else ",\n  ") + json.dumps(item.as_dict()),
+                end="",
+                file=self.out,
+            )
+        else:
+            cells = [
+                item.image,
+                item.label,
+                *(f"{p:.4f}" for p in item.probabilities),
+                item.call,
+                item.model_version,
+            ]
+            print(
+                "  ".join(c.ljust(w) for c, w in zip(cells, self.widths, strict=True)).rstrip(),
+                file=self.out,
+            )
+        self.n += 1
+
+    def close(self) -> None:
+        if self.fmt == "json":
+            print("\n]" if self.n else "[]", file=self.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command and its documented options."""
     parser = argparse.ArgumentParser(prog="python -m leukemia", description=__doc__)
@@ -120,6 +222,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=224, help="image and model input size")
     p.add_argument("--weights", help="VGG16 weights: imagenet (default), a .h5 path, or none")
     p.add_argument("--conf", help='extra DAG run conf as JSON, e.g. {"epochs": 10}')
+
+    p = sub.add_parser(
+        "predict",
+        help="classify images (files, folders, s3:// URIs) with the champion model",
+        description="Score images with a registered model. Exit status: 0 all scored, 1 some input "
+        "skipped (reasons on stderr), 2 no usable model (one line on stderr).",
+    )
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="PATH_OR_S3_URI",
+        help="image files, folders, s3://bucket/prefix",
+    )
+    p.add_argument(
+        "--model", help="MLflow model URI (default: models:/$LEUKEMIA_MODEL_NAME@champion)"
+    )
+    p.add_argument(
+        "--format", choices=["table", "json", "csv"], default="table", help="stdout format"
+    )
+    p.add_argument(
+        "--explain",
+        type=Path,
+        metavar="OUT_DIR",
+        help="write Grad-CAM overlays and a contact sheet",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=32, help="images scored at once (bounds memory)"
+    )
+    p.add_argument(
+        "--conn-id", default=env("LEUKEMIA_AWS_CONN_ID"), help="Airflow connection for s3:// inputs"
+    )
     return parser
 
 

@@ -143,6 +143,7 @@ def extract_features(
     started = time.monotonic()
     if todo:
         extractor = build_extractor(cfg, precision)
+        started = time.monotonic()  # the rate is the extraction's, not the model build's
         items = list(todo.items())
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]

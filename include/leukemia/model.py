@@ -48,7 +48,7 @@ class ModelConfig:
     weights: str = "imagenet"  # "imagenet", a path to a VGG16 no-top .h5 file, or "none"
     variant: str = "seed"
     head_units: tuple[int, ...] = (256, 128, 64)
-    dropout: float = 0.3
+    dropout: float = 0.5
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:

@@ -25,7 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "learning_rate": None,
     "input_size": 224,
     "head_units": [256, 128, 64],
-    "dropout": 0.3,
+    "dropout": 0.5,
     "seed": 42,
     "precision": "auto",
     "promotion_margin": 0.0,

@@ -1,0 +1,500 @@
+"""Prediction with a registered model: resolve and load it once, collect images, score them in batches.
+
+The model is any `models:/`, `runs:/` or local MLflow URI of the pipeline's logged Keras model (raw
+RGB pixels 0-255 in, the four class probabilities out); by default the `champion` alias of the
+registered model. Inputs are image files, folders (searched recursively) and `s3://bucket/prefix`
+URIs (read through the Airflow connection straight into memory). Scoring is a generator over
+batches, so memory stays bounded however many images there are; an image that cannot be read or
+decoded is skipped with its reason and the others are still scored.
+
+Every failure the user can fix (no champion yet, tracking server down, a model of the wrong shape)
+is a `PredictionError` whose message is one line saying what happened and what to do.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import socket
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from leukemia.config import BENIGN, CLASSES, env, tracking_uri
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+DEFAULT_BATCH_SIZE = 32
+#: Threads that read and decode one batch's images while the previous batch is not yet needed.
+READ_WORKERS = 8
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?/?$")
+
+
+class PredictionError(RuntimeError):
+    """Something the user must fix before anything can be scored; the message is one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+class NoChampionError(PredictionError):
+    """The registered model or its alias does not exist yet (the training DAG has not promoted one)."""
+
+
+# --- the model ----------------------------------------------------------------------------------------
+
+
+def default_model_uri(model_name: str | None = None) -> str:
+    """`models:/<LEUKEMIA_MODEL_NAME>@champion`."""
+    return f"models:/{model_name or env('LEUKEMIA_MODEL_NAME')}@{CHAMPION}"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model URI resolved against the registry (small: fits in XCom).
+
+    `pinned_uri` names exactly one model version (`models:/<name>/<version>`) when the URI was a
+    registry URI, so that a run keeps using the same model even if the alias moves meanwhile.
+    """
+
+    uri: str
+    pinned_uri: str
+    name: str = ""
+    version: str = ""
+
+    @property
+    def label(self) -> str:
+        """What predictions report as their model version: the registry version, else the URI."""
+        return self.version or self.uri
+
+    def describe(self) -> str:
+        return f"{self.name} v{self.version} ({self.uri})" if self.version else self.uri
+
+
+def _check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, in one line, when the tracking server cannot be reached or the store is missing.
+
+    MLflow's own client retries an unreachable server with backoff for minutes before it gives up.
+    """
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.exists():
+            raise NoChampionError(
+                f"no MLflow database at {path}: run the training DAG first (it creates the store "
+                "and registers the model), or set MLFLOW_TRACKING_URI to your tracking server"
+            )
+        return
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise PredictionError(
+            f"cannot reach MLflow at {uri}: {reason}. Start the tracking server or set "
+            "MLFLOW_TRACKING_URI to one that is up"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    """True for connection failures, whether raised by requests or wrapped by MLflow's client."""
+    import requests
+
+    if isinstance(
+        exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)
+    ):
+        return True
+    text = str(exc)
+    return "API request to" in text and ("Max retries exceeded" in text or "Connection" in text)
+
+
+def resolve_model(model_uri: str | None = None) -> ModelRef:
+    """Resolve `model_uri` (default: the champion) to a model version, without loading TensorFlow."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = model_uri or default_model_uri()
+    server = tracking_uri()
+    mlflow.set_tracking_uri(server)
+    if not uri.startswith(("models:/", "runs:/")):
+        return ModelRef(uri=uri, pinned_uri=uri)  # a local folder or an artifact-store URI
+    _check_tracking_server(server)
+    match = _MODELS_URI.match(uri)
+    if match is None or (match["alias"] is None and match["version"] is None):
+        return ModelRef(uri=uri, pinned_uri=uri)  # runs:/ or a logged-model id
+    name, alias, version = match["name"], match["alias"], match["version"]
+    client = mlflow.MlflowClient()
+    try:
+        if alias is not None:
+            found = client.get_model_version_by_alias(name, alias)
+        elif version.isdigit():
+            found = client.get_model_version(name, version)
+        else:  # a stage (Production, Staging): deprecated in MLflow, still resolvable
+            latest = client.get_latest_versions(name, [version])
+            if not latest:
+                raise NoChampionError(f"registered model {name} has no version in stage {version}")
+            found = latest[0]
+    except PredictionError:
+        raise
+    except Exception as exc:
+        if _is_unreachable(exc):
+            raise PredictionError(f"cannot reach MLflow at {server}: {_first_line(exc)}") from None
+        if not isinstance(exc, MlflowException):
+            raise
+        code = getattr(exc, "error_code", "")
+        if code == "RESOURCE_DOES_NOT_EXIST" and "Registered Model" in str(exc):
+            raise NoChampionError(
+                f"registered model {name} does not exist in MLflow at {server}: run the training "
+                "DAG (leukemia_training) first, or pass --model with another model URI"
+            ) from None
+        if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            what = f"has alias {alias}" if alias is not None else f"is version {version}"
+            raise NoChampionError(
+                f"no model version {what} in {name} (MLflow at {server}): run the training DAG "
+                "(leukemia_training) first, or pass --model with another model URI"
+            ) from None
+        raise PredictionError(
+            f"MLflow at {server} failed to resolve {uri}: {_first_line(exc)}"
+        ) from None
+    return ModelRef(
+        uri=uri, pinned_uri=f"models:/{name}/{found.version}", name=name, version=str(found.version)
+    )
+
+
+@dataclass
+class LoadedModel:
+    """A loaded Keras model from pixels (n, S, S, 3) to the four class probabilities."""
+
+    ref: ModelRef
+    model: Any
+    input_size: int
+
+    @property
+    def version(self) -> str:
+        return self.ref.label
+
+
+def check_model_shape(model: Any, uri: str) -> int:
+    """The input size S of a model that maps (n, S, S, 3) to (n, 4); PredictionError otherwise."""
+    try:
+        inputs, outputs = model.input_shape, model.output_shape
+    except (AttributeError, ValueError) as exc:
+        raise PredictionError(
+            f"model {uri} has no single input and output: {_first_line(exc)}"
+        ) from None
+    ok_in = (
+        isinstance(inputs, tuple) and len(inputs) == 4 and inputs[3] == 3 and inputs[1] == inputs[2]
+    )
+    ok_in = ok_in and isinstance(inputs[1], int) and inputs[1] >= 32
+    ok_out = isinstance(outputs, tuple) and len(outputs) == 2 and outputs[1] == len(CLASSES)
+    if not (ok_in and ok_out):
+        raise PredictionError(
+            f"model {uri} maps {inputs} to {outputs}: expected square RGB images (None, S, S, 3) in "
+            f"and {len(CLASSES)} class probabilities ({', '.join(CLASSES)}) out; pass a "
+            "leukemia-classifier model URI"
+        )
+    return int(inputs[1])
+
+
+def load_model(model: str | ModelRef | None = None) -> LoadedModel:
+    """Resolve (if needed) and load the model once; check that it takes square RGB images."""
+    import mlflow
+
+    ref = model if isinstance(model, ModelRef) else resolve_model(model)
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        keras_model = mlflow.keras.load_model(ref.pinned_uri)
+    except Exception as exc:
+        if _is_unreachable(exc):
+            raise PredictionError(
+                f"cannot reach MLflow at {tracking_uri()}: {_first_line(exc)}"
+            ) from None
+        raise PredictionError(
+            f"cannot load a Keras model from {ref.pinned_uri}: {_first_line(exc)}"
+        ) from None
+    size = check_model_shape(keras_model, ref.uri)
+    log.info("Loaded %s (input %dx%d)", ref.describe(), size, size)
+    return LoadedModel(ref=ref, model=keras_model, input_size=size)
+
+
+# --- the inputs ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """One image to score: the name shown to the user and how to read its bytes (read lazily)."""
+
+    name: str
+    read: Callable[[], bytes] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An input that was not scored, and why; `transient` failures (downloads) are worth retrying."""
+
+    image: str
+    reason: str
+    transient: bool = False
+
+
+def _image_suffixes() -> tuple[str, ...]:
+    from leukemia.storage import IMAGE_SUFFIXES
+
+    return IMAGE_SUFFIXES
+
+
+def is_image_name(name: str) -> bool:
+    """True for names ending in a known image suffix (case-insensitive)."""
+    return name.lower().endswith(_image_suffixes())
+
+
+def iter_folder(folder: Path) -> Iterator[Path]:
+    """Image files under `folder`, recursively, sorted; hidden files and folders are left out."""
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).parts
+        if any(p.startswith(".") for p in rel):
+            continue
+        if path.is_file() and is_image_name(path.name):
+            yield path
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/prefix` → (bucket, prefix)."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"not an S3 URI: {uri!r}: expected s3://<bucket>/<prefix or key>")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def s3_source(client: Any, bucket: str, key: str) -> ImageSource:
+    """An S3 object as an image source, downloaded into memory when read."""
+
+    def read() -> bytes:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    return ImageSource(f"s3://{bucket}/{key}", read)
+
+
+def collect_inputs(
+    specs: Sequence[str | Path], conn_id: str | None = None, client: Any | None = None
+) -> tuple[list[ImageSource], list[Skipped]]:
+    """Image sources for files, folders (recursive) and `s3://bucket/prefix` URIs, in the given order.
+
+    Paths that do not exist, folders without images and S3 prefixes that cannot be listed or hold
+    no images come back as skipped, with the reason. No image is read yet.
+    """
+    from leukemia.storage import list_objects
+
+    sources: list[ImageSource] = []
+    skipped: list[Skipped] = []
+    for spec in specs:
+        text = str(spec)
+        if text.startswith("s3://"):
+            bucket, prefix = split_s3_uri(text)
+            if client is None:
+                from leukemia.storage import s3_client
+
+                client = s3_client(conn_id or env("LEUKEMIA_AWS_CONN_ID"))
+            try:
+                keys = [o["Key"] for o in list_objects(client, bucket, prefix)]
+            except Exception as exc:
+                skipped.append(
+                    Skipped(text, f"cannot list {text}: {_first_line(exc)}", transient=True)
+                )
+                continue
+            if prefix and prefix in keys:  # one object named exactly
+                keys = [prefix]
+            elif prefix and not prefix.endswith("/"):  # a folder: never match `incoming2/`
+                keys = [k for k in keys if k.startswith(prefix + "/")]
+            images = [k for k in keys if is_image_name(k) and not k.endswith("/")]
+            if not images:
+                skipped.append(
+                    Skipped(
+                        text, f"no images under {text} (expected {', '.join(_image_suffixes())})"
+                    )
+                )
+            sources.extend(s3_source(client, bucket, k) for k in images)
+            continue
+        path = Path(text).expanduser()
+        if path.is_dir():
+            found = [ImageSource(str(p), p.read_bytes) for p in iter_folder(path)]
+            if not found:
+                skipped.append(
+                    Skipped(text, f"no images in folder (expected {', '.join(_image_suffixes())})")
+                )
+            sources.extend(found)
+        elif path.is_file():
+            sources.append(ImageSource(text, path.read_bytes))
+        else:
+            skipped.append(Skipped(text, "no such file or folder"))
+    return sources, skipped
+
+
+# --- scoring ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result."""
+
+    image: str
+    label: str
+    probabilities: tuple[float, ...]
+    model_version: str
+
+    @property
+    def malignant(self) -> bool:
+        """Early, Pre and Pro are malignant (the predicted class decides, as in the evaluation)."""
+        return self.label != BENIGN
+
+    @property
+    def call(self) -> str:
+        return "malignant" if self.malignant else "benign"
+
+    @property
+    def confidence(self) -> float:
+        return max(self.probabilities)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form: class, probabilities by class name, the benign/malignant call, model version."""
+        return {
+            "image": self.image,
+            "class": self.label,
+            "confidence": self.confidence,
+            "probabilities": dict(zip(CLASSES, self.probabilities, strict=True)),
+            "malignant": self.malignant,
+            "call": self.call,
+            "model_version": self.model_version,
+        }
+
+    def as_row(self) -> dict[str, Any]:
+        """Flat form for CSV and tables: one column per class probability."""
+        return {
+            "image": self.image,
+            "class": self.label,
+            **dict(zip(CLASSES, self.probabilities, strict=True)),
+            "malignant": "true" if self.malignant else "false",
+            "model_version": self.model_version,
+        }
+
+
+@dataclass
+class Batch:
+    """One scored batch: predictions (with the pixels the model saw, aligned) and skipped inputs."""
+
+    predictions: list[Prediction]
+    skipped: list[Skipped]
+    pixels: Any  # float32 (len(predictions), S, S, 3)
+    scored_at: str = ""
+
+
+def decode_image(data: bytes, size: int) -> Any:
+    """Validated RGB float32 pixels (size, size, 3), resized exactly as the training pipeline does."""
+    from leukemia.features import load_image
+    from leukemia.storage import validate_image
+
+    validate_image(data)  # raises ImageRejected with the reason
+    return load_image(io.BytesIO(data), size)  # type: ignore[arg-type]  # Pillow opens file objects too
+
+
+def _load(source: ImageSource, size: int) -> Any:
+    """Pixels of one source, or a Skipped with the reason."""
+    from leukemia.storage import ImageRejected
+
+    try:
+        data = source.read()
+    except Exception as exc:
+        return Skipped(
+            source.name, f"cannot read: {_first_line(exc)}", transient=not isinstance(exc, OSError)
+        )
+    try:
+        return decode_image(data, size)
+    except ImageRejected as exc:
+        return Skipped(source.name, str(exc))
+    except Exception as exc:  # anything Pillow raises on odd files
+        return Skipped(source.name, f"cannot decode: {_first_line(exc)}")
+
+
+def _chunks(items: Iterable[ImageSource], n: int) -> Iterator[list[ImageSource]]:
+    chunk: list[ImageSource] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def iter_batches(
+    model: LoadedModel, sources: Iterable[ImageSource], batch_size: int = DEFAULT_BATCH_SIZE
+) -> Iterator[Batch]:
+    """Score `sources` `batch_size` at a time: only one batch of images is held in memory.
+
+    Each batch's images are read and decoded by a few threads (S3 round trips overlap), then scored
+    by one `predict_on_batch`; predictions keep the input order.
+    """
+    import numpy as np
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    size = model.input_size
+    with ThreadPoolExecutor(max_workers=min(READ_WORKERS, batch_size)) as pool:
+        for chunk in _chunks(sources, batch_size):
+            loaded = list(pool.map(lambda s: _load(s, size), chunk))
+            good = [
+                (s, x) for s, x in zip(chunk, loaded, strict=True) if not isinstance(x, Skipped)
+            ]
+            skipped = [x for x in loaded if isinstance(x, Skipped)]
+            for item in skipped:
+                log.info("Skipped %s: %s", item.image, item.reason)
+            pixels = (
+                np.stack([x for _, x in good]) if good else np.zeros((0, size, size, 3), "float32")
+            )
+            probs = (
+                np.asarray(model.model.predict_on_batch(pixels), dtype="float32")
+                if good
+                else np.zeros((0, len(CLASSES)))
+            )
+            predictions = [
+                Prediction(
+                    image=s.name,
+                    label=CLASSES[int(p.argmax())],
+                    probabilities=tuple(float(v) for v in p),
+                    model_version=model.version,
+                )
+                for (s, _), p in zip(good, probs, strict=True)
+            ]
+            yield Batch(
+                predictions, skipped, pixels, datetime.now(UTC).isoformat(timespec="seconds")
+            )
+
+
+def predict(
+    inputs: Sequence[str | Path],
+    model_uri: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    conn_id: str | None = None,
+) -> tuple[list[Prediction], list[Skipped]]:
+    """Everything at once (for small sets and notebooks): predictions and skipped inputs."""
+    loaded = load_model(model_uri)
+    sources, skipped = collect_inputs(inputs, conn_id)
+    predictions: list[Prediction] = []
+    for batch in iter_batches(loaded, sources, batch_size):
+        predictions.extend(batch.predictions)
+        skipped.extend(batch.skipped)
+    return predictions, skipped

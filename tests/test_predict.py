@@ -1,0 +1,418 @@
+"""Prediction CLI: output equals the model's own predictions, every bad input has a clear outcome,
+and s3:// inputs are read through the Airflow connection (moto over HTTP)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from leukemia.config import CLASSES
+
+SIZE = 48
+MODEL_NAME = "leukemia-classifier"
+CHAMPION_URI = f"models:/{MODEL_NAME}@champion"
+
+
+# --- fixtures ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def champion(smear_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A champion trained and promoted the pipeline's way (48 px, no base weights, 2 epochs), in a
+    SQLite MLflow of its own; artifacts land in the module's temporary folder."""
+    from leukemia import tracking
+    from leukemia.dataset import make_split
+    from leukemia.features import extract_features
+    from leukemia.model import ModelConfig
+    from leukemia.training import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("predict")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("LEUKEMIA_DATA_DIR", str(root / "data"))
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        info = make_split(smear_dir, root / "splits", fractions=(0.5, 0.25, 0.25))
+        from leukemia.dataset import read_split
+
+        rows = read_split(info.path)
+        model_cfg = ModelConfig(input_size=SIZE, weights="none")
+        ex = extract_features(
+            [smear_dir / r["path"] for r in rows],
+            [r["sha256"] for r in rows],
+            model_cfg,
+            root / "features",
+            precision="float32",
+        )
+        cfg = TrainConfig(optimizer="adam", batch_size=8, epochs=2, model=model_cfg)
+        train(
+            cfg,
+            info.path,
+            smear_dir,
+            ex.cache_dir,
+            tags={"airflow_run_id": "manual__p"},
+            dataset_digest=info.digest,
+        )
+        promotion = tracking.select_and_promote(tracking.setup(), info.path, smear_dir, "manual__p")
+        yield {"root": root, "version": promotion.version}
+
+
+@pytest.fixture(scope="module")
+def images(smear_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Ten smears in nested folders (plus a hidden file and a non-image that must be ignored)."""
+    folder = tmp_path_factory.mktemp("inputs")
+    paths = []
+    for label in CLASSES:
+        for src in sorted((smear_dir / label).iterdir())[: 3 if label in ("Benign", "Pre") else 2]:
+            dest = folder / "ward-a" / label.lower() / src.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dest)
+            paths.append(dest)
+    (folder / "ward-a" / ".hidden.jpg").write_bytes(b"not looked at")
+    (folder / "notes.txt").write_text("not an image")
+    return {"folder": folder, "paths": sorted(paths)}
+
+
+@pytest.fixture(scope="module")
+def expected(champion: dict[str, Any], images: dict[str, Any]) -> dict[str, Any]:
+    """The champion's own predictions (mlflow.keras.load_model → predict) for the input images."""
+    import mlflow
+
+    from leukemia.features import load_images
+
+    model = mlflow.keras.load_model(f"models:/{MODEL_NAME}/{champion['version']}")
+    probs = model.predict(load_images(images["paths"], SIZE), verbose=0)
+    return {str(p): row for p, row in zip(images["paths"], probs, strict=True)}
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """`python -m leukemia ...` in-process (the model loads much faster than in a new interpreter);
+    logger levels the CLI changes are put back."""
+    from leukemia.cli import main
+
+    names = ["", "leukemia", "mlflow", "alembic", "botocore", "urllib3"]
+    levels = {n: logging.getLogger(n).level for n in names}
+    capsys.readouterr()
+    try:
+        code = main(list(argv))
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_subprocess(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "leukemia", *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
+
+
+# --- fast checks, no TensorFlow -------------------------------------------------------------------
+
+
+def test_collect_inputs_recurses_into_folders_and_reports_missing_paths(
+    images: dict[str, Any], tmp_path: Path
+) -> None:
+    from leukemia.predict import collect_inputs
+
+    (tmp_path / "empty").mkdir()
+    single = images["paths"][0]
+    sources, skipped = collect_inputs(
+        [images["folder"], single, tmp_path / "gone.jpg", tmp_path / "empty"]
+    )
+    names = [s.name for s in sources]
+    assert names == [str(p) for p in images["paths"]] + [str(single)]
+    assert sources[0].read() == images["paths"][0].read_bytes()
+    assert [(s.image, s.reason) for s in skipped] == [
+        (str(tmp_path / "gone.jpg"), "no such file or folder"),
+        (str(tmp_path / "empty"), skipped[1].reason),
+    ]
+    assert skipped[1].reason.startswith("no images in folder")
+
+
+def test_prediction_rows_carry_class_probabilities_and_call() -> None:
+    from leukemia.predict import Prediction
+
+    p = Prediction("a.jpg", "Pre", (0.01, 0.02, 0.95, 0.02), "3")
+    assert p.malignant and p.call == "malignant" and p.confidence == 0.95
+    assert p.as_dict()["probabilities"] == dict(zip(CLASSES, (0.01, 0.02, 0.95, 0.02), strict=True))
+    assert p.as_row() == {
+        "image": "a.jpg",
+        "class": "Pre",
+        "Benign": 0.01,
+        "Early": 0.02,
+        "Pre": 0.95,
+        "Pro": 0.02,
+        "malignant": "true",
+        "model_version": "3",
+    }
+    assert Prediction("b.jpg", "Benign", (0.9, 0.05, 0.03, 0.02), "3").call == "benign"
+
+
+def test_model_shape_check_names_what_is_wrong() -> None:
+    from types import SimpleNamespace
+
+    from leukemia.predict import PredictionError, check_model_shape
+
+    assert (
+        check_model_shape(
+            SimpleNamespace(input_shape=(None, 224, 224, 3), output_shape=(None, 4)), "m"
+        )
+        == 224
+    )
+    for inputs, outputs in [
+        ((None, 8), (None, 4)),
+        ((None, 48, 48, 1), (None, 4)),
+        ((None, 48, 48, 3), (None, 2)),
+    ]:
+        with pytest.raises(PredictionError, match=r"expected square RGB images \(None, S, S, 3\)"):
+            check_model_shape(SimpleNamespace(input_shape=inputs, output_shape=outputs), "m")
+
+
+def test_unreachable_tracking_server_exits_2_in_one_line(images: dict[str, Any]) -> None:
+    out = run_subprocess("predict", str(images["folder"]), MLFLOW_TRACKING_URI="http://127.0.0.1:9")
+    assert out.returncode == 2, out.stderr
+    assert out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        "error: cannot reach MLflow at http://127.0.0.1:9: Connection refused. Start the tracking "
+        "server or set MLFLOW_TRACKING_URI to one that is up"
+    ]
+
+
+def test_missing_tracking_store_says_to_train_first(
+    images: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'none.db'}")
+    code, out, err = run_cli(capsys, "predict", str(images["folder"]))
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [
+        f"error: no MLflow database at {tmp_path / 'none.db'}: run the training DAG first (it creates "
+        "the store and registers the model), or set MLFLOW_TRACKING_URI to your tracking server"
+    ]
+    assert not (tmp_path / "none.db").exists()
+
+
+# --- the CLI against a registered champion ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_missing_alias_exits_2_in_one_line(
+    champion: dict[str, Any],
+    images: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = run_subprocess(
+        "predict", str(images["folder"]), "--model", f"models:/{MODEL_NAME}@staging"
+    )
+    assert out.returncode == 2 and out.stdout == ""
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"error: no model version has alias staging in {MODEL_NAME} (MLflow at "
+        f"{os.environ['MLFLOW_TRACKING_URI']}): run the training DAG (leukemia_training) first, or pass "
+        "--model with another model URI"
+    ]
+    monkeypatch.setenv("LEUKEMIA_MODEL_NAME", "no-such-model")
+    code, _, err = run_cli(capsys, "predict", str(images["folder"]))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: registered model no-such-model does not exist")
+
+
+@pytest.mark.slow
+def test_json_and_csv_equal_the_models_own_predictions(
+    champion: dict[str, Any],
+    images: dict[str, Any],
+    expected: dict[str, Any],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, err = run_cli(
+        capsys, "predict", str(images["folder"]), "--format", "json", "--batch-size", "4"
+    )
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [r["image"] for r in rows] == list(expected)  # every image, in order, across 3 batches
+    for row in rows:
+        probs = [row["probabilities"][c] for c in CLASSES]
+        np.testing.assert_allclose(probs, expected[row["image"]], rtol=1e-5, atol=1e-6)
+        assert row["class"] == CLASSES[int(np.argmax(expected[row["image"]]))]
+        assert row["malignant"] is (row["class"] != "Benign") and row["call"] in (
+            "benign",
+            "malignant",
+        )
+        assert row["model_version"] == champion["version"]
+    assert f"scored {len(expected)} images with {MODEL_NAME} v{champion['version']}" in err
+
+    code, out, err = run_cli(capsys, "predict", str(images["folder"]), "--format", "csv")
+    assert code == 0, err
+    table = list(csv.DictReader(io.StringIO(out)))
+    assert list(table[0]) == ["image", "class", *CLASSES, "malignant", "model_version"]
+    assert [r["image"] for r in table] == list(expected)
+    for row in table:
+        np.testing.assert_allclose(
+            [float(row[c]) for c in CLASSES], expected[row["image"]], rtol=1e-5, atol=1e-6
+        )
+        assert row["malignant"] == ("true" if row["class"] != "Benign" else "false")
+
+
+@pytest.mark.slow
+def test_table_lists_every_image_in_aligned_columns(
+    champion: dict[str, Any],
+    images: dict[str, Any],
+    expected: dict[str, Any],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = run_cli(
+        capsys,
+        "predict",
+        *map(str, images["paths"][:5]),
+        "--model",
+        f"models:/{MODEL_NAME}/{champion['version']}",
+    )
+    assert code == 0
+    header, *lines = out.splitlines()
+    assert header.split() == ["image", "class", *CLASSES, "call", "model"]
+    assert [line.split()[0] for line in lines] == [str(p) for p in images["paths"][:5]]
+    column = header.index("class")
+    assert all(
+        line[column:].split()[0] == line.split()[1] for line in lines
+    )  # aligned under its header
+    for line in lines:
+        name, label, *probs, call, version = line.split()
+        assert label in CLASSES and version == champion["version"]
+        np.testing.assert_allclose([float(p) for p in probs], expected[name], atol=6e-5)
+
+
+@pytest.mark.slow
+def test_unreadable_images_are_skipped_with_reasons_and_the_rest_scored(
+    champion: dict[str, Any],
+    images: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    good = [shutil.copy(p, tmp_path / f"good-{i}.jpg") for i, p in enumerate(images["paths"][:3])]
+    (tmp_path / "corrupt.jpg").write_bytes(images["paths"][0].read_bytes()[:200])
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("hello")
+    code, out, err = run_cli(
+        capsys, "predict", str(tmp_path), str(tmp_path / "missing.jpg"), "--format", "json"
+    )
+    assert code == 1
+    assert sorted(r["image"] for r in json.loads(out)) == sorted(map(str, good))
+    assert f"skipped {tmp_path / 'corrupt.jpg'}: corrupt or truncated image" in err
+    assert f"skipped {tmp_path / 'empty.png'}: empty object (0 bytes)" in err
+    assert f"skipped {tmp_path / 'text.jpg'}: not an image: Pillow cannot identify it" in err
+    assert f"skipped {tmp_path / 'missing.jpg'}: no such file or folder" in err
+    assert "skipped 4" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_wrong_input_shape_exits_2(
+    champion: dict[str, Any], images: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import keras
+    import mlflow
+
+    inputs = keras.Input((8,))
+    tiny = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(inputs))
+    with mlflow.start_run():
+        uri = mlflow.keras.log_model(tiny, name="model", pip_requirements=["keras"]).model_uri
+    code, out, err = run_cli(capsys, "predict", str(images["folder"]), "--model", uri)
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [
+        f"error: model {uri} maps (None, 8) to (None, 4): expected square RGB images (None, S, S, 3) in "
+        "and 4 class probabilities (Benign, Early, Pre, Pro) out; pass a leukemia-classifier model URI"
+    ]
+
+
+@pytest.mark.slow
+def test_s3_inputs_are_read_through_the_connection(
+    champion: dict[str, Any],
+    images: dict[str, Any],
+    expected: dict[str, Any],
+    bucket: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from leukemia.storage import s3_client
+
+    client = s3_client("aws_default")
+    keys = []
+    for i, path in enumerate(images["paths"][:4]):
+        keys.append(f"incoming/day-1/{i}-{path.name}")
+        client.put_object(Bucket=bucket, Key=keys[-1], Body=path.read_bytes())
+    client.put_object(
+        Bucket=bucket, Key="incoming-other/x.jpg", Body=images["paths"][0].read_bytes()
+    )
+    client.put_object(Bucket=bucket, Key="incoming/day-1/broken.jpg", Body=b"\xff\xd8 not really")
+    code, out, err = run_cli(
+        capsys,
+        "predict",
+        f"s3://{bucket}/incoming",
+        f"s3://{bucket}/{keys[0]}",
+        f"s3://{bucket}/nothing/",
+        "--format",
+        "json",
+    )
+    assert code == 1
+    rows = json.loads(out)
+    assert [r["image"] for r in rows] == [f"s3://{bucket}/{k}" for k in sorted(keys)] + [
+        f"s3://{bucket}/{keys[0]}"
+    ]
+    by_key = {f"s3://{bucket}/{k}": str(p) for k, p in zip(keys, images["paths"][:4], strict=True)}
+    for row in rows:
+        np.testing.assert_allclose(
+            [row["probabilities"][c] for c in CLASSES],
+            expected[by_key[row["image"]]],
+            rtol=1e-5,
+            atol=1e-6,
+        )
+    assert f"skipped s3://{bucket}/incoming/day-1/broken.jpg: not an image" in err
+    assert f"skipped s3://{bucket}/nothing/: no images under s3://{bucket}/nothing/" in err
+
+
+@pytest.mark.slow
+def test_explain_writes_an_overlay_per_image_and_a_contact_sheet(
+    champion: dict[str, Any],
+    images: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from PIL import Image
+
+    out_dir = tmp_path / "cam"
+    code, _, err = run_cli(
+        capsys,
+        "predict",
+        *map(str, images["paths"][:3]),
+        "--explain",
+        str(out_dir),
+        "--format",
+        "csv",
+    )
+    assert code == 0, err
+    overlays = sorted(out_dir.glob("*_gradcam.png"))
+    assert [p.name.split("_", 1)[1] for p in overlays] == [
+        f"{p.stem}_gradcam.png" for p in images["paths"][:3]
+    ]
+    with Image.open(overlays[0]) as im:
+        assert im.size == (SIZE, SIZE) and im.mode == "RGB"
+    assert (out_dir / "contact_sheet.png").stat().st_size > 1000
+    assert "contact_sheet.png" in err

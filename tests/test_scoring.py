@@ -1,0 +1,211 @@
+"""Batch scoring of s3://<bucket>/incoming/: only what this model version has not scored, a CSV per
+run, a ledger per version; and the scoring DAG end to end with dag.test() on the embedded stack."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from leukemia.config import CLASSES
+from leukemia.scoring import CSV_COLUMNS, ledger_key, pending, version_folder
+
+SIZE = 48
+MODEL_NAME = "leukemia-classifier"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- fast checks ------------------------------------------------------------------------------------
+
+
+def test_pending_skips_what_this_version_scored_or_rejected_unless_replaced() -> None:
+    ledger = {
+        "scored": {"incoming/a.jpg": {"etag": "1"}, "incoming/b.jpg": {"etag": "1"}},
+        "rejected": {"incoming/bad.jpg": {"etag": "7", "reason": "not an image"}},
+    }
+    listing = {
+        "incoming/a.jpg": "1",
+        "incoming/b.jpg": "2",
+        "incoming/c.jpg": "1",
+        "incoming/bad.jpg": "7",
+    }
+    assert pending(listing, ledger) == ["incoming/b.jpg", "incoming/c.jpg"]
+    assert pending(listing, {"scored": {}, "rejected": {}}) == sorted(listing)
+
+
+def test_ledger_and_prediction_folders_are_per_model_version() -> None:
+    assert ledger_key("3") == "predictions/ledger/v3.json"
+    assert version_folder("12") == "v12"
+    assert version_folder("runs:/abc/model").startswith(
+        "uri-"
+    )  # no registry version: a stable name
+
+
+def test_no_champion_yet_means_nothing_to_score(mlflow_env: Path) -> None:
+    from leukemia.predict import NoChampionError
+    from leukemia.scoring import champion_or_none
+
+    assert champion_or_none() is None  # the DAG skips; the champion asset triggers it later
+    with pytest.raises(NoChampionError):
+        champion_or_none(f"models:/{MODEL_NAME}/7")  # a URI the user asked for must exist
+
+
+# --- with a registered champion -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The pipeline's full model (48 px, no base weights, untrained head: scoring does not care how
+    good it is) logged the way training logs it, registered and made champion in its own MLflow."""
+    import mlflow
+
+    from leukemia import tracking
+    from leukemia.model import ModelConfig, build_model
+
+    root = tmp_path_factory.mktemp("scoring")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # MLflow's artifacts land here
+        mp.setenv("LEUKEMIA_DATA_DIR", str(root / "data"))
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        tracking.setup()
+        with mlflow.start_run():
+            info = mlflow.keras.log_model(
+                build_model(ModelConfig(input_size=SIZE, weights="none", variant="multiscale")),
+                name="model",
+                signature=tracking.model_signature(SIZE),
+                pip_requirements=tracking.pip_requirements(),
+            )
+        version = mlflow.register_model(info.model_uri, MODEL_NAME).version
+        mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", version)
+        yield {"version": str(version)}
+
+
+def _upload(client: Any, bucket: str, paths: list[Path], prefix: str = "incoming/") -> list[str]:
+    keys = []
+    for path in paths:
+        keys.append(f"{prefix}{path.parent.name.lower()}/{path.name}")
+        client.put_object(Bucket=bucket, Key=keys[-1], Body=path.read_bytes())
+    return keys
+
+
+def _csvs(client: Any, bucket: str, version: str) -> list[str]:
+    listing = client.list_objects_v2(Bucket=bucket, Prefix=f"predictions/v{version}/")
+    return sorted(o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith(".csv"))
+
+
+def _rows(client: Any, bucket: str, key: str) -> list[dict[str, str]]:
+    body = client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    return list(csv.DictReader(io.StringIO(body)))
+
+
+@pytest.mark.slow
+def test_score_incoming_records_rejects_rescoring_replaced_images_and_explains(
+    champion: dict[str, Any], bucket: str, smear_dir: Path
+) -> None:
+    from leukemia.scoring import score_incoming
+    from leukemia.storage import s3_client
+
+    client = s3_client("aws_default")
+    keys = _upload(
+        client, bucket, [sorted((smear_dir / c).iterdir())[0] for c in ("Benign", "Pro")]
+    )
+    client.put_object(Bucket=bucket, Key="incoming/broken.jpg", Body=b"GIF89a nope")
+    client.put_object(Bucket=bucket, Key="incoming/readme.txt", Body=b"ignored: not an image name")
+
+    first = score_incoming(bucket, "incoming", explain=True)
+    assert (first.listed, first.scored, first.skipped, first.failed) == (3, 2, 1, 0)
+    assert first.skipped_keys == [
+        {"key": "incoming/broken.jpg", "reason": "not an image: Pillow cannot identify it"}
+    ]
+    rows = _rows(client, bucket, first.predictions_uri.removeprefix(f"s3://{bucket}/"))
+    assert [r["key"] for r in rows] == keys and list(rows[0]) == list(CSV_COLUMNS)
+    gradcam = client.list_objects_v2(
+        Bucket=bucket, Prefix=first.gradcam_uri.removeprefix(f"s3://{bucket}/")
+    )
+    assert len([o for o in gradcam["Contents"] if o["Key"].endswith("_gradcam.png")]) == 2
+    assert any(o["Key"].endswith("/contact_sheet.png") for o in gradcam["Contents"])
+    ledger = json.loads(
+        client.get_object(Bucket=bucket, Key=ledger_key(champion["version"]))["Body"].read()
+    )
+    assert sorted(ledger["scored"]) == keys and list(ledger["rejected"]) == ["incoming/broken.jpg"]
+    assert ledger["model_version"] == champion["version"]
+
+    # replacing an image (new ETag) scores it again; the broken one is not retried until replaced
+    client.put_object(
+        Bucket=bucket, Key=keys[0], Body=sorted((smear_dir / "Early").iterdir())[1].read_bytes()
+    )
+    second = score_incoming(bucket, "incoming/")
+    assert (second.already_scored, second.scored, second.skipped) == (2, 1, 0)
+    assert [
+        r["key"]
+        for r in _rows(client, bucket, second.predictions_uri.removeprefix(f"s3://{bucket}/"))
+    ] == keys[:1]
+
+
+@pytest.fixture(scope="module")
+def scoring_dag() -> Any:
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(ROOT / "dags" / "leukemia_scoring.py"))
+    assert bag.import_errors == {}
+    return bag.dags["leukemia_scoring"]
+
+
+def test_scoring_dag_structure(scoring_dag: Any) -> None:
+    assert {t.task_id: sorted(t.downstream_task_ids) for t in scoring_dag.tasks} == {
+        "resolve_model": ["score_new_images"],
+        "score_new_images": [],
+    }
+    assert scoring_dag.tags and set(scoring_dag.tags) == {"leukemia", "scoring"}
+    for task in scoring_dag.tasks:
+        assert task.retries == 3 and task.retry_exponential_backoff
+    condition = scoring_dag.timetable.asset_condition  # champion OR incoming images
+    assert type(condition).__name__ == "AssetAny"
+    assert {a.name for a in condition.objects} == {"leukemia_champion", "leukemia_incoming_images"}
+    params = scoring_dag.params.dump()
+    assert (
+        params["incoming_prefix"] == "incoming/"
+        and params["explain"] is False
+        and params["batch_size"] == 32
+    )
+
+
+@pytest.mark.slow
+def test_scoring_dag_scores_new_images_once(
+    airflow_db: Path, scoring_dag: Any, champion: dict[str, Any], bucket: str, smear_dir: Path
+) -> None:
+    from leukemia.storage import s3_client
+
+    client = s3_client("aws_default")
+    first_keys = _upload(client, bucket, [sorted((smear_dir / c).iterdir())[0] for c in CLASSES])
+    conf = {"bucket": bucket, "batch_size": 3}
+
+    first = scoring_dag.test(run_conf=conf)
+    assert str(first.state) == "success"
+    csvs = _csvs(client, bucket, champion["version"])
+    assert len(csvs) == 1
+    rows = _rows(client, bucket, csvs[0])
+    assert sorted(r["key"] for r in rows) == sorted(first_keys)
+    for row in rows:
+        probs = [float(row[c]) for c in CLASSES]
+        assert row["class"] in CLASSES and row["class"] == CLASSES[int(np.argmax(probs))]
+        assert sum(probs) == pytest.approx(1, abs=1e-4)
+        assert row["malignant"] == ("false" if row["class"] == "Benign" else "true")
+        assert row["model_version"] == champion["version"] and row["scored_at"].endswith("+00:00")
+
+    second = scoring_dag.test(run_conf=conf)  # nothing new: no CSV
+    assert str(second.state) == "success"
+    assert _csvs(client, bucket, champion["version"]) == csvs
+
+    new_key = _upload(client, bucket, [sorted((smear_dir / "Pre").iterdir())[1]])
+    third = scoring_dag.test(run_conf=conf)
+    assert str(third.state) == "success"
+    later = [k for k in _csvs(client, bucket, champion["version"]) if k not in csvs]
+    assert len(later) == 1
+    assert [r["key"] for r in _rows(client, bucket, later[0])] == new_key
