@@ -13,13 +13,13 @@ import logging
 import os
 import random
 import shutil
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -115,6 +115,8 @@ def validate_image(data: bytes) -> tuple[int, int]:
             width, height = img.size
     except UnidentifiedImageError:
         raise ImageRejected("not an image: Pillow cannot identify it") from None
+    except Image.DecompressionBombError as exc:  # not an OSError: would abort the whole sync
+        raise ImageRejected(f"image too large: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageRejected(f"corrupt or truncated image: {exc}") from None
     if min(width, height) < MIN_IMAGE_SIDE:
@@ -134,7 +136,7 @@ def _identity(obj: dict[str, Any]) -> dict[str, Any]:
     """The listing fields that tell whether an object changed (ETag alone is not an MD5)."""
     modified = obj["LastModified"]
     if isinstance(modified, datetime):
-        modified = modified.astimezone(timezone.utc).isoformat()
+        modified = modified.astimezone(UTC).isoformat()
     return {"size": int(obj["Size"]), "etag": str(obj["ETag"]).strip('"'), "last_modified": modified}
 
 
@@ -149,16 +151,19 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_write_json(path: Path, payload: Any) -> None:
-    _atomic_write_bytes(path, json.dumps(payload, indent=1, sort_keys=True).encode())
+def _atomic_write_json(path: Path, payload: Any, indent: int | None = 1) -> None:
+    _atomic_write_bytes(path, json.dumps(payload, indent=indent, sort_keys=True).encode())
 
 
 def _move_aside(src: Path, root: Path, folder: str, rel: str) -> Path | None:
     """Move a local file under root/folder/<timestamp>/rel, so nothing is ever lost."""
     if not src.exists():
         return None
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    dest = root / folder / stamp / rel
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    dest, n = root / folder / stamp / rel, 1
+    while dest.exists():  # the same file moved aside twice within a second: keep both
+        n += 1
+        dest = root / folder / f"{stamp}-{n}" / rel
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(src), dest)
     return dest
@@ -183,6 +188,16 @@ def _with_backoff(fn: Callable[[], bytes], attempts: int, base: float = 0.2) -> 
             log.debug("Retrying after %s", exc)
         time.sleep(base * 2 ** (attempt - 1) * (0.5 + random.random()))
     raise AssertionError("unreachable")
+
+
+@contextmanager
+def _cancel_on_interrupt(pool: ThreadPoolExecutor) -> Iterator[None]:
+    """On Ctrl-C or a task kill, drop the queued downloads rather than finish them all first."""
+    try:
+        yield
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
 
 
 def list_objects(client: Any, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
@@ -216,6 +231,8 @@ def sync_images(
     started = time.monotonic()
     root = Path(cfg.local_dir)
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.rglob(".*.part"):  # temporary files of a sync killed mid-write
+        stale.unlink(missing_ok=True)
     prefix = cfg.prefix if not cfg.prefix or cfg.prefix.endswith("/") else cfg.prefix + "/"
     client = client or s3_client(cfg.conn_id, workers=workers)
     manifest = load_manifest(root)
@@ -270,52 +287,62 @@ def sync_images(
         owners[rel] = key
         todo.append((key, rel, ident))
 
-    lock = threading.Lock()
     done = 0
 
-    def fetch(key: str) -> bytes:
+    def fetch(key: str, rel: str) -> tuple[str, str]:
+        """Download, check and store one object in a worker thread: (outcome, sha256 or reason).
+
+        Decoding and fsync'd writes run here, beside the downloads, rather than one at a time
+        in the thread that collects results.
+        """
+
         def get() -> bytes:
             response = client.get_object(Bucket=cfg.bucket, Key=key)
             return response["Body"].read()
 
-        return _with_backoff(get, attempts)
+        try:
+            data = _with_backoff(get, attempts)
+        except Exception as exc:  # one object failing must not stop the others
+            return "failed", f"download failed: {exc}"
+        old = images.get(key)
+        try:
+            validate_image(data)
+        except ImageRejected as exc:
+            _atomic_write_bytes(root / "quarantine" / rel, data)
+            if old is not None:  # the object was replaced by a bad version
+                _move_aside(root / old["path"], root, "trash", old["path"])
+            return "rejected", str(exc)
+        if old is not None and (root / old["path"]).exists():
+            _move_aside(root / old["path"], root, "trash", old["path"])
+        _atomic_write_bytes(root / rel, data)
+        return "stored", hashlib.sha256(data).hexdigest()
 
     log.info(
         "Syncing s3://%s/%s: %d listed, %d unchanged, %d to download",
         cfg.bucket, prefix, result.listed, result.unchanged, len(todo),
     )
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = {pool.submit(fetch, key): (key, rel, ident) for key, rel, ident in todo}
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, _cancel_on_interrupt(pool):
+        futures = {pool.submit(fetch, key, rel): (key, rel, ident) for key, rel, ident in todo}
         for future in as_completed(futures):
             key, rel, ident = futures[future]
-            try:
-                data = future.result()
-            except Exception as exc:  # one object failing must not stop the others
-                result.failed.append({"key": key, "reason": f"download failed: {exc}"})
-                log.warning("Download of %s failed, will retry next sync: %s", key, exc)
+            outcome, detail = future.result()
+            if outcome == "failed":
+                result.failed.append({"key": key, "reason": detail})
+                log.warning("Download of %s failed, will retry next sync: %s", key, detail)
                 continue
             result.downloaded += 1
-            try:
-                validate_image(data)
-            except ImageRejected as exc:
-                reason = str(exc)
-                _atomic_write_bytes(root / "quarantine" / rel, data)
-                rejected[key] = {**ident, "reason": reason}
-                result.skipped.append({"key": key, "reason": reason})
-                log.warning("Quarantined %s: %s", key, reason)
+            if outcome == "rejected":
+                images.pop(key, None)
+                rejected[key] = {**ident, "reason": detail}
+                result.skipped.append({"key": key, "reason": detail})
+                log.warning("Quarantined %s: %s", key, detail)
             else:
-                old = images.get(key)
-                if old is not None and (root / old["path"]).exists():
-                    _move_aside(root / old["path"], root, "trash", old["path"])
-                _atomic_write_bytes(root / rel, data)
                 rejected.pop(key, None)
                 result.stored += 1
-                sha = hashlib.sha256(data).hexdigest()
-                with lock:
-                    images[key] = {**ident, "path": rel, "label": rel.split("/")[0], "sha256": sha}
+                images[key] = {**ident, "path": rel, "label": rel.split("/")[0], "sha256": detail}
             done += 1
-            if done % checkpoint_every == 0:
-                _atomic_write_json(root / MANIFEST_NAME, manifest)
+            if done % checkpoint_every == 0:  # compact: indented JSON has no C encoder
+                _atomic_write_json(root / MANIFEST_NAME, manifest, indent=None)
             if done % PROGRESS_EVERY == 0:
                 log.info("Downloaded %d/%d objects", done, len(todo))
 

@@ -1,0 +1,66 @@
+"""Shared pieces of the benchmarks: where the real data and weights are, machine facts, tables."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "leukemia-dev"
+WEIGHTS = ROOT.parent / "shared" / "weights" / "vgg16_hed_notop.weights.h5"
+OUT = ROOT / "bench" / "out"
+VGG16_GFLOP_224 = 30.7  # multiply-adds × 2 of the conv base per 224×224 image
+
+
+def machine() -> str:
+    """One line: date, CPU model, cores."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return f"{stamp}; {model}; {os.cpu_count()} CPU cores"
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A Markdown table of dict rows (floats to 3 significant decimals)."""
+    columns = list(columns or rows[0].keys())
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 100 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def require(path: Path, what: str) -> Path:
+    """Exit with a clear message when the real data or weights are not there."""
+    if not path.exists():
+        raise SystemExit(f"{what} not found at {path}: this benchmark needs ../shared (see README)")
+    return path
+
+
+def matmul_gflops(dtype: str = "float32", n: int = 2048, repeats: int = 10) -> float:
+    """Measured TensorFlow matmul throughput on this machine (GFLOP/s)."""
+    import tensorflow as tf
+
+    a = tf.random.normal((n, n), dtype="float32")
+    a = tf.cast(a, dtype)
+    b = tf.identity(a)
+    tf.linalg.matmul(a, b).numpy()  # warm-up
+    started = time.perf_counter()
+    for _ in range(repeats):
+        c = tf.linalg.matmul(a, b)
+    c.numpy()
+    return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9

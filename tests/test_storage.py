@@ -1,0 +1,630 @@
+"""S3 sync and upload against moto's S3 server over HTTP (no in-process mocking).
+
+Every test talks to a real HTTP endpoint through the Airflow connection, as the DAG does; request
+counts come from the server, so "no GET" means no object was fetched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from leukemia.config import CLASSES, StorageConfig
+from leukemia.embedded import (
+    LOCAL_ACCESS_KEY,
+    LOCAL_REGION,
+    LOCAL_SECRET_KEY,
+    S3Server,
+    aws_connection_json,
+)
+from leukemia.storage import (
+    MANIFEST_NAME,
+    REPORT_NAME,
+    SyncResult,
+    dataset_digest,
+    iter_image_files,
+    s3_client,
+    sync_images,
+    upload_folder,
+    validate_image,
+)
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def jpeg(seed: int, side: int = 48) -> bytes:
+    """A small, valid noise JPEG; distinct seeds give distinct bytes."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def put_all(client: Any, bucket: str, objects: dict[str, bytes]) -> None:
+    for key, body in objects.items():
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def s3_state(client: Any, bucket: str) -> dict[str, tuple[str, int, Any, str]]:
+    """key -> (etag, size, last modified, sha256 of the bytes) for every object in the bucket."""
+    state = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+            state[obj["Key"]] = (
+                obj["ETag"],
+                obj["Size"],
+                obj["LastModified"],
+                hashlib.sha256(body).hexdigest(),
+            )
+    return state
+
+
+def local_path(root: Path, key: str) -> Path:
+    """Where a good `raw/<class>/<name>` key must land: `<root>/<Class>/<name>`."""
+    _, folder, name = key.split("/")
+    return root / {c.lower(): c for c in CLASSES}[folder.lower()] / name
+
+
+def gets(server: S3Server) -> int:
+    """Object GETs the server answered since the last reset (listings are counted apart)."""
+    return server.requests.counts.get("GET", 0)
+
+
+def iter_image_files_paths(root: Path) -> list[Path]:
+    return [p for _, p in iter_image_files(root)]
+
+
+def files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+def trashed(root: Path, name: str) -> list[bytes]:
+    """Contents of every copy of `name` kept in `trash/`."""
+    return sorted(p.read_bytes() for p in (root / "trash").rglob(name))
+
+
+class SmallPages:
+    """A client whose listings come `page_size` keys a page, so that pagination is exercised."""
+
+    def __init__(self, client: Any, page_size: int) -> None:
+        self._client, self._page_size = client, page_size
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def get_paginator(self, operation: str) -> Any:
+        paginator, page_size = self._client.get_paginator(operation), self._page_size
+
+        class Paginator:
+            def paginate(self, **kwargs: Any) -> Iterator[dict[str, Any]]:
+                return paginator.paginate(PaginationConfig={"PageSize": page_size}, **kwargs)
+
+        return Paginator()
+
+
+class FlakyS3Server(S3Server):
+    """The same moto backend behind an endpoint that fails the first `failures` GETs of each object
+    (of the objects in `only`, when given), alternately with 503 SlowDown and 500 InternalError,
+    the way S3 answers under load."""
+
+    def __init__(self, failures: int, only: set[str] | None = None) -> None:
+        super().__init__()
+        self.failures, self.only = failures, only
+        self.gets: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def start(self) -> FlakyS3Server:
+        super().start()
+        app = self._server.app
+
+        def flaky(environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO", "")
+            is_object_get = (
+                environ["REQUEST_METHOD"] == "GET"
+                and "list-type" not in environ.get("QUERY_STRING", "")
+                and path.strip("/").count("/") >= 1
+            )
+            if is_object_get and (self.only is None or path.split("/", 2)[2] in self.only):
+                with self._lock:
+                    self.gets[path] += 1
+                    attempt = self.gets[path]
+                if attempt <= self.failures:
+                    code, status = (
+                        ("SlowDown", "503 Slow Down")
+                        if attempt % 2
+                        else ("InternalError", "500 Internal Server Error")
+                    )
+                    body = (
+                        '<?xml version="1.0" encoding="UTF-8"?>'
+                        f"<Error><Code>{code}</Code><Message>try again</Message></Error>"
+                    ).encode()
+                    start_response(
+                        status,
+                        [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))],
+                    )
+                    return [body]
+            return app(environ, start_response)
+
+        self._server.app = flaky  # werkzeug's handler calls server.app for each request
+        return self
+
+
+@pytest.fixture()
+def client(aws_env: S3Server) -> Any:
+    """A client through the Airflow connection, for arranging buckets and checking them."""
+    return s3_client("aws_default")
+
+
+@pytest.fixture()
+def images_dir(tmp_path: Path) -> Path:
+    return tmp_path / "images"
+
+
+def good_set(n: int, seed: int = 0) -> dict[str, bytes]:
+    """`n` good images spread over the four classes, keyed `raw/<Class>/img-<i>.jpg`."""
+    return {f"raw/{CLASSES[i % 4]}/img-{i:03d}.jpg": jpeg(seed * 1000 + i) for i in range(n)}
+
+
+# --- first sync -------------------------------------------------------------------------------
+
+
+def test_first_sync_lands_every_image_byte_identical_with_a_full_manifest(
+    aws_env: S3Server, bucket: str, client: Any, images_dir: Path
+) -> None:
+    objects = good_set(28)
+    objects["raw/benign/lower.jpg"] = jpeg(901)  # class folders match case-insensitively
+    objects["raw/PRO/upper.JPG"] = jpeg(902)
+    put_all(client, bucket, objects)
+    aws_env.requests.reset()
+
+    result = sync_images(
+        StorageConfig(bucket=bucket, local_dir=images_dir), client=SmallPages(client, 7)
+    )
+
+    assert (result.listed, result.stored, result.images) == (30, 30, 30)
+    assert result.skipped == [] and result.failed == []
+    assert aws_env.requests.counts == {"LIST": 5, "GET": 30}  # 30 keys, 7 a page: 5 pages
+    for key, body in objects.items():
+        assert local_path(images_dir, key).read_bytes() == body, key
+    assert (images_dir / "Benign" / "lower.jpg").exists()
+    assert (images_dir / "Pro" / "upper.JPG").exists()
+    assert sorted(p.name for p in images_dir.iterdir() if p.is_dir()) == list(CLASSES)
+
+    manifest = json.loads((images_dir / MANIFEST_NAME).read_text())
+    assert set(manifest["images"]) == set(objects)
+    for key, entry in manifest["images"].items():
+        body = objects[key]
+        assert entry["size"] == len(body)
+        assert entry["etag"] == hashlib.md5(body).hexdigest()  # single-part upload: ETag is the MD5
+        assert datetime.fromisoformat(entry["last_modified"]).tzinfo is not None
+        assert entry["sha256"] == hashlib.sha256(body).hexdigest()
+        assert entry["path"] == local_path(images_dir, key).relative_to(images_dir).as_posix()
+    expected = dataset_digest(
+        (local_path(images_dir, k).parent.name, hashlib.sha256(b).hexdigest())
+        for k, b in objects.items()
+    )
+    assert result.digest == manifest["digest"] == expected
+    assert json.loads((images_dir / REPORT_NAME).read_text())["stored"] == 30
+
+
+def test_noop_resync_only_lists_and_rewrites_nothing(
+    aws_env: S3Server, bucket: str, client: Any, images_dir: Path
+) -> None:
+    put_all(client, bucket, good_set(12))
+    cfg = StorageConfig(bucket=bucket, local_dir=images_dir)
+    first = sync_images(cfg)
+    stamps = {p: p.stat().st_mtime_ns for p in iter_image_files_paths(images_dir)}
+    aws_env.requests.reset()
+
+    again = sync_images(cfg)
+
+    assert aws_env.requests.counts == {"LIST": 1}
+    assert (again.unchanged, again.downloaded, again.stored, again.deleted) == (12, 0, 0, 0)
+    assert again.digest == first.digest
+    assert {p: p.stat().st_mtime_ns for p in iter_image_files_paths(images_dir)} == stamps
+
+
+# --- incremental resync -----------------------------------------------------------------------
+
+
+def test_resync_fetches_only_new_and_changed_and_keeps_replaced_copies_in_trash(
+    aws_env: S3Server, bucket: str, client: Any, images_dir: Path
+) -> None:
+    original = good_set(8)
+    put_all(client, bucket, original)
+    cfg = StorageConfig(bucket=bucket, local_dir=images_dir)
+    first = sync_images(cfg)
+
+    changed_key, deleted_key = "raw/Benign/img-000.jpg", "raw/Early/img-001.jpg"
+    added = {"raw/Pre/new-1.jpg": jpeg(501), "raw/Pro/new-2.jpg": jpeg(502)}
+    put_all(client, bucket, {**added, changed_key: jpeg(503)})
+    client.delete_object(Bucket=bucket, Key=deleted_key)
+    aws_env.requests.reset()
+
+    second = sync_images(cfg)
+
+    assert gets(aws_env) == 3  # two new, one changed; the other six are not fetched
+    assert (second.stored, second.unchanged, second.deleted, second.images) == (3, 6, 1, 9)
+    assert local_path(images_dir, changed_key).read_bytes() == jpeg(503)
+    for key, body in added.items():
+        assert local_path(images_dir, key).read_bytes() == body
+    assert not local_path(images_dir, deleted_key).exists()
+    assert trashed(images_dir, "img-001.jpg") == [original[deleted_key]]
+    assert trashed(images_dir, "img-000.jpg") == [original[changed_key]]
+    assert second.digest != first.digest
+
+    # Back to the original set: the same images give back the same digest.
+    for key in added:
+        client.delete_object(Bucket=bucket, Key=key)
+    put_all(
+        client, bucket, {changed_key: original[changed_key], deleted_key: original[deleted_key]}
+    )
+    aws_env.requests.reset()
+
+    third = sync_images(cfg)
+
+    assert gets(aws_env) == 2
+    assert (third.stored, third.deleted, third.images) == (2, 2, 8)
+    assert third.digest == first.digest
+    for key, body in original.items():
+        assert local_path(images_dir, key).read_bytes() == body
+    # Both replaced versions are kept, even when two syncs replace the same file in one second.
+    assert trashed(images_dir, "img-000.jpg") == sorted([original[changed_key], jpeg(503)])
+    assert sorted(p.name for p in (images_dir / "trash").rglob("new-*.jpg")) == [
+        "new-1.jpg",
+        "new-2.jpg",
+    ]
+
+
+# --- a sync killed half-way -------------------------------------------------------------------
+
+_KILLED_SYNC = textwrap.dedent(
+    """
+    import os, signal, sys, threading, time
+    from pathlib import Path
+
+    import boto3
+
+    from leukemia.config import StorageConfig
+    from leukemia.storage import MANIFEST_NAME, sync_images
+
+    endpoint, bucket, local_dir, kill_at = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name=os.environ["AWS_DEFAULT_REGION"])
+    lock, calls = threading.Lock(), [0]
+
+    class DiesMidway:
+        def __getattr__(self, name):
+            return getattr(s3, name)
+
+        def get_object(self, **kwargs):
+            with lock:
+                calls[0] += 1
+                n = calls[0]
+            if n == kill_at:
+                # Wait for a checkpoint, then die the way an OOM kill or a lost worker does:
+                # at once, whatever the other threads are doing.
+                deadline = time.monotonic() + 20
+                while not (local_dir / MANIFEST_NAME).exists() and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return s3.get_object(**kwargs)
+
+    sync_images(StorageConfig(bucket=bucket, local_dir=local_dir), client=DiesMidway(),
+                workers=4, checkpoint_every=5)
+    """
+)
+
+
+def test_killed_sync_leaves_only_whole_images_and_the_next_sync_finishes_the_rest(
+    aws_env: S3Server, bucket: str, client: Any, images_dir: Path
+) -> None:
+    objects = good_set(40)
+    put_all(client, bucket, objects)
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": LOCAL_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": LOCAL_SECRET_KEY,
+        "AWS_DEFAULT_REGION": LOCAL_REGION,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "include"), *sys.path]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_SYNC, aws_env.endpoint_url, bucket, str(images_dir), "20"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+    # Whatever the kill interrupted: every visible image is whole and is the object's bytes,
+    # and the checkpointed manifest is valid JSON whose entries match the files.
+    by_path = {local_path(images_dir, k): b for k, b in objects.items()}
+    visible = iter_image_files_paths(images_dir)
+    assert 0 < len(visible) < len(objects)
+    for path in visible:
+        validate_image(path.read_bytes())
+        assert path.read_bytes() == by_path[path]
+    recorded = json.loads((images_dir / MANIFEST_NAME).read_text())["images"]
+    assert 5 <= len(recorded) < len(objects)
+    for entry in recorded.values():
+        assert (
+            hashlib.sha256((images_dir / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
+        )
+    # A temporary file from a write the kill cut short (planted, as the kill may miss one).
+    (images_dir / "Pro").mkdir(exist_ok=True)
+    (images_dir / "Pro" / ".img-003.jpg.0123abcd.part").write_bytes(
+        objects["raw/Pro/img-003.jpg"][:99]
+    )
+    aws_env.requests.reset()
+
+    resumed = sync_images(StorageConfig(bucket=bucket, local_dir=images_dir))
+
+    assert gets(aws_env) == len(objects) - len(recorded)  # only what was missing or unrecorded
+    assert (resumed.unchanged, resumed.images, resumed.failed) == (len(recorded), 40, [])
+    for key, body in objects.items():
+        assert local_path(images_dir, key).read_bytes() == body
+    assert list(images_dir.rglob("*.part")) == []
+
+
+def test_ctrl_c_stops_the_sync_at_once_and_the_next_sync_resumes(
+    aws_env: S3Server, bucket: str, client: Any, images_dir: Path
+) -> None:
+    objects = good_set(60)
+    put_all(client, bucket, objects)
+    main_thread, lock, calls = threading.main_thread().ident, threading.Lock(), [0]
+
+    class CtrlCAfterTen:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(client, name)
+
+        def get_object(self, **kwargs: Any) -> Any:
+            with lock:
+                calls[0] += 1
+                if calls[0] == 10:  # SIGINT to the main thread, as Ctrl-C delivers it
+                    signal.pthread_kill(main_thread, signal.SIGINT)
+            return client.get_object(**kwargs)
+
+    cfg = StorageConfig(bucket=bucket, local_dir=images_dir)
+    with pytest.raises(KeyboardInterrupt):
+        sync_images(cfg, client=CtrlCAfterTen(), workers=4)
+
+    assert calls[0] < 30  # the queued downloads were dropped, not all fetched before stopping
+    for path in iter_image_files_paths(images_dir):
+        validate_image(path.read_bytes())
+    resumed = sync_images(cfg)
+    assert (resumed.images, resumed.failed) == (60, [])
+    for key, body in objects.items():
+        assert local_path(images_dir, key).read_bytes() == body
+    assert list(images_dir.rglob("*.part")) == []
+
+
+# --- bad inputs -------------------------------------------------------------------------------
+
+
+def test_bad_objects_are_reported_and_quarantined_never_escape_and_s3_is_never_modified(
+    aws_env: S3Server, bucket: str, client: Any, tmp_path: Path
+) -> None:
+    real = jpeg(7, side=96)
+    bomb = bytearray(real)  # a real JPEG whose header claims 60000 x 60000 pixels
+    sof = bomb.find(b"\xff\xc0")
+    bomb[sof + 5 : sof + 9] = (60000).to_bytes(2, "big") * 2
+    good = good_set(4, seed=3)
+    bad = {
+        "raw/Early/truncated.jpg": (real[: len(real) // 2], "corrupt or truncated"),
+        "raw/Pre/notes.jpg": (b"patient notes, not an image\n" * 4, "not an image"),
+        "raw/Pro/empty.jpg": (b"", "empty object"),
+        "raw/Benign/tiny.jpg": (jpeg(8, side=16), "too small"),
+        "raw/Pro/bomb.jpg": (bytes(bomb), "image too large"),
+        "raw/loose.jpg": (real, "outside a class folder"),
+        "raw/Mystery/a.jpg": (real, "unknown class folder 'Mystery'"),
+        "raw/Pro/../../evil.jpg": (real, "unsafe key"),
+        "raw//etc/passwd.jpg": (real, "unsafe key"),
+        "raw/Pro/sub/deeper.jpg": (real, "nested folder"),
+        "raw/Pre/readme.txt": (b"hello", "not an image file name"),
+    }
+    put_all(client, bucket, {**good, **{k: body for k, (body, _) in bad.items()}})
+    before = s3_state(client, bucket)
+    images_dir = tmp_path / "sandbox" / "images"
+    aws_env.requests.reset()
+
+    result = sync_images(StorageConfig(bucket=bucket, local_dir=images_dir))
+
+    # Only the good ones and the four whose content must be looked at were fetched.
+    assert gets(aws_env) == len(good) + 4
+    assert result.images == len(good) and result.failed == []
+    for key, body in good.items():
+        assert local_path(images_dir, key).read_bytes() == body
+    assert all(p.is_relative_to(images_dir) for p in files_under(tmp_path))
+    assert not Path("/etc/passwd.jpg").exists()
+
+    report = json.loads((images_dir / REPORT_NAME).read_text())
+    reasons = {s["key"]: s["reason"] for s in report["skipped"]}
+    assert set(reasons) == set(bad)
+    for key, (_, why) in bad.items():
+        assert why in reasons[key], (key, reasons[key])
+    for key in (
+        "raw/Early/truncated.jpg",
+        "raw/Pre/notes.jpg",
+        "raw/Benign/tiny.jpg",
+        "raw/Pro/bomb.jpg",
+    ):
+        quarantined = (
+            images_dir / "quarantine" / local_path(images_dir, key).relative_to(images_dir)
+        )
+        assert quarantined.read_bytes() == bad[key][0]
+        assert not local_path(images_dir, key).exists()
+
+    assert s3_state(client, bucket) == before  # S3 is only ever read
+    aws_env.requests.reset()
+
+    again = sync_images(StorageConfig(bucket=bucket, local_dir=images_dir))
+
+    assert aws_env.requests.counts == {"LIST": 1}  # rejects are remembered, not fetched again
+    assert {s["key"] for s in again.skipped} == set(bad)
+    assert again.digest == result.digest
+
+
+def test_image_replaced_by_a_corrupt_version_leaves_the_data_set(
+    aws_env: S3Server, bucket: str, client: Any, images_dir: Path
+) -> None:
+    objects = good_set(4)
+    put_all(client, bucket, objects)
+    cfg = StorageConfig(bucket=bucket, local_dir=images_dir)
+    sync_images(cfg)
+    key = "raw/Early/img-001.jpg"
+    client.put_object(Bucket=bucket, Key=key, Body=b"<html>503 from a broken upload</html>")
+
+    result = sync_images(cfg)
+
+    assert [s["key"] for s in result.skipped] == [key]
+    assert "not an image" in result.skipped[0]["reason"]
+    assert not local_path(images_dir, key).exists()
+    assert trashed(images_dir, "img-001.jpg") == [objects[key]]
+    assert (images_dir / "quarantine" / "Early" / "img-001.jpg").exists()
+    assert result.images == 3
+    assert result.digest == dataset_digest(
+        (local_path(images_dir, k).parent.name, hashlib.sha256(b).hexdigest())
+        for k, b in objects.items()
+        if k != key
+    )
+
+
+# --- retries ----------------------------------------------------------------------------------
+
+
+def test_sync_gets_every_image_through_503_slowdown_and_500_answers(
+    aws_env: S3Server, bucket: str, client: Any, images_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = good_set(6)
+    put_all(client, bucket, objects)
+    with FlakyS3Server(failures=2) as flaky:  # shares moto's backend with the session server
+        monkeypatch.setenv("AIRFLOW_CONN_AWS_FLAKY", aws_connection_json(flaky.endpoint_url))
+        result = sync_images(
+            StorageConfig(bucket=bucket, conn_id="aws_flaky", local_dir=images_dir)
+        )
+
+    assert result.failed == [] and result.images == len(objects)
+    for key, body in objects.items():
+        assert local_path(images_dir, key).read_bytes() == body
+    # botocore's own retries did it: two failed answers and one good one for every object.
+    assert sorted(flaky.gets.values()) == [3] * len(objects)
+
+
+def test_object_that_keeps_failing_is_reported_and_the_others_still_land(
+    aws_env: S3Server, bucket: str, client: Any, images_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = good_set(6)
+    put_all(client, bucket, objects)
+    broken_key = "raw/Pre/img-002.jpg"
+    cfg = StorageConfig(bucket=bucket, conn_id="aws_flaky", local_dir=images_dir)
+    with FlakyS3Server(failures=10**6, only={broken_key}) as broken:
+        monkeypatch.setenv("AIRFLOW_CONN_AWS_FLAKY", aws_connection_json(broken.endpoint_url))
+        result = sync_images(cfg, client=s3_client("aws_flaky", max_attempts=1), attempts=1)
+
+    assert [f["key"] for f in result.failed] == [broken_key]
+    assert "download failed" in result.failed[0]["reason"]
+    assert result.stored == result.images == len(objects) - 1
+    assert not local_path(images_dir, broken_key).exists()
+
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_FLAKY", aws_connection_json(aws_env.endpoint_url))
+    aws_env.requests.reset()
+    recovered = sync_images(cfg)
+
+    assert gets(aws_env) == 1  # only the one that failed
+    assert recovered.failed == [] and recovered.images == len(objects)
+    assert local_path(images_dir, broken_key).read_bytes() == objects[broken_key]
+
+
+# --- dataset digest ---------------------------------------------------------------------------
+
+
+def test_dataset_digest_ignores_order_and_changes_with_any_image() -> None:
+    entries = [(CLASSES[i % 4], hashlib.sha256(jpeg(i)).hexdigest()) for i in range(12)]
+    shuffled = entries[:]
+    random.Random(1).shuffle(shuffled)
+    digest = dataset_digest(entries)
+
+    assert dataset_digest(shuffled) == dataset_digest(iter(reversed(entries))) == digest
+    one_changed = [
+        *entries[:5],
+        (entries[5][0], hashlib.sha256(jpeg(99)).hexdigest()),
+        *entries[6:],
+    ]
+    assert dataset_digest(one_changed) != digest
+    relabelled = [
+        *entries[:5],
+        ("Pro" if entries[5][0] != "Pro" else "Pre", entries[5][1]),
+        *entries[6:],
+    ]
+    assert dataset_digest(relabelled) != digest
+    assert dataset_digest(entries[:-1]) != digest
+
+
+# --- upload -----------------------------------------------------------------------------------
+
+
+def test_upload_folder_puts_every_image_under_its_class_and_sync_gets_them_back(
+    aws_env: S3Server, smear_dir: Path, client: Any, tmp_path: Path
+) -> None:
+    source = tmp_path / "source"
+    shutil.copytree(smear_dir, source)
+    (source / "Early").rename(source / "early")  # folder case does not matter
+    (source / "Unknown").mkdir()
+    (source / "Unknown" / "x.jpg").write_bytes(jpeg(1))  # not a class: ignored
+    (source / "Pre" / "notes.txt").write_text("ignored")
+    expected = {
+        f"raw/{label}/{path.name}": path.read_bytes() for label, path in iter_image_files(source)
+    }
+    bucket = "upload-test-bucket"  # does not exist yet: upload_folder creates it
+
+    count = upload_folder(source, bucket, prefix="raw")
+
+    assert count == len(expected) == sum(1 for _ in smear_dir.rglob("*.jpg"))
+    assert {k: (e, n) for k, (e, n, _, _) in s3_state(client, bucket).items()} == {
+        k: (f'"{hashlib.md5(b).hexdigest()}"', len(b)) for k, b in expected.items()
+    }
+    result = sync_images(StorageConfig(bucket=bucket, local_dir=tmp_path / "synced"))
+    assert result.images == count
+    assert result.digest == dataset_digest(
+        (label, hashlib.sha256(path.read_bytes()).hexdigest())
+        for label, path in iter_image_files(source)
+    )
+
+
+def test_upload_folder_without_images_says_what_layout_it_expects(
+    aws_env: S3Server, tmp_path: Path
+) -> None:
+    (tmp_path / "Benign").mkdir()
+    (tmp_path / "Benign" / "notes.txt").write_text("not an image")
+    (tmp_path / "flat.jpg").write_bytes(jpeg(1))  # not inside a class folder
+
+    with pytest.raises(
+        ValueError, match=r"no images under .*<Benign\|Early\|Pre\|Pro>/<name>\.jpg"
+    ):
+        upload_folder(tmp_path, "never-created-bucket")
+
+
+def test_sync_result_summary_is_small_enough_for_xcom() -> None:
+    result = SyncResult(skipped=[{"key": "a", "reason": "b"}] * 500)
+    summary = result.summary()
+    assert summary["skipped"] == 500 and isinstance(summary["failed"], int)
+    assert len(json.dumps(summary)) < 1000
