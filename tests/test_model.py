@@ -79,3 +79,17 @@ def test_mismatched_weights_file_says_what_was_expected(tmp_path: Path) -> None:
         build_trunk(ModelConfig(input_size=32, weights=str(path)))
     assert str(path) in str(err.value)
     assert "14,714,688" in str(err.value) and "block1_conv1" in str(err.value)
+
+
+def test_normalization_switches_off_units_dead_in_training() -> None:
+    from leukemia.model import adapted_normalization
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(5, 2, (200, 4)).astype("float32")
+    x[:, 2] = 0.0  # a ReLU unit that never fired on the training images
+    x[:, 3] = 1.0 + rng.normal(0, 1e-6, 200)  # nearly constant
+    norm = adapted_normalization(x)
+    new = np.array([[5, 5, 30.0, 3.0]], dtype="float32")  # the dead unit fires on a new image
+    out = np.asarray(norm(new))[0]
+    assert abs(out[0]) < 0.5 and abs(out[2]) < 1e-3  # ignored, not 3e7
+    assert abs(out[3]) < 1e3  # floored variance keeps it bounded

@@ -22,8 +22,8 @@ def learn_set(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from leukemia.synthetic import generate
 
     root = tmp_path_factory.mktemp("learn")
-    generate(root / "images", n_per_class=50, size=SIZE, seed=11)
-    info = make_split(root / "images", root / "splits", fractions=(0.6, 0.2, 0.2))
+    generate(root / "images", n_per_class=60, size=SIZE, seed=11)
+    info = make_split(root / "images", root / "splits", fractions=(0.5, 0.2, 0.3))
     rows = read_split(info.path)
     cfg = ModelConfig(input_size=SIZE, weights="none")
     ex = extract_features(
@@ -40,17 +40,18 @@ def _accuracy(head, x, y) -> float:
 @pytest.mark.parametrize("variant", ["multiscale", "seed"])
 def test_head_learns_synthetic_classes(learn_set: dict, variant: str) -> None:
     data = split_arrays(learn_set["rows"], learn_set["cache"], variant)
-    cfg = TrainConfig(optimizer="adam", batch_size=16, epochs=60, patience=10, model=ModelConfig(SIZE, "none", variant))
+    cfg = TrainConfig(optimizer="adam", batch_size=16, epochs=100, patience=20, model=ModelConfig(SIZE, "none", variant))
     head, history = fit_head(cfg, *data["train"][:2], *data["val"][:2])
     acc = _accuracy(head, *data["test"][:2])
-    assert acc >= (0.9 if variant == "multiscale" else 0.8), f"{variant}: held-out accuracy {acc:.3f}"
+    assert len(data["test"][1]) >= 60
+    assert acc >= 0.9, f"{variant}: held-out accuracy {acc:.3f}"
 
 
 def test_shuffled_labels_stay_near_chance(learn_set: dict) -> None:
     data = split_arrays(learn_set["rows"], learn_set["cache"], "multiscale")
     x, y = data["train"][:2]
     shuffled = np.random.default_rng(0).permutation(y)
-    cfg = TrainConfig(optimizer="adam", batch_size=16, epochs=60, patience=10, model=ModelConfig(SIZE, "none", "multiscale"))
+    cfg = TrainConfig(optimizer="adam", batch_size=16, epochs=100, patience=20, model=ModelConfig(SIZE, "none", "multiscale"))
     head, _ = fit_head(cfg, x, shuffled, *data["val"][:2])
     assert _accuracy(head, *data["test"][:2]) <= 0.45
 
@@ -58,7 +59,7 @@ def test_shuffled_labels_stay_near_chance(learn_set: dict) -> None:
 @pytest.mark.parametrize("optimizer", ["sgd", "rmsprop"])
 def test_every_optimizer_trains(learn_set: dict, optimizer: str) -> None:
     data = split_arrays(learn_set["rows"], learn_set["cache"], "multiscale")
-    cfg = TrainConfig(optimizer=optimizer, batch_size=32, epochs=60, patience=10, model=ModelConfig(SIZE, "none", "multiscale"))
+    cfg = TrainConfig(optimizer=optimizer, batch_size=32, epochs=100, patience=20, model=ModelConfig(SIZE, "none", "multiscale"))
     head, history = fit_head(cfg, *data["train"][:2], *data["val"][:2])
     assert _accuracy(head, *data["test"][:2]) >= 0.85
     assert min(history["val_loss"]) < 0.6 * history["val_loss"][0]

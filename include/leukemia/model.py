@@ -156,6 +156,28 @@ def build_pool(input_size: int, variant: str) -> Any:
     return keras.Model(inputs, out, name=f"pool_{variant}")
 
 
+def adapted_normalization(x_train: Any, relative_floor: float = 1e-2) -> Any:
+    """A Normalization layer adapted on the training features, robust to rarely active units.
+
+    A unit that never fires on the training images (common for ReLU max-pooled features) has zero
+    variance; plain standardisation would turn its first activation on a new image into a value of
+    ~1e5 and saturate the softmax. Such units are switched off (huge variance: the head cannot have
+    learned from them), and tiny variances are floored at a fraction of the median one.
+    """
+    import keras
+    import numpy as np
+
+    norm = keras.layers.Normalization(name="standardize")
+    norm.adapt(x_train)
+    variance = np.asarray(norm.adapt_variance, dtype="float64")
+    live = variance > 1e-12
+    floor = relative_floor * float(np.median(variance[live])) if live.any() else 1.0
+    fixed = np.where(live, np.maximum(variance, floor), 1e12)
+    norm.adapt_variance.assign(fixed.astype("float32"))
+    norm.finalize_state()
+    return norm
+
+
 def build_head(cfg: ModelConfig, normalization: Any | None = None) -> Any:
     """Normalization → (Dense → Dropout)* → softmax; `normalization` is an adapted Normalization layer."""
     import keras

@@ -96,12 +96,10 @@ def fit_head(
     """
     import keras
 
-    from leukemia.model import build_head
+    from leukemia.model import adapted_normalization, build_head
 
     keras.utils.set_random_seed(cfg.seed)
-    norm = keras.layers.Normalization(name="standardize")
-    norm.adapt(x_train)
-    head = build_head(cfg.model, norm)
+    head = build_head(cfg.model, adapted_normalization(x_train))
     head.compile(
         optimizer=make_optimizer(cfg.optimizer, cfg.lr),
         loss="sparse_categorical_crossentropy",
