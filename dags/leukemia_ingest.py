@@ -24,9 +24,18 @@ from leukemia.config import env
     catchup=False,
     doc_md=__doc__,
     tags=["leukemia", "ingest"],
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": True},
+    default_args={
+        "retries": 2,
+        "retry_delay": timedelta(seconds=20),
+        "retry_exponential_backoff": True,
+    },
     params={
-        "source": Param("", type="string", title="Folder", description="Local folder with <Class>/<name>.jpg images."),
+        "source": Param(
+            "",
+            type="string",
+            title="Folder",
+            description="Local folder with <Class>/<name>.jpg images.",
+        ),
         "bucket": Param(env("LEUKEMIA_BUCKET"), type="string", title="S3 bucket"),
         "prefix": Param(env("LEUKEMIA_RAW_PREFIX"), type="string", title="S3 prefix"),
     },
@@ -39,9 +48,19 @@ def leukemia_ingest() -> None:
         context = get_current_context()
         params = context["params"]
         if not params["source"]:
-            raise ValueError("set the `source` Param to a folder of <Benign|Early|Pre|Pro>/<name>.jpg images")
-        n = upload_folder(params["source"], params["bucket"], params["prefix"], conn_id=env("LEUKEMIA_AWS_CONN_ID"))
-        context["outlet_events"][raw_images_asset()].extra = {"uploaded": n, "source": params["source"]}
+            raise ValueError(
+                "set the `source` Param to a folder of <Benign|Early|Pre|Pro>/<name>.jpg images"
+            )
+        n = upload_folder(
+            params["source"],
+            params["bucket"],
+            params["prefix"],
+            conn_id=env("LEUKEMIA_AWS_CONN_ID"),
+        )
+        context["outlet_events"][raw_images_asset()].extra = {
+            "uploaded": n,
+            "source": params["source"],
+        }
         return {"uploaded": n}
 
     upload_images()

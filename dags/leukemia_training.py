@@ -45,20 +45,89 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
     tags=["leukemia", "training", "mlflow"],
     default_args={"retries": 1, "retry_delay": timedelta(seconds=30)},
     params={
-        "bucket": Param(env("LEUKEMIA_BUCKET"), type="string", title="S3 bucket", description="Bucket holding <prefix>/<Class>/<image>."),
-        "prefix": Param(env("LEUKEMIA_RAW_PREFIX"), type="string", title="S3 prefix", description="Prefix of the class folders, e.g. raw/."),
-        "conn_id": Param(env("LEUKEMIA_AWS_CONN_ID"), type="string", title="AWS connection", description="Airflow connection used by the S3 hook."),
-        "optimizers": Param(DEFAULTS["optimizers"], type="array", items={"type": "string", "enum": ["adam", "sgd", "rmsprop"]}, title="Optimizers", description="One training task per optimizer × batch size × variant."),
-        "batch_sizes": Param(DEFAULTS["batch_sizes"], type="array", items={"type": "integer", "minimum": 1}, title="Batch sizes"),
-        "variants": Param(DEFAULTS["variants"], type="array", items={"type": "string", "enum": ["seed", "multiscale"]}, title="Feature variants", description="seed: block5 GlobalMaxPooling (the reference); multiscale: GAP+GMP of blocks 3-5."),
-        "epochs": Param(DEFAULTS["epochs"], type="integer", minimum=1, title="Max epochs", description="Early stopping on validation loss restores the best epoch."),
-        "patience": Param(DEFAULTS["patience"], type="integer", minimum=1, title="Early-stopping patience"),
-        "learning_rate": Param(DEFAULTS["learning_rate"], type=["null", "number"], title="Learning rate", description="Empty: adam/rmsprop 1e-3, sgd 1e-2 with momentum."),
-        "weights": Param(env("LEUKEMIA_WEIGHTS"), type="string", title="VGG16 weights", description="imagenet, a local VGG16 no-top .h5 path (air-gapped sites), or none."),
-        "input_size": Param(DEFAULTS["input_size"], type="integer", minimum=32, title="Input size (px)"),
-        "precision": Param(DEFAULTS["precision"], type="string", enum=["auto", "float32", "bfloat16"], title="Extraction precision", description="auto: bfloat16 where the CPU/GPU supports it."),
-        "promotion_margin": Param(DEFAULTS["promotion_margin"], type="number", minimum=0, title="Promotion margin", description="Test macro-F1 the candidate must gain over the champion."),
-        "force_retrain": Param(False, type="boolean", title="Force retrain", description="Train even if the data equals the champion's."),
+        "bucket": Param(
+            env("LEUKEMIA_BUCKET"),
+            type="string",
+            title="S3 bucket",
+            description="Bucket holding <prefix>/<Class>/<image>.",
+        ),
+        "prefix": Param(
+            env("LEUKEMIA_RAW_PREFIX"),
+            type="string",
+            title="S3 prefix",
+            description="Prefix of the class folders, e.g. raw/.",
+        ),
+        "conn_id": Param(
+            env("LEUKEMIA_AWS_CONN_ID"),
+            type="string",
+            title="AWS connection",
+            description="Airflow connection used by the S3 hook.",
+        ),
+        "optimizers": Param(
+            DEFAULTS["optimizers"],
+            type="array",
+            items={"type": "string", "enum": ["adam", "sgd", "rmsprop"]},
+            title="Optimizers",
+            description="One training task per optimizer × batch size × variant.",
+        ),
+        "batch_sizes": Param(
+            DEFAULTS["batch_sizes"],
+            type="array",
+            items={"type": "integer", "minimum": 1},
+            title="Batch sizes",
+        ),
+        "variants": Param(
+            DEFAULTS["variants"],
+            type="array",
+            items={"type": "string", "enum": ["seed", "multiscale"]},
+            title="Feature variants",
+            description="seed: block5 GlobalMaxPooling (the reference); multiscale: GAP+GMP of blocks 3-5.",
+        ),
+        "epochs": Param(
+            DEFAULTS["epochs"],
+            type="integer",
+            minimum=1,
+            title="Max epochs",
+            description="Early stopping on validation loss restores the best epoch.",
+        ),
+        "patience": Param(
+            DEFAULTS["patience"], type="integer", minimum=1, title="Early-stopping patience"
+        ),
+        "learning_rate": Param(
+            DEFAULTS["learning_rate"],
+            type=["null", "number"],
+            title="Learning rate",
+            description="Empty: adam/rmsprop 1e-3, sgd 1e-2 with momentum.",
+        ),
+        "weights": Param(
+            env("LEUKEMIA_WEIGHTS"),
+            type="string",
+            title="VGG16 weights",
+            description="imagenet, a local VGG16 no-top .h5 path (air-gapped sites), or none.",
+        ),
+        "input_size": Param(
+            DEFAULTS["input_size"], type="integer", minimum=32, title="Input size (px)"
+        ),
+        "precision": Param(
+            DEFAULTS["precision"],
+            type="string",
+            enum=["auto", "float32", "bfloat16"],
+            title="Extraction precision",
+            description="auto: bfloat16 where the CPU/GPU supports it.",
+        ),
+        "promotion_margin": Param(
+            DEFAULTS["promotion_margin"],
+            type="number",
+            minimum=0,
+            title="Promotion margin",
+            description="Test macro-F1 the candidate must gain over the champion.",
+        ),
+        "force_retrain": Param(
+            False,
+            type="boolean",
+            title="Force retrain",
+            description="Train even if the data equals the champion's.",
+        ),
     },
 )
 def leukemia_training() -> None:
@@ -99,13 +168,21 @@ def leukemia_training() -> None:
         queue=env("LEUKEMIA_TRAINING_QUEUE"),
         max_active_tis_per_dagrun=int(env("LEUKEMIA_TRAINING_SLOTS")),
     )
-    def train(config: dict[str, Any], split: dict[str, Any], features: dict[str, Any]) -> dict[str, Any]:
+    def train(
+        config: dict[str, Any], split: dict[str, Any], features: dict[str, Any]
+    ) -> dict[str, Any]:
         from leukemia import pipeline
 
         context = get_current_context()
-        context["config_label"] = f"{config['optimizer']} · bs{config['batch_size']} · {config['variant']}"
+        context["config_label"] = (
+            f"{config['optimizer']} · bs{config['batch_size']} · {config['variant']}"
+        )
         ti = context["ti"]
-        tags = {"airflow_dag_id": ti.dag_id, "airflow_run_id": ti.run_id, "airflow_map_index": str(ti.map_index)}
+        tags = {
+            "airflow_dag_id": ti.dag_id,
+            "airflow_run_id": ti.run_id,
+            "airflow_map_index": str(ti.map_index),
+        }
         return pipeline.train_one(config, split, features, tags)
 
     # a failed configuration must not stop the others from being compared and promoted
@@ -122,7 +199,9 @@ def leukemia_training() -> None:
         from leukemia import pipeline
 
         finished = [results[i] for i in range(len(results))]  # a failed configuration has no result
-        return pipeline.report([r for r in finished if r], promotion, get_current_context()["run_id"])
+        return pipeline.report(
+            [r for r in finished if r], promotion, get_current_context()["run_id"]
+        )
 
     split = build_split(sync_images())
     features = extract_features(split)

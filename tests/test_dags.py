@@ -37,7 +37,9 @@ def test_dag_file_parses_fast_without_heavy_imports(path: Path) -> None:
     )
     # warm the interpreter's airflow import first so the timing is the DAG file's own cost
     warm = "import airflow.sdk, airflow.providers.amazon.aws.hooks.s3; " + code
-    out = subprocess.run([sys.executable, "-c", warm], capture_output=True, text=True, env=os.environ)
+    out = subprocess.run(
+        [sys.executable, "-c", warm], capture_output=True, text=True, env=os.environ
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     seconds, heavy = out.stdout.strip().splitlines()[-2:]
     assert heavy == "[]", f"{path.name} imports {heavy} at parse time"
@@ -72,7 +74,11 @@ def test_training_dag_structure(dagbag: Any) -> None:
     assert [o.name for o in dag.get_task("select_and_promote").outlets] == ["leukemia_champion"]
     assert "AssetOrTimeSchedule" in type(dag.timetable).__name__
     params = dag.params.dump()
-    assert params["optimizers"] == ["adam", "sgd", "rmsprop"] and params["batch_sizes"] == [16, 32, 64]
+    assert params["optimizers"] == ["adam", "sgd", "rmsprop"] and params["batch_sizes"] == [
+        16,
+        32,
+        64,
+    ]
     assert params["force_retrain"] is False
 
 
@@ -100,7 +106,12 @@ def _states(dag: Any, run_id: str) -> dict[str, list[str]]:
 
 @pytest.mark.slow
 def test_training_dag_end_to_end(
-    airflow_db: Path, dagbag: Any, bucket: str, mlflow_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    airflow_db: Path,
+    dagbag: Any,
+    bucket: str,
+    mlflow_env: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Full runs with dag.test(): train and promote, skip on unchanged data, keep a better champion."""
     import mlflow
@@ -114,8 +125,14 @@ def test_training_dag_end_to_end(
     upload_folder(tmp_path / "source", bucket, "raw/")
     dag = dagbag.dags["leukemia_training"]
     conf = {
-        "bucket": bucket, "optimizers": ["adam", "rmsprop"], "batch_sizes": [8], "variants": ["seed"],
-        "epochs": 4, "input_size": 48, "weights": "none", "precision": "float32",
+        "bucket": bucket,
+        "optimizers": ["adam", "rmsprop"],
+        "batch_sizes": [8],
+        "variants": ["seed"],
+        "epochs": 4,
+        "input_size": 48,
+        "weights": "none",
+        "precision": "float32",
     }
 
     first = dag.test(run_conf=conf)
@@ -131,7 +148,9 @@ def test_training_dag_end_to_end(
     assert champion.tags["airflow_run_id"] == first.run_id and champion.tags["dataset_digest"]
     summary = mlflow.search_runs([experiment_id], "tags.kind = 'summary'", output_format="list")
     assert len(summary) == 1
-    assert "grid_comparison.png" in {a.path for a in mlflow.MlflowClient().list_artifacts(summary[0].info.run_id)}
+    assert "grid_comparison.png" in {
+        a.path for a in mlflow.MlflowClient().list_artifacts(summary[0].info.run_id)
+    }
 
     second = dag.test(run_conf=conf)  # same images: training is skipped
     assert str(second.state) == "success"
@@ -143,6 +162,8 @@ def test_training_dag_end_to_end(
     third = dag.test(run_conf={**conf, "force_retrain": True, "promotion_margin": 1.0})
     assert str(third.state) == "success"
     assert tracking.current_champion("leukemia-classifier").version == champion.version
-    challenger = mlflow.MlflowClient().get_model_version_by_alias("leukemia-classifier", "challenger")
+    challenger = mlflow.MlflowClient().get_model_version_by_alias(
+        "leukemia-classifier", "challenger"
+    )
     assert int(challenger.version) > int(champion.version)
     assert "champion stays" in challenger.tags["selection"]

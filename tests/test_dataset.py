@@ -42,7 +42,9 @@ def test_split_is_stratified_close_to_fractions() -> None:
 
 def test_adding_images_never_moves_existing_ones() -> None:
     before = {r["path"]: r["split"] for r in split_records(_records(50), seed=0)[0]}
-    after = {r["path"]: r["split"] for r in split_records(_records(50) + _records(50, "new"), seed=0)[0]}
+    after = {
+        r["path"]: r["split"] for r in split_records(_records(50) + _records(50, "new"), seed=0)[0]
+    }
     assert len(after) == 400
     assert all(after[p] == s for p, s in before.items())
 
@@ -97,7 +99,11 @@ def test_make_split_on_a_folder(tmp_path: Path) -> None:
     assert info.duplicate_groups == 1
     assert info.digest[:16] in Path(info.path).name
     assert sum(sum(c.values()) for c in info.counts.values()) == 13
-    assert {r["split"] for r in rows if r["path"].startswith("Pro/3")} in ({"train"}, {"val"}, {"test"})
+    assert {r["split"] for r in rows if r["path"].startswith("Pro/3")} in (
+        {"train"},
+        {"val"},
+        {"test"},
+    )
     # same folder, same digest and file; one more image, new digest
     assert make_split(images, tmp_path / "splits", seed=0).path == info.path
     Image.new("RGB", (40, 40), (1, 2, 3)).save(images / "Early" / "extra.png")

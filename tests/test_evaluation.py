@@ -29,7 +29,9 @@ def test_benign_vs_malignant() -> None:
     y_true = [0, 0, 0, 0, 1, 1, 2, 2, 3, 3]
     y_pred = [0, 0, 0, 2, 0, 1, 3, 2, 3, 3]
     m = evaluate(y_true, _onehot(y_pred))["metrics"]
-    assert m["malignant_sensitivity"] == pytest.approx(5 / 6)  # a malignant→malignant mix-up still counts
+    assert m["malignant_sensitivity"] == pytest.approx(
+        5 / 6
+    )  # a malignant→malignant mix-up still counts
     assert m["benign_specificity"] == pytest.approx(3 / 4)
     assert m["accuracy"] == pytest.approx(7 / 10)
 

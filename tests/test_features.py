@@ -34,8 +34,12 @@ def cached(smear_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_features_are_computed_once(cached: dict) -> None:
     first = cached["first"]
     assert first.computed == len(set(cached["shas"])) and first.cached == 0
-    cfg = ModelConfig(input_size=SIZE, weights="none", variant="multiscale")  # other variant: same cache
-    again = extract_features(cached["paths"], cached["shas"], cfg, cached["root"], precision="float32")
+    cfg = ModelConfig(
+        input_size=SIZE, weights="none", variant="multiscale"
+    )  # other variant: same cache
+    again = extract_features(
+        cached["paths"], cached["shas"], cfg, cached["root"], precision="float32"
+    )
     assert again.computed == 0 and again.cached == first.computed
     assert again.cache_dir == first.cache_dir
     row = np.load(Path(first.cache_dir) / f"{cached['shas'][0]}.npy")
@@ -50,7 +54,11 @@ def test_only_new_images_are_computed(cached: dict, tmp_path: Path) -> None:
     cfg = ModelConfig(input_size=SIZE, weights="none")
     # the same image twice (a duplicate pair) is computed once
     out = extract_features(
-        [*cached["paths"], new, new], [*cached["shas"], "f" * 64, "f" * 64], cfg, cached["root"], "float32"
+        [*cached["paths"], new, new],
+        [*cached["shas"], "f" * 64, "f" * 64],
+        cfg,
+        cached["root"],
+        "float32",
     )
     assert out.computed == 1
 

@@ -59,7 +59,8 @@ def test_local_weights_file_is_loaded(tmp_path: Path) -> None:
     source.save_weights(path)
     trunk = build_trunk(ModelConfig(input_size=48, weights=str(path)))
     np.testing.assert_array_equal(
-        trunk.get_layer("block1_conv1").get_weights()[0], source.get_layer("block1_conv1").get_weights()[0]
+        trunk.get_layer("block1_conv1").get_weights()[0],
+        source.get_layer("block1_conv1").get_weights()[0],
     )
     assert weights_identity(str(path)).startswith("vgg16_notop.weights-")
 

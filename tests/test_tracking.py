@@ -25,13 +25,23 @@ def trained(smear_dir: Path, mlflow_env: Path) -> dict:
     rows = read_split(info.path)
     model_cfg = ModelConfig(input_size=SIZE, weights="none")
     ex = extract_features(
-        [smear_dir / r["path"] for r in rows], [r["sha256"] for r in rows], model_cfg,
-        mlflow_env / "features", precision="float32",
+        [smear_dir / r["path"] for r in rows],
+        [r["sha256"] for r in rows],
+        model_cfg,
+        mlflow_env / "features",
+        precision="float32",
     )
     cfg = TrainConfig(optimizer="adam", batch_size=8, epochs=3, model=model_cfg)
     tags = {"airflow_run_id": "manual__1", "airflow_map_index": "0"}
     result = train(cfg, info.path, smear_dir, ex.cache_dir, tags=tags, dataset_digest=info.digest)
-    return {"result": result, "run": mlflow.get_run(result.run_id), "info": info, "rows": rows, "cache": ex.cache_dir, "cfg": cfg}
+    return {
+        "result": result,
+        "run": mlflow.get_run(result.run_id),
+        "info": info,
+        "rows": rows,
+        "cache": ex.cache_dir,
+        "cfg": cfg,
+    }
 
 
 def test_run_holds_params_metrics_and_artifacts(trained: dict) -> None:
@@ -40,21 +50,43 @@ def test_run_holds_params_metrics_and_artifacts(trained: dict) -> None:
     run = trained["run"]
     assert run.info.status == "FINISHED"
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
-    assert params["optimizer"] == "adam" and params["batch_size"] == "8" and params["learning_rate"] == "0.001"
+    assert (
+        params["optimizer"] == "adam"
+        and params["batch_size"] == "8"
+        and params["learning_rate"] == "0.001"
+    )
     assert params["input_size"] == "48" and params["weights"] == "none" and params["seed"] == "42"
     assert params["head_units"] == "256,128,64" and int(params["epochs_run"]) >= 1
-    assert tags["dataset_digest"] == trained["info"].digest and tags["airflow_run_id"] == "manual__1"
+    assert (
+        tags["dataset_digest"] == trained["info"].digest and tags["airflow_run_id"] == "manual__1"
+    )
     assert metrics["val_log_loss"] >= 0 and metrics["test_log_loss"] >= 0
-    for key in ("val_f1_macro", "val_accuracy", "test_accuracy", "test_precision_macro", "test_recall_macro",
-                "test_f1_macro", "test_malignant_sensitivity", "test_benign_specificity"):
+    for key in (
+        "val_f1_macro",
+        "val_accuracy",
+        "test_accuracy",
+        "test_precision_macro",
+        "test_recall_macro",
+        "test_f1_macro",
+        "test_malignant_sensitivity",
+        "test_benign_specificity",
+    ):
         assert 0 <= metrics[key] <= 1, key
     client = mlflow.MlflowClient()
     history = client.get_metric_history(run.info.run_id, "val_loss")
     assert [m.step for m in history] == list(range(int(params["epochs_run"])))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"confusion_matrix.png", "training_curves.png", "test_predictions.png",
-            "classification_report.txt", "metrics.json", "split"} <= artifacts
-    assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name.startswith("leukemia-")
+    assert {
+        "confusion_matrix.png",
+        "training_curves.png",
+        "test_predictions.png",
+        "classification_report.txt",
+        "metrics.json",
+        "split",
+    } <= artifacts
+    assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name.startswith(
+        "leukemia-"
+    )
     assert trained["result"].mlflow_url.endswith(f"/runs/{run.info.run_id}")
 
 
@@ -101,12 +133,24 @@ def test_selection_and_promotion(trained: dict, smear_dir: Path) -> None:
     assert first.alias == "champion" and first.reason == "no champion yet"
     # a second, worse-by-margin candidate becomes the challenger and the champion stays
     cfg = TrainConfig(optimizer="sgd", batch_size=8, epochs=2, model=trained["cfg"].model)
-    train(cfg, info.path, smear_dir, trained["cache"], tags={"airflow_run_id": "manual__2"}, dataset_digest=info.digest)
-    second = tracking.select_and_promote(experiment_id, info.path, smear_dir, "manual__2", margin=1.0)
+    train(
+        cfg,
+        info.path,
+        smear_dir,
+        trained["cache"],
+        tags={"airflow_run_id": "manual__2"},
+        dataset_digest=info.digest,
+    )
+    second = tracking.select_and_promote(
+        experiment_id, info.path, smear_dir, "manual__2", margin=1.0
+    )
     assert second.alias == "challenger" and "champion stays" in second.reason
     assert second.champion_before["version"] == first.version
     client = mlflow.MlflowClient()
-    assert str(client.get_model_version_by_alias("leukemia-classifier", "champion").version) == first.version
+    assert (
+        str(client.get_model_version_by_alias("leukemia-classifier", "champion").version)
+        == first.version
+    )
     version = client.get_model_version("leukemia-classifier", second.version)
     assert version.status == "READY" and version.tags["airflow_run_id"] == "manual__2"
     assert tracking.champion_digest("leukemia-classifier") == info.digest

@@ -27,7 +27,10 @@ def learn_set(tmp_path_factory: pytest.TempPathFactory) -> dict:
     rows = read_split(info.path)
     cfg = ModelConfig(input_size=SIZE, weights="none")
     ex = extract_features(
-        [root / "images" / r["path"] for r in rows], [r["sha256"] for r in rows], cfg, root / "features",
+        [root / "images" / r["path"] for r in rows],
+        [r["sha256"] for r in rows],
+        cfg,
+        root / "features",
         precision="float32",
     )
     return {"rows": rows, "cache": ex.cache_dir, "root": root, "split": info}
@@ -40,7 +43,13 @@ def _accuracy(head, x, y) -> float:
 @pytest.mark.parametrize("variant", ["multiscale", "seed"])
 def test_head_learns_synthetic_classes(learn_set: dict, variant: str) -> None:
     data = split_arrays(learn_set["rows"], learn_set["cache"], variant)
-    cfg = TrainConfig(optimizer="adam", batch_size=16, epochs=100, patience=20, model=ModelConfig(SIZE, "none", variant))
+    cfg = TrainConfig(
+        optimizer="adam",
+        batch_size=16,
+        epochs=100,
+        patience=20,
+        model=ModelConfig(SIZE, "none", variant),
+    )
     head, history = fit_head(cfg, *data["train"][:2], *data["val"][:2])
     acc = _accuracy(head, *data["test"][:2])
     assert len(data["test"][1]) >= 60
@@ -51,7 +60,13 @@ def test_shuffled_labels_stay_near_chance(learn_set: dict) -> None:
     data = split_arrays(learn_set["rows"], learn_set["cache"], "multiscale")
     x, y = data["train"][:2]
     shuffled = np.random.default_rng(0).permutation(y)
-    cfg = TrainConfig(optimizer="adam", batch_size=16, epochs=100, patience=20, model=ModelConfig(SIZE, "none", "multiscale"))
+    cfg = TrainConfig(
+        optimizer="adam",
+        batch_size=16,
+        epochs=100,
+        patience=20,
+        model=ModelConfig(SIZE, "none", "multiscale"),
+    )
     head, _ = fit_head(cfg, x, shuffled, *data["val"][:2])
     assert _accuracy(head, *data["test"][:2]) <= 0.45
 
@@ -59,7 +74,13 @@ def test_shuffled_labels_stay_near_chance(learn_set: dict) -> None:
 @pytest.mark.parametrize("optimizer", ["sgd", "rmsprop"])
 def test_every_optimizer_trains(learn_set: dict, optimizer: str) -> None:
     data = split_arrays(learn_set["rows"], learn_set["cache"], "multiscale")
-    cfg = TrainConfig(optimizer=optimizer, batch_size=32, epochs=100, patience=20, model=ModelConfig(SIZE, "none", "multiscale"))
+    cfg = TrainConfig(
+        optimizer=optimizer,
+        batch_size=32,
+        epochs=100,
+        patience=20,
+        model=ModelConfig(SIZE, "none", "multiscale"),
+    )
     head, history = fit_head(cfg, *data["train"][:2], *data["val"][:2])
     assert _accuracy(head, *data["test"][:2]) >= 0.85
     assert min(history["val_loss"]) < 0.6 * history["val_loss"][0]
@@ -67,10 +88,18 @@ def test_every_optimizer_trains(learn_set: dict, optimizer: str) -> None:
 
 def test_training_is_seeded_and_keeps_the_best_epoch(learn_set: dict) -> None:
     data = split_arrays(learn_set["rows"], learn_set["cache"], "seed")
-    cfg = TrainConfig(optimizer="adam", batch_size=16, epochs=12, patience=2, model=ModelConfig(SIZE, "none", "seed"))
+    cfg = TrainConfig(
+        optimizer="adam",
+        batch_size=16,
+        epochs=12,
+        patience=2,
+        model=ModelConfig(SIZE, "none", "seed"),
+    )
     a, hist_a = fit_head(cfg, *data["train"][:2], *data["val"][:2])
     b, hist_b = fit_head(cfg, *data["train"][:2], *data["val"][:2])
-    np.testing.assert_allclose(a.predict(data["test"][0], verbose=0), b.predict(data["test"][0], verbose=0), atol=1e-5)
+    np.testing.assert_allclose(
+        a.predict(data["test"][0], verbose=0), b.predict(data["test"][0], verbose=0), atol=1e-5
+    )
     assert hist_a["val_loss"] == pytest.approx(hist_b["val_loss"], rel=1e-4)
     x_val, y_val = data["val"][:2]
     restored = a.evaluate(x_val, y_val, verbose=0, return_dict=True)["loss"]

@@ -20,7 +20,9 @@ def champion_asset() -> Any:
     """The registered model's champion alias, updated by select-and-promote."""
     from airflow.sdk import Asset
 
-    return Asset(name="leukemia_champion", uri=f"mlflow-model://{env('LEUKEMIA_MODEL_NAME')}/champion")
+    return Asset(
+        name="leukemia_champion", uri=f"mlflow-model://{env('LEUKEMIA_MODEL_NAME')}/champion"
+    )
 
 
 def incoming_images_asset() -> Any:

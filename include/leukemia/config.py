@@ -26,7 +26,10 @@ ENV_DEFAULTS: dict[str, tuple[str, str]] = {
     "LEUKEMIA_EXPERIMENT": ("leukemia-vgg16", "MLflow experiment for the training runs"),
     "LEUKEMIA_TRAINING_QUEUE": ("default", "Celery queue of the training tasks"),
     "LEUKEMIA_TRAINING_SLOTS": ("1", "training tasks that may run at once in one DAG run"),
-    "LEUKEMIA_MLFLOW_UI_URL": ("", "MLflow UI address for links (default: the tracking URI if http)"),
+    "LEUKEMIA_MLFLOW_UI_URL": (
+        "",
+        "MLflow UI address for links (default: the tracking URI if http)",
+    ),
 }
 
 

@@ -91,7 +91,9 @@ def split_records(
 ) -> tuple[list[dict[str, str]], list[dict[str, object]], int]:
     """Rows with a `split` column, the label conflicts left out, and the number of duplicate groups."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
+        raise ValueError(
+            f"split fractions must be three non-negative numbers summing to 1, got {fractions}"
+        )
     by_hash: dict[str, list[ImageRecord]] = defaultdict(list)
     for rec in records:
         by_hash[rec.sha256].append(rec)
@@ -101,8 +103,12 @@ def split_records(
     for sha, group in sorted(by_hash.items()):
         labels = sorted({r.label for r in group})
         if len(labels) > 1:
-            conflicts.append({"sha256": sha, "labels": labels, "paths": sorted(r.path for r in group)})
-            log.warning("Label conflict: identical image under %s (%s); left out", labels, group[0].path)
+            conflicts.append(
+                {"sha256": sha, "labels": labels, "paths": sorted(r.path for r in group)}
+            )
+            log.warning(
+                "Label conflict: identical image under %s (%s); left out", labels, group[0].path
+            )
             continue
         duplicate_groups += len(group) > 1
         split = assign_split(sha, seed, fractions)
@@ -152,7 +158,9 @@ def make_split(
     counts = split_counts(rows)
     log.info(
         "Split %d images (%d duplicate groups kept together, %d label conflicts left out): %s",
-        len(rows), groups, len(conflicts),
+        len(rows),
+        groups,
+        len(conflicts),
         ", ".join(f"{s} {sum(counts[s].values())}" for s in SPLITS),
     )
     return SplitInfo(str(path), digest, counts, len(rows), groups, conflicts)

@@ -38,8 +38,11 @@ def embedded_env(workdir: Path, endpoint_url: str) -> dict[str, str]:
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         "AIRFLOW_CONN_AWS_DEFAULT": aws_connection_json(endpoint_url),
         "LEUKEMIA_DATA_DIR": str(workdir),
-        "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "include"), os.environ.get("PYTHONPATH")])),
+        "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{workdir / 'mlflow.db'}",
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(ROOT / "include"), os.environ.get("PYTHONPATH")])
+        ),
         "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
     }
 
@@ -50,7 +53,9 @@ def airflow(args: list[str], environ: dict[str, str], quiet: bool = False) -> No
     proc = subprocess.run(cmd, env=environ, capture_output=quiet, text=True)
     if proc.returncode != 0:
         detail = (proc.stdout or "")[-4000:] + (proc.stderr or "")[-4000:] if quiet else ""
-        raise RuntimeError(f"`airflow {' '.join(args)}` failed with exit code {proc.returncode}\n{detail}")
+        raise RuntimeError(
+            f"`airflow {' '.join(args)}` failed with exit code {proc.returncode}\n{detail}"
+        )
 
 
 def champion_summary(environ: dict[str, str]) -> dict[str, Any] | None:
@@ -87,11 +92,16 @@ def run_demo(
     bucket = env("LEUKEMIA_BUCKET")
     with S3Server() as s3:
         environ = embedded_env(workdir, s3.endpoint_url)
-        os.environ.update({k: environ[k] for k in ("AIRFLOW_CONN_AWS_DEFAULT", "LEUKEMIA_DATA_DIR")})
+        os.environ.update(
+            {k: environ[k] for k in ("AIRFLOW_CONN_AWS_DEFAULT", "LEUKEMIA_DATA_DIR")}
+        )
         upload_folder(data, bucket, env("LEUKEMIA_RAW_PREFIX"))
         airflow(["db", "migrate"], environ, quiet=True)
         run_conf = {"input_size": size, **(conf or {})}
-        print(f"Running leukemia_training on the embedded stack (conf {json.dumps(run_conf)})", flush=True)
+        print(
+            f"Running leukemia_training on the embedded stack (conf {json.dumps(run_conf)})",
+            flush=True,
+        )
         airflow(["dags", "test", "leukemia_training", "--conf", json.dumps(run_conf)], environ)
     summary = champion_summary(environ)
     uri = environ["MLFLOW_TRACKING_URI"]
@@ -101,10 +111,19 @@ def run_demo(
     else:
         print(f"leukemia-classifier v{summary['version']} (run {summary['run_id']})")
         print(f"configuration: {summary.get('config', '')}")
-        for key in ("test_accuracy", "test_f1_macro", "test_malignant_sensitivity", "test_benign_specificity"):
+        for key in (
+            "test_accuracy",
+            "test_f1_macro",
+            "test_malignant_sensitivity",
+            "test_benign_specificity",
+        ):
             print(f"  {key}: {summary.get(key, '?')}")
         print(f"selection: {summary.get('selection', '')}")
     print("\nLook at it:")
-    print(f"  MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000  → http://127.0.0.1:5000")
-    print(f"  Airflow UI: AIRFLOW_HOME={environ['AIRFLOW_HOME']} .venv/bin/airflow standalone  → http://127.0.0.1:8080")
+    print(
+        f"  MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000  → http://127.0.0.1:5000"
+    )
+    print(
+        f"  Airflow UI: AIRFLOW_HOME={environ['AIRFLOW_HOME']} .venv/bin/airflow standalone  → http://127.0.0.1:8080"
+    )
     return summary

@@ -91,10 +91,14 @@ class S3Server:
         from werkzeug.serving import make_server
 
         class QuietHandler(MotoRequestHandler):
-            def log_request(self, *args: object) -> None:  # one line per request drowns the task log
+            def log_request(
+                self, *args: object
+            ) -> None:  # one line per request drowns the task log
                 pass
 
-        app = _middleware(DomainDispatcherApplication(create_backend_app), self.delay_s, self.requests)
+        app = _middleware(
+            DomainDispatcherApplication(create_backend_app), self.delay_s, self.requests
+        )
         self._server = make_server(
             self.host, self.port, app, threaded=True, request_handler=QuietHandler
         )

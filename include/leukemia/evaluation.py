@@ -39,11 +39,18 @@ def evaluate(y_true: Any, probs: Any) -> dict[str, Any]:
         "precision_macro": float(precision),
         "recall_macro": float(recall),
         "f1_macro": float(f1),
-        "log_loss": float(log_loss(y_true, clipped / clipped.sum(axis=1, keepdims=True), labels=labels)),
+        "log_loss": float(
+            log_loss(y_true, clipped / clipped.sum(axis=1, keepdims=True), labels=labels)
+        ),
         "malignant_sensitivity": sensitivity,
         "benign_specificity": specificity,
     }
-    report_kwargs = {"labels": labels, "target_names": list(CLASSES), "zero_division": 0, "digits": 3}
+    report_kwargs = {
+        "labels": labels,
+        "target_names": list(CLASSES),
+        "zero_division": 0,
+        "digits": 3,
+    }
     return {
         "metrics": metrics,
         "report": classification_report(y_true, y_pred, **report_kwargs),

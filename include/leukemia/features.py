@@ -138,7 +138,11 @@ def extract_features(
     n_unique = len(set(shas))
     log.info(
         "Features for %d images in %s: %d cached, %d to compute (%s)",
-        n_unique, cache, n_unique - len(todo), len(todo), precision,
+        n_unique,
+        cache,
+        n_unique - len(todo),
+        len(todo),
+        precision,
     )
     started = time.monotonic()
     if todo:
@@ -187,7 +191,11 @@ def load_features(cache_dir: str | Path, shas: Sequence[str], variant: str) -> A
             f"{len(missing)} images have no cached features in {cache} (first: {missing[0]}); "
             "run extract_features for this split first"
         )
-    rows = np.stack([np.load(cache / f"{s}.npy") for s in shas]) if shas else np.zeros((0, CACHE_WIDTH))
+    rows = (
+        np.stack([np.load(cache / f"{s}.npy") for s in shas])
+        if shas
+        else np.zeros((0, CACHE_WIDTH))
+    )
     return select_variant(rows.astype("float32"), variant)
 
 

@@ -52,9 +52,13 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
-            raise ValueError(f"unknown feature variant {self.variant!r}: choose one of {', '.join(VARIANTS)}")
+            raise ValueError(
+                f"unknown feature variant {self.variant!r}: choose one of {', '.join(VARIANTS)}"
+            )
         if self.input_size < 32:
-            raise ValueError(f"input_size must be at least 32 (VGG16 pools 5 times), got {self.input_size}")
+            raise ValueError(
+                f"input_size must be at least 32 (VGG16 pools 5 times), got {self.input_size}"
+            )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -150,8 +154,10 @@ def build_pool(input_size: int, variant: str) -> Any:
         by_key[f"{name}_gap"] = keras.layers.GlobalAveragePooling2D(name=f"{name}_gap")(tensor)
         by_key[f"{name}_gmp"] = keras.layers.GlobalMaxPooling2D(name=f"{name}_gmp")(tensor)
     keys = VARIANTS[variant]
-    out = by_key[keys[0]] if len(keys) == 1 else keras.layers.Concatenate(name="features")(
-        [by_key[k] for k in keys]
+    out = (
+        by_key[keys[0]]
+        if len(keys) == 1
+        else keras.layers.Concatenate(name="features")([by_key[k] for k in keys])
     )
     return keras.Model(inputs, out, name=f"pool_{variant}")
 

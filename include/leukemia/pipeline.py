@@ -33,11 +33,15 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def sync(bucket: str | None = None, prefix: str | None = None, conn_id: str | None = None) -> dict[str, Any]:
+def sync(
+    bucket: str | None = None, prefix: str | None = None, conn_id: str | None = None
+) -> dict[str, Any]:
     """Sync new and changed images from S3 into the data folder."""
     from leukemia.storage import sync_images
 
-    cfg = StorageConfig.from_env(bucket=bucket or None, prefix=prefix or None, conn_id=conn_id or None)
+    cfg = StorageConfig.from_env(
+        bucket=bucket or None, prefix=prefix or None, conn_id=conn_id or None
+    )
     result = sync_images(cfg)
     if result.images == 0:
         raise ValueError(
@@ -71,10 +75,16 @@ def needs_training(digest: str, force: bool = False, model_name: str | None = No
     if trained_on == digest:
         log.info(
             "Dataset digest %s equals the one champion %s was trained on: skipping training "
-            "(set force_retrain to train anyway)", digest[:12], model_name,
+            "(set force_retrain to train anyway)",
+            digest[:12],
+            model_name,
         )
         return False
-    log.info("Dataset digest %s is new (champion: %s): training", digest[:12], (trained_on or "none")[:12])
+    log.info(
+        "Dataset digest %s is new (champion: %s): training",
+        digest[:12],
+        (trained_on or "none")[:12],
+    )
     return True
 
 
@@ -113,7 +123,9 @@ def plan(params: dict[str, Any]) -> list[dict[str, Any]]:
             "dropout": float(params.get("dropout", DEFAULTS["dropout"])),
         }
     )
-    configs = grid(list(params["optimizers"]), list(params["batch_sizes"]), list(params["variants"]), base)
+    configs = grid(
+        list(params["optimizers"]), list(params["batch_sizes"]), list(params["variants"]), base
+    )
     if not configs:
         raise ValueError("the grid is empty: give at least one optimizer, batch size and variant")
     return [c.to_dict() for c in configs]
@@ -164,7 +176,10 @@ def report(
 
     tracking.setup()
     rows = []
-    for r in sorted(results, key=lambda r: (r["config"]["variant"], r["config"]["optimizer"], r["config"]["batch_size"])):
+    for r in sorted(
+        results,
+        key=lambda r: (r["config"]["variant"], r["config"]["optimizer"], r["config"]["batch_size"]),
+    ):
         rows.append(
             {
                 "variant": r["config"]["variant"],
@@ -177,15 +192,30 @@ def report(
                 "selected": r["run_id"] == promotion.get("run_id"),
             }
         )
-    columns = ["variant", "optimizer", "batch_size", "epochs_run", "val_f1_macro", "val_log_loss",
-               "test_accuracy", "test_f1_macro", "test_malignant_sensitivity", "selected"]
+    columns = [
+        "variant",
+        "optimizer",
+        "batch_size",
+        "epochs_run",
+        "val_f1_macro",
+        "val_log_loss",
+        "test_accuracy",
+        "test_f1_macro",
+        "test_malignant_sensitivity",
+        "selected",
+    ]
     table = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
-    table += "".join("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |\n" for row in rows)
+    table += "".join(
+        "| " + " | ".join(str(row.get(c, "")) for c in columns) + " |\n" for row in rows
+    )
     log.info("Grid results:\n%s", table)
     tags = {"kind": "summary"}
     if airflow_run_id:
         tags["airflow_run_id"] = airflow_run_id
-    with mlflow.start_run(run_name="grid-summary", tags=tags) as run, tempfile.TemporaryDirectory() as tmp:
+    with (
+        mlflow.start_run(run_name="grid-summary", tags=tags) as run,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         out = Path(tmp)
         plots.comparison_png(rows, out / "grid_comparison.png")
         (out / "grid_results.md").write_text(

@@ -137,7 +137,11 @@ def _identity(obj: dict[str, Any]) -> dict[str, Any]:
     modified = obj["LastModified"]
     if isinstance(modified, datetime):
         modified = modified.astimezone(UTC).isoformat()
-    return {"size": int(obj["Size"]), "etag": str(obj["ETag"]).strip('"'), "last_modified": modified}
+    return {
+        "size": int(obj["Size"]),
+        "etag": str(obj["ETag"]).strip('"'),
+        "last_modified": modified,
+    }
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -319,7 +323,11 @@ def sync_images(
 
     log.info(
         "Syncing s3://%s/%s: %d listed, %d unchanged, %d to download",
-        cfg.bucket, prefix, result.listed, result.unchanged, len(todo),
+        cfg.bucket,
+        prefix,
+        result.listed,
+        result.unchanged,
+        len(todo),
     )
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, _cancel_on_interrupt(pool):
         futures = {pool.submit(fetch, key, rel): (key, rel, ident) for key, rel, ident in todo}
@@ -358,8 +366,14 @@ def sync_images(
     log.info(
         "Sync done in %.1fs: %d images (%d new or changed, %d unchanged, %d deleted), %d skipped, "
         "%d failed; dataset digest %s",
-        result.seconds, result.images, result.stored,
-        result.unchanged, result.deleted, len(result.skipped), len(result.failed), result.digest[:12],
+        result.seconds,
+        result.images,
+        result.stored,
+        result.unchanged,
+        result.deleted,
+        len(result.skipped),
+        len(result.failed),
+        result.digest[:12],
     )
     return result
 
@@ -388,7 +402,9 @@ def upload_folder(
     source = Path(source)
     files = list(iter_image_files(source))
     if not files:
-        raise ValueError(f"no images under {source}: expected {source}/<Benign|Early|Pre|Pro>/<name>.jpg")
+        raise ValueError(
+            f"no images under {source}: expected {source}/<Benign|Early|Pre|Pro>/<name>.jpg"
+        )
     client = s3_client(conn_id, workers=workers)
     if create_bucket:
         try:

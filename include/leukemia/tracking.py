@@ -50,7 +50,9 @@ def fail_stale_runs(tags: dict[str, str]) -> int:
 
     if "airflow_run_id" not in tags:
         return 0
-    query = " and ".join(f"tags.{k} = '{v}'" for k, v in sorted(tags.items()) if k.startswith("airflow_"))
+    query = " and ".join(
+        f"tags.{k} = '{v}'" for k, v in sorted(tags.items()) if k.startswith("airflow_")
+    )
     earlier = [
         r
         for r in mlflow.search_runs(filter_string=query, output_format="list")
@@ -137,7 +139,13 @@ def log_outcome(
         report = "\n".join(f"== {s} ==\n{r['report']}" for s, r in results.items())
         (out / "classification_report.txt").write_text(report)
         (out / "metrics.json").write_text(
-            json.dumps({s: {**r["metrics"], "confusion_matrix": r["confusion_matrix"]} for s, r in results.items()}, indent=1)
+            json.dumps(
+                {
+                    s: {**r["metrics"], "confusion_matrix": r["confusion_matrix"]}
+                    for s, r in results.items()
+                },
+                indent=1,
+            )
         )
         mlflow.log_artifacts(str(out))
     mlflow.log_artifact(str(split_path), artifact_path="split")
@@ -182,7 +190,10 @@ def best_run(runs: list[Any]) -> Any:
         raise ValueError("no finished training runs to choose from: did every training task fail?")
     return max(
         runs,
-        key=lambda r: (r.data.metrics.get(SELECTION_METRIC, -1.0), -r.data.metrics.get("val_log_loss", 1e9)),
+        key=lambda r: (
+            r.data.metrics.get(SELECTION_METRIC, -1.0),
+            -r.data.metrics.get("val_log_loss", 1e9),
+        ),
     )
 
 
@@ -204,7 +215,11 @@ def champion_digest(model_name: str) -> str | None:
 
 
 def evaluate_model_on_split(
-    model_uri: str, split_path: str | Path, images_dir: str | Path, split: str = "test", batch: int = 32
+    model_uri: str,
+    split_path: str | Path,
+    images_dir: str | Path,
+    split: str = "test",
+    batch: int = 32,
 ) -> dict[str, float]:
     """Metrics of any logged full model on one split's raw images (the champion's re-evaluation)."""
     import mlflow
@@ -218,7 +233,9 @@ def evaluate_model_on_split(
     size = int(model.input_shape[1])
     rows = [r for r in read_split(split_path) if r["split"] == split]
     probs = [
-        model.predict_on_batch(load_images([Path(images_dir) / r["path"] for r in rows[i : i + batch]], size))
+        model.predict_on_batch(
+            load_images([Path(images_dir) / r["path"] for r in rows[i : i + batch]], size)
+        )
         for i in range(0, len(rows), batch)
     ]
     return evaluate(labels_to_index([r["label"] for r in rows]), np.concatenate(probs))["metrics"]
@@ -247,7 +264,9 @@ def select_and_promote(
     if champion is None:
         alias, reason = CHAMPION, "no champion yet"
     else:
-        old = evaluate_model_on_split(f"models:/{model_name}/{champion.version}", split_path, images_dir)
+        old = evaluate_model_on_split(
+            f"models:/{model_name}/{champion.version}", split_path, images_dir
+        )
         before = {"version": str(champion.version), **{f"test_{k}": v for k, v in old.items()}}
         new, old_value = candidate[f"test_{metric}"], old[metric]
         if new >= old_value + margin:
@@ -272,5 +291,12 @@ def select_and_promote(
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version.version, key, value)
     client.set_registered_model_alias(model_name, alias, version.version)
-    log.info("Registered %s v%s from run %s as @%s: %s", model_name, version.version, run.info.run_id, alias, reason)
+    log.info(
+        "Registered %s v%s from run %s as @%s: %s",
+        model_name,
+        version.version,
+        run.info.run_id,
+        alias,
+        reason,
+    )
     return Promotion(run.info.run_id, str(version.version), alias, reason, candidate, before)

@@ -38,9 +38,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+            raise ValueError(
+                f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}"
+            )
         if self.batch_size < 1 or self.epochs < 1:
-            raise ValueError(f"batch_size and epochs must be >= 1, got {self.batch_size}, {self.epochs}")
+            raise ValueError(
+                f"batch_size and epochs must be >= 1, got {self.batch_size}, {self.epochs}"
+            )
 
     @property
     def lr(self) -> float:
@@ -113,8 +117,12 @@ def fit_head(
             logs = {k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}
             log.info(
                 "%s epoch %d/%d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f",
-                cfg.name, epoch + 1, cfg.epochs, logs.get("loss", float("nan")),
-                logs.get("accuracy", float("nan")), logs.get("val_loss", float("nan")),
+                cfg.name,
+                epoch + 1,
+                cfg.epochs,
+                logs.get("loss", float("nan")),
+                logs.get("accuracy", float("nan")),
+                logs.get("val_loss", float("nan")),
                 logs.get("val_accuracy", float("nan")),
             )
             if on_epoch is not None:
@@ -194,17 +202,30 @@ def train(
     with mlflow.start_run(run_name=cfg.name.replace(" · ", "-"), tags=run_tags) as run:
         tracking.log_config(cfg, dataset_digest)
         head, history = fit_head(
-            cfg, *data["train"][:2], *data["val"][:2],
+            cfg,
+            *data["train"][:2],
+            *data["val"][:2],
             on_epoch=lambda epoch, logs: mlflow.log_metrics(logs, step=epoch),
         )
-        results = {s: evaluate(data[s][1], head.predict(data[s][0], verbose=0)) for s in ("val", "test")}
+        results = {
+            s: evaluate(data[s][1], head.predict(data[s][0], verbose=0)) for s in ("val", "test")
+        }
         epochs_run = len(history.get("loss", []))
         full = assemble(cfg.model, build_trunk(cfg.model), head)
         model_uri = tracking.log_outcome(
-            cfg, full, history, results, data["test"][2], images_dir, split_path, epochs_run,
+            cfg,
+            full,
+            history,
+            results,
+            data["test"][2],
+            images_dir,
+            split_path,
+            epochs_run,
             dataset_digest,
         )
-        mlflow.set_tags({"model_uri": model_uri, "config": json.dumps(cfg.to_dict(), sort_keys=True)})
+        mlflow.set_tags(
+            {"model_uri": model_uri, "config": json.dumps(cfg.to_dict(), sort_keys=True)}
+        )
     result = TrainResult(
         run_id=run.info.run_id,
         model_uri=model_uri,
@@ -217,7 +238,11 @@ def train(
     )
     log.info(
         "%s: val F1 %.3f, test accuracy %.3f (%d epochs, %.0fs), run %s",
-        cfg.name, result.val["f1_macro"], result.test["accuracy"], epochs_run, result.seconds,
+        cfg.name,
+        result.val["f1_macro"],
+        result.test["accuracy"],
+        epochs_run,
+        result.seconds,
         result.run_id,
     )
     return result
