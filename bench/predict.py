@@ -42,25 +42,17 @@ def register(work: Path, size: int, name: str, alias: str | None) -> str:
     """Train a head for 1 epoch on 4 synthetic smears per class; register; return the version URI."""
     import mlflow
 
-    from leukemia.dataset import make_split, read_split
-    from leukemia.features import extract_features
     from leukemia.model import ModelConfig
+    from leukemia.pipeline import train_folder
     from leukemia.synthetic import generate
-    from leukemia.training import TrainConfig, train
+    from leukemia.training import TrainConfig
 
     images = work / f"train-{size}"
     generate(images, n_per_class=4, size=size, seed=7)
-    info = make_split(images, work / f"splits-{size}", fractions=(0.34, 0.33, 0.33))
-    rows = read_split(info.path)
-    cfg = ModelConfig(input_size=size, weights="none")
-    ex = extract_features(
-        [images / r["path"] for r in rows],
-        [r["sha256"] for r in rows],
-        cfg,
-        work / "features",
-        precision="float32",
-    )
-    result = train(TrainConfig(epochs=1, batch_size=8, model=cfg), info.path, images, ex.cache_dir)
+    cfg = TrainConfig(epochs=1, batch_size=8, model=ModelConfig(input_size=size, weights="none"))
+    result = train_folder(images, cfg, work / f"train-{size}-work", (0.34, 0.33, 0.33), "float32")[
+        "result"
+    ]
     version = mlflow.register_model(result.model_uri, name).version
     if alias:
         mlflow.MlflowClient().set_registered_model_alias(name, alias, version)

@@ -15,7 +15,7 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
 from leukemia.assets import raw_images_asset
-from leukemia.config import env
+from leukemia.dag_params import s3_params
 
 
 @dag(
@@ -36,8 +36,7 @@ from leukemia.config import env
             title="Folder",
             description="Local folder with <Class>/<name>.jpg images.",
         ),
-        "bucket": Param(env("LEUKEMIA_BUCKET"), type="string", title="S3 bucket"),
-        "prefix": Param(env("LEUKEMIA_RAW_PREFIX"), type="string", title="S3 prefix"),
+        **s3_params("Bucket the images are uploaded to."),
     },
 )
 def leukemia_ingest() -> None:
@@ -55,7 +54,7 @@ def leukemia_ingest() -> None:
             params["source"],
             params["bucket"],
             params["prefix"],
-            conn_id=env("LEUKEMIA_AWS_CONN_ID"),
+            conn_id=params["conn_id"],
         )
         context["outlet_events"][raw_images_asset()].extra = {
             "uploaded": n,

@@ -21,7 +21,7 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
 from leukemia.assets import champion_asset, incoming_images_asset
-from leukemia.config import env
+from leukemia.dag_params import s3_params
 
 IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": True}
 
@@ -35,23 +35,8 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
     tags=["leukemia", "scoring"],
     default_args={"retries": 1, "retry_delay": timedelta(seconds=30)},
     params={
-        "bucket": Param(
-            env("LEUKEMIA_BUCKET"),
-            type="string",
-            title="S3 bucket",
-            description="Bucket holding incoming/ and predictions/.",
-        ),
-        "incoming_prefix": Param(
-            "incoming/",
-            type="string",
-            title="Incoming prefix",
-            description="Images under this prefix (any depth) are scored.",
-        ),
-        "conn_id": Param(
-            env("LEUKEMIA_AWS_CONN_ID"),
-            type="string",
-            title="AWS connection",
-            description="Airflow connection used by the S3 hook.",
+        **s3_params(
+            "Bucket holding incoming/ and predictions/.", "incoming/", prefix_key="incoming_prefix"
         ),
         "model_uri": Param(
             "",

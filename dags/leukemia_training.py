@@ -29,6 +29,7 @@ from airflow.sdk import (
 
 from leukemia.assets import champion_asset, raw_images_asset
 from leukemia.config import env
+from leukemia.dag_params import s3_params
 from leukemia.pipeline import DEFAULTS
 
 IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": True}
@@ -45,24 +46,7 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
     tags=["leukemia", "training", "mlflow"],
     default_args={"retries": 1, "retry_delay": timedelta(seconds=30)},
     params={
-        "bucket": Param(
-            env("LEUKEMIA_BUCKET"),
-            type="string",
-            title="S3 bucket",
-            description="Bucket holding <prefix>/<Class>/<image>.",
-        ),
-        "prefix": Param(
-            env("LEUKEMIA_RAW_PREFIX"),
-            type="string",
-            title="S3 prefix",
-            description="Prefix of the class folders, e.g. raw/.",
-        ),
-        "conn_id": Param(
-            env("LEUKEMIA_AWS_CONN_ID"),
-            type="string",
-            title="AWS connection",
-            description="Airflow connection used by the S3 hook.",
-        ),
+        **s3_params("Bucket holding <prefix>/<Class>/<image>."),
         "optimizers": Param(
             DEFAULTS["optimizers"],
             type="array",

@@ -33,37 +33,20 @@ def champion(smear_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     """A champion trained and promoted the pipeline's way (48 px, no base weights, 2 epochs), in a
     SQLite MLflow of its own; artifacts land in the module's temporary folder."""
     from leukemia import tracking
-    from leukemia.dataset import make_split
-    from leukemia.features import extract_features
     from leukemia.model import ModelConfig
-    from leukemia.training import TrainConfig, train
+    from leukemia.pipeline import train_folder
+    from leukemia.training import TrainConfig
 
     root = tmp_path_factory.mktemp("predict")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("LEUKEMIA_DATA_DIR", str(root / "data"))
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        info = make_split(smear_dir, root / "splits", fractions=(0.5, 0.25, 0.25))
-        from leukemia.dataset import read_split
-
-        rows = read_split(info.path)
-        model_cfg = ModelConfig(input_size=SIZE, weights="none")
-        ex = extract_features(
-            [smear_dir / r["path"] for r in rows],
-            [r["sha256"] for r in rows],
-            model_cfg,
-            root / "features",
-            precision="float32",
+        cfg = TrainConfig(optimizer="adam", batch_size=8, epochs=2, model=ModelConfig(SIZE, "none"))
+        done = train_folder(
+            smear_dir, cfg, root, (0.5, 0.25, 0.25), "float32", tags={"airflow_run_id": "manual__p"}
         )
-        cfg = TrainConfig(optimizer="adam", batch_size=8, epochs=2, model=model_cfg)
-        train(
-            cfg,
-            info.path,
-            smear_dir,
-            ex.cache_dir,
-            tags={"airflow_run_id": "manual__p"},
-            dataset_digest=info.digest,
-        )
+        info = done["split"]
         promotion = tracking.select_and_promote(tracking.setup(), info.path, smear_dir, "manual__p")
         yield {"root": root, "version": promotion.version}
 

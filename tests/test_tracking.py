@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from leukemia.dataset import make_split, read_split
-from leukemia.features import extract_features, load_images
+from leukemia.features import load_images
 from leukemia.model import ModelConfig
+from leukemia.pipeline import train_folder
 from leukemia.training import TrainConfig, train
 
 SIZE = 48
@@ -21,19 +21,10 @@ pytestmark = pytest.mark.slow
 def trained(smear_dir: Path, mlflow_env: Path) -> dict:
     import mlflow
 
-    info = make_split(smear_dir, mlflow_env / "splits", fractions=(0.5, 0.25, 0.25))
-    rows = read_split(info.path)
-    model_cfg = ModelConfig(input_size=SIZE, weights="none")
-    ex = extract_features(
-        [smear_dir / r["path"] for r in rows],
-        [r["sha256"] for r in rows],
-        model_cfg,
-        mlflow_env / "features",
-        precision="float32",
-    )
-    cfg = TrainConfig(optimizer="adam", batch_size=8, epochs=3, model=model_cfg)
+    cfg = TrainConfig(optimizer="adam", batch_size=8, epochs=3, model=ModelConfig(SIZE, "none"))
     tags = {"airflow_run_id": "manual__1", "airflow_map_index": "0"}
-    result = train(cfg, info.path, smear_dir, ex.cache_dir, tags=tags, dataset_digest=info.digest)
+    done = train_folder(smear_dir, cfg, mlflow_env, (0.5, 0.25, 0.25), "float32", tags=tags)
+    info, rows, ex, result = done["split"], done["rows"], done["features"], done["result"]
     return {
         "result": result,
         "run": mlflow.get_run(result.run_id),
