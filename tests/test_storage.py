@@ -22,11 +22,13 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from leukemia import storage
 from leukemia.config import CLASSES, StorageConfig
 from leukemia.embedded import (
     LOCAL_ACCESS_KEY,
@@ -390,22 +392,32 @@ def test_ctrl_c_stops_the_sync_at_once_and_the_next_sync_resumes(
 ) -> None:
     objects = good_set(60)
     put_all(client, bucket, objects)
-    main_thread, lock, calls = threading.main_thread().ident, threading.Lock(), [0]
+    lock, calls = threading.Lock(), [0]
 
-    class CtrlCAfterTen:
+    class Counting:
         def __getattr__(self, name: str) -> Any:
             return getattr(client, name)
 
         def get_object(self, **kwargs: Any) -> Any:
             with lock:
                 calls[0] += 1
-                if calls[0] == 10:  # SIGINT to the main thread, as Ctrl-C delivers it
-                    signal.pthread_kill(main_thread, signal.SIGINT)
             return client.get_object(**kwargs)
 
+    # Ctrl-C reaches the main thread while it collects results: raise it there, at the first
+    # manifest checkpoint (deterministic, unlike a real signal's timing under load)
+    real_write = storage._atomic_write_json
+
+    def interrupted(path: Path, payload: Any, indent: int | None = 1) -> None:
+        if indent is None:
+            raise KeyboardInterrupt
+        real_write(path, payload, indent)
+
     cfg = StorageConfig(bucket=bucket, local_dir=images_dir)
-    with pytest.raises(KeyboardInterrupt):
-        sync_images(cfg, client=CtrlCAfterTen(), workers=4)
+    with (
+        mock.patch.object(storage, "_atomic_write_json", interrupted),
+        pytest.raises(KeyboardInterrupt),
+    ):
+        sync_images(cfg, client=Counting(), workers=4, checkpoint_every=5)
 
     assert calls[0] < 30  # the queued downloads were dropped, not all fetched before stopping
     for path in iter_image_files_paths(images_dir):
