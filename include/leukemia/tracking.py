@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from leukemia.config import CLASSES, env, mlflow_ui_url, tracking_uri
+from leukemia.config import CLASSES, data_dir, env, mlflow_ui_url, tracking_uri
 
 if TYPE_CHECKING:
     from leukemia.training import TrainConfig
@@ -33,8 +33,11 @@ def setup(experiment: str | None = None) -> str:
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    exp = mlflow.set_experiment(experiment or env("LEUKEMIA_EXPERIMENT"))
-    return exp.experiment_id
+    name = experiment or env("LEUKEMIA_EXPERIMENT")
+    if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(name) is None:
+        # a local store keeps its artifacts in the data folder, not in ./mlruns of whatever cwd
+        mlflow.create_experiment(name, artifact_location=(data_dir() / "mlartifacts").as_uri())
+    return mlflow.set_experiment(name).experiment_id
 
 
 def run_url(experiment_id: str, run_id: str) -> str:
