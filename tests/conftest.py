@@ -15,20 +15,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Airflow reads its configuration when first imported: give the test session its own SQLite home.
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="leukemia-airflow-"))
-os.environ.update(
-    {
-        "AIRFLOW_HOME": str(_AIRFLOW_HOME),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_AIRFLOW_HOME / 'airflow.db'}",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-    }
-)
+from leukemia.embedded import S3Server, airflow_home_env, aws_connection_json  # noqa: E402
+
+os.environ.update({**airflow_home_env(_AIRFLOW_HOME, ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"})
 for _name in ("MLFLOW_TRACKING_URI", "LEUKEMIA_DATA_DIR", "LEUKEMIA_WEIGHTS"):
     os.environ.pop(_name, None)  # a developer's settings must not leak into the tests
-
-from leukemia.embedded import S3Server, aws_connection_json  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -25,16 +25,11 @@ ROOT = Path(__file__).resolve().parents[2]
 def embedded_env(workdir: Path, endpoint_url: str) -> dict[str, str]:
     """Environment for Airflow and the library on the embedded stack (existing values win for
     settings a user may want to override, such as the weights)."""
-    from leukemia.embedded import aws_connection_json
+    from leukemia.embedded import airflow_home_env, aws_connection_json
 
-    airflow_home = workdir / "airflow"
     return {
         **os.environ,
-        "AIRFLOW_HOME": str(airflow_home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home / 'airflow.db'}",
+        **airflow_home_env(workdir / "airflow", ROOT),
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         "AIRFLOW_CONN_AWS_DEFAULT": aws_connection_json(endpoint_url),
         "LEUKEMIA_DATA_DIR": str(workdir),

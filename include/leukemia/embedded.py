@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,18 @@ log = logging.getLogger(__name__)
 LOCAL_ACCESS_KEY = "local-access-key"
 LOCAL_SECRET_KEY = "local-secret-key"
 LOCAL_REGION = "us-east-1"
+
+
+def airflow_home_env(home: Path, project_root: Path) -> dict[str, str]:
+    """Settings of a local SQLite Airflow home serving this project's DAGs and plugins
+    (the demo and the tests run Airflow this way)."""
+    return {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(project_root / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(project_root / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+    }
 
 
 def aws_connection_json(endpoint_url: str, region: str = LOCAL_REGION) -> str:
