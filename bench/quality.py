@@ -34,6 +34,11 @@ def logistic_baseline(x_train, y_train, x_test, y_test) -> dict[str, float]:  # 
     return evaluate(y_test, clf.predict_proba(x_test))["metrics"]
 
 
+def rate_or_cached(ex) -> str:  # noqa: ANN001
+    """The extraction rate, or where the features came from when nothing was computed."""
+    return f"{ex.images_per_s:.2f}" if ex.computed else "cached (rate: bench/sweep.py)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -71,8 +76,8 @@ def main() -> None:
     t = time.perf_counter()
     ex = extract_features(paths, shas, model_cfg, work / "features", precision=args.precision)
     print(
-        f"extraction ({ex.precision}): {ex.computed} computed, {ex.cached} cached, {time.perf_counter() - t:.0f} s "
-        f"({ex.images_per_s} images/s)\n"
+        f"extraction ({ex.precision}): {ex.computed} computed, {ex.cached} cached, "
+        f"{time.perf_counter() - t:.0f} s ({rate_or_cached(ex)} images/s)\n"
     )
 
     baseline = []
@@ -130,7 +135,7 @@ def main() -> None:
         t = time.perf_counter()
         ex32 = extract_features(paths, shas, model_cfg, work / "features", precision="float32")
         print(
-            f"\nfloat32 extraction: {time.perf_counter() - t:.0f} s ({ex32.images_per_s} images/s)"
+            f"\nfloat32 extraction: {time.perf_counter() - t:.0f} s ({rate_or_cached(ex32)} images/s)"
         )
         cfg = next(c for c in grid([best["optimizer"]], [best["batch"]], [best["variant"]], base))
         diffs = []
@@ -141,7 +146,7 @@ def main() -> None:
             diffs.append(
                 {
                     "features": precision,
-                    "images/s": (ex if precision == "bfloat16" else ex32).images_per_s,
+                    "images/s": rate_or_cached(ex if precision == "bfloat16" else ex32),
                     "test accuracy": m["accuracy"],
                     "test macro-F1": m["f1_macro"],
                 }

@@ -104,6 +104,26 @@ def test_training_is_seeded_and_keeps_the_best_epoch(learn_set: dict) -> None:
     x_val, y_val = data["val"][:2]
     restored = a.evaluate(x_val, y_val, verbose=0, return_dict=True)["loss"]
     assert restored == pytest.approx(min(hist_a["val_loss"]), rel=1e-3)
+    best = int(np.argmin(hist_a["val_loss"]))
+    assert len(hist_a["loss"]) == min(cfg.epochs, best + 1 + cfg.patience)  # patience honoured
+
+
+def test_one_traced_step_serves_every_batch_size() -> None:
+    """Batches of 16 and a last partial batch of 5 reuse one graph (Keras' fit traces twice)."""
+    from leukemia.model import build_head
+    from leukemia.training import _train_step, make_optimizer
+
+    head = build_head(ModelConfig(32, "none", "seed"))
+    step = _train_step(head, make_optimizer("adam", 1e-3), 512)
+    rng = np.random.default_rng(0)
+    before = [w.copy() for w in head.get_weights()]
+    for n in (16, 16, 5, 1):
+        loss_sum, correct = np.asarray(
+            step(rng.random((n, 512), dtype="float32"), rng.integers(0, 4, n))
+        )
+        assert loss_sum > 0 and 0 <= correct <= n
+    assert step.experimental_get_tracing_count() == 1
+    assert any(not np.allclose(a, b) for a, b in zip(before, head.get_weights(), strict=True))
 
 
 def test_grid_and_config_round_trip() -> None:

@@ -88,6 +88,36 @@ def make_optimizer(name: str, learning_rate: float) -> Any:
     raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
 
 
+def _train_step(head: Any, optimizer: Any, width: int) -> Callable[[Any, Any], Any]:
+    """One compiled optimisation step for any batch size: traced once, not once per batch shape."""
+    import keras
+    import tensorflow as tf
+
+    optimizer.build(head.trainable_variables)
+    spec = (tf.TensorSpec([None, width], tf.float32), tf.TensorSpec([None], tf.int64))
+
+    @tf.function(input_signature=spec)
+    def step(x: Any, y: Any) -> Any:
+        with tf.GradientTape() as tape:
+            probs = head(x, training=True)
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, probs))
+        optimizer.apply(tape.gradient(loss, head.trainable_variables), head.trainable_variables)
+        correct = tf.reduce_sum(tf.cast(tf.argmax(probs, axis=1) == y, tf.float32))
+        return tf.stack([loss * tf.cast(tf.shape(y)[0], tf.float32), correct])
+
+    return step
+
+
+def _loss_and_accuracy(head: Any, x: Any, y: Any) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of the head (inference mode) on a whole split."""
+    import keras
+    import numpy as np
+
+    probs = np.asarray(head(x, training=False))
+    loss = float(np.mean(keras.losses.sparse_categorical_crossentropy(y, probs)))
+    return loss, float(np.mean(probs.argmax(axis=1) == y))
+
+
 def fit_head(
     cfg: TrainConfig,
     x_train: Any,
@@ -98,50 +128,70 @@ def fit_head(
 ) -> tuple[Any, dict[str, list[float]]]:
     """Train the head on features: standardised input, early stopping on val_loss, best weights kept.
 
-    Seeded: the same inputs and configuration give the same weights.
+    Seeded: the same inputs and configuration give the same weights. The loop is Keras' `fit`
+    reduced to what a small head on cached features needs (one traced step for every batch size,
+    the validation split in one call): `fit`'s per-configuration tracing and callback machinery
+    cost about 1 s, more than the training itself on a few hundred images (bench/sweep.py).
+    The returned head is compiled, so `evaluate` and `predict` work as usual.
     """
     import keras
+    import numpy as np
 
     from leukemia.model import adapted_normalization, build_head
 
+    x_train = np.asarray(x_train, dtype="float32")
+    y_train = np.asarray(y_train, dtype="int64")
+    x_val = np.asarray(x_val, dtype="float32")
+    y_val = np.asarray(y_val, dtype="int64")
     keras.utils.set_random_seed(cfg.seed)
     head = build_head(cfg.model, adapted_normalization(x_train))
-    head.compile(
-        optimizer=make_optimizer(cfg.optimizer, cfg.lr),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-
-    class EpochLog(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-            logs = {k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}
-            log.info(
-                "%s epoch %d/%d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f",
-                cfg.name,
-                epoch + 1,
-                cfg.epochs,
-                logs.get("loss", float("nan")),
-                logs.get("accuracy", float("nan")),
-                logs.get("val_loss", float("nan")),
-                logs.get("val_accuracy", float("nan")),
-            )
-            if on_epoch is not None:
-                on_epoch(epoch, logs)
-
-    stop = keras.callbacks.EarlyStopping(
-        monitor="val_loss", patience=cfg.patience, restore_best_weights=True
-    )
-    history = head.fit(
-        x_train,
-        y_train,
-        validation_data=(x_val, y_val),
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        verbose=0,
-        callbacks=[stop, EpochLog()],
-    )
-    return head, {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    optimizer = make_optimizer(cfg.optimizer, cfg.lr)
+    head.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    step = _train_step(head, optimizer, x_train.shape[1])
+    order_rng = np.random.default_rng(cfg.seed)
+    history: dict[str, list[float]] = {
+        k: [] for k in ("loss", "accuracy", "val_loss", "val_accuracy")
+    }
+    best_loss, best_weights, waited = float("inf"), head.get_weights(), 0
+    for epoch in range(cfg.epochs):
+        order = order_rng.permutation(len(x_train))
+        totals = sum(
+            step(x_train[batch], y_train[batch])
+            for batch in np.array_split(order, range(cfg.batch_size, len(order), cfg.batch_size))
+        )
+        loss_sum, correct = np.asarray(totals, dtype="float64")
+        val_loss, val_accuracy = _loss_and_accuracy(head, x_val, y_val)
+        logs = {
+            "loss": loss_sum / len(x_train),
+            "accuracy": correct / len(x_train),
+            "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
+        }
+        for key, value in logs.items():
+            history[key].append(value)
+        log.info(
+            "%s epoch %d/%d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f",
+            cfg.name,
+            epoch + 1,
+            cfg.epochs,
+            *logs.values(),
+        )
+        if on_epoch is not None:
+            on_epoch(epoch, logs)
+        if val_loss < best_loss:
+            best_loss, best_weights, waited = val_loss, head.get_weights(), 0
+        else:
+            waited += 1
+            if waited >= cfg.patience:
+                log.info(
+                    "%s: early stop after epoch %d, best val_loss %.4f",
+                    cfg.name,
+                    epoch + 1,
+                    best_loss,
+                )
+                break
+    head.set_weights(best_weights)
+    return head, history
 
 
 @dataclass
