@@ -35,6 +35,8 @@ bench: venv
 	$(BIN)/python bench/s3_sync.py
 	$(BIN)/python bench/sweep.py
 	$(BIN)/python bench/quality.py
+	$(BIN)/python bench/ceiling.py
+	$(BIN)/python bench/predict.py
 
 # Regenerate constraints.txt from a fresh environment built from requirements.txt alone.
 lock:

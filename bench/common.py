@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import platform
 import subprocess
@@ -64,3 +66,22 @@ def matmul_gflops(dtype: str = "float32", n: int = 2048, repeats: int = 10) -> f
         c = tf.linalg.matmul(a, b)
     c.numpy()
     return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def real_data_parser(doc: str) -> argparse.ArgumentParser:
+    """An argument parser for a benchmark on the real images: --data and --weights, ../shared defaults."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, default=DATA, help="folder of class subfolders")
+    parser.add_argument("--weights", type=Path, default=WEIGHTS, help="VGG16 no-top weights file")
+    return parser
+
+
+def parse_real_data_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse the arguments, quieten library logs, and exit clearly without the data or weights."""
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    require(args.data, "leukemia-dev images")
+    require(args.weights, "VGG16 weights")
+    return args

@@ -11,14 +11,12 @@ float32-vs-bfloat16 difference on the same head.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, OUT, WEIGHTS, machine, require, table  # noqa: E402
+from common import OUT, machine, parse_real_data_args, real_data_parser, table  # noqa: E402
 
 
 def logistic_baseline(x_train, y_train, x_test, y_test) -> dict[str, float]:  # noqa: ANN001
@@ -40,21 +38,14 @@ def rate_or_cached(ex) -> str:  # noqa: ANN001
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--weights", type=Path, default=WEIGHTS)
+    parser = real_data_parser(__doc__)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--patience", type=int, default=8)
     parser.add_argument("--precision", default="auto")
     parser.add_argument(
         "--float32-check", action="store_true", help="also extract in float32 and compare"
     )
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    require(args.data, "leukemia-dev images")
-    require(args.weights, "VGG16 weights")
+    args = parse_real_data_args(parser)
 
     from leukemia.dataset import make_split, read_split
     from leukemia.evaluation import evaluate

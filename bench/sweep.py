@@ -10,15 +10,21 @@ reference is timed on a few configurations and extrapolated to nine (it is linea
 
 from __future__ import annotations
 
-import argparse
-import logging
 import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, OUT, VGG16_GFLOP_224, WEIGHTS, machine, matmul_gflops, require, table  # noqa: E402
+from common import (  # noqa: E402
+    OUT,
+    VGG16_GFLOP_224,
+    machine,
+    matmul_gflops,
+    parse_real_data_args,
+    real_data_parser,
+    table,
+)
 
 GRID = [(o, b) for o in ("adam", "sgd", "rmsprop") for b in (16, 32, 64)]
 
@@ -62,20 +68,13 @@ def subset(rows: list[dict[str, str]], n: int) -> list[dict[str, str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--weights", type=Path, default=WEIGHTS)
+    parser = real_data_parser(__doc__)
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument(
         "--reference-configs", type=int, default=2, help="reference configs actually timed"
     )
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    require(args.data, "leukemia-dev images")
-    require(args.weights, "VGG16 weights")
+    args = parse_real_data_args(parser)
 
     import numpy as np
 
