@@ -179,7 +179,7 @@ def leukemia_training() -> None:
         return pipeline.promote(split, context["run_id"], margin)
 
     @task(trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)
-    def report(results: list[dict[str, Any]], promotion: dict[str, Any]) -> dict[str, Any]:
+    def report(results: list[dict[str, Any]], promotion: dict[str, Any] | None) -> dict[str, Any]:
         from leukemia import pipeline
 
         finished = [results[i] for i in range(len(results))]  # a failed configuration has no result

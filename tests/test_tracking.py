@@ -146,6 +146,68 @@ def test_selection_and_promotion(trained: dict, smear_dir: Path) -> None:
     assert version.status == "READY" and version.tags["airflow_run_id"] == "manual__2"
     assert tracking.champion_digest("leukemia-classifier") == info.digest
 
+    # the champion's files disappear (a wiped artifact store): it cannot serve, so it is replaced
+    import shutil
+
+    shutil.rmtree(
+        mlflow.artifacts.download_artifacts(f"models:/leukemia-classifier/{first.version}")
+    )
+    third = tracking.select_and_promote(experiment_id, info.path, smear_dir, "manual__2")
+    assert third.alias == "champion" and "cannot be loaded" in third.reason
+    assert third.champion_before == {
+        "version": first.version,
+        "error": third.champion_before["error"],
+    }
+    assert "No such artifact" in third.champion_before["error"]
+    assert (
+        str(client.get_model_version_by_alias("leukemia-classifier", "champion").version)
+        == third.version
+    )
+    assert client.get_model_version("leukemia-classifier", first.version).status == "READY"
+
+
+def test_a_champion_that_fails_to_load_for_another_reason_is_not_replaced(
+    trained: dict, smear_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transient failure (store unreachable) raises, so Airflow retries; no alias moves."""
+    import mlflow
+
+    from leukemia import tracking
+
+    experiment_id = tracking.setup()
+    info = trained["info"]
+    first = tracking.select_and_promote(experiment_id, info.path, smear_dir, "manual__1")
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("artifact store unreachable")
+
+    monkeypatch.setattr(tracking, "evaluate_model_on_split", unreachable)
+    with pytest.raises(ConnectionError):
+        tracking.select_and_promote(experiment_id, info.path, smear_dir, "manual__1")
+    client = mlflow.MlflowClient()
+    assert (
+        str(client.get_model_version_by_alias("leukemia-classifier", "champion").version)
+        == first.version
+    )
+
+
+def test_report_is_made_when_selection_failed(trained: dict, tmp_path: Path) -> None:
+    """The grid's summary run still holds the table and the figure, and says nothing was registered."""
+    from dataclasses import asdict
+
+    import mlflow
+
+    from leukemia import pipeline
+
+    out = pipeline.report([asdict(trained["result"])], None, "manual__1")
+    assert out["configurations"] == 1 and "version" not in out
+    run_id = out["summary_run_id"]
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+    assert {"grid_comparison.png", "grid_results.md", "grid_results.json"} <= names
+    text = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/grid_results.md")).read_text()
+    assert text.startswith("No model was registered")
+    assert "| seed | adam | 8 |" in text  # the trained configuration's row
+
 
 def test_best_run_prefers_validation_f1_then_loss() -> None:
     from types import SimpleNamespace

@@ -92,6 +92,7 @@ def run_demo(
         )
         upload_folder(data, bucket, env("LEUKEMIA_RAW_PREFIX"))
         airflow(["db", "migrate"], environ, quiet=True)
+        before = champion_summary(environ)
         run_conf = {"input_size": size, **(conf or {})}
         print(
             f"Running leukemia_training on the embedded stack (conf {json.dumps(run_conf)})",
@@ -113,7 +114,14 @@ def run_demo(
             "test_benign_specificity",
         ):
             print(f"  {key}: {summary.get(key, '?')}")
-        print(f"selection: {summary.get('selection', '')}")
+        print(f"why promoted: {summary.get('selection', '')}")
+        if before is not None and str(before["version"]) == str(summary["version"]):
+            print(
+                "This run left the champion as it was: either the images equal those it was "
+                "trained on (training skipped), or the new model did not beat it (the task logs "
+                "above say which). To train anyway: .venv/bin/python -m leukemia demo --conf "
+                "'{\"force_retrain\": true}'"
+            )
     print("\nLook at it:")
     print(
         f"  MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000  → http://127.0.0.1:5000"

@@ -165,9 +165,14 @@ def promote(
 
 
 def report(
-    results: list[dict[str, Any]], promotion: dict[str, Any], airflow_run_id: str | None = None
+    results: list[dict[str, Any]],
+    promotion: dict[str, Any] | None,
+    airflow_run_id: str | None = None,
 ) -> dict[str, Any]:
-    """A summary MLflow run: the grid's comparison figure and a table of every configuration."""
+    """A summary MLflow run: the grid's comparison figure and a table of every configuration.
+
+    Also made when selection failed (`promotion` None), so the trained grid is never lost from view.
+    """
     import tempfile
 
     import mlflow
@@ -175,6 +180,7 @@ def report(
     from leukemia import plots, tracking
 
     tracking.setup()
+    promotion = promotion or {}
     rows = []
     for r in sorted(
         results,
@@ -218,10 +224,13 @@ def report(
     ):
         out = Path(tmp)
         plots.comparison_png(rows, out / "grid_comparison.png")
-        (out / "grid_results.md").write_text(
+        headline = (
             f"Selected run {promotion.get('run_id')} → v{promotion.get('version')} "
-            f"@{promotion.get('alias')}: {promotion.get('reason')}\n\n{table}"
+            f"@{promotion.get('alias')}: {promotion.get('reason')}"
+            if promotion
+            else "No model was registered: select_and_promote failed (see its task log)."
         )
+        (out / "grid_results.md").write_text(f"{headline}\n\n{table}")
         mlflow.log_artifacts(str(out))
         mlflow.log_dict({"rows": rows, "promotion": promotion}, "grid_results.json")
         best = next((r for r in rows if r["selected"]), None)

@@ -244,6 +244,69 @@ def evaluate_model_on_split(
     return evaluate(labels_to_index([r["label"] for r in rows]), np.concatenate(probs))["metrics"]
 
 
+def artifacts_missing(exc: BaseException) -> bool:
+    """True when loading a model failed because its files are gone (not for a transient error)."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, FileNotFoundError):
+        return True
+    return isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
+def compare_with_champion(
+    model_name: str,
+    candidate: dict[str, float],
+    split_path: str | Path,
+    images_dir: str | Path,
+    margin: float,
+    metric: str,
+) -> tuple[str, str, dict[str, Any] | None]:
+    """The alias a candidate earns, why, and the champion's test metrics re-measured on this split.
+
+    A champion whose model files are gone cannot serve either, so the candidate replaces it (the
+    old version stays registered); any other failure to load it is raised, so the task retries.
+    """
+    champion = current_champion(model_name)
+    if champion is None:
+        return CHAMPION, "no champion yet", None
+    version = str(champion.version)
+    try:
+        old = evaluate_model_on_split(f"models:/{model_name}/{version}", split_path, images_dir)
+    except Exception as exc:
+        if not artifacts_missing(exc):
+            raise
+        error = str(exc).strip().splitlines()[0]
+        log.warning(
+            "Champion %s v%s cannot be loaded (%s): the new model replaces it; v%s stays registered",
+            model_name,
+            version,
+            error,
+            version,
+        )
+        return (
+            CHAMPION,
+            f"champion v{version} cannot be loaded ({error}): replaced",
+            {
+                "version": version,
+                "error": error,
+            },
+        )
+    before = {"version": version, **{f"test_{k}": v for k, v in old.items()}}
+    new, old_value = candidate[f"test_{metric}"], old[metric]
+    if new >= old_value + margin:
+        return (
+            CHAMPION,
+            f"test {metric} {new:.4f} beats champion v{version} {old_value:.4f} + margin {margin}",
+            before,
+        )
+    return (
+        CHALLENGER,
+        f"test {metric} {new:.4f} does not beat champion v{version} {old_value:.4f} + margin "
+        f"{margin}: champion stays",
+        before,
+    )
+
+
 def select_and_promote(
     experiment_id: str,
     split_path: str | Path,
@@ -262,25 +325,9 @@ def select_and_promote(
     run = best_run(finished_runs(experiment_id, airflow_run_id))
     metrics = run.data.metrics
     candidate = {k: v for k, v in metrics.items() if k.startswith(("val_", "test_"))}
-    champion = current_champion(model_name)
-    before: dict[str, Any] | None = None
-    if champion is None:
-        alias, reason = CHAMPION, "no champion yet"
-    else:
-        old = evaluate_model_on_split(
-            f"models:/{model_name}/{champion.version}", split_path, images_dir
-        )
-        before = {"version": str(champion.version), **{f"test_{k}": v for k, v in old.items()}}
-        new, old_value = candidate[f"test_{metric}"], old[metric]
-        if new >= old_value + margin:
-            alias = CHAMPION
-            reason = f"test {metric} {new:.4f} beats champion v{champion.version} {old_value:.4f} + margin {margin}"
-        else:
-            alias = CHALLENGER
-            reason = (
-                f"test {metric} {new:.4f} does not beat champion v{champion.version} "
-                f"{old_value:.4f} + margin {margin}: champion stays"
-            )
+    alias, reason, before = compare_with_champion(
+        model_name, candidate, split_path, images_dir, margin, metric
+    )
     model_uri = run.data.tags.get("model_uri") or f"runs:/{run.info.run_id}/model"
     version = mlflow.register_model(model_uri, model_name, await_registration_for=300)
     tags = {
