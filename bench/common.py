@@ -53,19 +53,25 @@ def require(path: Path, what: str) -> Path:
     return path
 
 
-def matmul_gflops(dtype: str = "float32", n: int = 2048, repeats: int = 10) -> float:
-    """Measured TensorFlow matmul throughput on this machine (GFLOP/s)."""
+def matmul_gflops(
+    dtype: str = "float32", n: int = 2048, repeats: int = 10, trials: int = 5
+) -> float:
+    """Measured TensorFlow matmul throughput on this machine (GFLOP/s): the best of `trials` timings
+    of `repeats` n×n products, so that one slow moment does not lower the "peak"."""
     import tensorflow as tf
 
     a = tf.random.normal((n, n), dtype="float32")
     a = tf.cast(a, dtype)
     b = tf.identity(a)
     tf.linalg.matmul(a, b).numpy()  # warm-up
-    started = time.perf_counter()
-    for _ in range(repeats):
-        c = tf.linalg.matmul(a, b)
-    c.numpy()
-    return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
+    best = 0.0
+    for _ in range(trials):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            c = tf.linalg.matmul(a, b)
+        c.numpy()
+        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9)
+    return best
 
 
 def real_data_parser(doc: str) -> argparse.ArgumentParser:
