@@ -124,13 +124,14 @@ def main() -> None:
     val_rows = [r for r in rows if r["split"] == "val"]
     model_cfg = ModelConfig(input_size=224, weights=str(args.weights), variant="seed")
     paths = [args.data / r["path"] for r in rows]
+    if args.throughput_only:
+        print(machine())
+        print_throughput(paths, model_cfg, work)
+        return
+
     print(
         f"{machine()}\n{len(rows)} images ({len(train_rows)} train, {len(val_rows)} val), {args.epochs} epochs\n"
     )
-
-    if args.throughput_only:
-        print_throughput(paths, model_cfg, work)
-        return
 
     # Cached way: one pass, then nine head fits.
     t0 = time.perf_counter()
