@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, machine, parse_real_data_args, real_data_parser, table  # noqa: E402
+from common import OUT, logistic, machine, parse_real_data_args, real_data_parser, table  # noqa: E402
 
 #: Image transforms (on a batch n×h×w×3) for the flip views.
 FLIPS = {
@@ -33,17 +33,6 @@ FLIPS = {
     "flip up-down": lambda a: a[:, ::-1],
     "rotate 180°": lambda a: a[:, ::-1, ::-1],
 }
-
-
-def logistic(x_train, y_train):  # noqa: ANN001, ANN201
-    """The standardised logistic regression of bench/quality.py."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.5)).fit(
-        x_train, y_train
-    )
 
 
 def scores(y_true, probs) -> dict[str, float]:  # noqa: ANN001

@@ -91,3 +91,15 @@ def parse_real_data_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     require(args.data, "leukemia-dev images")
     require(args.weights, "VGG16 weights")
     return args
+
+
+def logistic(x_train: Any, y_train: Any) -> Any:
+    """The baseline classifier of the quality benchmarks: a standardised logistic regression (C 0.5),
+    fitted on frozen pooled features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.5)).fit(
+        x_train, y_train
+    )

@@ -16,20 +16,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, machine, parse_real_data_args, real_data_parser, table  # noqa: E402
+from common import OUT, logistic, machine, parse_real_data_args, real_data_parser, table  # noqa: E402
 
 
 def logistic_baseline(x_train, y_train, x_test, y_test) -> dict[str, float]:  # noqa: ANN001
-    """Standardised logistic regression on the frozen pooled features."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
+    """Test metrics of the standardised logistic regression on the frozen pooled features."""
     from leukemia.evaluation import evaluate
 
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.5))
-    clf.fit(x_train, y_train)
-    return evaluate(y_test, clf.predict_proba(x_test))["metrics"]
+    return evaluate(y_test, logistic(x_train, y_train).predict_proba(x_test))["metrics"]
 
 
 def rate_or_cached(ex) -> str:  # noqa: ANN001

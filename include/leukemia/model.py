@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from leukemia.config import CLASSES
+from leukemia.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,8 @@ def build_trunk(cfg: ModelConfig) -> Any:
                 base.load_weights(weights)
         except Exception as exc:
             expected = ", ".join(f"{w.path}{tuple(w.shape)}" for w in base.weights[:4])
-            first = str(exc).strip().splitlines()[0]
             raise ValueError(
-                f"cannot load VGG16 weights from {weights}: {first} Expected a VGG16 include_top=False "
+                f"cannot load VGG16 weights from {weights}: {first_line(exc)} Expected a VGG16 include_top=False "
                 f"file with 26 arrays ({VGG16_CONV_PARAMS:,} parameters), e.g. {expected}, ..."
             ) from exc
     else:

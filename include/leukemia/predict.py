@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from leukemia.config import BENIGN, CLASSES, env, tracking_uri
+from leukemia.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +106,6 @@ def _check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _is_unreachable(exc: BaseException) -> bool:
     """True for connection failures, whether raised by requests or wrapped by MLflow's client."""
     import requests
@@ -152,7 +148,7 @@ def resolve_model(model_uri: str | None = None) -> ModelRef:
         raise
     except Exception as exc:
         if _is_unreachable(exc):
-            raise PredictionError(f"cannot reach MLflow at {server}: {_first_line(exc)}") from None
+            raise PredictionError(f"cannot reach MLflow at {server}: {first_line(exc)}") from None
         if not isinstance(exc, MlflowException):
             raise
         code = getattr(exc, "error_code", "")
@@ -168,7 +164,7 @@ def resolve_model(model_uri: str | None = None) -> ModelRef:
                 "(leukemia_training) first, or pass --model with another model URI"
             ) from None
         raise PredictionError(
-            f"MLflow at {server} failed to resolve {uri}: {_first_line(exc)}"
+            f"MLflow at {server} failed to resolve {uri}: {first_line(exc)}"
         ) from None
     return ModelRef(
         uri=uri, pinned_uri=f"models:/{name}/{found.version}", name=name, version=str(found.version)
@@ -194,7 +190,7 @@ def check_model_shape(model: Any, uri: str) -> int:
         inputs, outputs = model.input_shape, model.output_shape
     except (AttributeError, ValueError) as exc:
         raise PredictionError(
-            f"model {uri} has no single input and output: {_first_line(exc)}"
+            f"model {uri} has no single input and output: {first_line(exc)}"
         ) from None
     ok_in = (
         isinstance(inputs, tuple) and len(inputs) == 4 and inputs[3] == 3 and inputs[1] == inputs[2]
@@ -221,10 +217,10 @@ def load_model(model: str | ModelRef | None = None) -> LoadedModel:
     except Exception as exc:
         if _is_unreachable(exc):
             raise PredictionError(
-                f"cannot reach MLflow at {tracking_uri()}: {_first_line(exc)}"
+                f"cannot reach MLflow at {tracking_uri()}: {first_line(exc)}"
             ) from None
         raise PredictionError(
-            f"cannot load a Keras model from {ref.pinned_uri}: {_first_line(exc)}"
+            f"cannot load a Keras model from {ref.pinned_uri}: {first_line(exc)}"
         ) from None
     size = check_model_shape(keras_model, ref.uri)
     log.info("Loaded %s (input %dx%d)", ref.describe(), size, size)
@@ -313,7 +309,7 @@ def collect_inputs(
                 keys = [o["Key"] for o in list_objects(client, bucket, prefix)]
             except Exception as exc:
                 skipped.append(
-                    Skipped(text, f"cannot list {text}: {_first_line(exc)}", transient=True)
+                    Skipped(text, f"cannot list {text}: {first_line(exc)}", transient=True)
                 )
                 continue
             if prefix and prefix in keys:  # one object named exactly
@@ -419,14 +415,14 @@ def _load(source: ImageSource, size: int) -> Any:
         data = source.read()
     except Exception as exc:
         return Skipped(
-            source.name, f"cannot read: {_first_line(exc)}", transient=not isinstance(exc, OSError)
+            source.name, f"cannot read: {first_line(exc)}", transient=not isinstance(exc, OSError)
         )
     try:
         return decode_image(data, size)
     except ImageRejected as exc:
         return Skipped(source.name, str(exc))
     except Exception as exc:  # anything Pillow raises on odd files
-        return Skipped(source.name, f"cannot decode: {_first_line(exc)}")
+        return Skipped(source.name, f"cannot decode: {first_line(exc)}")
 
 
 def _chunks(items: Iterable[ImageSource], n: int) -> Iterator[list[ImageSource]]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from leukemia.config import CLASSES, data_dir, env, mlflow_ui_url, tracking_uri
+from leukemia.errors import first_line
 
 if TYPE_CHECKING:
     from leukemia.training import TrainConfig
@@ -275,7 +276,7 @@ def compare_with_champion(
     except Exception as exc:
         if not artifacts_missing(exc):
             raise
-        error = str(exc).strip().splitlines()[0]
+        error = first_line(exc)
         log.warning(
             "Champion %s v%s cannot be loaded (%s): the new model replaces it; v%s stays registered",
             model_name,
