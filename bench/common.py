@@ -80,7 +80,11 @@ def real_data_parser(doc: str) -> argparse.ArgumentParser:
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", type=Path, default=DATA, help="folder of class subfolders")
-    parser.add_argument("--weights", type=Path, default=WEIGHTS, help="VGG16 no-top weights file")
+    parser.add_argument(
+        "--weights",
+        default=str(WEIGHTS),
+        help="VGG16 no-top weights: a file (default: ../shared's offline file), imagenet, or none",
+    )
     return parser
 
 
@@ -88,8 +92,15 @@ def parse_real_data_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     """Parse the arguments, quieten library logs, and exit clearly without the data or weights."""
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    from leukemia.weights import WeightsUnavailable, resolve_weights
+
     require(args.data, "leukemia-dev images")
-    require(args.weights, "VGG16 weights")
+    try:
+        args.weights = resolve_weights(args.weights)
+    except WeightsUnavailable as exc:
+        raise SystemExit(
+            f"{exc} (this benchmark defaults to ../shared's file: see README)"
+        ) from None
     return args
 
 

@@ -26,6 +26,7 @@ from airflow.sdk import (
     get_current_context,
     task,
 )
+from airflow.sdk.exceptions import AirflowFailException
 
 from leukemia.assets import champion_asset, raw_images_asset
 from leukemia.config import env
@@ -138,8 +139,12 @@ def leukemia_training() -> None:
     @task
     def extract_features(split: dict[str, Any]) -> dict[str, Any]:
         from leukemia import pipeline
+        from leukemia.weights import WeightsUnavailable
 
-        return pipeline.features(split, get_current_context()["params"])
+        try:
+            return pipeline.features(split, get_current_context()["params"])
+        except WeightsUnavailable as exc:  # a retry cannot fix a setting: fail at once, one line
+            raise AirflowFailException(str(exc)) from None
 
     @task
     def plan_grid() -> list[dict[str, Any]]:
@@ -169,12 +174,15 @@ def leukemia_training() -> None:
         }
         return pipeline.train_one(config, split, features, tags)
 
-    # a failed configuration must not stop the others from being compared and promoted
+    # a failed configuration must not stop the others from being compared and promoted; the split
+    # is pulled rather than wired in, so that the training tasks are the only upstream: when none of
+    # them succeeded, nothing is selected
     @task(outlets=[champion_asset()], trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)
-    def select_and_promote(results: list[dict[str, Any]], split: dict[str, Any]) -> dict[str, Any]:
+    def select_and_promote(results: list[dict[str, Any]]) -> dict[str, Any]:
         from leukemia import pipeline
 
         context = get_current_context()
+        split = context["ti"].xcom_pull(task_ids="build_split")
         margin = float(context["params"]["promotion_margin"])
         return pipeline.promote(split, context["run_id"], margin)
 
@@ -192,7 +200,7 @@ def leukemia_training() -> None:
     grid = plan_grid()
     data_changed(split) >> [features, grid]
     results = train.partial(split=split, features=features).expand_kwargs(grid)
-    report(results, select_and_promote(results, split))
+    report(results, select_and_promote(results))
 
 
 leukemia_training()

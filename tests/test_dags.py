@@ -59,7 +59,7 @@ def test_training_dag_structure(dagbag: Any) -> None:
     edges = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
     assert edges == {
         "sync_images": ["build_split"],
-        "build_split": ["data_changed", "extract_features", "select_and_promote", "train"],
+        "build_split": ["data_changed", "extract_features", "train"],
         "data_changed": ["extract_features", "plan_grid"],
         "extract_features": ["train"],
         "plan_grid": ["train"],
@@ -167,3 +167,54 @@ def test_training_dag_end_to_end(
     )
     assert int(challenger.version) > int(champion.version)
     assert "champion stays" in challenger.tags["selection"]
+
+
+@pytest.mark.slow
+def test_training_dag_fails_once_without_retries_when_weights_cannot_be_had(
+    airflow_db: Path,
+    dagbag: Any,
+    bucket: str,
+    mlflow_env: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A missing weights file fails extract_features on its first try; nothing downstream trains."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    from leukemia import tracking
+    from leukemia.storage import upload_folder
+    from leukemia.synthetic import generate
+
+    monkeypatch.setenv("LEUKEMIA_BUCKET", bucket)
+    generate(tmp_path / "source", n_per_class=3, size=48, seed=6)
+    upload_folder(tmp_path / "source", bucket, "raw/")
+    dag = dagbag.dags["leukemia_training"]
+    missing = tmp_path / "nowhere" / "vgg16_notop.weights.h5"
+    conf = {
+        "bucket": bucket,
+        "optimizers": ["adam"],
+        "batch_sizes": [8],
+        "variants": ["seed"],
+        "epochs": 1,
+        "input_size": 48,
+        "weights": str(missing),
+        "precision": "float32",
+    }
+
+    run = dag.test(run_conf=conf)
+    assert str(run.state) == "failed"
+    states = _states(dag, run.run_id)
+    assert states["extract_features"] == ["failed"]
+    assert set(states["train"]) <= {"upstream_failed"}
+    assert states["select_and_promote"] == ["upstream_failed"]
+    assert states["report"] == ["upstream_failed"]
+    with create_session() as session:
+        ti = (
+            session.query(TaskInstance)
+            .filter_by(dag_id=dag.dag_id, run_id=run.run_id, task_id="extract_features")
+            .one()
+        )
+        assert ti.try_number == 1  # AirflowFailException: no retry for a setting
+    assert tracking.finished_runs(tracking.setup(), run.run_id) == []
+    assert tracking.current_champion("leukemia-classifier") is None

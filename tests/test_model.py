@@ -15,8 +15,8 @@ from leukemia.model import (
     build_trunk,
     feature_width,
     trainable_params,
-    weights_identity,
 )
+from leukemia.weights import WeightsUnavailable, weights_identity
 
 
 def test_default_model_matches_the_reference_shape() -> None:
@@ -66,7 +66,7 @@ def test_local_weights_file_is_loaded(tmp_path: Path) -> None:
 
 
 def test_missing_weights_file_names_the_path(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nowhere.h5"):
+    with pytest.raises(WeightsUnavailable, match="nowhere.h5"):
         build_trunk(ModelConfig(input_size=32, weights=str(tmp_path / "nowhere.h5")))
 
 
@@ -76,7 +76,7 @@ def test_mismatched_weights_file_says_what_was_expected(tmp_path: Path) -> None:
     other = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
     path = tmp_path / "not_vgg.weights.h5"
     other.save_weights(path)
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(WeightsUnavailable) as err:  # a ValueError: a setting, not a passing fault
         build_trunk(ModelConfig(input_size=32, weights=str(path)))
     assert str(path) in str(err.value)
     assert "14,714,688" in str(err.value) and "block1_conv1" in str(err.value)

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from leukemia.config import CLASSES
-from leukemia.model import POOL_WIDTHS, POOLED_KEYS, VARIANTS, ModelConfig, weights_identity
+from leukemia.model import POOL_WIDTHS, POOLED_KEYS, VARIANTS, ModelConfig
+from leukemia.weights import weights_identity
 
 log = logging.getLogger(__name__)
 

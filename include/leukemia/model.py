@@ -13,16 +13,21 @@ fits the head; `assemble` joins the parts into one model that takes raw pixels, 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from leukemia.config import CLASSES
 from leukemia.errors import first_line
+from leukemia.weights import (
+    IMAGENET,
+    NONE,
+    WeightsUnavailable,
+    normalize,
+    resolve_weights,
+    weights_identity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,35 +74,14 @@ def feature_width(variant: str) -> int:
     return sum(POOL_WIDTHS[key.rsplit("_", 1)[0]] for key in VARIANTS[variant])
 
 
-def weights_identity(weights: str) -> str:
-    """A short, stable name for the base weights (part of the feature-cache key and MLflow params)."""
-    if weights in ("imagenet", "none", ""):
-        return weights or "none"
-    path = Path(weights)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"VGG16 weights file {path} does not exist: pass 'imagenet', 'none', or the path of a "
-            "VGG16 include_top=False weights file (.h5/.weights.h5)"
-        )
-    return f"{path.stem}-{_file_digest(str(path.resolve()), path.stat().st_mtime_ns)[:12]}"
-
-
-@lru_cache(maxsize=8)
-def _file_digest(path: str, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_trunk(cfg: ModelConfig) -> Any:
     """The frozen VGG16 conv base with the block3/4/5 pool outputs, weights loaded and checked."""
     import keras
 
-    weights = None if cfg.weights in ("none", "") else cfg.weights
+    value = normalize(cfg.weights)
+    weights = None if value == NONE else value
     shape = (cfg.input_size, cfg.input_size, 3)
-    if weights not in (None, "imagenet"):
+    if weights not in (None, IMAGENET):
         weights_identity(weights)  # fails early, naming the path, when the file is missing
         base = keras.applications.VGG16(include_top=False, weights=None, input_shape=shape)
         try:
@@ -106,11 +90,13 @@ def build_trunk(cfg: ModelConfig) -> Any:
                 base.load_weights(weights)
         except Exception as exc:
             expected = ", ".join(f"{w.path}{tuple(w.shape)}" for w in base.weights[:4])
-            raise ValueError(
+            raise WeightsUnavailable(
                 f"cannot load VGG16 weights from {weights}: {first_line(exc)} Expected a VGG16 include_top=False "
                 f"file with 26 arrays ({VGG16_CONV_PARAMS:,} parameters), e.g. {expected}, ..."
             ) from exc
     else:
+        if weights == IMAGENET:
+            resolve_weights(IMAGENET)  # from Keras' cache, or one download; one clear line if not
         if weights is None:
             # no weights (tests): a fixed random initialisation, so that the trunk that extracted the
             # cached features and the trunk inside the logged model are the same network

@@ -89,13 +89,18 @@ def needs_training(digest: str, force: bool = False, model_name: str | None = No
 
 
 def features(split_info: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """Cached base features of every image in the split (one pass serves every variant)."""
+    """Cached base features of every image in the split (one pass serves every variant).
+
+    The weights are resolved first: `WeightsUnavailable` (one line with the fix) before any image is read.
+    """
     from leukemia.dataset import read_split
     from leukemia.features import extract_features
     from leukemia.model import ModelConfig
+    from leukemia.weights import resolve_weights
 
+    weights = resolve_weights(str(params["weights"]))
     rows = read_split(split_info["path"])
-    cfg = ModelConfig(input_size=int(params["input_size"]), weights=str(params["weights"]))
+    cfg = ModelConfig(input_size=int(params["input_size"]), weights=weights)
     result = extract_features(
         [Path(split_info["images_dir"]) / r["path"] for r in rows],
         [r["sha256"] for r in rows],

@@ -74,7 +74,8 @@ def log_config(cfg: TrainConfig, dataset_digest: str) -> None:
     """Params of one configuration (everything needed to reproduce it)."""
     import mlflow
 
-    from leukemia.model import feature_width, weights_identity
+    from leukemia.model import feature_width
+    from leukemia.weights import weights_identity
 
     mlflow.log_params(
         {
