@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,14 +23,35 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def hermetic_env(workdir: Path) -> dict[str, str]:
+    """Settings that keep every file Airflow, Keras and matplotlib write inside `workdir`.
+
+    Keras' cache in the user's home is reused when it already exists (an ImageNet file downloaded
+    earlier is found there); the demo never creates it.
+    """
+    from leukemia.embedded import airflow_home_env
+
+    settings = {
+        **airflow_home_env(workdir / "airflow", ROOT),
+        "MPLCONFIGDIR": str(workdir / ".matplotlib"),
+        "MLFLOW_DISABLE_TELEMETRY": "true",  # nor ~/.config/mlflow, nor a call home
+    }
+    if not os.environ.get("KERAS_HOME") and not (Path.home() / ".keras").exists():
+        settings["KERAS_HOME"] = str(workdir / "keras")
+    return settings
+
+
 def embedded_env(workdir: Path, endpoint_url: str) -> dict[str, str]:
     """Environment for Airflow and the library on the embedded stack (existing values win for
     settings a user may want to override, such as the weights)."""
-    from leukemia.embedded import airflow_home_env, aws_connection_json
+    from leukemia.embedded import aws_connection_json
 
+    # the local S3 server is on loopback: a site's HTTP proxy must not be asked for it
+    given = os.environ.get("NO_PROXY") or os.environ.get("no_proxy") or ""
+    no_proxy = ",".join(filter(None, [given, "127.0.0.1", "localhost"]))
     return {
         **os.environ,
-        **airflow_home_env(workdir / "airflow", ROOT),
+        **hermetic_env(workdir),
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         "AIRFLOW_CONN_AWS_DEFAULT": aws_connection_json(endpoint_url),
         "LEUKEMIA_DATA_DIR": str(workdir),
@@ -39,17 +61,58 @@ def embedded_env(workdir: Path, endpoint_url: str) -> dict[str, str]:
             filter(None, [str(ROOT / "include"), os.environ.get("PYTHONPATH")])
         ),
         "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+        "NO_PROXY": no_proxy,
+        "no_proxy": no_proxy,
     }
 
 
-def airflow(args: list[str], environ: dict[str, str], quiet: bool = False) -> None:
-    """Run the `airflow` CLI of this interpreter's environment; raise with its output on failure."""
+def choose_weights(requested: str, synthetic: bool) -> tuple[str, str | None]:
+    """The weights the run will use, and a one-line notice when they fall back to `none`.
+
+    On synthetic smears the demo must finish offline, so ImageNet weights that cannot be had become
+    `none` (the synthetic classes are learnable from a random trunk); on real images, or for a weights
+    file the user named, they stop the demo before anything starts.
+    """
+    from leukemia.weights import IMAGENET, WeightsUnavailable, normalize, resolve_weights
+
+    try:
+        return resolve_weights(requested), None
+    except WeightsUnavailable as exc:
+        if not synthetic or normalize(requested) != IMAGENET:  # a file the user named must exist
+            raise
+        return "none", (
+            f"{exc}. This demo on synthetic smears runs with weights=none (a randomly initialised "
+            "VGG16) instead; its numbers say nothing about real images."
+        )
+
+
+def airflow(
+    args: list[str], environ: dict[str, str], quiet: bool = False, log_file: Path | None = None
+) -> None:
+    """Run the `airflow` CLI of this interpreter's environment; raise with its output on failure.
+
+    With `log_file`, the output is shown as it comes and also kept in that file.
+    """
     cmd = [str(Path(sys.executable).with_name("airflow")), *args]
-    proc = subprocess.run(cmd, env=environ, capture_output=quiet, text=True)
-    if proc.returncode != 0:
-        detail = (proc.stdout or "")[-4000:] + (proc.stderr or "")[-4000:] if quiet else ""
+    if log_file is None:
+        proc = subprocess.run(cmd, env=environ, capture_output=quiet, text=True)
+        returncode, detail = proc.returncode, ""
+        if quiet:
+            detail = (proc.stdout or "")[-4000:] + (proc.stderr or "")[-4000:]
+    else:
+        with (
+            open(log_file, "w") as out,
+            subprocess.Popen(
+                cmd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            ) as proc,
+        ):
+            for line in proc.stdout or ():
+                sys.stdout.write(line)
+                out.write(line)
+        returncode, detail = proc.returncode, ""
+    if returncode != 0:
         raise RuntimeError(
-            f"`airflow {' '.join(args)}` failed with exit code {proc.returncode}\n{detail}"
+            f"`airflow {' '.join(args)}` failed with exit code {returncode}\n{detail}"
         )
 
 
@@ -66,6 +129,68 @@ def champion_summary(environ: dict[str, str]) -> dict[str, Any] | None:
     return {"version": version.version, "run_id": version.run_id, **version.tags}
 
 
+def failed_tasks(airflow_home: Path, dag_id: str) -> tuple[str, list[tuple[str, str]]]:
+    """The latest run of `dag_id` and its tasks that did not succeed, as (task label, state)."""
+    import sqlite3
+
+    with sqlite3.connect(f"file:{airflow_home / 'airflow.db'}?mode=ro", uri=True) as db:
+        row = db.execute(
+            "SELECT run_id FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1", (dag_id,)
+        ).fetchone()
+        if row is None:
+            return "", []
+        tis = db.execute(
+            "SELECT task_id, map_index, state FROM task_instance "
+            "WHERE dag_id = ? AND run_id = ? AND state IN ('failed', 'upstream_failed') "
+            "ORDER BY start_date IS NULL, start_date, task_id, map_index",
+            (dag_id, row[0]),
+        ).fetchall()
+    return row[0], [(t if m < 0 else f"{t}[{m}]", state) for t, m, state in tis]
+
+
+_STARTING = re.compile(r"\[DAG TEST\] starting task_id=(\S+) map_index=(-?\d+)")
+_STAMPED = re.compile(r"^\d{4}-\d\d-\d\dT")
+_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Unavailable)\b.*?: ")
+
+
+def task_errors(log_text: str) -> dict[str, str]:
+    """The last exception line of each task that failed, from `airflow dags test` output."""
+    errors: dict[str, str] = {}
+    task, in_traceback, last = "", False, ""
+    for line in [*log_text.splitlines(), "0000-00-00T end"]:
+        if _STAMPED.match(line):
+            if in_traceback and task and last:
+                errors[task] = last
+            in_traceback, last = "Task failed with exception" in line, ""
+            if started := _STARTING.search(line):
+                name, index = started.group(1), int(started.group(2))
+                task = name if index < 0 else f"{name}[{index}]"
+        elif in_traceback and _EXCEPTION.match(line):
+            last = re.sub(r"^[\w.]+\.(\w+:)", r"\1", line.strip())  # without the module path
+    return errors
+
+
+def diagnosis(
+    airflow_home: Path, log_file: Path, dag_id: str = "leukemia_training", limit: int = 8
+) -> list[str]:
+    """A short account of a failed run: the failed tasks, the first error line of each, the log."""
+    run_id, tasks = failed_tasks(airflow_home, dag_id)
+    if not run_id:
+        return [f"No run of {dag_id} was recorded; the output is in {log_file}."]
+    errors = task_errors(log_file.read_text(errors="replace")) if log_file.is_file() else {}
+    failed = [label for label, state in tasks if state == "failed"]
+    lines = [f"{dag_id} run {run_id} failed:"]
+    for label in failed[:limit]:
+        lines.append(f"  {label}: {errors.get(label, 'no error line in the output')[:300]}")
+    if len(failed) > limit:
+        lines.append(f"  … and {len(failed) - limit} more failed tasks")
+    blocked = sorted({label.split("[")[0] for label, state in tasks if state == "upstream_failed"})
+    if blocked:
+        lines.append(f"  not run because of them: {', '.join(blocked)}")
+    lines.append(f"Full output with the task logs: {log_file}")
+    return lines
+
+
 def run_demo(
     data: Path | None = None,
     workdir: Path | None = None,
@@ -73,13 +198,26 @@ def run_demo(
     size: int = 224,
     conf: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
-    """Run the whole training pipeline once on the embedded stack and return the champion summary."""
+    """Run the whole training pipeline once on the embedded stack and return the champion summary.
+
+    Returns None when the pipeline failed (after printing which tasks failed and why). Raises
+    `WeightsUnavailable` before starting anything when real images are given and the weights
+    cannot be had.
+    """
+    workdir = (workdir or ROOT / "data" / "demo").resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.environ.update(hermetic_env(workdir))  # before anything imports Airflow, Keras or matplotlib
     from leukemia.embedded import S3Server
     from leukemia.storage import upload_folder
     from leukemia.synthetic import generate
 
-    workdir = (workdir or ROOT / "data" / "demo").resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    run_conf: dict[str, Any] = {"input_size": size, **(conf or {})}
+    weights, notice = choose_weights(
+        str(run_conf.get("weights") or env("LEUKEMIA_WEIGHTS")), synthetic=data is None
+    )
+    run_conf["weights"] = weights
+    if notice:
+        print(f"Notice: {notice}", flush=True)
     if data is None:
         data = workdir / "source"
         if not any(data.glob("*/*.jpg")):
@@ -88,18 +226,42 @@ def run_demo(
     with S3Server() as s3:
         environ = embedded_env(workdir, s3.endpoint_url)
         os.environ.update(
-            {k: environ[k] for k in ("AIRFLOW_CONN_AWS_DEFAULT", "LEUKEMIA_DATA_DIR")}
+            {
+                k: environ[k]
+                for k in ("AIRFLOW_CONN_AWS_DEFAULT", "LEUKEMIA_DATA_DIR", "NO_PROXY", "no_proxy")
+            }
         )
         upload_folder(data, bucket, env("LEUKEMIA_RAW_PREFIX"))
         airflow(["db", "migrate"], environ, quiet=True)
         before = champion_summary(environ)
-        run_conf = {"input_size": size, **(conf or {})}
         print(
             f"Running leukemia_training on the embedded stack (conf {json.dumps(run_conf)})",
             flush=True,
         )
-        airflow(["dags", "test", "leukemia_training", "--conf", json.dumps(run_conf)], environ)
+        try:
+            airflow(
+                ["dags", "test", "leukemia_training", "--conf", json.dumps(run_conf)],
+                environ,
+                log_file=workdir / "last_run.log",
+            )
+        except RuntimeError:
+            print("\n=== The pipeline failed ===")
+            print("\n".join(diagnosis(Path(environ["AIRFLOW_HOME"]), workdir / "last_run.log")))
+            if notice:
+                print(f"Notice: {notice}")
+            return None
     summary = champion_summary(environ)
+    print_summary(summary, before, environ, notice)
+    return summary
+
+
+def print_summary(
+    summary: dict[str, Any] | None,
+    before: dict[str, Any] | None,
+    environ: dict[str, str],
+    notice: str | None,
+) -> None:
+    """The champion's version, configuration and metrics, and how to look at the run."""
     uri = environ["MLFLOW_TRACKING_URI"]
     print("\n=== Champion ===")
     if summary is None:
@@ -122,6 +284,8 @@ def run_demo(
                 "above say which). To train anyway: .venv/bin/python -m leukemia demo --conf "
                 "'{\"force_retrain\": true}'"
             )
+    if notice:
+        print(f"Notice: {notice}")
     print("\nLook at it:")
     print(
         f"  MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000  → http://127.0.0.1:5000"
@@ -129,4 +293,3 @@ def run_demo(
     print(
         f"  Airflow UI: AIRFLOW_HOME={environ['AIRFLOW_HOME']} .venv/bin/airflow standalone  → http://127.0.0.1:8080"
     )
-    return summary
