@@ -1,4 +1,9 @@
-"""Training the head on cached features: it learns, all optimizers train, it is seeded."""
+"""Training the head on cached features: it learns, all optimizers train, it is seeded.
+
+The statistical tests hold on any x86-64 CPU (oneDNN picks other kernels with and without AVX-512):
+about 120 held-out images, a learning bar far below what the head reaches (0.97-1.0 measured) and far
+above chance, and a shuffled-label bar derived from the sample size.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,15 @@ from leukemia.model import ModelConfig
 from leukemia.training import TrainConfig, fit_head, grid, split_arrays
 
 SIZE = 48
+PER_CLASS = 100
+LEARNED = 0.85  # a head that learns reaches 0.97-1.0 here; one that does not, about 0.25
 pytestmark = pytest.mark.slow
+
+
+def chance_bound(n: int, classes: int = 4, sigmas: float = 4.0) -> float:
+    """Highest accuracy a head without information reaches on n images, but once in ~30,000."""
+    p = 1 / classes
+    return p + sigmas * (p * (1 - p) / n) ** 0.5
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +35,7 @@ def learn_set(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from leukemia.synthetic import generate
 
     root = tmp_path_factory.mktemp("learn")
-    generate(root / "images", n_per_class=60, size=SIZE, seed=11)
+    generate(root / "images", n_per_class=PER_CLASS, size=SIZE, seed=11)
     info = make_split(root / "images", root / "splits", fractions=(0.5, 0.2, 0.3))
     rows = read_split(info.path)
     cfg = ModelConfig(input_size=SIZE, weights="none")
@@ -52,14 +65,15 @@ def test_head_learns_synthetic_classes(learn_set: dict, variant: str) -> None:
     )
     head, history = fit_head(cfg, *data["train"][:2], *data["val"][:2])
     acc = _accuracy(head, *data["test"][:2])
-    assert len(data["test"][1]) >= 60
-    assert acc >= 0.9, f"{variant}: held-out accuracy {acc:.3f}"
+    assert len(data["test"][1]) >= 100
+    assert acc >= LEARNED, f"{variant}: held-out accuracy {acc:.3f}"
 
 
-def test_shuffled_labels_stay_near_chance(learn_set: dict) -> None:
+def test_head_trained_and_stopped_on_shuffled_labels_stays_at_chance(learn_set: dict) -> None:
+    """The control: no true label reaches the head, neither in training nor in early stopping."""
     data = split_arrays(learn_set["rows"], learn_set["cache"], "multiscale")
-    x, y = data["train"][:2]
-    shuffled = np.random.default_rng(0).permutation(y)
+    rng = np.random.default_rng(0)
+    (x, y), (x_val, y_val) = data["train"][:2], data["val"][:2]
     cfg = TrainConfig(
         optimizer="adam",
         batch_size=16,
@@ -67,8 +81,10 @@ def test_shuffled_labels_stay_near_chance(learn_set: dict) -> None:
         patience=20,
         model=ModelConfig(SIZE, "none", "multiscale"),
     )
-    head, _ = fit_head(cfg, x, shuffled, *data["val"][:2])
-    assert _accuracy(head, *data["test"][:2]) <= 0.45
+    head, _ = fit_head(cfg, x, rng.permutation(y), x_val, rng.permutation(y_val))
+    n = len(data["test"][1])
+    assert chance_bound(n) < LEARNED  # the two bars are apart: the test can tell them
+    assert _accuracy(head, *data["test"][:2]) <= chance_bound(n)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "rmsprop"])
@@ -82,7 +98,7 @@ def test_every_optimizer_trains(learn_set: dict, optimizer: str) -> None:
         model=ModelConfig(SIZE, "none", "multiscale"),
     )
     head, history = fit_head(cfg, *data["train"][:2], *data["val"][:2])
-    assert _accuracy(head, *data["test"][:2]) >= 0.85
+    assert _accuracy(head, *data["test"][:2]) >= LEARNED
     assert min(history["val_loss"]) < 0.6 * history["val_loss"][0]
 
 
