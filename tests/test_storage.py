@@ -37,16 +37,15 @@ from leukemia.embedded import (
     S3Server,
     aws_connection_json,
 )
+from leukemia.images import iter_image_files, validate_image
 from leukemia.storage import (
     MANIFEST_NAME,
     REPORT_NAME,
     SyncResult,
     dataset_digest,
-    iter_image_files,
     s3_client,
     sync_images,
     upload_folder,
-    validate_image,
 )
 
 # --- helpers ----------------------------------------------------------------------------------

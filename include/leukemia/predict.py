@@ -13,7 +13,6 @@ is a `PredictionError` whose message is one line saying what happened and what t
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 import socket
@@ -27,6 +26,7 @@ from urllib.parse import urlparse
 
 from leukemia.config import BENIGN, CLASSES, env, tracking_uri
 from leukemia.errors import first_line
+from leukemia.images import IMAGE_SUFFIXES, ImageRejected, decode_image, is_image_name, iter_folder
 
 log = logging.getLogger(__name__)
 
@@ -247,27 +247,6 @@ class Skipped:
     transient: bool = False
 
 
-def _image_suffixes() -> tuple[str, ...]:
-    from leukemia.storage import IMAGE_SUFFIXES
-
-    return IMAGE_SUFFIXES
-
-
-def is_image_name(name: str) -> bool:
-    """True for names ending in a known image suffix (case-insensitive)."""
-    return name.lower().endswith(_image_suffixes())
-
-
-def iter_folder(folder: Path) -> Iterator[Path]:
-    """Image files under `folder`, recursively, sorted; hidden files and folders are left out."""
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder).parts
-        if any(p.startswith(".") for p in rel):
-            continue
-        if path.is_file() and is_image_name(path.name):
-            yield path
-
-
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """`s3://bucket/prefix` → (bucket, prefix)."""
     parsed = urlparse(uri)
@@ -319,9 +298,7 @@ def collect_inputs(
             images = [k for k in keys if is_image_name(k) and not k.endswith("/")]
             if not images:
                 skipped.append(
-                    Skipped(
-                        text, f"no images under {text} (expected {', '.join(_image_suffixes())})"
-                    )
+                    Skipped(text, f"no images under {text} (expected {', '.join(IMAGE_SUFFIXES)})")
                 )
             sources.extend(s3_source(client, bucket, k) for k in images)
             continue
@@ -330,7 +307,7 @@ def collect_inputs(
             found = [ImageSource(str(p), p.read_bytes) for p in iter_folder(path)]
             if not found:
                 skipped.append(
-                    Skipped(text, f"no images in folder (expected {', '.join(_image_suffixes())})")
+                    Skipped(text, f"no images in folder (expected {', '.join(IMAGE_SUFFIXES)})")
                 )
             sources.extend(found)
         elif path.is_file():
@@ -398,19 +375,8 @@ class Batch:
     scored_at: str = ""
 
 
-def decode_image(data: bytes, size: int) -> Any:
-    """Validated RGB float32 pixels (size, size, 3), resized exactly as the training pipeline does."""
-    from leukemia.features import load_image
-    from leukemia.storage import validate_image
-
-    validate_image(data)  # raises ImageRejected with the reason
-    return load_image(io.BytesIO(data), size)  # type: ignore[arg-type]  # Pillow opens file objects too
-
-
 def _load(source: ImageSource, size: int) -> Any:
     """Pixels of one source, or a Skipped with the reason."""
-    from leukemia.storage import ImageRejected
-
     try:
         data = source.read()
     except Exception as exc:

@@ -7,7 +7,6 @@ credentials and the endpoint. S3 is only ever read by the sync: bad objects are 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -24,19 +23,20 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from leukemia.config import CLASSES, StorageConfig
+from leukemia.images import (
+    IMAGE_SUFFIXES,
+    ImageRejected,
+    class_of_folder,
+    is_image_name,
+    iter_image_files,
+    validate_image,
+)
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "sync_manifest.json"
 REPORT_NAME = "sync_report.json"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-MIN_IMAGE_SIDE = 32
 PROGRESS_EVERY = 200
-_CLASS_BY_FOLDER = {c.lower(): c for c in CLASSES}
-
-
-class ImageRejected(ValueError):
-    """A downloaded object is not a usable image; the message is the reason."""
 
 
 @dataclass
@@ -93,35 +93,12 @@ def classify_key(key: str, prefix: str) -> tuple[str, str] | str:
         return "outside a class folder: expected <prefix>/<Benign|Early|Pre|Pro>/<name>"
     if len(parts) > 2:
         return "nested folder: expected <prefix>/<Benign|Early|Pre|Pro>/<name>"
-    label = _CLASS_BY_FOLDER.get(parts[0].lower())
+    label = class_of_folder(parts[0])
     if label is None:
         return f"unknown class folder {parts[0]!r}: expected one of {', '.join(CLASSES)}"
-    if not parts[1].lower().endswith(IMAGE_SUFFIXES):
+    if not is_image_name(parts[1]):
         return f"not an image file name (expected one of {', '.join(IMAGE_SUFFIXES)})"
     return label, parts[1]
-
-
-def validate_image(data: bytes) -> tuple[int, int]:
-    """Decode `data` fully; return (width, height) or raise ImageRejected with the reason."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        raise ImageRejected("empty object (0 bytes)")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.verify()
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            width, height = img.size
-    except UnidentifiedImageError:
-        raise ImageRejected("not an image: Pillow cannot identify it") from None
-    except Image.DecompressionBombError as exc:  # not an OSError: would abort the whole sync
-        raise ImageRejected(f"image too large: {exc}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageRejected(f"corrupt or truncated image: {exc}") from None
-    if min(width, height) < MIN_IMAGE_SIDE:
-        raise ImageRejected(f"image too small: {width}x{height}, need at least {MIN_IMAGE_SIDE} px")
-    return width, height
 
 
 def dataset_digest(entries: Iterable[tuple[str, str]]) -> str:
@@ -376,18 +353,6 @@ def sync_images(
         result.digest[:12],
     )
     return result
-
-
-def iter_image_files(source: Path) -> Iterator[tuple[str, Path]]:
-    """(class, path) for every image in a `<Class>/<name>` folder, classes matched case-insensitively."""
-    for folder in sorted(p for p in Path(source).iterdir() if p.is_dir()):
-        label = _CLASS_BY_FOLDER.get(folder.name.lower())
-        if label is None:
-            log.warning("Ignoring folder %s: not one of %s", folder, ", ".join(CLASSES))
-            continue
-        for path in sorted(folder.iterdir()):
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                yield label, path
 
 
 def upload_folder(
