@@ -196,6 +196,43 @@ def load_manifest(local_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+@dataclass(frozen=True)
+class _Download:
+    """One object to fetch: its key, listing identity, local path and the path of its old copy."""
+
+    key: str
+    ident: dict[str, Any]
+    rel: str
+    old: str | None
+
+
+@dataclass
+class _Sync:
+    """What the steps of one sync share: where from, where to, the manifest and the tally."""
+
+    cfg: StorageConfig
+    client: Any
+    root: Path
+    prefix: str
+    manifest: dict[str, Any]
+    attempts: int
+    result: SyncResult = field(default_factory=SyncResult)
+
+    @property
+    def images(self) -> dict[str, Any]:
+        return self.manifest["images"]
+
+    @property
+    def rejected(self) -> dict[str, Any]:
+        return self.manifest["rejected"]
+
+    def skip(self, key: str, reason: str, remember: dict[str, Any] | None = None) -> None:
+        """Report `key` as skipped; with its identity, remember the reason until the object changes."""
+        if remember is not None:
+            self.rejected[key] = {**remember, "reason": reason}
+        self.result.skipped.append({"key": key, "reason": reason})
+
+
 def sync_images(
     cfg: StorageConfig,
     client: Any | None = None,
@@ -215,127 +252,166 @@ def sync_images(
     for stale in root.rglob(".*.part"):  # temporary files of a sync killed mid-write
         stale.unlink(missing_ok=True)
     prefix = cfg.prefix if not cfg.prefix or cfg.prefix.endswith("/") else cfg.prefix + "/"
-    client = client or s3_client(cfg.conn_id, workers=workers)
-    manifest = load_manifest(root)
-    images: dict[str, Any] = manifest["images"]
-    rejected: dict[str, Any] = manifest["rejected"]
-    result = SyncResult()
+    run = _Sync(
+        cfg=cfg,
+        client=client or s3_client(cfg.conn_id, workers=workers),
+        root=root,
+        prefix=prefix,
+        manifest=load_manifest(root),
+        attempts=attempts,
+    )
+    listing = _list(run)
+    _forget_deleted(run, listing)
+    _fetch_all(run, _plan(run, listing), workers, checkpoint_every)
+    return _finish(run, started)
 
+
+def _list(run: _Sync) -> dict[str, dict[str, Any]]:
+    """key → listing entry of every object under the prefix; a clear error when it cannot be listed."""
+    cfg = run.cfg
     try:
-        listing = {o["Key"]: o for o in list_objects(client, cfg.bucket, prefix)}
+        listing = {o["Key"]: o for o in list_objects(run.client, cfg.bucket, run.prefix)}
     except Exception as exc:
         raise RuntimeError(
-            f"cannot list s3://{cfg.bucket}/{prefix} through connection {cfg.conn_id!r}: {exc}. "
+            f"cannot list s3://{cfg.bucket}/{run.prefix} through connection {cfg.conn_id!r}: {exc}. "
             "Check that the bucket exists and the connection's credentials and endpoint_url."
         ) from exc
-    result.listed = len(listing)
+    run.result.listed = len(listing)
+    return listing
 
-    # Objects gone from S3: forget them, keep their local copies in trash/.
-    for key in [k for k in images if k not in listing]:
-        entry = images.pop(key)
-        _move_aside(root / entry["path"], root, "trash", entry["path"])
-        result.deleted += 1
+
+def _forget_deleted(run: _Sync, listing: dict[str, Any]) -> None:
+    """Objects gone from S3: forget them, keep their local copies in trash/."""
+    for key in [k for k in run.images if k not in listing]:
+        entry = run.images.pop(key)
+        _move_aside(run.root / entry["path"], run.root, "trash", entry["path"])
+        run.result.deleted += 1
         log.info("Object %s was deleted from S3; local copy moved to trash/", key)
-    for key in [k for k in rejected if k not in listing]:
-        rejected.pop(key)
+    for key in [k for k in run.rejected if k not in listing]:
+        run.rejected.pop(key)
 
-    owners = {e["path"]: k for k, e in images.items()}
-    todo: list[tuple[str, str, dict[str, Any]]] = []
+
+def _plan(run: _Sync, listing: dict[str, dict[str, Any]]) -> list[_Download]:
+    """The objects to download; unchanged ones and those that cannot be used are tallied instead."""
+    owners = {e["path"]: k for k, e in run.images.items()}
+    todo: list[_Download] = []
     for key, obj in sorted(listing.items()):
         if key.endswith("/") and int(obj["Size"]) == 0:
             continue  # a "folder" marker made by consoles
         ident = _identity(obj)
-        if key in images and all(images[key][k] == v for k, v in ident.items()):
-            result.unchanged += 1
-            continue
-        if key in rejected and all(rejected[key][k] == v for k, v in ident.items()):
-            result.skipped.append({"key": key, "reason": rejected[key]["reason"]})
-            continue
-        where = classify_key(key, prefix)
-        if isinstance(where, str):
-            rejected[key] = {**ident, "reason": where}
-            result.skipped.append({"key": key, "reason": where})
-            continue
-        if ident["size"] == 0:
-            rejected[key] = {**ident, "reason": "empty object (0 bytes)"}
-            result.skipped.append({"key": key, "reason": "empty object (0 bytes)"})
-            continue
-        rel = f"{where[0]}/{where[1]}"
-        if owners.get(rel, key) != key:
-            reason = f"another key ({owners[rel]}) already maps to the local file {rel}"
-            result.skipped.append({"key": key, "reason": reason})
-            continue
-        owners[rel] = key
-        todo.append((key, rel, ident))
+        if _same(run.images.get(key), ident):
+            run.result.unchanged += 1
+        elif _same(run.rejected.get(key), ident):
+            run.skip(key, run.rejected[key]["reason"])
+        elif (item := _triage(run, key, ident, owners)) is not None:
+            todo.append(item)
+    return todo
 
-    done = 0
 
-    def fetch(key: str, rel: str) -> tuple[str, str]:
-        """Download, check and store one object in a worker thread: (outcome, sha256 or reason).
+def _same(entry: dict[str, Any] | None, ident: dict[str, Any]) -> bool:
+    """True when a manifest entry was made from exactly this listing identity."""
+    return entry is not None and all(entry[k] == v for k, v in ident.items())
 
-        Decoding and fsync'd writes run here, beside the downloads, rather than one at a time
-        in the thread that collects results.
-        """
 
-        def get() -> bytes:
-            response = client.get_object(Bucket=cfg.bucket, Key=key)
-            return response["Body"].read()
+def _triage(
+    run: _Sync, key: str, ident: dict[str, Any], owners: dict[str, str]
+) -> _Download | None:
+    """A new or changed object: the download to make, or None when the listing alone rejects it."""
+    where = classify_key(key, run.prefix)
+    if isinstance(where, str):
+        run.skip(key, where, remember=ident)
+        return None
+    if ident["size"] == 0:
+        run.skip(key, "empty object (0 bytes)", remember=ident)
+        return None
+    rel = f"{where[0]}/{where[1]}"
+    if owners.get(rel, key) != key:
+        run.skip(key, f"another key ({owners[rel]}) already maps to the local file {rel}")
+        return None
+    owners[rel] = key
+    old = run.images.get(key)
+    return _Download(key, ident, rel, old["path"] if old else None)
 
-        try:
-            data = _with_backoff(get, attempts)
-        except Exception as exc:  # one object failing must not stop the others
-            return "failed", f"download failed: {exc}"
-        old = images.get(key)
-        try:
-            validate_image(data)
-        except ImageRejected as exc:
-            _atomic_write_bytes(root / "quarantine" / rel, data)
-            if old is not None:  # the object was replaced by a bad version
-                _move_aside(root / old["path"], root, "trash", old["path"])
-            return "rejected", str(exc)
-        if old is not None and (root / old["path"]).exists():
-            _move_aside(root / old["path"], root, "trash", old["path"])
-        _atomic_write_bytes(root / rel, data)
-        return "stored", hashlib.sha256(data).hexdigest()
 
+def _fetch(run: _Sync, item: _Download) -> tuple[str, str]:
+    """Download, check and store one object in a worker thread: (outcome, sha256 or reason).
+
+    Decoding and fsync'd writes run here, beside the downloads, rather than one at a time
+    in the thread that collects results.
+    """
+
+    def get() -> bytes:
+        return run.client.get_object(Bucket=run.cfg.bucket, Key=item.key)["Body"].read()
+
+    try:
+        data = _with_backoff(get, run.attempts)
+    except Exception as exc:  # one object failing must not stop the others
+        return "failed", f"download failed: {exc}"
+    root = run.root
+    try:
+        validate_image(data)
+    except ImageRejected as exc:
+        _atomic_write_bytes(root / "quarantine" / item.rel, data)
+        if item.old is not None:  # the object was replaced by a bad version
+            _move_aside(root / item.old, root, "trash", item.old)
+        return "rejected", str(exc)
+    if item.old is not None and (root / item.old).exists():
+        _move_aside(root / item.old, root, "trash", item.old)
+    _atomic_write_bytes(root / item.rel, data)
+    return "stored", hashlib.sha256(data).hexdigest()
+
+
+def _apply(run: _Sync, item: _Download, outcome: str, detail: str) -> None:
+    """Record one finished download in the manifest and the tally (in the collecting thread)."""
+    if outcome == "failed":
+        run.result.failed.append({"key": item.key, "reason": detail})
+        log.warning("Download of %s failed, will retry next sync: %s", item.key, detail)
+        return
+    run.result.downloaded += 1
+    if outcome == "rejected":
+        run.images.pop(item.key, None)
+        run.skip(item.key, detail, remember=item.ident)
+        log.warning("Quarantined %s: %s", item.key, detail)
+        return
+    run.rejected.pop(item.key, None)
+    run.result.stored += 1
+    label = item.rel.split("/")[0]
+    run.images[item.key] = {**item.ident, "path": item.rel, "label": label, "sha256": detail}
+
+
+def _fetch_all(run: _Sync, todo: list[_Download], workers: int, checkpoint_every: int) -> None:
+    """Fetch `todo` on `workers` threads; checkpoint the manifest every `checkpoint_every` objects."""
     log.info(
         "Syncing s3://%s/%s: %d listed, %d unchanged, %d to download",
-        cfg.bucket,
-        prefix,
-        result.listed,
-        result.unchanged,
+        run.cfg.bucket,
+        run.prefix,
+        run.result.listed,
+        run.result.unchanged,
         len(todo),
     )
+    done = 0
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, _cancel_on_interrupt(pool):
-        futures = {pool.submit(fetch, key, rel): (key, rel, ident) for key, rel, ident in todo}
+        futures = {pool.submit(_fetch, run, item): item for item in todo}
         for future in as_completed(futures):
-            key, rel, ident = futures[future]
             outcome, detail = future.result()
+            _apply(run, futures[future], outcome, detail)
             if outcome == "failed":
-                result.failed.append({"key": key, "reason": detail})
-                log.warning("Download of %s failed, will retry next sync: %s", key, detail)
                 continue
-            result.downloaded += 1
-            if outcome == "rejected":
-                images.pop(key, None)
-                rejected[key] = {**ident, "reason": detail}
-                result.skipped.append({"key": key, "reason": detail})
-                log.warning("Quarantined %s: %s", key, detail)
-            else:
-                rejected.pop(key, None)
-                result.stored += 1
-                images[key] = {**ident, "path": rel, "label": rel.split("/")[0], "sha256": detail}
             done += 1
             if done % checkpoint_every == 0:  # compact: indented JSON has no C encoder
-                _atomic_write_json(root / MANIFEST_NAME, manifest, indent=None)
+                _atomic_write_json(run.root / MANIFEST_NAME, run.manifest, indent=None)
             if done % PROGRESS_EVERY == 0:
                 log.info("Downloaded %d/%d objects", done, len(todo))
 
-    result.images = len(images)
-    result.digest = dataset_digest((e["label"], e["sha256"]) for e in images.values())
-    manifest["digest"] = result.digest
-    manifest["bucket"], manifest["prefix"] = cfg.bucket, prefix
-    _atomic_write_json(root / MANIFEST_NAME, manifest)
+
+def _finish(run: _Sync, started: float) -> SyncResult:
+    """Write the final manifest (with the digest) and the report; log the tally."""
+    result, root = run.result, run.root
+    result.images = len(run.images)
+    result.digest = dataset_digest((e["label"], e["sha256"]) for e in run.images.values())
+    run.manifest["digest"] = result.digest
+    run.manifest["bucket"], run.manifest["prefix"] = run.cfg.bucket, run.prefix
+    _atomic_write_json(root / MANIFEST_NAME, run.manifest)
     result.seconds = round(time.monotonic() - started, 3)
     result.manifest_path = str(root / MANIFEST_NAME)
     result.report_path = str(root / REPORT_NAME)
