@@ -519,6 +519,71 @@ def test_image_replaced_by_a_corrupt_version_leaves_the_data_set(
     )
 
 
+# --- one object never stops the sync ---------------------------------------------------------
+
+
+def test_overlong_file_name_is_skipped_with_a_reason_and_the_others_land(
+    aws_env: S3Server, bucket: str, client: Any, images_dir: Path
+) -> None:
+    good = good_set(4)
+    near_limit = "raw/Pro/" + "b" * 190 + ".jpg"  # 194 bytes: its temporary name must still fit
+    too_long = {
+        "raw/Benign/" + "a" * 230 + ".jpg": jpeg(11),  # legal for S3 and for the file system
+        "raw/Early/" + "é" * 100 + ".jpg": jpeg(12),  # 204 bytes in UTF-8, 104 characters
+    }
+    put_all(client, bucket, {**good, near_limit: jpeg(13), **too_long})
+    aws_env.requests.reset()
+
+    result = sync_images(StorageConfig(bucket=bucket, local_dir=images_dir))
+
+    assert result.failed == []
+    assert result.images == len(good) + 1
+    assert local_path(images_dir, near_limit).read_bytes() == jpeg(13)
+    reasons = {s["key"]: s["reason"] for s in result.skipped}
+    assert set(reasons) == set(too_long)
+    assert all("file name too long" in r and "at most 200 bytes" in r for r in reasons.values())
+    assert gets(aws_env) == len(good) + 1  # the listing alone rejects them: never downloaded
+    report = json.loads((images_dir / REPORT_NAME).read_text())
+    assert {s["key"] for s in report["skipped"]} == set(too_long)
+    assert set(json.loads((images_dir / MANIFEST_NAME).read_text())["images"]) == {
+        *good,
+        near_limit,
+    }
+
+
+def test_unexpected_error_storing_one_object_is_recorded_as_failed_and_the_rest_land(
+    aws_env: S3Server, bucket: str, client: Any, images_dir: Path
+) -> None:
+    objects = good_set(8)
+    put_all(client, bucket, objects)
+    broken = "raw/Pre/img-002.jpg"
+    real_write = storage._write_temp
+
+    def disk_full_for_one(path: Path, data: bytes) -> Path:
+        if path.name == "img-002.jpg":
+            raise OSError(28, "No space left on device", str(path))
+        return real_write(path, data)
+
+    with mock.patch.object(storage, "_write_temp", disk_full_for_one):
+        result = sync_images(StorageConfig(bucket=bucket, local_dir=images_dir), workers=4)
+
+    assert [f["key"] for f in result.failed] == [broken]
+    assert "No space left on device" in result.failed[0]["reason"]
+    assert result.stored == result.images == len(objects) - 1
+    for key, body in objects.items():
+        if key != broken:
+            assert local_path(images_dir, key).read_bytes() == body
+    manifest = json.loads((images_dir / MANIFEST_NAME).read_text())
+    assert set(manifest["images"]) == set(objects) - {broken}
+    report = json.loads((images_dir / REPORT_NAME).read_text())
+    assert [f["key"] for f in report["failed"]] == [broken]
+    assert list(images_dir.rglob("*.part")) == []
+
+    again = sync_images(StorageConfig(bucket=bucket, local_dir=images_dir))
+
+    assert again.failed == [] and again.images == len(objects)
+
+
 # --- retries ----------------------------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from leukemia.config import CLASSES, StorageConfig
+from leukemia.errors import first_line
 from leukemia.images import (
     IMAGE_SUFFIXES,
     ImageRejected,
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = "sync_manifest.json"
 REPORT_NAME = "sync_report.json"
 PROGRESS_EVERY = 200
+#: Longest local file name (UTF-8 bytes) a key may map to: file systems allow 255, and the name must
+#: also fit in `quarantine/` and `trash/` on any of them.
+MAX_NAME_BYTES = 200
 
 
 @dataclass
@@ -98,6 +102,8 @@ def classify_key(key: str, prefix: str) -> tuple[str, str] | str:
         return f"unknown class folder {parts[0]!r}: expected one of {', '.join(CLASSES)}"
     if not is_image_name(parts[1]):
         return f"not an image file name (expected one of {', '.join(IMAGE_SUFFIXES)})"
+    if (n := len(parts[1].encode("utf-8", "surrogatepass"))) > MAX_NAME_BYTES:
+        return f"file name too long: {n} bytes, at most {MAX_NAME_BYTES} bytes; rename the object"
     return label, parts[1]
 
 
@@ -121,15 +127,29 @@ def _identity(obj: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it."""
+def _write_temp(path: Path, data: bytes) -> Path:
+    """Write `data` to a fsync'd temporary file beside `path` (a short name, whatever `path` is)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{uuid.uuid4().hex}.part")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename it over `path`."""
+    tmp = _write_temp(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _atomic_write_json(path: Path, payload: Any, indent: int | None = 1) -> None:
@@ -284,8 +304,13 @@ def _forget_deleted(run: _Sync, listing: dict[str, Any]) -> None:
     """Objects gone from S3: forget them, keep their local copies in trash/."""
     for key in [k for k in run.images if k not in listing]:
         entry = run.images.pop(key)
-        _move_aside(run.root / entry["path"], run.root, "trash", entry["path"])
         run.result.deleted += 1
+        try:
+            _move_aside(run.root / entry["path"], run.root, "trash", entry["path"])
+        except Exception as exc:  # left in place; the reconciliation tries again next sync
+            reason = f"deleted from S3, but its local copy stays: {first_line(exc)}"
+            run.result.failed.append({"key": key, "reason": reason})
+            continue
         log.info("Object %s was deleted from S3; local copy moved to trash/", key)
     for key in [k for k in run.rejected if k not in listing]:
         run.rejected.pop(key)
@@ -347,6 +372,14 @@ def _fetch(run: _Sync, item: _Download) -> tuple[str, str]:
         data = _with_backoff(get, run.attempts)
     except Exception as exc:  # one object failing must not stop the others
         return "failed", f"download failed: {exc}"
+    try:
+        return _store(run, item, data)
+    except Exception as exc:  # a full disk, a permission error: this object only
+        return "failed", f"cannot store {item.rel}: {type(exc).__name__}: {first_line(exc)}"
+
+
+def _store(run: _Sync, item: _Download, data: bytes) -> tuple[str, str]:
+    """Check `data` and put it in place: rejects in quarantine/, replaced copies in trash/."""
     root = run.root
     try:
         validate_image(data)
@@ -355,9 +388,13 @@ def _fetch(run: _Sync, item: _Download) -> tuple[str, str]:
         if item.old is not None:  # the object was replaced by a bad version
             _move_aside(root / item.old, root, "trash", item.old)
         return "rejected", str(exc)
-    if item.old is not None and (root / item.old).exists():
-        _move_aside(root / item.old, root, "trash", item.old)
-    _atomic_write_bytes(root / item.rel, data)
+    tmp = _write_temp(root / item.rel, data)  # first, so that a full disk leaves the old copy
+    try:
+        if item.old is not None:
+            _move_aside(root / item.old, root, "trash", item.old)
+        os.replace(tmp, root / item.rel)
+    finally:
+        tmp.unlink(missing_ok=True)
     return "stored", hashlib.sha256(data).hexdigest()
 
 
@@ -365,7 +402,9 @@ def _apply(run: _Sync, item: _Download, outcome: str, detail: str) -> None:
     """Record one finished download in the manifest and the tally (in the collecting thread)."""
     if outcome == "failed":
         run.result.failed.append({"key": item.key, "reason": detail})
-        log.warning("Download of %s failed, will retry next sync: %s", item.key, detail)
+        log.warning("%s failed, will retry next sync: %s", item.key, detail)
+        if item.old is not None and not (run.root / item.old).exists():
+            run.images.pop(item.key, None)  # its old copy went to trash before the failure
         return
     run.result.downloaded += 1
     if outcome == "rejected":
