@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from leukemia.images import (
+    ImageLimits,
     ImageRejected,
     decode_image,
     fit_in_box,
@@ -123,3 +124,31 @@ def test_image_names_and_folders(tmp_path: Path) -> None:
         "Other/c.jpg",
         "early/b.png",
     ]
+
+
+def test_limits_come_from_the_settings_and_a_bad_value_names_the_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert ImageLimits.from_env() == ImageLimits(max_bytes=50_000_000, max_pixels=25_000_000)
+    monkeypatch.setenv("LEUKEMIA_MAX_IMAGE_PIXELS", "1_000")
+    assert ImageLimits.from_env().max_pixels == 1000
+    monkeypatch.setenv("LEUKEMIA_MAX_IMAGE_BYTES", "5 MB")
+    with pytest.raises(
+        ValueError, match=r"LEUKEMIA_MAX_IMAGE_BYTES must be a whole number.*'5 MB'"
+    ):
+        ImageLimits.from_env()
+
+
+def test_every_reader_checks_the_pixel_cap_from_the_header(tmp_path: Path) -> None:
+    limits = ImageLimits(max_bytes=10**6, max_pixels=40 * 40)
+    path = tmp_path / "cell.png"
+    path.write_bytes(encoded(np.zeros((40, 41, 3), np.uint8), "PNG"))
+    too_large = r"image too large: 41x40 = 1,640 pixels, over the cap of 1,600"
+
+    with pytest.raises(ImageRejected, match=too_large):
+        load_image(path, 48, limits)
+    with pytest.raises(ImageRejected, match=too_large):
+        decode_image(path.read_bytes(), 48, limits)
+    with pytest.raises(ImageRejected, match="too large: .* bytes, over the cap of 10"):
+        validate_image(path.read_bytes(), ImageLimits(max_bytes=10, max_pixels=10**6))
+    assert load_image(path, 48, ImageLimits(10**6, 41 * 40)).shape == (48, 48, 3)

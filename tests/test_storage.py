@@ -551,6 +551,85 @@ def test_overlong_file_name_is_skipped_with_a_reason_and_the_others_land(
     }
 
 
+def test_object_over_the_byte_cap_is_skipped_from_the_listing_and_never_downloaded(
+    aws_env: S3Server,
+    bucket: str,
+    client: Any,
+    images_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    good = good_set(4)
+    big = jpeg(21, side=160)
+    cap = max(len(b) for b in good.values()) + 100
+    assert len(big) > cap
+    monkeypatch.setenv("LEUKEMIA_MAX_IMAGE_BYTES", str(cap))
+    put_all(client, bucket, {**good, "raw/Pro/big.jpg": big})
+    aws_env.requests.reset()
+
+    result = sync_images(StorageConfig(bucket=bucket, local_dir=images_dir))
+
+    assert gets(aws_env) == len(good)
+    assert result.images == len(good) and result.failed == []
+    assert [s["key"] for s in result.skipped] == ["raw/Pro/big.jpg"]
+    reason = result.skipped[0]["reason"]
+    assert f"too large: {len(big):,} bytes, over the cap of {cap:,}" in reason
+    assert "LEUKEMIA_MAX_IMAGE_BYTES" in reason
+    assert not (images_dir / "quarantine").exists()
+
+
+def test_image_over_the_pixel_cap_is_rejected_from_its_header_and_never_decoded(
+    aws_env: S3Server, bucket: str, client: Any, images_dir: Path
+) -> None:
+    from PIL import ImageFile
+
+    real = jpeg(7, side=96)
+    huge = bytearray(real)  # the header claims 9500 x 9500: Pillow only warns about that size
+    sof = huge.find(b"\xff\xc0")
+    huge[sof + 5 : sof + 9] = (9500).to_bytes(2, "big") * 2
+    good = good_set(4)
+    put_all(client, bucket, {**good, "raw/Pre/huge.jpg": bytes(huge)})
+    decoded: list[tuple[int, int]] = []
+    real_load = ImageFile.ImageFile.load
+
+    def recording_load(self: Any) -> Any:
+        decoded.append(self.size)
+        return real_load(self)
+
+    with mock.patch.object(ImageFile.ImageFile, "load", recording_load):
+        result = sync_images(StorageConfig(bucket=bucket, local_dir=images_dir))
+
+    assert result.images == len(good) and result.failed == []
+    assert [s["key"] for s in result.skipped] == ["raw/Pre/huge.jpg"]
+    assert (
+        "image too large: 9500x9500 = 90,250,000 pixels, over the cap of 25,000,000"
+        in (result.skipped[0]["reason"])
+    )
+    assert (9500, 9500) not in decoded and (48, 48) in decoded
+    assert (images_dir / "quarantine" / "Pre" / "huge.jpg").read_bytes() == bytes(huge)
+
+
+def test_pixel_cap_setting_keeps_images_at_the_cap_and_rejects_larger_ones(
+    aws_env: S3Server,
+    bucket: str,
+    client: Any,
+    images_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LEUKEMIA_MAX_IMAGE_PIXELS", "2_500")
+    objects = {"raw/Benign/at-cap.jpg": jpeg(1, side=50), "raw/Early/over.jpg": jpeg(2, side=51)}
+    put_all(client, bucket, objects)
+
+    result = sync_images(StorageConfig(bucket=bucket, local_dir=images_dir))
+
+    assert result.images == 1
+    assert (
+        local_path(images_dir, "raw/Benign/at-cap.jpg").read_bytes()
+        == objects["raw/Benign/at-cap.jpg"]
+    )
+    assert [s["key"] for s in result.skipped] == ["raw/Early/over.jpg"]
+    assert "51x51 = 2,601 pixels, over the cap of 2,500" in result.skipped[0]["reason"]
+
+
 def test_unexpected_error_storing_one_object_is_recorded_as_failed_and_the_rest_land(
     aws_env: S3Server, bucket: str, client: Any, images_dir: Path
 ) -> None:

@@ -26,6 +26,7 @@ from leukemia.config import CLASSES, StorageConfig
 from leukemia.errors import first_line
 from leukemia.images import (
     IMAGE_SUFFIXES,
+    ImageLimits,
     ImageRejected,
     class_of_folder,
     is_image_name,
@@ -236,6 +237,7 @@ class _Sync:
     prefix: str
     manifest: dict[str, Any]
     attempts: int
+    limits: ImageLimits
     result: SyncResult = field(default_factory=SyncResult)
 
     @property
@@ -259,12 +261,14 @@ def sync_images(
     workers: int = 16,
     attempts: int = 4,
     checkpoint_every: int = 100,
+    limits: ImageLimits | None = None,
 ) -> SyncResult:
     """Bring `cfg.local_dir` in line with `s3://bucket/prefix`: new and changed objects only.
 
     Images land atomically under `<local_dir>/<Class>/<name>`; rejects go to `quarantine/`, local
     copies of deleted or replaced objects to `trash/`. The manifest is checkpointed while downloading,
-    so a sync killed at any point resumes where it stopped.
+    so a sync killed at any point resumes where it stopped. Objects over the byte cap of `limits`
+    (default: the settings) are never downloaded; images over its pixel cap are never decoded.
     """
     started = time.monotonic()
     root = Path(cfg.local_dir)
@@ -279,6 +283,7 @@ def sync_images(
         prefix=prefix,
         manifest=load_manifest(root),
         attempts=attempts,
+        limits=limits or ImageLimits.from_env(),
     )
     listing = _list(run)
     _forget_deleted(run, listing)
@@ -349,6 +354,11 @@ def _triage(
     if ident["size"] == 0:
         run.skip(key, "empty object (0 bytes)", remember=ident)
         return None
+    try:
+        run.limits.check_bytes(ident["size"])
+    except ImageRejected as exc:
+        run.skip(key, str(exc), remember=ident)
+        return None
     rel = f"{where[0]}/{where[1]}"
     if owners.get(rel, key) != key:
         run.skip(key, f"another key ({owners[rel]}) already maps to the local file {rel}")
@@ -366,10 +376,16 @@ def _fetch(run: _Sync, item: _Download) -> tuple[str, str]:
     """
 
     def get() -> bytes:
-        return run.client.get_object(Bucket=run.cfg.bucket, Key=item.key)["Body"].read()
+        body = run.client.get_object(Bucket=run.cfg.bucket, Key=item.key)["Body"]
+        with body:
+            data = body.read(run.limits.max_bytes + 1)
+        run.limits.check_bytes(len(data))  # it grew past the cap after it was listed
+        return data
 
     try:
         data = _with_backoff(get, run.attempts)
+    except ImageRejected as exc:
+        return "rejected", str(exc)
     except Exception as exc:  # one object failing must not stop the others
         return "failed", f"download failed: {exc}"
     try:
@@ -382,7 +398,7 @@ def _store(run: _Sync, item: _Download, data: bytes) -> tuple[str, str]:
     """Check `data` and put it in place: rejects in quarantine/, replaced copies in trash/."""
     root = run.root
     try:
-        validate_image(data)
+        validate_image(data, run.limits)
     except ImageRejected as exc:
         _atomic_write_bytes(root / "quarantine" / item.rel, data)
         if item.old is not None:  # the object was replaced by a bad version
