@@ -709,6 +709,83 @@ def test_object_that_keeps_failing_is_reported_and_the_others_still_land(
     assert local_path(images_dir, broken_key).read_bytes() == objects[broken_key]
 
 
+# --- two syncs into one folder ----------------------------------------------------------------
+
+
+class Gated:
+    """A client whose GET of `key` waits until the test opens the gate: a sync caught mid-way."""
+
+    def __init__(self, client: Any, key: str) -> None:
+        self._client, self.key = client, key
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def get_object(self, **kwargs: Any) -> Any:
+        if kwargs["Key"] == self.key:
+            self.entered.set()
+            assert self.gate.wait(60), "the test never opened the gate"
+        return self._client.get_object(**kwargs)
+
+
+def start_gated_sync(cfg: StorageConfig, client: Any, key: str) -> tuple[Gated, Any]:
+    """Start a sync in a thread and return once it is inside the GET of `key`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gated = Gated(client, key)
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(sync_images, cfg, client=gated, workers=2)
+    pool.shutdown(wait=False)
+    assert gated.entered.wait(30), "the first sync never reached its download"
+    return gated, future
+
+
+def test_second_sync_into_the_same_folder_gives_up_with_a_clear_error_and_deletes_nothing(
+    aws_env: S3Server, bucket: str, client: Any, images_dir: Path
+) -> None:
+    objects = good_set(6)
+    put_all(client, bucket, objects)
+    cfg = StorageConfig(bucket=bucket, local_dir=images_dir)
+    first, running = start_gated_sync(cfg, client, "raw/Pre/img-002.jpg")
+    live_part = images_dir / "Pro" / ".0123456789abcdef.part"  # as the first sync writes one
+    live_part.parent.mkdir(parents=True, exist_ok=True)
+    live_part.write_bytes(b"half an image")
+
+    try:
+        with pytest.raises(storage.SyncLocked) as caught:
+            sync_images(cfg, lock_wait_s=0.5)
+    finally:
+        first.gate.set()
+    result = running.result(timeout=60)
+
+    message = str(caught.value)
+    assert f"another sync is writing to {images_dir} (pid {os.getpid()}" in message
+    assert "wait for it to finish" in message
+    assert live_part.read_bytes() == b"half an image"  # the second sync deleted nothing
+    assert result.failed == [] and result.images == len(objects)
+    for key, body in objects.items():
+        assert local_path(images_dir, key).read_bytes() == body
+
+
+def test_second_sync_waits_for_the_first_and_then_has_nothing_to_fetch(
+    aws_env: S3Server, bucket: str, client: Any, images_dir: Path
+) -> None:
+    objects = good_set(6)
+    put_all(client, bucket, objects)
+    cfg = StorageConfig(bucket=bucket, local_dir=images_dir)
+    first, running = start_gated_sync(cfg, client, "raw/Pre/img-002.jpg")
+    threading.Timer(1.0, first.gate.set).start()
+
+    second = sync_images(cfg, lock_wait_s=60)
+
+    first_result = running.result(timeout=60)
+    assert first_result.images == len(objects)
+    # It ran after the first had finished: everything was already there.
+    assert (second.unchanged, second.downloaded, second.images) == (len(objects), 0, len(objects))
+    assert second.digest == first_result.digest
+
+
 # --- dataset digest ---------------------------------------------------------------------------
 
 

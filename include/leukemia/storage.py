@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -38,10 +39,16 @@ log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "sync_manifest.json"
 REPORT_NAME = "sync_report.json"
+#: Held (flock) by the sync writing to a folder; holds the pid and host of that sync.
+LOCK_NAME = ".sync.lock"
 PROGRESS_EVERY = 200
 #: Longest local file name (UTF-8 bytes) a key may map to: file systems allow 255, and the name must
 #: also fit in `quarantine/` and `trash/` on any of them.
 MAX_NAME_BYTES = 200
+
+
+class SyncLocked(RuntimeError):
+    """Another sync is writing to the same local folder."""
 
 
 @dataclass
@@ -193,6 +200,46 @@ def _with_backoff(fn: Callable[[], bytes], attempts: int, base: float = 0.2) -> 
 
 
 @contextmanager
+def _folder_lock(root: Path, wait_s: float) -> Iterator[None]:
+    """Hold the folder's lock for one sync, waiting up to `wait_s` seconds for another sync to end.
+
+    An flock: the kernel drops it when its holder dies, so a killed sync never leaves it behind.
+    """
+    import fcntl
+
+    with open(root / LOCK_NAME, "a+") as fh:
+        deadline, holder = time.monotonic() + wait_s, ""
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not holder:
+                    fh.seek(0)
+                    holder = fh.read().strip() or "unknown"
+                    log.info(
+                        "Waiting up to %.0fs for the sync writing to %s (pid %s)",
+                        wait_s,
+                        root,
+                        holder,
+                    )
+                if time.monotonic() >= deadline:
+                    raise SyncLocked(
+                        f"another sync is writing to {root} (pid {holder}); wait for it to finish "
+                        "or stop it, then sync again"
+                    ) from None
+                time.sleep(min(0.5, max(0.05, deadline - time.monotonic())))
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextmanager
 def _cancel_on_interrupt(pool: ThreadPoolExecutor) -> Iterator[None]:
     """On Ctrl-C or a task kill, drop the queued downloads rather than finish them all first."""
     try:
@@ -262,6 +309,7 @@ def sync_images(
     attempts: int = 4,
     checkpoint_every: int = 100,
     limits: ImageLimits | None = None,
+    lock_wait_s: float = 60.0,
 ) -> SyncResult:
     """Bring `cfg.local_dir` in line with `s3://bucket/prefix`: new and changed objects only.
 
@@ -269,10 +317,27 @@ def sync_images(
     copies of deleted or replaced objects to `trash/`. The manifest is checkpointed while downloading,
     so a sync killed at any point resumes where it stopped. Objects over the byte cap of `limits`
     (default: the settings) are never downloaded; images over its pixel cap are never decoded.
+
+    One sync at a time writes to a folder: another one waits up to `lock_wait_s` seconds, then
+    raises SyncLocked.
     """
-    started = time.monotonic()
     root = Path(cfg.local_dir)
     root.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(root, lock_wait_s):
+        return _sync_locked(cfg, root, client, workers, attempts, checkpoint_every, limits)
+
+
+def _sync_locked(
+    cfg: StorageConfig,
+    root: Path,
+    client: Any | None,
+    workers: int,
+    attempts: int,
+    checkpoint_every: int,
+    limits: ImageLimits | None,
+) -> SyncResult:
+    """The sync itself, run while holding the folder's lock."""
+    started = time.monotonic()
     for stale in root.rglob(".*.part"):  # temporary files of a sync killed mid-write
         stale.unlink(missing_ok=True)
     prefix = cfg.prefix if not cfg.prefix or cfg.prefix.endswith("/") else cfg.prefix + "/"
