@@ -386,6 +386,41 @@ def test_killed_sync_leaves_only_whole_images_and_the_next_sync_finishes_the_res
     assert list(images_dir.rglob("*.part")) == []
 
 
+def test_files_written_after_the_last_checkpoint_and_then_deleted_from_s3_go_to_trash(
+    aws_env: S3Server, bucket: str, client: Any, images_dir: Path
+) -> None:
+    first = good_set(5)
+    put_all(client, bucket, first)
+    cfg = StorageConfig(bucket=bucket, local_dir=images_dir)
+    sync_images(cfg)
+    checkpoint = (images_dir / MANIFEST_NAME).read_bytes()
+    later = {f"raw/{c}/late-{c}.jpg": jpeg(700 + i) for i, c in enumerate(CLASSES[:3])}
+    put_all(client, bucket, later)
+    sync_images(cfg)
+    # Killed after writing the three files, before the manifest checkpoint that records them ...
+    (images_dir / MANIFEST_NAME).write_bytes(checkpoint)
+    # ... and two of those objects are deleted from S3 before the next sync.
+    gone = ["raw/Benign/late-Benign.jpg", "raw/Early/late-Early.jpg"]
+    for key in gone:
+        client.delete_object(Bucket=bucket, Key=key)
+
+    resumed = sync_images(cfg)
+
+    assert resumed.failed == [] and resumed.images == len(first) + 1
+    assert resumed.reconciled == 2
+    for key in gone:
+        assert not local_path(images_dir, key).exists()
+        assert trashed(images_dir, key.rsplit("/", 1)[1]) == [later[key]]
+    kept = "raw/Pre/late-Pre.jpg"
+    assert local_path(images_dir, kept).read_bytes() == later[kept]
+    recorded = {
+        e["path"] for e in json.loads((images_dir / MANIFEST_NAME).read_text())["images"].values()
+    }
+    assert {
+        p.relative_to(images_dir).as_posix() for p in iter_image_files_paths(images_dir)
+    } == recorded
+
+
 def test_ctrl_c_stops_the_sync_at_once_and_the_next_sync_resumes(
     aws_env: S3Server, bucket: str, client: Any, images_dir: Path
 ) -> None:

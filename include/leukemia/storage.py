@@ -60,6 +60,7 @@ class SyncResult:
     stored: int = 0
     unchanged: int = 0
     deleted: int = 0
+    reconciled: int = 0
     images: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
@@ -353,6 +354,7 @@ def _sync_locked(
     listing = _list(run)
     _forget_deleted(run, listing)
     _fetch_all(run, _plan(run, listing), workers, checkpoint_every)
+    _reconcile(run)
     return _finish(run, started)
 
 
@@ -524,6 +526,28 @@ def _fetch_all(run: _Sync, todo: list[_Download], workers: int, checkpoint_every
                 log.info("Downloaded %d/%d objects", done, len(todo))
 
 
+def _reconcile(run: _Sync) -> None:
+    """Move class-folder images the manifest does not record to trash/.
+
+    A sync killed after writing files but before its next manifest checkpoint leaves such files;
+    the resumed sync fetches again those still in S3, and the others would stay forever.
+    """
+    recorded = {e["path"] for e in run.images.values()}
+    for folder in sorted(p for p in run.root.iterdir() if p.is_dir() and class_of_folder(p.name)):
+        for path in sorted(folder.iterdir()):
+            rel = path.relative_to(run.root).as_posix()
+            if rel in recorded or not path.is_file() or not is_image_name(path.name):
+                continue
+            try:
+                _move_aside(path, run.root, "trash", rel)
+            except Exception as exc:  # left in place; tried again next sync
+                reason = f"not in the manifest, and cannot move to trash: {first_line(exc)}"
+                run.result.failed.append({"key": rel, "reason": reason})
+                continue
+            run.result.reconciled += 1
+            log.warning("Moved %s to trash/: no object recorded in the manifest owns it", rel)
+
+
 def _finish(run: _Sync, started: float) -> SyncResult:
     """Write the final manifest (with the digest) and the report; log the tally."""
     result, root = run.result, run.root
@@ -537,13 +561,14 @@ def _finish(run: _Sync, started: float) -> SyncResult:
     result.report_path = str(root / REPORT_NAME)
     _atomic_write_json(root / REPORT_NAME, asdict(result))
     log.info(
-        "Sync done in %.1fs: %d images (%d new or changed, %d unchanged, %d deleted), %d skipped, "
-        "%d failed; dataset digest %s",
+        "Sync done in %.1fs: %d images (%d new or changed, %d unchanged, %d deleted, "
+        "%d unrecorded files moved to trash), %d skipped, %d failed; dataset digest %s",
         result.seconds,
         result.images,
         result.stored,
         result.unchanged,
         result.deleted,
+        result.reconciled,
         len(result.skipped),
         len(result.failed),
         result.digest[:12],
