@@ -169,6 +169,34 @@ class FlakyS3Server(S3Server):
         return self
 
 
+class ForbiddingS3Server(S3Server):
+    """The same moto backend behind an endpoint that answers 403 AccessDenied to the requests
+    `forbid(method, "bucket/key")` picks, the way S3 answers when a policy denies them."""
+
+    def __init__(self, forbid: Callable[[str, str], bool]) -> None:
+        super().__init__()
+        self.forbid = forbid
+
+    def start(self) -> ForbiddingS3Server:
+        super().start()
+        app = self._server.app
+
+        def forbidding(environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+            target = environ.get("PATH_INFO", "").strip("/")
+            if self.forbid(environ["REQUEST_METHOD"], target):
+                body = (
+                    b'<?xml version="1.0" encoding="UTF-8"?>'
+                    b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+                )
+                headers = [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))]
+                start_response("403 Forbidden", headers)
+                return [body] if environ["REQUEST_METHOD"] != "HEAD" else []
+            return app(environ, start_response)
+
+        self._server.app = forbidding
+        return self
+
+
 @pytest.fixture()
 def client(aws_env: S3Server) -> Any:
     """A client through the Airflow connection, for arranging buckets and checking them."""
@@ -819,6 +847,44 @@ def test_second_sync_waits_for_the_first_and_then_has_nothing_to_fetch(
     # It ran after the first had finished: everything was already there.
     assert (second.unchanged, second.downloaded, second.images) == (len(objects), 0, len(objects))
     assert second.digest == first_result.digest
+
+
+# --- the DAG's sync step ----------------------------------------------------------------------
+
+
+def test_dag_sync_step_fails_on_a_partial_sync_unless_that_share_of_failures_is_allowed(
+    aws_env: S3Server,
+    bucket: str,
+    client: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from leukemia.pipeline import sync
+
+    objects = good_set(8)
+    broken = "raw/Pre/img-002.jpg"
+    put_all(client, bucket, {**objects, "raw/Pro/notes.jpg": b"patient notes, not an image"})
+    monkeypatch.setenv("LEUKEMIA_DATA_DIR", str(tmp_path / "data"))
+    report = tmp_path / "data" / "images" / REPORT_NAME
+    denied = ForbiddingS3Server(lambda method, target: target == f"{bucket}/{broken}")
+    with denied:
+        monkeypatch.setenv("AIRFLOW_CONN_AWS_DENIED", aws_connection_json(denied.endpoint_url))
+        with pytest.raises(storage.SyncIncomplete) as caught:
+            sync(bucket, conn_id="aws_denied")
+        allowed = sync(bucket, conn_id="aws_denied", max_failed_fraction=0.2)
+
+    message = str(caught.value)
+    assert "1 of 9 objects failed (11.1%, more than the 0.0% allowed)" in message
+    assert f"{broken}: download failed" in message and str(report) in message
+    assert (allowed["failed"], allowed["skipped"], allowed["images"]) == (1, 1, 7)
+    # A bad image is skipped, not failed: it never stops the DAG.
+    complete = sync(bucket)
+    assert (complete["failed"], complete["skipped"], complete["images"]) == (0, 1, 8)
+
+
+def test_max_failed_fraction_must_be_a_share() -> None:
+    with pytest.raises(ValueError, match="max_failed_fraction must be between 0 and 1, got 5"):
+        SyncResult(listed=4).require_complete(5)
 
 
 # --- dataset digest ---------------------------------------------------------------------------

@@ -51,6 +51,10 @@ class SyncLocked(RuntimeError):
     """Another sync is writing to the same local folder."""
 
 
+class SyncIncomplete(RuntimeError):
+    """More objects failed to sync than allowed: the local image set is partial."""
+
+
 @dataclass
 class SyncResult:
     """What one sync did; `digest` identifies the local image set."""
@@ -75,6 +79,34 @@ class SyncResult:
         out["skipped"] = len(self.skipped)
         out["failed"] = len(self.failed)
         return out
+
+    def require_complete(self, max_failed_fraction: float = 0.0) -> None:
+        """Raise SyncIncomplete when failed objects are over `max_failed_fraction` of those listed.
+
+        Failed means a download or disk error, worth a retry; skipped objects (not images, too
+        large, quarantined) never belong in the data set and do not count.
+        """
+        if not 0.0 <= max_failed_fraction <= 1.0:
+            raise ValueError(
+                f"max_failed_fraction must be between 0 and 1, got {max_failed_fraction}"
+            )
+        if not self.failed:
+            return
+        share = len(self.failed) / max(self.listed, 1)
+        if share <= max_failed_fraction:
+            log.warning(
+                "%d objects failed to sync, within the %.1f%% allowed",
+                len(self.failed),
+                100 * max_failed_fraction,
+            )
+            return
+        first = self.failed[0]
+        raise SyncIncomplete(
+            f"{len(self.failed)} of {self.listed} objects failed ({share:.1%}, more than the "
+            f"{max_failed_fraction:.1%} allowed), so the local image set is partial; first "
+            f"{first['key']}: {first['reason']}. Every reason is in {self.report_path}: fix the "
+            "cause and sync again, or allow that share of failures with max_failed_fraction"
+        )
 
 
 def s3_client(conn_id: str, workers: int = 16, max_attempts: int = 8) -> Any:
