@@ -956,6 +956,43 @@ def test_upload_folder_without_images_says_what_layout_it_expects(
         upload_folder(tmp_path, "never-created-bucket")
 
 
+def test_upload_folder_says_access_denied_instead_of_creating_the_bucket(
+    aws_env: S3Server, smear_dir: Path, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = "someone-elses-bucket"
+    denied = ForbiddingS3Server(lambda method, target: method == "HEAD" and target == bucket)
+    with denied:
+        monkeypatch.setenv("AIRFLOW_CONN_AWS_DENIED", aws_connection_json(denied.endpoint_url))
+        with pytest.raises(RuntimeError) as caught:
+            upload_folder(smear_dir, bucket, conn_id="aws_denied")
+
+    message = str(caught.value)
+    assert f"access denied to bucket {bucket} through connection 'aws_denied'" in message
+    assert "nothing was uploaded" in message
+    assert bucket not in {b["Name"] for b in client.list_buckets()["Buckets"]}
+
+
+def test_upload_folder_says_s3_cannot_be_reached_instead_of_creating_the_bucket(
+    aws_env: S3Server, smear_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DOWN", aws_connection_json(closed))
+    one_try = storage.s3_client
+    monkeypatch.setattr(
+        storage, "s3_client", lambda conn_id, workers=16: one_try(conn_id, workers, max_attempts=1)
+    )
+
+    with pytest.raises(
+        RuntimeError,
+        match=r"cannot reach S3 to check bucket b1 through connection 'aws_down'.*endpoint_url",
+    ):
+        upload_folder(smear_dir, "b1", conn_id="aws_down")
+
+
 def test_sync_result_summary_is_small_enough_for_xcom() -> None:
     result = SyncResult(skipped=[{"key": "a", "reason": "b"}] * 500)
     summary = result.summary()

@@ -608,6 +608,36 @@ def _finish(run: _Sync, started: float) -> SyncResult:
     return result
 
 
+def _ensure_bucket(client: Any, bucket: str, conn_id: str) -> None:
+    """Create `bucket` when S3 says it does not exist; any other error is raised, with what to do."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        client.head_bucket(Bucket=bucket)
+        return
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status in (401, 403) or code in ("403", "AccessDenied", "Forbidden"):
+            raise RuntimeError(
+                f"access denied to bucket {bucket} through connection {conn_id!r} (HTTP {status}): "
+                "it belongs to another account, or the credentials may not list it. Fix the "
+                "connection's credentials or the bucket policy; nothing was uploaded"
+            ) from exc
+        if status != 404 and code not in ("404", "NoSuchBucket", "NotFound"):
+            raise RuntimeError(
+                f"cannot check bucket {bucket} through connection {conn_id!r}: HTTP {status} "
+                f"{code}: {first_line(exc)}; nothing was uploaded"
+            ) from exc
+    except BotoCoreError as exc:
+        raise RuntimeError(
+            f"cannot reach S3 to check bucket {bucket} through connection {conn_id!r}: "
+            f"{first_line(exc)}. Check the connection's endpoint_url and the network"
+        ) from exc
+    client.create_bucket(Bucket=bucket)
+    log.info("Created bucket %s", bucket)
+
+
 def upload_folder(
     source: str | Path,
     bucket: str,
@@ -625,11 +655,7 @@ def upload_folder(
         )
     client = s3_client(conn_id, workers=workers)
     if create_bucket:
-        try:
-            client.head_bucket(Bucket=bucket)
-        except Exception:
-            client.create_bucket(Bucket=bucket)
-            log.info("Created bucket %s", bucket)
+        _ensure_bucket(client, bucket, conn_id)
     prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
 
     def put(item: tuple[str, Path]) -> None:
