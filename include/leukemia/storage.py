@@ -2,6 +2,8 @@
 
 Built on the Amazon provider's `S3Hook` so the Airflow connection (`aws_default` by default) decides the
 credentials and the endpoint. S3 is only ever read by the sync: bad objects are reported, never deleted.
+One object never stops a sync (its failure is recorded and the others land), one sync at a time
+writes to a folder, and the class folders hold exactly the images the manifest records.
 """
 
 from __future__ import annotations
