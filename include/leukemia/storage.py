@@ -356,40 +356,21 @@ def sync_images(
     One sync at a time writes to a folder: another one waits up to `lock_wait_s` seconds, then
     raises SyncLocked.
     """
+    limits = limits or ImageLimits.from_env()  # a bad setting fails before anything is touched
+    client = client or s3_client(cfg.conn_id, workers=workers)
     root = Path(cfg.local_dir)
     root.mkdir(parents=True, exist_ok=True)
     with _folder_lock(root, lock_wait_s):
-        return _sync_locked(cfg, root, client, workers, attempts, checkpoint_every, limits)
-
-
-def _sync_locked(
-    cfg: StorageConfig,
-    root: Path,
-    client: Any | None,
-    workers: int,
-    attempts: int,
-    checkpoint_every: int,
-    limits: ImageLimits | None,
-) -> SyncResult:
-    """The sync itself, run while holding the folder's lock."""
-    started = time.monotonic()
-    for stale in root.rglob(".*.part"):  # temporary files of a sync killed mid-write
-        stale.unlink(missing_ok=True)
-    prefix = cfg.prefix if not cfg.prefix or cfg.prefix.endswith("/") else cfg.prefix + "/"
-    run = _Sync(
-        cfg=cfg,
-        client=client or s3_client(cfg.conn_id, workers=workers),
-        root=root,
-        prefix=prefix,
-        manifest=load_manifest(root),
-        attempts=attempts,
-        limits=limits or ImageLimits.from_env(),
-    )
-    listing = _list(run)
-    _forget_deleted(run, listing)
-    _fetch_all(run, _plan(run, listing), workers, checkpoint_every)
-    _reconcile(run)
-    return _finish(run, started)
+        started = time.monotonic()
+        for stale in root.rglob(".*.part"):  # temporary files of a sync killed mid-write
+            stale.unlink(missing_ok=True)
+        prefix = cfg.prefix if not cfg.prefix or cfg.prefix.endswith("/") else cfg.prefix + "/"
+        run = _Sync(cfg, client, root, prefix, load_manifest(root), attempts, limits)
+        listing = _list(run)
+        _forget_deleted(run, listing)
+        _fetch_all(run, _plan(run, listing), workers, checkpoint_every)
+        _reconcile(run)
+        return _finish(run, started)
 
 
 def _list(run: _Sync) -> dict[str, dict[str, Any]]:
