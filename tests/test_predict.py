@@ -129,6 +129,75 @@ def test_collect_inputs_recurses_into_folders_and_reports_missing_paths(
     assert skipped[1].reason.startswith("no images in folder")
 
 
+class UniformModel:
+    """Stands in for the Keras model where only the inputs matter: 0.25 for every class."""
+
+    def predict_on_batch(self, pixels: np.ndarray) -> np.ndarray:
+        return np.full((len(pixels), len(CLASSES)), 0.25, "float32")
+
+
+def noise_jpeg(side: int, seed: int = 0) -> bytes:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_files_and_objects_over_the_caps_are_skipped_with_the_reason_and_the_rest_scored(
+    images: dict[str, Any],
+    tmp_path: Path,
+    aws_env: Any,
+    bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from PIL import Image
+
+    from leukemia.predict import LoadedModel, ModelRef, collect_inputs, iter_batches
+    from leukemia.storage import s3_client
+
+    small, big = images["paths"][0].read_bytes(), noise_jpeg(160)
+    wide = io.BytesIO()
+    Image.new("RGB", (60, 60), "white").save(wide, "PNG")  # few bytes, 3,600 pixels
+    cap = max(len(small), len(wide.getvalue())) + 500
+    assert len(big) > cap
+    monkeypatch.setenv("LEUKEMIA_MAX_IMAGE_BYTES", str(cap))
+    monkeypatch.setenv("LEUKEMIA_MAX_IMAGE_PIXELS", "3000")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, data in {"small.jpg": small, "big.jpg": big, "wide.png": wide.getvalue()}.items():
+        (folder / name).write_bytes(data)
+    client = s3_client("aws_default")
+    for name, data in {"small.jpg": small, "big.jpg": big, "grows.jpg": small}.items():
+        client.put_object(Bucket=bucket, Key=f"incoming/{name}", Body=data)
+
+    aws_env.requests.reset()
+    sources, skipped = collect_inputs([folder, f"s3://{bucket}/incoming/"], client=client)
+    client.put_object(Bucket=bucket, Key="incoming/grows.jpg", Body=big)  # after the listing
+    model = LoadedModel(ModelRef(uri="test", pinned_uri="test"), UniformModel(), SIZE)
+    predicted = []
+    for batch in iter_batches(model, sources):
+        predicted += [p.image for p in batch.predictions]
+        skipped += batch.skipped
+
+    uri = f"s3://{bucket}/incoming"
+    assert sorted(predicted) == sorted([str(folder / "small.jpg"), f"{uri}/small.jpg"])
+    reasons = {s.image: s.reason for s in skipped}
+    too_large = f"too large: {len(big):,} bytes, over the cap of {cap:,}"
+    assert set(reasons) == {
+        str(folder / "big.jpg"),
+        str(folder / "wide.png"),
+        f"{uri}/big.jpg",
+        f"{uri}/grows.jpg",
+    }
+    for name in (str(folder / "big.jpg"), f"{uri}/big.jpg", f"{uri}/grows.jpg"):
+        assert too_large in reasons[name] and "LEUKEMIA_MAX_IMAGE_BYTES" in reasons[name]
+    assert "60x60 = 3,600 pixels, over the cap of 3,000" in reasons[str(folder / "wide.png")]
+    assert not any(s.transient for s in skipped)
+    assert aws_env.requests.counts["GET"] == 2  # big.jpg was never downloaded; grows.jpg was cut
+
+
 def test_prediction_rows_carry_class_probabilities_and_call() -> None:
     from leukemia.predict import Prediction
 

@@ -37,16 +37,15 @@ from leukemia.embedded import (
     S3Server,
     aws_connection_json,
 )
+from leukemia.images import iter_image_files, validate_image
 from leukemia.storage import (
     MANIFEST_NAME,
     REPORT_NAME,
     SyncResult,
     dataset_digest,
-    iter_image_files,
     s3_client,
     sync_images,
     upload_folder,
-    validate_image,
 )
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -167,6 +166,34 @@ class FlakyS3Server(S3Server):
             return app(environ, start_response)
 
         self._server.app = flaky  # werkzeug's handler calls server.app for each request
+        return self
+
+
+class ForbiddingS3Server(S3Server):
+    """The same moto backend behind an endpoint that answers 403 AccessDenied to the requests
+    `forbid(method, "bucket/key")` picks, the way S3 answers when a policy denies them."""
+
+    def __init__(self, forbid: Callable[[str, str], bool]) -> None:
+        super().__init__()
+        self.forbid = forbid
+
+    def start(self) -> ForbiddingS3Server:
+        super().start()
+        app = self._server.app
+
+        def forbidding(environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+            target = environ.get("PATH_INFO", "").strip("/")
+            if self.forbid(environ["REQUEST_METHOD"], target):
+                body = (
+                    b'<?xml version="1.0" encoding="UTF-8"?>'
+                    b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+                )
+                headers = [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))]
+                start_response("403 Forbidden", headers)
+                return [body] if environ["REQUEST_METHOD"] != "HEAD" else []
+            return app(environ, start_response)
+
+        self._server.app = forbidding
         return self
 
 
@@ -387,6 +414,41 @@ def test_killed_sync_leaves_only_whole_images_and_the_next_sync_finishes_the_res
     assert list(images_dir.rglob("*.part")) == []
 
 
+def test_files_written_after_the_last_checkpoint_and_then_deleted_from_s3_go_to_trash(
+    aws_env: S3Server, bucket: str, client: Any, images_dir: Path
+) -> None:
+    first = good_set(5)
+    put_all(client, bucket, first)
+    cfg = StorageConfig(bucket=bucket, local_dir=images_dir)
+    sync_images(cfg)
+    checkpoint = (images_dir / MANIFEST_NAME).read_bytes()
+    later = {f"raw/{c}/late-{c}.jpg": jpeg(700 + i) for i, c in enumerate(CLASSES[:3])}
+    put_all(client, bucket, later)
+    sync_images(cfg)
+    # Killed after writing the three files, before the manifest checkpoint that records them ...
+    (images_dir / MANIFEST_NAME).write_bytes(checkpoint)
+    # ... and two of those objects are deleted from S3 before the next sync.
+    gone = ["raw/Benign/late-Benign.jpg", "raw/Early/late-Early.jpg"]
+    for key in gone:
+        client.delete_object(Bucket=bucket, Key=key)
+
+    resumed = sync_images(cfg)
+
+    assert resumed.failed == [] and resumed.images == len(first) + 1
+    assert resumed.reconciled == 2
+    for key in gone:
+        assert not local_path(images_dir, key).exists()
+        assert trashed(images_dir, key.rsplit("/", 1)[1]) == [later[key]]
+    kept = "raw/Pre/late-Pre.jpg"
+    assert local_path(images_dir, kept).read_bytes() == later[kept]
+    recorded = {
+        e["path"] for e in json.loads((images_dir / MANIFEST_NAME).read_text())["images"].values()
+    }
+    assert {
+        p.relative_to(images_dir).as_posix() for p in iter_image_files_paths(images_dir)
+    } == recorded
+
+
 def test_ctrl_c_stops_the_sync_at_once_and_the_next_sync_resumes(
     aws_env: S3Server, bucket: str, client: Any, images_dir: Path
 ) -> None:
@@ -520,6 +582,150 @@ def test_image_replaced_by_a_corrupt_version_leaves_the_data_set(
     )
 
 
+# --- one object never stops the sync ---------------------------------------------------------
+
+
+def test_overlong_file_name_is_skipped_with_a_reason_and_the_others_land(
+    aws_env: S3Server, bucket: str, client: Any, images_dir: Path
+) -> None:
+    good = good_set(4)
+    near_limit = "raw/Pro/" + "b" * 190 + ".jpg"  # 194 bytes: its temporary name must still fit
+    too_long = {
+        "raw/Benign/" + "a" * 230 + ".jpg": jpeg(11),  # legal for S3 and for the file system
+        "raw/Early/" + "é" * 100 + ".jpg": jpeg(12),  # 204 bytes in UTF-8, 104 characters
+    }
+    put_all(client, bucket, {**good, near_limit: jpeg(13), **too_long})
+    aws_env.requests.reset()
+
+    result = sync_images(StorageConfig(bucket=bucket, local_dir=images_dir))
+
+    assert result.failed == []
+    assert result.images == len(good) + 1
+    assert local_path(images_dir, near_limit).read_bytes() == jpeg(13)
+    reasons = {s["key"]: s["reason"] for s in result.skipped}
+    assert set(reasons) == set(too_long)
+    assert all("file name too long" in r and "at most 200 bytes" in r for r in reasons.values())
+    assert gets(aws_env) == len(good) + 1  # the listing alone rejects them: never downloaded
+    report = json.loads((images_dir / REPORT_NAME).read_text())
+    assert {s["key"] for s in report["skipped"]} == set(too_long)
+    assert set(json.loads((images_dir / MANIFEST_NAME).read_text())["images"]) == {
+        *good,
+        near_limit,
+    }
+
+
+def test_object_over_the_byte_cap_is_skipped_from_the_listing_and_never_downloaded(
+    aws_env: S3Server,
+    bucket: str,
+    client: Any,
+    images_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    good = good_set(4)
+    big = jpeg(21, side=160)
+    cap = max(len(b) for b in good.values()) + 100
+    assert len(big) > cap
+    monkeypatch.setenv("LEUKEMIA_MAX_IMAGE_BYTES", str(cap))
+    put_all(client, bucket, {**good, "raw/Pro/big.jpg": big})
+    aws_env.requests.reset()
+
+    result = sync_images(StorageConfig(bucket=bucket, local_dir=images_dir))
+
+    assert gets(aws_env) == len(good)
+    assert result.images == len(good) and result.failed == []
+    assert [s["key"] for s in result.skipped] == ["raw/Pro/big.jpg"]
+    reason = result.skipped[0]["reason"]
+    assert f"too large: {len(big):,} bytes, over the cap of {cap:,}" in reason
+    assert "LEUKEMIA_MAX_IMAGE_BYTES" in reason
+    assert not (images_dir / "quarantine").exists()
+
+
+def test_image_over_the_pixel_cap_is_rejected_from_its_header_and_never_decoded(
+    aws_env: S3Server, bucket: str, client: Any, images_dir: Path
+) -> None:
+    from PIL import ImageFile
+
+    real = jpeg(7, side=96)
+    huge = bytearray(real)  # the header claims 9500 x 9500: Pillow only warns about that size
+    sof = huge.find(b"\xff\xc0")
+    huge[sof + 5 : sof + 9] = (9500).to_bytes(2, "big") * 2
+    good = good_set(4)
+    put_all(client, bucket, {**good, "raw/Pre/huge.jpg": bytes(huge)})
+    decoded: list[tuple[int, int]] = []
+    real_load = ImageFile.ImageFile.load
+
+    def recording_load(self: Any) -> Any:
+        decoded.append(self.size)
+        return real_load(self)
+
+    with mock.patch.object(ImageFile.ImageFile, "load", recording_load):
+        result = sync_images(StorageConfig(bucket=bucket, local_dir=images_dir))
+
+    assert result.images == len(good) and result.failed == []
+    assert [s["key"] for s in result.skipped] == ["raw/Pre/huge.jpg"]
+    assert (
+        "image too large: 9500x9500 = 90,250,000 pixels, over the cap of 25,000,000"
+        in (result.skipped[0]["reason"])
+    )
+    assert (9500, 9500) not in decoded and (48, 48) in decoded
+    assert (images_dir / "quarantine" / "Pre" / "huge.jpg").read_bytes() == bytes(huge)
+
+
+def test_pixel_cap_setting_keeps_images_at_the_cap_and_rejects_larger_ones(
+    aws_env: S3Server,
+    bucket: str,
+    client: Any,
+    images_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LEUKEMIA_MAX_IMAGE_PIXELS", "2_500")
+    objects = {"raw/Benign/at-cap.jpg": jpeg(1, side=50), "raw/Early/over.jpg": jpeg(2, side=51)}
+    put_all(client, bucket, objects)
+
+    result = sync_images(StorageConfig(bucket=bucket, local_dir=images_dir))
+
+    assert result.images == 1
+    assert (
+        local_path(images_dir, "raw/Benign/at-cap.jpg").read_bytes()
+        == objects["raw/Benign/at-cap.jpg"]
+    )
+    assert [s["key"] for s in result.skipped] == ["raw/Early/over.jpg"]
+    assert "51x51 = 2,601 pixels, over the cap of 2,500" in result.skipped[0]["reason"]
+
+
+def test_unexpected_error_storing_one_object_is_recorded_as_failed_and_the_rest_land(
+    aws_env: S3Server, bucket: str, client: Any, images_dir: Path
+) -> None:
+    objects = good_set(8)
+    put_all(client, bucket, objects)
+    broken = "raw/Pre/img-002.jpg"
+    real_write = storage._write_temp
+
+    def disk_full_for_one(path: Path, data: bytes) -> Path:
+        if path.name == "img-002.jpg":
+            raise OSError(28, "No space left on device", str(path))
+        return real_write(path, data)
+
+    with mock.patch.object(storage, "_write_temp", disk_full_for_one):
+        result = sync_images(StorageConfig(bucket=bucket, local_dir=images_dir), workers=4)
+
+    assert [f["key"] for f in result.failed] == [broken]
+    assert "No space left on device" in result.failed[0]["reason"]
+    assert result.stored == result.images == len(objects) - 1
+    for key, body in objects.items():
+        if key != broken:
+            assert local_path(images_dir, key).read_bytes() == body
+    manifest = json.loads((images_dir / MANIFEST_NAME).read_text())
+    assert set(manifest["images"]) == set(objects) - {broken}
+    report = json.loads((images_dir / REPORT_NAME).read_text())
+    assert [f["key"] for f in report["failed"]] == [broken]
+    assert list(images_dir.rglob("*.part")) == []
+
+    again = sync_images(StorageConfig(bucket=bucket, local_dir=images_dir))
+
+    assert again.failed == [] and again.images == len(objects)
+
+
 # --- retries ----------------------------------------------------------------------------------
 
 
@@ -564,6 +770,121 @@ def test_object_that_keeps_failing_is_reported_and_the_others_still_land(
     assert gets(aws_env) == 1  # only the one that failed
     assert recovered.failed == [] and recovered.images == len(objects)
     assert local_path(images_dir, broken_key).read_bytes() == objects[broken_key]
+
+
+# --- two syncs into one folder ----------------------------------------------------------------
+
+
+class Gated:
+    """A client whose GET of `key` waits until the test opens the gate: a sync caught mid-way."""
+
+    def __init__(self, client: Any, key: str) -> None:
+        self._client, self.key = client, key
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def get_object(self, **kwargs: Any) -> Any:
+        if kwargs["Key"] == self.key:
+            self.entered.set()
+            assert self.gate.wait(60), "the test never opened the gate"
+        return self._client.get_object(**kwargs)
+
+
+def start_gated_sync(cfg: StorageConfig, client: Any, key: str) -> tuple[Gated, Any]:
+    """Start a sync in a thread and return once it is inside the GET of `key`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gated = Gated(client, key)
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(sync_images, cfg, client=gated, workers=2)
+    pool.shutdown(wait=False)
+    assert gated.entered.wait(30), "the first sync never reached its download"
+    return gated, future
+
+
+def test_second_sync_into_the_same_folder_gives_up_with_a_clear_error_and_deletes_nothing(
+    aws_env: S3Server, bucket: str, client: Any, images_dir: Path
+) -> None:
+    objects = good_set(6)
+    put_all(client, bucket, objects)
+    cfg = StorageConfig(bucket=bucket, local_dir=images_dir)
+    first, running = start_gated_sync(cfg, client, "raw/Pre/img-002.jpg")
+    live_part = images_dir / "Pro" / ".0123456789abcdef.part"  # as the first sync writes one
+    live_part.parent.mkdir(parents=True, exist_ok=True)
+    live_part.write_bytes(b"half an image")
+
+    try:
+        with pytest.raises(storage.SyncLocked) as caught:
+            sync_images(cfg, lock_wait_s=0.5)
+    finally:
+        first.gate.set()
+    result = running.result(timeout=60)
+
+    message = str(caught.value)
+    assert f"another sync is writing to {images_dir} (pid {os.getpid()}" in message
+    assert "wait for it to finish" in message
+    assert live_part.read_bytes() == b"half an image"  # the second sync deleted nothing
+    assert result.failed == [] and result.images == len(objects)
+    for key, body in objects.items():
+        assert local_path(images_dir, key).read_bytes() == body
+
+
+def test_second_sync_waits_for_the_first_and_then_has_nothing_to_fetch(
+    aws_env: S3Server, bucket: str, client: Any, images_dir: Path
+) -> None:
+    objects = good_set(6)
+    put_all(client, bucket, objects)
+    cfg = StorageConfig(bucket=bucket, local_dir=images_dir)
+    first, running = start_gated_sync(cfg, client, "raw/Pre/img-002.jpg")
+    threading.Timer(1.0, first.gate.set).start()
+
+    second = sync_images(cfg, lock_wait_s=60)
+
+    first_result = running.result(timeout=60)
+    assert first_result.images == len(objects)
+    # It ran after the first had finished: everything was already there.
+    assert (second.unchanged, second.downloaded, second.images) == (len(objects), 0, len(objects))
+    assert second.digest == first_result.digest
+
+
+# --- the DAG's sync step ----------------------------------------------------------------------
+
+
+def test_dag_sync_step_fails_on_a_partial_sync_unless_that_share_of_failures_is_allowed(
+    aws_env: S3Server,
+    bucket: str,
+    client: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from leukemia.pipeline import sync
+
+    objects = good_set(8)
+    broken = "raw/Pre/img-002.jpg"
+    put_all(client, bucket, {**objects, "raw/Pro/notes.jpg": b"patient notes, not an image"})
+    monkeypatch.setenv("LEUKEMIA_DATA_DIR", str(tmp_path / "data"))
+    report = tmp_path / "data" / "images" / REPORT_NAME
+    denied = ForbiddingS3Server(lambda method, target: target == f"{bucket}/{broken}")
+    with denied:
+        monkeypatch.setenv("AIRFLOW_CONN_AWS_DENIED", aws_connection_json(denied.endpoint_url))
+        with pytest.raises(storage.SyncIncomplete) as caught:
+            sync(bucket, conn_id="aws_denied")
+        allowed = sync(bucket, conn_id="aws_denied", max_failed_fraction=0.2)
+
+    message = str(caught.value)
+    assert "1 of 9 objects failed (11.1%, more than the 0.0% allowed)" in message
+    assert f"{broken}: download failed" in message and str(report) in message
+    assert (allowed["failed"], allowed["skipped"], allowed["images"]) == (1, 1, 7)
+    # A bad image is skipped, not failed: it never stops the DAG.
+    complete = sync(bucket)
+    assert (complete["failed"], complete["skipped"], complete["images"]) == (0, 1, 8)
+
+
+def test_max_failed_fraction_must_be_a_share() -> None:
+    with pytest.raises(ValueError, match="max_failed_fraction must be between 0 and 1, got 5"):
+        SyncResult(listed=4).require_complete(5)
 
 
 # --- dataset digest ---------------------------------------------------------------------------
@@ -633,6 +954,43 @@ def test_upload_folder_without_images_says_what_layout_it_expects(
         ValueError, match=r"no images under .*<Benign\|Early\|Pre\|Pro>/<name>\.jpg"
     ):
         upload_folder(tmp_path, "never-created-bucket")
+
+
+def test_upload_folder_says_access_denied_instead_of_creating_the_bucket(
+    aws_env: S3Server, smear_dir: Path, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = "someone-elses-bucket"
+    denied = ForbiddingS3Server(lambda method, target: method == "HEAD" and target == bucket)
+    with denied:
+        monkeypatch.setenv("AIRFLOW_CONN_AWS_DENIED", aws_connection_json(denied.endpoint_url))
+        with pytest.raises(RuntimeError) as caught:
+            upload_folder(smear_dir, bucket, conn_id="aws_denied")
+
+    message = str(caught.value)
+    assert f"access denied to bucket {bucket} through connection 'aws_denied'" in message
+    assert "nothing was uploaded" in message
+    assert bucket not in {b["Name"] for b in client.list_buckets()["Buckets"]}
+
+
+def test_upload_folder_says_s3_cannot_be_reached_instead_of_creating_the_bucket(
+    aws_env: S3Server, smear_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DOWN", aws_connection_json(closed))
+    one_try = storage.s3_client
+    monkeypatch.setattr(
+        storage, "s3_client", lambda conn_id, workers=16: one_try(conn_id, workers, max_attempts=1)
+    )
+
+    with pytest.raises(
+        RuntimeError,
+        match=r"cannot reach S3 to check bucket b1 through connection 'aws_down'.*endpoint_url",
+    ):
+        upload_folder(smear_dir, "b1", conn_id="aws_down")
 
 
 def test_sync_result_summary_is_small_enough_for_xcom() -> None:

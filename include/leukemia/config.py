@@ -21,6 +21,14 @@ ENV_DEFAULTS: dict[str, tuple[str, str]] = {
     "LEUKEMIA_BUCKET": ("leukemia-images", "bucket that holds the raw images"),
     "LEUKEMIA_RAW_PREFIX": ("raw/", "prefix of <Class>/<image> objects in the bucket"),
     "LEUKEMIA_DATA_DIR": ("data", "local working folder: images, manifests, feature cache"),
+    "LEUKEMIA_MAX_IMAGE_BYTES": (
+        "50000000",
+        "largest image object or file read, in bytes (checked before reading it)",
+    ),
+    "LEUKEMIA_MAX_IMAGE_PIXELS": (
+        "25000000",
+        "largest image decoded, width x height (checked from its header before decoding)",
+    ),
     "LEUKEMIA_WEIGHTS": ("imagenet", "VGG16 base weights: imagenet, a .h5 path, or none"),
     "LEUKEMIA_MODEL_NAME": ("leukemia-classifier", "MLflow registered model name"),
     "LEUKEMIA_EXPERIMENT": ("leukemia-vgg16", "MLflow experiment for the training runs"),

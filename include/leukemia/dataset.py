@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leukemia.config import CLASSES
-from leukemia.storage import MANIFEST_NAME, dataset_digest, iter_image_files
+from leukemia.images import iter_image_files
+from leukemia.storage import MANIFEST_NAME, dataset_digest
 
 log = logging.getLogger(__name__)
 

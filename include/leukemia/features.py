@@ -66,21 +66,11 @@ def cache_dir_for(root: str | Path, cfg: ModelConfig, precision: str) -> Path:
     return Path(root) / f"{weights_identity(cfg.weights)}-{cfg.input_size}px-{precision}"
 
 
-def load_image(path: str | Path, size: int) -> Any:
-    """An RGB image as float32 pixels 0-255 of shape (size, size, 3), resized if needed."""
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(img, dtype="float32")
-
-
 def load_images(paths: Sequence[str | Path], size: int) -> Any:
-    """A batch of images as one float32 array (n, size, size, 3)."""
+    """A batch of images as one float32 array (n, size, size, 3), each read by `images.load_image`."""
     import numpy as np
+
+    from leukemia.images import load_image
 
     return np.stack([load_image(p, size) for p in paths]) if paths else np.zeros((0, size, size, 3))
 

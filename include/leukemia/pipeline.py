@@ -34,15 +34,23 @@ DEFAULTS: dict[str, Any] = {
 
 
 def sync(
-    bucket: str | None = None, prefix: str | None = None, conn_id: str | None = None
+    bucket: str | None = None,
+    prefix: str | None = None,
+    conn_id: str | None = None,
+    max_failed_fraction: float = 0.0,
 ) -> dict[str, Any]:
-    """Sync new and changed images from S3 into the data folder."""
+    """Sync new and changed images from S3 into the data folder.
+
+    Fails when more than `max_failed_fraction` of the listed objects failed to download (bad
+    images are skipped, not failed), so that nothing is trained on a partial image set.
+    """
     from leukemia.storage import sync_images
 
     cfg = StorageConfig.from_env(
         bucket=bucket or None, prefix=prefix or None, conn_id=conn_id or None
     )
     result = sync_images(cfg)
+    result.require_complete(max_failed_fraction)
     if result.images == 0:
         raise ValueError(
             f"no usable images under s3://{cfg.bucket}/{cfg.prefix}: expected "

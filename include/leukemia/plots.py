@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from leukemia.config import CLASSES
+from leukemia.images import fit_in_box
 
 if TYPE_CHECKING:
     import numpy as np
@@ -180,26 +181,6 @@ def training_curves_png(
 # --- image grids ------------------------------------------------------------------------------------
 
 
-def _load_image(image: np.ndarray | str | Path, box: int) -> np.ndarray:
-    """An RGB uint8 array scaled to fit a `box` pixel square, from a path or an array (0-255 or 0-1)."""
-    import numpy as np
-    from PIL import Image, ImageOps
-
-    if isinstance(image, (str, Path)):
-        with Image.open(image) as im:
-            pil = im.convert("RGB")
-    else:
-        arr = np.asarray(image)
-        if arr.ndim == 3 and arr.shape[2] == 1:
-            arr = arr[:, :, 0]
-        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)) or not arr.size:
-            raise ValueError(f"image array must be HxW, HxWx3 or HxWx4, got shape {arr.shape}")
-        if arr.dtype.kind in "fc" and np.nanmax(arr) <= 1.0:
-            arr = arr * 255.0
-        pil = Image.fromarray(np.clip(np.nan_to_num(arr), 0, 255).astype("uint8")).convert("RGB")
-    return np.asarray(ImageOps.contain(pil, (box, box)))
-
-
 def _grid_png(
     images: Sequence[np.ndarray | str | Path],
     captions: Sequence[str],
@@ -233,7 +214,7 @@ def _grid_png(
     for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
         row, col = divmod(i, cols)
         top = height - title_h - row * cell_h  # pixels from the bottom
-        arr = _load_image(image, _CELL_PX)
+        arr = fit_in_box(image, _CELL_PX)
         h, w = arr.shape[:2]
         x0 = col * cell_w + _PAD_PX + (_CELL_PX - w) // 2
         y0 = top - caption_h - _CELL_PX + (_CELL_PX - h) // 2

@@ -5,7 +5,8 @@ RGB pixels 0-255 in, the four class probabilities out); by default the `champion
 registered model. Inputs are image files, folders (searched recursively) and `s3://bucket/prefix`
 URIs (read through the Airflow connection straight into memory). Scoring is a generator over
 batches, so memory stays bounded however many images there are; an image that cannot be read or
-decoded is skipped with its reason and the others are still scored.
+decoded, or is over the byte or pixel cap (`images.ImageLimits`), is skipped with its reason and the
+others are still scored.
 
 Every failure the user can fix (no champion yet, tracking server down, a model of the wrong shape)
 is a `PredictionError` whose message is one line saying what happened and what to do.
@@ -13,13 +14,12 @@ is a `PredictionError` whose message is one line saying what happened and what t
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,14 @@ from urllib.parse import urlparse
 
 from leukemia.config import BENIGN, CLASSES, env, tracking_uri
 from leukemia.errors import first_line
+from leukemia.images import (
+    IMAGE_SUFFIXES,
+    ImageLimits,
+    ImageRejected,
+    decode_image,
+    is_image_name,
+    iter_folder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -247,27 +255,6 @@ class Skipped:
     transient: bool = False
 
 
-def _image_suffixes() -> tuple[str, ...]:
-    from leukemia.storage import IMAGE_SUFFIXES
-
-    return IMAGE_SUFFIXES
-
-
-def is_image_name(name: str) -> bool:
-    """True for names ending in a known image suffix (case-insensitive)."""
-    return name.lower().endswith(_image_suffixes())
-
-
-def iter_folder(folder: Path) -> Iterator[Path]:
-    """Image files under `folder`, recursively, sorted; hidden files and folders are left out."""
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder).parts
-        if any(p.startswith(".") for p in rel):
-            continue
-        if path.is_file() and is_image_name(path.name):
-            yield path
-
-
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """`s3://bucket/prefix` → (bucket, prefix)."""
     parsed = urlparse(uri)
@@ -276,65 +263,98 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
-def s3_source(client: Any, bucket: str, key: str) -> ImageSource:
-    """An S3 object as an image source, downloaded into memory when read."""
+def file_source(path: Path, limits: ImageLimits | None = None) -> ImageSource:
+    """A local file as an image source; a file over the byte cap is rejected unread."""
+    limits = limits or ImageLimits.from_env()
 
     def read() -> bytes:
-        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        limits.check_bytes(path.stat().st_size)
+        return path.read_bytes()
+
+    return ImageSource(str(path), read)
+
+
+def s3_source(client: Any, bucket: str, key: str, limits: ImageLimits | None = None) -> ImageSource:
+    """An S3 object as an image source, downloaded into memory when read, up to the byte cap."""
+    limits = limits or ImageLimits.from_env()
+
+    def read() -> bytes:
+        response = client.get_object(Bucket=bucket, Key=key)
+        with response["Body"] as body:
+            limits.check_bytes(int(response.get("ContentLength") or 0))
+            data = body.read(limits.max_bytes + 1)
+        limits.check_bytes(len(data))
+        return data
 
     return ImageSource(f"s3://{bucket}/{key}", read)
 
 
+def _s3_inputs(
+    client: Any, uri: str, limits: ImageLimits
+) -> tuple[list[ImageSource], list[Skipped]]:
+    """The image objects under an `s3://bucket/prefix` URI; those over the byte cap are skipped."""
+    from leukemia.storage import list_objects
+
+    bucket, prefix = split_s3_uri(uri)
+    try:
+        sizes = {o["Key"]: int(o["Size"]) for o in list_objects(client, bucket, prefix)}
+    except Exception as exc:
+        return [], [Skipped(uri, f"cannot list {uri}: {first_line(exc)}", transient=True)]
+    keys = list(sizes)
+    if prefix and prefix in sizes:  # one object named exactly
+        keys = [prefix]
+    elif prefix and not prefix.endswith("/"):  # a folder: never match `incoming2/`
+        keys = [k for k in keys if k.startswith(prefix + "/")]
+    images = [k for k in keys if is_image_name(k) and not k.endswith("/")]
+    if not images:
+        return [], [Skipped(uri, f"no images under {uri} (expected {', '.join(IMAGE_SUFFIXES)})")]
+    sources, skipped = [], []
+    for key in images:
+        try:
+            limits.check_bytes(sizes[key])
+        except ImageRejected as exc:
+            skipped.append(Skipped(f"s3://{bucket}/{key}", str(exc)))
+            continue
+        sources.append(s3_source(client, bucket, key, limits))
+    return sources, skipped
+
+
 def collect_inputs(
-    specs: Sequence[str | Path], conn_id: str | None = None, client: Any | None = None
+    specs: Sequence[str | Path],
+    conn_id: str | None = None,
+    client: Any | None = None,
+    limits: ImageLimits | None = None,
 ) -> tuple[list[ImageSource], list[Skipped]]:
     """Image sources for files, folders (recursive) and `s3://bucket/prefix` URIs, in the given order.
 
-    Paths that do not exist, folders without images and S3 prefixes that cannot be listed or hold
-    no images come back as skipped, with the reason. No image is read yet.
+    Paths that do not exist, folders without images, S3 prefixes that cannot be listed or hold
+    no images, and objects over the byte cap come back as skipped, with the reason. No image is
+    read yet.
     """
-    from leukemia.storage import list_objects
-
+    limits = limits or ImageLimits.from_env()
     sources: list[ImageSource] = []
     skipped: list[Skipped] = []
     for spec in specs:
         text = str(spec)
         if text.startswith("s3://"):
-            bucket, prefix = split_s3_uri(text)
             if client is None:
                 from leukemia.storage import s3_client
 
                 client = s3_client(conn_id or env("LEUKEMIA_AWS_CONN_ID"))
-            try:
-                keys = [o["Key"] for o in list_objects(client, bucket, prefix)]
-            except Exception as exc:
-                skipped.append(
-                    Skipped(text, f"cannot list {text}: {first_line(exc)}", transient=True)
-                )
-                continue
-            if prefix and prefix in keys:  # one object named exactly
-                keys = [prefix]
-            elif prefix and not prefix.endswith("/"):  # a folder: never match `incoming2/`
-                keys = [k for k in keys if k.startswith(prefix + "/")]
-            images = [k for k in keys if is_image_name(k) and not k.endswith("/")]
-            if not images:
-                skipped.append(
-                    Skipped(
-                        text, f"no images under {text} (expected {', '.join(_image_suffixes())})"
-                    )
-                )
-            sources.extend(s3_source(client, bucket, k) for k in images)
+            more, why = _s3_inputs(client, text, limits)
+            sources.extend(more)
+            skipped.extend(why)
             continue
         path = Path(text).expanduser()
         if path.is_dir():
-            found = [ImageSource(str(p), p.read_bytes) for p in iter_folder(path)]
+            found = [file_source(p, limits) for p in iter_folder(path)]
             if not found:
                 skipped.append(
-                    Skipped(text, f"no images in folder (expected {', '.join(_image_suffixes())})")
+                    Skipped(text, f"no images in folder (expected {', '.join(IMAGE_SUFFIXES)})")
                 )
             sources.extend(found)
         elif path.is_file():
-            sources.append(ImageSource(text, path.read_bytes))
+            sources.append(replace(file_source(path, limits), name=text))
         else:
             skipped.append(Skipped(text, "no such file or folder"))
     return sources, skipped
@@ -398,27 +418,18 @@ class Batch:
     scored_at: str = ""
 
 
-def decode_image(data: bytes, size: int) -> Any:
-    """Validated RGB float32 pixels (size, size, 3), resized exactly as the training pipeline does."""
-    from leukemia.features import load_image
-    from leukemia.storage import validate_image
-
-    validate_image(data)  # raises ImageRejected with the reason
-    return load_image(io.BytesIO(data), size)  # type: ignore[arg-type]  # Pillow opens file objects too
-
-
-def _load(source: ImageSource, size: int) -> Any:
+def _load(source: ImageSource, size: int, limits: ImageLimits) -> Any:
     """Pixels of one source, or a Skipped with the reason."""
-    from leukemia.storage import ImageRejected
-
     try:
         data = source.read()
+    except ImageRejected as exc:  # over the byte cap
+        return Skipped(source.name, str(exc))
     except Exception as exc:
         return Skipped(
             source.name, f"cannot read: {first_line(exc)}", transient=not isinstance(exc, OSError)
         )
     try:
-        return decode_image(data, size)
+        return decode_image(data, size, limits)
     except ImageRejected as exc:
         return Skipped(source.name, str(exc))
     except Exception as exc:  # anything Pillow raises on odd files
@@ -437,21 +448,26 @@ def _chunks(items: Iterable[ImageSource], n: int) -> Iterator[list[ImageSource]]
 
 
 def iter_batches(
-    model: LoadedModel, sources: Iterable[ImageSource], batch_size: int = DEFAULT_BATCH_SIZE
+    model: LoadedModel,
+    sources: Iterable[ImageSource],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    limits: ImageLimits | None = None,
 ) -> Iterator[Batch]:
     """Score `sources` `batch_size` at a time: only one batch of images is held in memory.
 
     Each batch's images are read and decoded by a few threads (S3 round trips overlap), then scored
-    by one `predict_on_batch`; predictions keep the input order.
+    by one `predict_on_batch`; predictions keep the input order. Images over the pixel cap of
+    `limits` (default: the settings) are skipped before they are decoded.
     """
     import numpy as np
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     size = model.input_size
+    limits = limits or ImageLimits.from_env()
     with ThreadPoolExecutor(max_workers=min(READ_WORKERS, batch_size)) as pool:
         for chunk in _chunks(sources, batch_size):
-            loaded = list(pool.map(lambda s: _load(s, size), chunk))
+            loaded = list(pool.map(lambda s: _load(s, size, limits), chunk))
             good = [
                 (s, x) for s, x in zip(chunk, loaded, strict=True) if not isinstance(x, Skipped)
             ]

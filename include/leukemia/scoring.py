@@ -93,7 +93,7 @@ def pending(listing: dict[str, str], ledger: dict[str, Any]) -> list[str]:
 
 def list_images(client: Any, bucket: str, prefix: str) -> dict[str, str]:
     """key → ETag of every image object under `prefix`."""
-    from leukemia.predict import is_image_name
+    from leukemia.images import is_image_name
     from leukemia.storage import list_objects
 
     return {

@@ -2,17 +2,19 @@
 
 Built on the Amazon provider's `S3Hook` so the Airflow connection (`aws_default` by default) decides the
 credentials and the endpoint. S3 is only ever read by the sync: bad objects are reported, never deleted.
+One object never stops a sync (its failure is recorded and the others land), one sync at a time
+writes to a folder, and the class folders hold exactly the images the manifest records.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
 import random
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -24,19 +26,35 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from leukemia.config import CLASSES, StorageConfig
+from leukemia.errors import first_line
+from leukemia.images import (
+    IMAGE_SUFFIXES,
+    ImageLimits,
+    ImageRejected,
+    class_of_folder,
+    is_image_name,
+    iter_image_files,
+    validate_image,
+)
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "sync_manifest.json"
 REPORT_NAME = "sync_report.json"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-MIN_IMAGE_SIDE = 32
+#: Held (flock) by the sync writing to a folder; holds the pid and host of that sync.
+LOCK_NAME = ".sync.lock"
 PROGRESS_EVERY = 200
-_CLASS_BY_FOLDER = {c.lower(): c for c in CLASSES}
+#: Longest local file name (UTF-8 bytes) a key may map to: file systems allow 255, and the name must
+#: also fit in `quarantine/` and `trash/` on any of them.
+MAX_NAME_BYTES = 200
 
 
-class ImageRejected(ValueError):
-    """A downloaded object is not a usable image; the message is the reason."""
+class SyncLocked(RuntimeError):
+    """Another sync is writing to the same local folder."""
+
+
+class SyncIncomplete(RuntimeError):
+    """More objects failed to sync than allowed: the local image set is partial."""
 
 
 @dataclass
@@ -48,6 +66,7 @@ class SyncResult:
     stored: int = 0
     unchanged: int = 0
     deleted: int = 0
+    reconciled: int = 0
     images: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
@@ -62,6 +81,34 @@ class SyncResult:
         out["skipped"] = len(self.skipped)
         out["failed"] = len(self.failed)
         return out
+
+    def require_complete(self, max_failed_fraction: float = 0.0) -> None:
+        """Raise SyncIncomplete when failed objects are over `max_failed_fraction` of those listed.
+
+        Failed means a download or disk error, worth a retry; skipped objects (not images, too
+        large, quarantined) never belong in the data set and do not count.
+        """
+        if not 0.0 <= max_failed_fraction <= 1.0:
+            raise ValueError(
+                f"max_failed_fraction must be between 0 and 1, got {max_failed_fraction}"
+            )
+        if not self.failed:
+            return
+        share = len(self.failed) / max(self.listed, 1)
+        if share <= max_failed_fraction:
+            log.warning(
+                "%d objects failed to sync, within the %.1f%% allowed",
+                len(self.failed),
+                100 * max_failed_fraction,
+            )
+            return
+        first = self.failed[0]
+        raise SyncIncomplete(
+            f"{len(self.failed)} of {self.listed} objects failed ({share:.1%}, more than the "
+            f"{max_failed_fraction:.1%} allowed), so the local image set is partial; first "
+            f"{first['key']}: {first['reason']}. Every reason is in {self.report_path}: fix the "
+            "cause and sync again, or allow that share of failures with max_failed_fraction"
+        )
 
 
 def s3_client(conn_id: str, workers: int = 16, max_attempts: int = 8) -> Any:
@@ -93,35 +140,14 @@ def classify_key(key: str, prefix: str) -> tuple[str, str] | str:
         return "outside a class folder: expected <prefix>/<Benign|Early|Pre|Pro>/<name>"
     if len(parts) > 2:
         return "nested folder: expected <prefix>/<Benign|Early|Pre|Pro>/<name>"
-    label = _CLASS_BY_FOLDER.get(parts[0].lower())
+    label = class_of_folder(parts[0])
     if label is None:
         return f"unknown class folder {parts[0]!r}: expected one of {', '.join(CLASSES)}"
-    if not parts[1].lower().endswith(IMAGE_SUFFIXES):
+    if not is_image_name(parts[1]):
         return f"not an image file name (expected one of {', '.join(IMAGE_SUFFIXES)})"
+    if (n := len(parts[1].encode("utf-8", "surrogatepass"))) > MAX_NAME_BYTES:
+        return f"file name too long: {n} bytes, at most {MAX_NAME_BYTES} bytes; rename the object"
     return label, parts[1]
-
-
-def validate_image(data: bytes) -> tuple[int, int]:
-    """Decode `data` fully; return (width, height) or raise ImageRejected with the reason."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        raise ImageRejected("empty object (0 bytes)")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.verify()
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            width, height = img.size
-    except UnidentifiedImageError:
-        raise ImageRejected("not an image: Pillow cannot identify it") from None
-    except Image.DecompressionBombError as exc:  # not an OSError: would abort the whole sync
-        raise ImageRejected(f"image too large: {exc}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageRejected(f"corrupt or truncated image: {exc}") from None
-    if min(width, height) < MIN_IMAGE_SIDE:
-        raise ImageRejected(f"image too small: {width}x{height}, need at least {MIN_IMAGE_SIDE} px")
-    return width, height
 
 
 def dataset_digest(entries: Iterable[tuple[str, str]]) -> str:
@@ -144,15 +170,29 @@ def _identity(obj: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it."""
+def _write_temp(path: Path, data: bytes) -> Path:
+    """Write `data` to a fsync'd temporary file beside `path` (a short name, whatever `path` is)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{uuid.uuid4().hex}.part")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename it over `path`."""
+    tmp = _write_temp(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _atomic_write_json(path: Path, payload: Any, indent: int | None = 1) -> None:
@@ -195,6 +235,46 @@ def _with_backoff(fn: Callable[[], bytes], attempts: int, base: float = 0.2) -> 
 
 
 @contextmanager
+def _folder_lock(root: Path, wait_s: float) -> Iterator[None]:
+    """Hold the folder's lock for one sync, waiting up to `wait_s` seconds for another sync to end.
+
+    An flock: the kernel drops it when its holder dies, so a killed sync never leaves it behind.
+    """
+    import fcntl
+
+    with open(root / LOCK_NAME, "a+") as fh:
+        deadline, holder = time.monotonic() + wait_s, ""
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not holder:
+                    fh.seek(0)
+                    holder = fh.read().strip() or "unknown"
+                    log.info(
+                        "Waiting up to %.0fs for the sync writing to %s (pid %s)",
+                        wait_s,
+                        root,
+                        holder,
+                    )
+                if time.monotonic() >= deadline:
+                    raise SyncLocked(
+                        f"another sync is writing to {root} (pid {holder}); wait for it to finish "
+                        "or stop it, then sync again"
+                    ) from None
+                time.sleep(min(0.5, max(0.05, deadline - time.monotonic())))
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextmanager
 def _cancel_on_interrupt(pool: ThreadPoolExecutor) -> Iterator[None]:
     """On Ctrl-C or a task kill, drop the queued downloads rather than finish them all first."""
     try:
@@ -219,158 +299,291 @@ def load_manifest(local_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+@dataclass(frozen=True)
+class _Download:
+    """One object to fetch: its key, listing identity, local path and the path of its old copy."""
+
+    key: str
+    ident: dict[str, Any]
+    rel: str
+    old: str | None
+
+
+@dataclass
+class _Sync:
+    """What the steps of one sync share: where from, where to, the manifest and the tally."""
+
+    cfg: StorageConfig
+    client: Any
+    root: Path
+    prefix: str
+    manifest: dict[str, Any]
+    attempts: int
+    limits: ImageLimits
+    result: SyncResult = field(default_factory=SyncResult)
+
+    @property
+    def images(self) -> dict[str, Any]:
+        return self.manifest["images"]
+
+    @property
+    def rejected(self) -> dict[str, Any]:
+        return self.manifest["rejected"]
+
+    def skip(self, key: str, reason: str, remember: dict[str, Any] | None = None) -> None:
+        """Report `key` as skipped; with its identity, remember the reason until the object changes."""
+        if remember is not None:
+            self.rejected[key] = {**remember, "reason": reason}
+        self.result.skipped.append({"key": key, "reason": reason})
+
+
 def sync_images(
     cfg: StorageConfig,
     client: Any | None = None,
     workers: int = 16,
     attempts: int = 4,
     checkpoint_every: int = 100,
+    limits: ImageLimits | None = None,
+    lock_wait_s: float = 60.0,
 ) -> SyncResult:
     """Bring `cfg.local_dir` in line with `s3://bucket/prefix`: new and changed objects only.
 
     Images land atomically under `<local_dir>/<Class>/<name>`; rejects go to `quarantine/`, local
     copies of deleted or replaced objects to `trash/`. The manifest is checkpointed while downloading,
-    so a sync killed at any point resumes where it stopped.
+    so a sync killed at any point resumes where it stopped. Objects over the byte cap of `limits`
+    (default: the settings) are never downloaded; images over its pixel cap are never decoded.
+
+    One sync at a time writes to a folder: another one waits up to `lock_wait_s` seconds, then
+    raises SyncLocked.
     """
-    started = time.monotonic()
+    limits = limits or ImageLimits.from_env()  # a bad setting fails before anything is touched
+    client = client or s3_client(cfg.conn_id, workers=workers)
     root = Path(cfg.local_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.rglob(".*.part"):  # temporary files of a sync killed mid-write
-        stale.unlink(missing_ok=True)
-    prefix = cfg.prefix if not cfg.prefix or cfg.prefix.endswith("/") else cfg.prefix + "/"
-    client = client or s3_client(cfg.conn_id, workers=workers)
-    manifest = load_manifest(root)
-    images: dict[str, Any] = manifest["images"]
-    rejected: dict[str, Any] = manifest["rejected"]
-    result = SyncResult()
+    with _folder_lock(root, lock_wait_s):
+        started = time.monotonic()
+        for stale in root.rglob(".*.part"):  # temporary files of a sync killed mid-write
+            stale.unlink(missing_ok=True)
+        prefix = cfg.prefix if not cfg.prefix or cfg.prefix.endswith("/") else cfg.prefix + "/"
+        run = _Sync(cfg, client, root, prefix, load_manifest(root), attempts, limits)
+        listing = _list(run)
+        _forget_deleted(run, listing)
+        _fetch_all(run, _plan(run, listing), workers, checkpoint_every)
+        _reconcile(run)
+        return _finish(run, started)
 
+
+def _list(run: _Sync) -> dict[str, dict[str, Any]]:
+    """key → listing entry of every object under the prefix; a clear error when it cannot be listed."""
+    cfg = run.cfg
     try:
-        listing = {o["Key"]: o for o in list_objects(client, cfg.bucket, prefix)}
+        listing = {o["Key"]: o for o in list_objects(run.client, cfg.bucket, run.prefix)}
     except Exception as exc:
         raise RuntimeError(
-            f"cannot list s3://{cfg.bucket}/{prefix} through connection {cfg.conn_id!r}: {exc}. "
+            f"cannot list s3://{cfg.bucket}/{run.prefix} through connection {cfg.conn_id!r}: {exc}. "
             "Check that the bucket exists and the connection's credentials and endpoint_url."
         ) from exc
-    result.listed = len(listing)
+    run.result.listed = len(listing)
+    return listing
 
-    # Objects gone from S3: forget them, keep their local copies in trash/.
-    for key in [k for k in images if k not in listing]:
-        entry = images.pop(key)
-        _move_aside(root / entry["path"], root, "trash", entry["path"])
-        result.deleted += 1
+
+def _forget_deleted(run: _Sync, listing: dict[str, Any]) -> None:
+    """Objects gone from S3: forget them, keep their local copies in trash/."""
+    for key in [k for k in run.images if k not in listing]:
+        entry = run.images.pop(key)
+        run.result.deleted += 1
+        try:
+            _move_aside(run.root / entry["path"], run.root, "trash", entry["path"])
+        except Exception as exc:  # left in place; the reconciliation tries again next sync
+            reason = f"deleted from S3, but its local copy stays: {first_line(exc)}"
+            run.result.failed.append({"key": key, "reason": reason})
+            continue
         log.info("Object %s was deleted from S3; local copy moved to trash/", key)
-    for key in [k for k in rejected if k not in listing]:
-        rejected.pop(key)
+    for key in [k for k in run.rejected if k not in listing]:
+        run.rejected.pop(key)
 
-    owners = {e["path"]: k for k, e in images.items()}
-    todo: list[tuple[str, str, dict[str, Any]]] = []
+
+def _plan(run: _Sync, listing: dict[str, dict[str, Any]]) -> list[_Download]:
+    """The objects to download; unchanged ones and those that cannot be used are tallied instead."""
+    owners = {e["path"]: k for k, e in run.images.items()}
+    todo: list[_Download] = []
     for key, obj in sorted(listing.items()):
         if key.endswith("/") and int(obj["Size"]) == 0:
             continue  # a "folder" marker made by consoles
         ident = _identity(obj)
-        if key in images and all(images[key][k] == v for k, v in ident.items()):
-            result.unchanged += 1
-            continue
-        if key in rejected and all(rejected[key][k] == v for k, v in ident.items()):
-            result.skipped.append({"key": key, "reason": rejected[key]["reason"]})
-            continue
-        where = classify_key(key, prefix)
-        if isinstance(where, str):
-            rejected[key] = {**ident, "reason": where}
-            result.skipped.append({"key": key, "reason": where})
-            continue
-        if ident["size"] == 0:
-            rejected[key] = {**ident, "reason": "empty object (0 bytes)"}
-            result.skipped.append({"key": key, "reason": "empty object (0 bytes)"})
-            continue
-        rel = f"{where[0]}/{where[1]}"
-        if owners.get(rel, key) != key:
-            reason = f"another key ({owners[rel]}) already maps to the local file {rel}"
-            result.skipped.append({"key": key, "reason": reason})
-            continue
-        owners[rel] = key
-        todo.append((key, rel, ident))
+        if _same(run.images.get(key), ident):
+            run.result.unchanged += 1
+        elif _same(run.rejected.get(key), ident):
+            run.skip(key, run.rejected[key]["reason"])
+        elif (item := _triage(run, key, ident, owners)) is not None:
+            todo.append(item)
+    return todo
 
-    done = 0
 
-    def fetch(key: str, rel: str) -> tuple[str, str]:
-        """Download, check and store one object in a worker thread: (outcome, sha256 or reason).
+def _same(entry: dict[str, Any] | None, ident: dict[str, Any]) -> bool:
+    """True when a manifest entry was made from exactly this listing identity."""
+    return entry is not None and all(entry[k] == v for k, v in ident.items())
 
-        Decoding and fsync'd writes run here, beside the downloads, rather than one at a time
-        in the thread that collects results.
-        """
 
-        def get() -> bytes:
-            response = client.get_object(Bucket=cfg.bucket, Key=key)
-            return response["Body"].read()
+def _triage(
+    run: _Sync, key: str, ident: dict[str, Any], owners: dict[str, str]
+) -> _Download | None:
+    """A new or changed object: the download to make, or None when the listing alone rejects it."""
+    where = classify_key(key, run.prefix)
+    if isinstance(where, str):
+        run.skip(key, where, remember=ident)
+        return None
+    if ident["size"] == 0:
+        run.skip(key, "empty object (0 bytes)", remember=ident)
+        return None
+    try:
+        run.limits.check_bytes(ident["size"])
+    except ImageRejected as exc:
+        run.skip(key, str(exc), remember=ident)
+        return None
+    rel = f"{where[0]}/{where[1]}"
+    if owners.get(rel, key) != key:
+        run.skip(key, f"another key ({owners[rel]}) already maps to the local file {rel}")
+        return None
+    owners[rel] = key
+    old = run.images.get(key)
+    return _Download(key, ident, rel, old["path"] if old else None)
 
-        try:
-            data = _with_backoff(get, attempts)
-        except Exception as exc:  # one object failing must not stop the others
-            return "failed", f"download failed: {exc}"
-        old = images.get(key)
-        try:
-            validate_image(data)
-        except ImageRejected as exc:
-            _atomic_write_bytes(root / "quarantine" / rel, data)
-            if old is not None:  # the object was replaced by a bad version
-                _move_aside(root / old["path"], root, "trash", old["path"])
-            return "rejected", str(exc)
-        if old is not None and (root / old["path"]).exists():
-            _move_aside(root / old["path"], root, "trash", old["path"])
-        _atomic_write_bytes(root / rel, data)
-        return "stored", hashlib.sha256(data).hexdigest()
 
+def _fetch(run: _Sync, item: _Download) -> tuple[str, str]:
+    """Download, check and store one object in a worker thread: (outcome, sha256 or reason).
+
+    Decoding and fsync'd writes run here, beside the downloads, rather than one at a time
+    in the thread that collects results.
+    """
+
+    def get() -> bytes:
+        body = run.client.get_object(Bucket=run.cfg.bucket, Key=item.key)["Body"]
+        with body:
+            data = body.read(run.limits.max_bytes + 1)
+        run.limits.check_bytes(len(data))  # it grew past the cap after it was listed
+        return data
+
+    try:
+        data = _with_backoff(get, run.attempts)
+    except ImageRejected as exc:
+        return "rejected", str(exc)
+    except Exception as exc:  # one object failing must not stop the others
+        return "failed", f"download failed: {exc}"
+    try:
+        return _store(run, item, data)
+    except Exception as exc:  # a full disk, a permission error: this object only
+        return "failed", f"cannot store {item.rel}: {type(exc).__name__}: {first_line(exc)}"
+
+
+def _store(run: _Sync, item: _Download, data: bytes) -> tuple[str, str]:
+    """Check `data` and put it in place: rejects in quarantine/, replaced copies in trash/."""
+    root = run.root
+    try:
+        validate_image(data, run.limits)
+    except ImageRejected as exc:
+        _atomic_write_bytes(root / "quarantine" / item.rel, data)
+        if item.old is not None:  # the object was replaced by a bad version
+            _move_aside(root / item.old, root, "trash", item.old)
+        return "rejected", str(exc)
+    tmp = _write_temp(root / item.rel, data)  # first, so that a full disk leaves the old copy
+    try:
+        if item.old is not None:
+            _move_aside(root / item.old, root, "trash", item.old)
+        os.replace(tmp, root / item.rel)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return "stored", hashlib.sha256(data).hexdigest()
+
+
+def _apply(run: _Sync, item: _Download, outcome: str, detail: str) -> None:
+    """Record one finished download in the manifest and the tally (in the collecting thread)."""
+    if outcome == "failed":
+        run.result.failed.append({"key": item.key, "reason": detail})
+        log.warning("%s failed, will retry next sync: %s", item.key, detail)
+        if item.old is not None and not (run.root / item.old).exists():
+            run.images.pop(item.key, None)  # its old copy went to trash before the failure
+        return
+    run.result.downloaded += 1
+    if outcome == "rejected":
+        run.images.pop(item.key, None)
+        run.skip(item.key, detail, remember=item.ident)
+        log.warning("Quarantined %s: %s", item.key, detail)
+        return
+    run.rejected.pop(item.key, None)
+    run.result.stored += 1
+    label = item.rel.split("/")[0]
+    run.images[item.key] = {**item.ident, "path": item.rel, "label": label, "sha256": detail}
+
+
+def _fetch_all(run: _Sync, todo: list[_Download], workers: int, checkpoint_every: int) -> None:
+    """Fetch `todo` on `workers` threads; checkpoint the manifest every `checkpoint_every` objects."""
     log.info(
         "Syncing s3://%s/%s: %d listed, %d unchanged, %d to download",
-        cfg.bucket,
-        prefix,
-        result.listed,
-        result.unchanged,
+        run.cfg.bucket,
+        run.prefix,
+        run.result.listed,
+        run.result.unchanged,
         len(todo),
     )
+    done = 0
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, _cancel_on_interrupt(pool):
-        futures = {pool.submit(fetch, key, rel): (key, rel, ident) for key, rel, ident in todo}
+        futures = {pool.submit(_fetch, run, item): item for item in todo}
         for future in as_completed(futures):
-            key, rel, ident = futures[future]
             outcome, detail = future.result()
+            _apply(run, futures[future], outcome, detail)
             if outcome == "failed":
-                result.failed.append({"key": key, "reason": detail})
-                log.warning("Download of %s failed, will retry next sync: %s", key, detail)
                 continue
-            result.downloaded += 1
-            if outcome == "rejected":
-                images.pop(key, None)
-                rejected[key] = {**ident, "reason": detail}
-                result.skipped.append({"key": key, "reason": detail})
-                log.warning("Quarantined %s: %s", key, detail)
-            else:
-                rejected.pop(key, None)
-                result.stored += 1
-                images[key] = {**ident, "path": rel, "label": rel.split("/")[0], "sha256": detail}
             done += 1
             if done % checkpoint_every == 0:  # compact: indented JSON has no C encoder
-                _atomic_write_json(root / MANIFEST_NAME, manifest, indent=None)
+                _atomic_write_json(run.root / MANIFEST_NAME, run.manifest, indent=None)
             if done % PROGRESS_EVERY == 0:
                 log.info("Downloaded %d/%d objects", done, len(todo))
 
-    result.images = len(images)
-    result.digest = dataset_digest((e["label"], e["sha256"]) for e in images.values())
-    manifest["digest"] = result.digest
-    manifest["bucket"], manifest["prefix"] = cfg.bucket, prefix
-    _atomic_write_json(root / MANIFEST_NAME, manifest)
+
+def _reconcile(run: _Sync) -> None:
+    """Move class-folder images the manifest does not record to trash/.
+
+    A sync killed after writing files but before its next manifest checkpoint leaves such files;
+    the resumed sync fetches again those still in S3, and the others would stay forever.
+    """
+    recorded = {e["path"] for e in run.images.values()}
+    for folder in sorted(p for p in run.root.iterdir() if p.is_dir() and class_of_folder(p.name)):
+        for path in sorted(folder.iterdir()):
+            rel = path.relative_to(run.root).as_posix()
+            if rel in recorded or not path.is_file() or not is_image_name(path.name):
+                continue
+            try:
+                _move_aside(path, run.root, "trash", rel)
+            except Exception as exc:  # left in place; tried again next sync
+                reason = f"not in the manifest, and cannot move to trash: {first_line(exc)}"
+                run.result.failed.append({"key": rel, "reason": reason})
+                continue
+            run.result.reconciled += 1
+            log.warning("Moved %s to trash/: no object recorded in the manifest owns it", rel)
+
+
+def _finish(run: _Sync, started: float) -> SyncResult:
+    """Write the final manifest (with the digest) and the report; log the tally."""
+    result, root = run.result, run.root
+    result.images = len(run.images)
+    result.digest = dataset_digest((e["label"], e["sha256"]) for e in run.images.values())
+    run.manifest["digest"] = result.digest
+    run.manifest["bucket"], run.manifest["prefix"] = run.cfg.bucket, run.prefix
+    _atomic_write_json(root / MANIFEST_NAME, run.manifest)
     result.seconds = round(time.monotonic() - started, 3)
     result.manifest_path = str(root / MANIFEST_NAME)
     result.report_path = str(root / REPORT_NAME)
     _atomic_write_json(root / REPORT_NAME, asdict(result))
     log.info(
-        "Sync done in %.1fs: %d images (%d new or changed, %d unchanged, %d deleted), %d skipped, "
-        "%d failed; dataset digest %s",
+        "Sync done in %.1fs: %d images (%d new or changed, %d unchanged, %d deleted, "
+        "%d unrecorded files moved to trash), %d skipped, %d failed; dataset digest %s",
         result.seconds,
         result.images,
         result.stored,
         result.unchanged,
         result.deleted,
+        result.reconciled,
         len(result.skipped),
         len(result.failed),
         result.digest[:12],
@@ -378,16 +591,34 @@ def sync_images(
     return result
 
 
-def iter_image_files(source: Path) -> Iterator[tuple[str, Path]]:
-    """(class, path) for every image in a `<Class>/<name>` folder, classes matched case-insensitively."""
-    for folder in sorted(p for p in Path(source).iterdir() if p.is_dir()):
-        label = _CLASS_BY_FOLDER.get(folder.name.lower())
-        if label is None:
-            log.warning("Ignoring folder %s: not one of %s", folder, ", ".join(CLASSES))
-            continue
-        for path in sorted(folder.iterdir()):
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                yield label, path
+def _ensure_bucket(client: Any, bucket: str, conn_id: str) -> None:
+    """Create `bucket` when S3 says it does not exist; any other error is raised, with what to do."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        client.head_bucket(Bucket=bucket)
+        return
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status in (401, 403) or code in ("403", "AccessDenied", "Forbidden"):
+            raise RuntimeError(
+                f"access denied to bucket {bucket} through connection {conn_id!r} (HTTP {status}): "
+                "it belongs to another account, or the credentials may not list it. Fix the "
+                "connection's credentials or the bucket policy; nothing was uploaded"
+            ) from exc
+        if status != 404 and code not in ("404", "NoSuchBucket", "NotFound"):
+            raise RuntimeError(
+                f"cannot check bucket {bucket} through connection {conn_id!r}: HTTP {status} "
+                f"{code}: {first_line(exc)}; nothing was uploaded"
+            ) from exc
+    except BotoCoreError as exc:
+        raise RuntimeError(
+            f"cannot reach S3 to check bucket {bucket} through connection {conn_id!r}: "
+            f"{first_line(exc)}. Check the connection's endpoint_url and the network"
+        ) from exc
+    client.create_bucket(Bucket=bucket)
+    log.info("Created bucket %s", bucket)
 
 
 def upload_folder(
@@ -407,11 +638,7 @@ def upload_folder(
         )
     client = s3_client(conn_id, workers=workers)
     if create_bucket:
-        try:
-            client.head_bucket(Bucket=bucket)
-        except Exception:
-            client.create_bucket(Bucket=bucket)
-            log.info("Created bucket %s", bucket)
+        _ensure_bucket(client, bucket, conn_id)
     prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
 
     def put(item: tuple[str, Path]) -> None:
