@@ -4,7 +4,8 @@
 # service waits for it, so Postgres and MinIO never create their volumes with known passwords.
 #
 # Usage: preflight.sh NAME...   checks the environment variables NAME...; AIRFLOW_FERNET_KEY must
-# be a Fernet key (32 url-safe base64 bytes), every other NAME a random string of 16+ characters.
+# be a Fernet key (32 url-safe base64 bytes) or, while rotating, a comma-separated list of them;
+# every other NAME a random string of 16+ characters.
 # Prints one line naming the first bad variable and how to make a value, and exits 1.
 # POSIX sh and shell built-ins only, so it runs in any image.
 set -eu
@@ -32,11 +33,17 @@ for name in "$@"; do
     esac
     if [ "$name" = AIRFLOW_FERNET_KEY ]; then
         [ -n "$value" ] || fail "$name is empty, so Airflow would store connection passwords unencrypted; $FERNET_HINT"
-        case $value in
-            *[!A-Za-z0-9_=-]*) fail "$name is not a Fernet key (url-safe base64 only); $FERNET_HINT" ;;
-        esac
-        [ "${#value}" -eq 44 ] && [ "${value%=}" != "$value" ] ||
-            fail "$name is not a Fernet key (44 characters ending in '='); $FERNET_HINT"
+        # While rotating, Airflow takes `new,old`: check each key.
+        rest=$value,
+        while [ -n "$rest" ]; do
+            key=${rest%%,*}
+            rest=${rest#*,}
+            case $key in
+                *[!A-Za-z0-9_=-]*) fail "$name is not a Fernet key (url-safe base64 only); $FERNET_HINT" ;;
+            esac
+            [ "${#key}" -eq 44 ] && [ "${key%=}" != "$key" ] ||
+                fail "$name is not a Fernet key (44 characters ending in '='); $FERNET_HINT"
+        done
         continue
     fi
     [ -n "$value" ] || fail "$name is empty; $RANDOM_HINT"

@@ -685,10 +685,15 @@ def test_preflight_rejects_an_empty_or_malformed_fernet_key() -> None:
 
     key = Fernet.generate_key().decode()
     hint = "Fernet.generate_key().decode()"
-    for bad in ("", "not-a-fernet-key", key[:-1], key[:-1] + "+", key.replace("=", "A")):
+    bad_keys = ("", "not-a-fernet-key", key[:-1], key[:-1] + "+", key.replace("=", "A"))
+    for bad in (*bad_keys, f"{key},", f"{key},{key[:-1]}"):
         result = run_preflight({**real_looking_env(), "AIRFLOW_FERNET_KEY": bad})
         assert_rejected(result, "AIRFLOW_FERNET_KEY", hint)
     assert "empty" in run_preflight({**real_looking_env(), "AIRFLOW_FERNET_KEY": ""}).stderr
+    # While rotating: `new,old` (docs/security.md).
+    rotating = f"{Fernet.generate_key().decode()},{key}"
+    result = run_preflight({**real_looking_env(), "AIRFLOW_FERNET_KEY": rotating})
+    assert result.returncode == 0, result.stderr
 
 
 def test_preflight_rejects_short_secrets() -> None:
