@@ -9,14 +9,21 @@ When a `docker compose` or `docker-compose` binary is present, it parses the fil
 
 from __future__ import annotations
 
+import base64
+import configparser
 import copy
+import fnmatch
+import inspect
 import json
 import os
+import posixpath
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +37,7 @@ SCHEMA_FILE = ROOT / "tests" / "data" / "compose-spec.json"
 INSTALL_COMMAND = "pip install -r requirements.txt -c constraints.txt"
 
 REQUIRED_SERVICES = {
+    "preflight",
     "airflow-apiserver",
     "airflow-scheduler",
     "airflow-dag-processor",
@@ -41,8 +49,18 @@ REQUIRED_SERVICES = {
     "minio",
     "minio-init",
     "mlflow",
+    "mlflow-init",
 }
-ONE_SHOT_SERVICES = {"airflow-init", "minio-init"}
+ONE_SHOT_SERVICES = {"preflight", "airflow-init", "minio-init", "mlflow-init"}
+NON_AIRFLOW_SERVICES = {
+    "preflight",
+    "postgres",
+    "redis",
+    "minio",
+    "minio-init",
+    "mlflow",
+    "mlflow-init",
+}
 AIRFLOW_MOUNTS = {
     "./dags": "/opt/airflow/dags",
     "./include": "/opt/airflow/include",
@@ -62,6 +80,10 @@ PIPELINE_ENV = {
     "MLFLOW_S3_ENDPOINT_URL",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "LEUKEMIA_SCORING_MLFLOW_USERNAME",
+    "LEUKEMIA_SCORING_MLFLOW_PASSWORD",
 }
 
 # `$$` (a literal dollar), `${NAME}`, `${NAME:-default}`, `${NAME-default}`, `${NAME:?error}`,
@@ -178,6 +200,45 @@ def celery_queues(service: dict[str, Any]) -> list[str] | None:
 def airflow_services(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     image = doc["x-airflow-common"]["image"]
     return {name: svc for name, svc in doc["services"].items() if svc.get("image") == image}
+
+
+def published_ports(service: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(host IP, host port, container port) of each published port; host IP "" = every interface.
+
+    Short syntax `[HOST_IP:][HOST_PORT:]CONTAINER_PORT[/PROTOCOL]` (IPv6 in brackets) or long syntax.
+    """
+    ports = []
+    for entry in service.get("ports") or []:
+        if isinstance(entry, dict):
+            ports.append(
+                (
+                    str(entry.get("host_ip", "")),
+                    str(entry.get("published", "")),
+                    str(entry["target"]),
+                )
+            )
+            continue
+        text = str(entry).split("/", 1)[0]
+        host_ip = ""
+        if text.startswith("["):
+            host_ip, _, text = text[1:].partition("]:")
+        parts = text.split(":")
+        if len(parts) == 3:
+            host_ip, parts = parts[0], parts[1:]
+        host_port, container_port = (parts[0], parts[1]) if len(parts) == 2 else ("", parts[0])
+        ports.append((host_ip, host_port, container_port))
+    return ports
+
+
+def host_path(service: dict[str, Any], container_path: str) -> Path:
+    """The file of this repository that the service's bind mounts put at `container_path`."""
+    for volume in service.get("volumes") or []:
+        source, target = volume.split(":")[:2]
+        if source.startswith("./") and (
+            container_path == target or container_path.startswith(target.rstrip("/") + "/")
+        ):
+            return ROOT / source / container_path[len(target) :].lstrip("/")
+    raise AssertionError(f"{container_path} is not bind-mounted from this repository")
 
 
 def image_tag(reference: str) -> str | None:
@@ -357,7 +418,7 @@ def test_stack_has_the_required_services() -> None:
     assert commands["airflow-dag-processor"][:1] == ["dag-processor"]
     assert commands["airflow-triggerer"][:1] == ["triggerer"]
     assert commands["airflow-worker"] == ["celery", "worker"]
-    assert "8080:8080" in services["airflow-apiserver"]["ports"]
+    assert ("127.0.0.1", "8080", "8080") in published_ports(services["airflow-apiserver"])
     assert "/api/v2/version" in " ".join(services["airflow-apiserver"]["healthcheck"]["test"])
 
 
@@ -404,6 +465,10 @@ def test_dependencies_exist_and_wait_for_readiness() -> None:
             assert deps["airflow-init"]["condition"] == "service_completed_successfully"
     for worker in ("airflow-worker", "airflow-worker-training"):
         assert services[worker]["depends_on"]["mlflow"]["condition"] == "service_healthy"
+        # The workers log in to MLflow as users that mlflow-init creates.
+        assert services[worker]["depends_on"]["mlflow-init"]["condition"] == (
+            "service_completed_successfully"
+        )
     assert services["mlflow"]["depends_on"]["minio-init"]["condition"] == (
         "service_completed_successfully"
     )
@@ -422,9 +487,7 @@ def test_airflow_services_share_the_common_configuration() -> None:
     doc = compose()
     common_env = environment(doc["x-airflow-common"])
     services = airflow_services(doc)
-    assert REQUIRED_SERVICES - {"postgres", "redis", "minio", "minio-init", "mlflow"} <= set(
-        services
-    )
+    assert REQUIRED_SERVICES - NON_AIRFLOW_SERVICES <= set(services)
     for name, service in services.items():
         env = environment(service)
         assert {k: env.get(k) for k in common_env} == common_env, f"{name} lost common env"
@@ -492,19 +555,19 @@ def test_compose_sets_only_settings_the_library_knows() -> None:
     assert not unknown, f"the library does not read {sorted(unknown)}"
 
 
-def test_minio_init_creates_both_buckets() -> None:
+def test_minio_init_creates_both_buckets(tmp_path: Path) -> None:
     doc = compose()
     services = doc["services"]
     init_env = environment(services["minio-init"])
-    script = " ".join(command_args(services["minio-init"]))
     airflow_env = environment(doc["x-airflow-common"])
     assert init_env["IMAGE_BUCKET"] == airflow_env["LEUKEMIA_BUCKET"]
     assert init_env["RAW_PREFIX"] == airflow_env["LEUKEMIA_RAW_PREFIX"]
     args = command_args(services["mlflow"])
     destination = args[args.index("--artifacts-destination") + 1]
     assert destination == f"s3://{init_env['ARTIFACT_BUCKET']}/"
-    for var in ("IMAGE_BUCKET", "ARTIFACT_BUCKET"):
-        assert re.search(rf"mc mb --ignore-existing \"local/\$\{{{var}\}}\"", script), var
+    calls = run_minio_init(doc, tmp_path).calls
+    for bucket in (init_env["IMAGE_BUCKET"], init_env["ARTIFACT_BUCKET"]):
+        assert ["mb", "--ignore-existing", f"local/{bucket}"] in calls, bucket
     assert init_env["S3_ACCESS_KEY"] == airflow_env["AWS_ACCESS_KEY_ID"]
 
 
@@ -543,6 +606,516 @@ def test_training_queue_is_served() -> None:
     assert any("default" in q for q in default_workers.values()), "no worker serves `default`"
     assert workers.get("airflow-worker-training") == [queue]
     assert services["airflow-worker-training"]["profiles"] == ["gpu"]
+
+
+# --- (g) security: secrets, published ports, MLflow logins, S3 policies ----------------------
+
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|FERNET", re.I)
+# Where each published port must be, and nothing else published.
+EXPECTED_PORTS = {
+    "minio": {"9000", "9001"},
+    "airflow-apiserver": {"8080"},
+    "flower": {"5555"},
+    "mlflow": {"5000"},
+}
+
+
+def secret_variables() -> list[str]:
+    """The .env.example variables that hold secrets."""
+    return [key for key in read_env_file(ENV_EXAMPLE) if SECRET_NAME.search(key)]
+
+
+def real_looking_env() -> dict[str, str]:
+    """.env.example with every secret replaced as docs/production.md says."""
+    from cryptography.fernet import Fernet
+
+    values = read_env_file(ENV_EXAMPLE)
+    values.update({key: secrets.token_hex(24) for key in secret_variables()})
+    values["AIRFLOW_FERNET_KEY"] = Fernet.generate_key().decode()
+    return values
+
+
+def run_preflight(env_values: dict[str, str], shell: str = "sh") -> subprocess.CompletedProcess:
+    """Run the preflight service's script as Compose would, with `env_values` as .env."""
+    service = resolved(raw_compose(), env_values)["services"]["preflight"]
+    shell_path, script = service["entrypoint"]
+    assert shell_path == "/bin/sh", "preflight must run with the image's POSIX shell"
+    return subprocess.run(
+        [shell, str(host_path(service, script)), *command_args(service)],
+        env={"PATH": os.environ["PATH"], **environment(service)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def assert_rejected(result: subprocess.CompletedProcess, name: str, hint: str) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, f"preflight accepted a bad {name}: {result.stdout}"
+    assert len(lines) == 1, f"preflight must say it in one line, said {lines}"
+    assert name in lines[0] and hint in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("shell", ["sh", "bash"])
+def test_preflight_accepts_real_looking_secrets(shell: str) -> None:
+    result = run_preflight(real_looking_env(), shell)
+    assert result.returncode == 0, result.stderr
+    # The Fernet key recipe of docs/production.md works too.
+    openssl_style = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+    result = run_preflight({**real_looking_env(), "AIRFLOW_FERNET_KEY": openssl_style}, shell)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("shell", ["sh", "bash"])
+def test_preflight_rejects_each_changeme_placeholder(shell: str) -> None:
+    example = read_env_file(ENV_EXAMPLE)
+    placeholders = [key for key, value in example.items() if "changeme" in value]
+    assert len(placeholders) >= 10, "the test would be vacuous"
+    for name in placeholders:
+        result = run_preflight({**real_looking_env(), name: example[name]}, shell)
+        assert_rejected(result, name, "openssl rand -hex 24")
+    # Wherever the word is, in any case.
+    for value in ("CHANGEME-0123456789abcdef", "0123456789-ChangeMe-abcdef"):
+        result = run_preflight({**real_looking_env(), "S3_SECRET_KEY": value}, shell)
+        assert_rejected(result, "S3_SECRET_KEY", "placeholder")
+
+
+def test_preflight_rejects_an_empty_or_malformed_fernet_key() -> None:
+    from cryptography.fernet import Fernet
+
+    key = Fernet.generate_key().decode()
+    hint = "Fernet.generate_key().decode()"
+    bad_keys = ("", "not-a-fernet-key", key[:-1], key[:-1] + "+", key.replace("=", "A"))
+    for bad in (*bad_keys, f"{key},", f"{key},{key[:-1]}"):
+        result = run_preflight({**real_looking_env(), "AIRFLOW_FERNET_KEY": bad})
+        assert_rejected(result, "AIRFLOW_FERNET_KEY", hint)
+    assert "empty" in run_preflight({**real_looking_env(), "AIRFLOW_FERNET_KEY": ""}).stderr
+    # While rotating: `new,old` (docs/security.md).
+    rotating = f"{Fernet.generate_key().decode()},{key}"
+    result = run_preflight({**real_looking_env(), "AIRFLOW_FERNET_KEY": rotating})
+    assert result.returncode == 0, result.stderr
+
+
+def test_preflight_rejects_short_secrets() -> None:
+    result = run_preflight({**real_looking_env(), "POSTGRES_PASSWORD": "hunter2"})
+    assert_rejected(result, "POSTGRES_PASSWORD", "shorter than 16")
+
+
+def test_preflight_checks_every_secret_of_env_example() -> None:
+    service = compose()["services"]["preflight"]
+    checked = command_args(service)
+    missing = set(secret_variables()) - set(checked)
+    assert not missing, f"preflight does not check {sorted(missing)}"
+    raw_env = environment(raw_compose()["services"]["preflight"])
+    for name in checked:
+        assert variables_in(raw_env.get(name, "")) == {name}, (
+            f"preflight checks {name} but its environment sets it to {raw_env.get(name)!r}"
+        )
+
+
+def test_every_service_starts_after_preflight() -> None:
+    services = compose()["services"]
+    graph = {name: set(svc.get("depends_on") or {}) for name, svc in services.items()}
+    assert not graph["preflight"], "preflight must not wait for anything"
+    for name in set(services) - {"preflight"}:
+        reached, todo = set(), list(graph[name])
+        while todo:
+            dep = todo.pop()
+            if dep not in reached:
+                reached.add(dep)
+                todo.extend(graph[dep])
+        assert "preflight" in reached, f"{name} can start before preflight has checked .env"
+    # Postgres and MinIO store their passwords when their volumes are created.
+    for name in ("postgres", "minio", "redis", "airflow-init"):
+        assert services[name]["depends_on"]["preflight"]["condition"] == (
+            "service_completed_successfully"
+        )
+
+
+def test_published_ports_reads_every_syntax() -> None:
+    """The port checks below see a port published on every interface."""
+    service = {
+        "ports": [
+            "9000:9000",
+            "5555",
+            "127.0.0.1:8080:8080/tcp",
+            "[::1]:5000:5000",
+            {"target": 9001, "published": "9001"},
+            {"target": 9002, "published": "9002", "host_ip": "127.0.0.1"},
+        ]
+    }
+    assert published_ports(service) == [
+        ("", "9000", "9000"),
+        ("", "", "5555"),
+        ("127.0.0.1", "8080", "8080"),
+        ("::1", "5000", "5000"),
+        ("", "9001", "9001"),
+        ("127.0.0.1", "9002", "9002"),
+    ]
+
+
+def test_every_published_port_binds_to_localhost_by_default() -> None:
+    example = read_env_file(ENV_EXAMPLE)
+    assert example["LEUKEMIA_BIND_ADDRESS"] == "127.0.0.1"
+    unset = {k: v for k, v in example.items() if k != "LEUKEMIA_BIND_ADDRESS"}
+    for env_values in (example, unset):
+        services = resolved(raw_compose(), env_values)["services"]
+        published = {name: published_ports(svc) for name, svc in services.items()}
+        published = {name: ports for name, ports in published.items() if ports}
+        targets = {name: {port for _, _, port in ports} for name, ports in published.items()}
+        assert targets == EXPECTED_PORTS
+        for name, ports in published.items():
+            for host_ip, host_port, port in ports:
+                assert host_ip == "127.0.0.1", (
+                    f"{name} publishes {port} on {host_ip or 'every interface'}"
+                )
+                assert host_port == port, f"{name}: {port} published as {host_port}"
+    # The variable really moves them all.
+    services = resolved(raw_compose(), {**example, "LEUKEMIA_BIND_ADDRESS": "0.0.0.0"})["services"]
+    assert {ip for svc in services.values() for ip, _, _ in published_ports(svc)} == {"0.0.0.0"}
+
+
+def test_flower_requires_a_login() -> None:
+    flower = compose()["services"]["flower"]
+    assert flower["profiles"] == ["flower"]
+    user, _, password = environment(flower)["AIRFLOW__CELERY__FLOWER_BASIC_AUTH"].partition(":")
+    assert user and password == read_env_file(ENV_EXAMPLE)["FLOWER_PASSWORD"]
+    assert "--user" in " ".join(flower["healthcheck"]["test"]), "the health check must log in"
+
+
+def test_mlflow_server_command_uses_basic_auth() -> None:
+    doc = compose()
+    mlflow = doc["services"]["mlflow"]
+    args = command_args(mlflow)
+    assert args[:2] == ["mlflow", "server"]
+    assert args[args.index("--app-name") + 1] == "basic-auth"
+    env = environment(mlflow)
+    config = configparser.ConfigParser()
+    config.read_string(host_path(mlflow, env["MLFLOW_AUTH_CONFIG_PATH"]).read_text())
+    auth = config["mlflow"]
+    assert auth["default_permission"] in ("NO_PERMISSIONS", "READ")
+    assert not auth.get("admin_password"), "no password in a committed file"
+    # The user store outlives the container.
+    database = auth["database_uri"]
+    assert database.startswith("sqlite:////")
+    folder = posixpath.dirname(database.removeprefix("sqlite:///"))
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in mlflow["volumes"]}
+    assert mounts.get(folder) in doc["volumes"], f"{folder} is not on a named volume"
+    raw = environment(raw_compose()["services"]["mlflow"])
+    assert variables_in(raw["MLFLOW_AUTH_ADMIN_PASSWORD"]) == {"MLFLOW_ADMIN_PASSWORD"}
+    assert variables_in(raw["MLFLOW_FLASK_SERVER_SECRET_KEY"]) == {"MLFLOW_FLASK_SECRET_KEY"}
+    # The image has what the basic-auth app imports.
+    flask_wtf = pin(ROOT / "constraints.txt", "Flask-WTF")
+    assert flask_wtf, "constraints.txt must lock Flask-WTF (mlflow[auth])"
+    dockerfile = (ROOT / mlflow["build"]["context"] / mlflow["build"]["dockerfile"]).read_text()
+    assert f"Flask-WTF=={flask_wtf}" in dockerfile
+
+
+def test_airflow_logs_in_to_mlflow_as_the_users_mlflow_init_creates() -> None:
+    doc = compose()
+    airflow = environment(doc["x-airflow-common"])
+    init_service = doc["services"]["mlflow-init"]
+    init = environment(init_service)
+    server = environment(doc["services"]["mlflow"])
+    assert init["MLFLOW_URL"] == airflow["MLFLOW_TRACKING_URI"]
+    assert airflow["MLFLOW_TRACKING_USERNAME"] == init["MLFLOW_TRAINING_USERNAME"]
+    assert airflow["MLFLOW_TRACKING_PASSWORD"] == init["MLFLOW_TRAINING_PASSWORD"]
+    assert airflow["LEUKEMIA_SCORING_MLFLOW_USERNAME"] == init["MLFLOW_SCORING_USERNAME"]
+    assert airflow["LEUKEMIA_SCORING_MLFLOW_PASSWORD"] == init["MLFLOW_SCORING_PASSWORD"]
+    assert init["MLFLOW_ADMIN_USERNAME"] == server["MLFLOW_AUTH_ADMIN_USERNAME"]
+    assert init["MLFLOW_ADMIN_PASSWORD"] == server["MLFLOW_AUTH_ADMIN_PASSWORD"]
+    users = {init[f"MLFLOW_{role}_USERNAME"] for role in ("ADMIN", "TRAINING", "SCORING")}
+    assert len(users) == 3, "admin, training and scoring must be three users"
+    assert init["MLFLOW_ADMIN_PASSWORD"] not in airflow.values(), "Airflow must not hold the admin"
+    python, script = command_args(init_service)
+    assert python == "python" and host_path(init_service, script).name == "setup_users.py"
+    assert host_path(init_service, script).exists()
+
+
+@dataclass
+class MinioInit:
+    """What one run of minio-init's script asked of `mc`."""
+
+    calls: list[list[str]]
+    policies: dict[str, dict[str, Any]]
+    attached: dict[str, set[str]]
+    returncode: int
+    stderr: str
+
+
+FAKE_MC = r"""#!/bin/sh
+# Stands in for MinIO's `mc`: records each call, keeps the policy files it is given, and fails
+# like mc does on `policy attach` of an attached policy and `policy detach` of a detached one.
+set -eu
+for arg in "$@"; do printf '%s\037' "$arg"; done >>"$FAKE_MC_DIR/calls"
+echo >>"$FAKE_MC_DIR/calls"
+case "$1 $2 ${3-}" in
+    "admin policy create") cat "$6" >"$FAKE_MC_DIR/policy=$5" ;;
+    "admin policy attach")
+        [ -z "${FAKE_MC_BROKEN-}" ] || { echo "mc: <ERROR> policy not found" >&2; exit 1; }
+        if [ -e "$FAKE_MC_DIR/attached=$7=$5" ]; then
+            echo "mc: <ERROR> The specified policy change is already in effect." >&2
+            exit 1
+        fi
+        : >"$FAKE_MC_DIR/attached=$7=$5"
+        ;;
+    "admin policy detach")
+        [ -e "$FAKE_MC_DIR/attached=$7=$5" ] || { echo "mc: <ERROR> not attached" >&2; exit 1; }
+        rm "$FAKE_MC_DIR/attached=$7=$5"
+        ;;
+esac
+"""
+
+
+def run_minio_init(
+    doc: dict[str, Any],
+    tmp_path: Path,
+    shell: str = "sh",
+    attached: tuple[tuple[str, str], ...] = (),
+    broken: bool = False,
+) -> MinioInit:
+    """Run minio-init's script with a fake `mc`; `attached` = (user, policy) pairs that exist."""
+    service = doc["services"]["minio-init"]
+    shell_path, script = service["entrypoint"]
+    assert shell_path == "/bin/sh"
+    state = tmp_path / "mc"
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "calls").write_text("")
+    for user, policy in attached:
+        (state / f"attached={user}={policy}").touch()
+    fake = tmp_path / "bin" / "mc"
+    fake.parent.mkdir(parents=True, exist_ok=True)
+    fake.write_text(FAKE_MC)
+    fake.chmod(0o755)
+    env = {
+        **environment(service),
+        "PATH": f"{fake.parent}:{os.environ['PATH']}",
+        "FAKE_MC_DIR": str(state),
+        "RENDER_DIR": str(tmp_path),
+        **({"FAKE_MC_BROKEN": "1"} if broken else {}),
+    }
+    result = subprocess.run(
+        [shell, str(host_path(service, script))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    calls = [line.split("\x1f")[:-1] for line in (state / "calls").read_text().splitlines()]
+    policies = {p.name.split("=", 1)[1]: json.loads(p.read_text()) for p in state.glob("policy=*")}
+    links: dict[str, set[str]] = {}
+    for p in state.glob("attached=*"):
+        _, user, policy = p.name.split("=")
+        links.setdefault(user, set()).add(policy)
+    return MinioInit(calls, policies, links, result.returncode, result.stderr)
+
+
+READ_ACTIONS = ("s3:GetObject", "s3:ListBucket", "s3:GetBucketLocation")
+WRITE_ACTIONS = (
+    "s3:PutObject",
+    "s3:DeleteObject",
+    "s3:DeleteObjectVersion",
+    "s3:PutObjectTagging",
+    "s3:DeleteObjectTagging",
+    "s3:PutObjectRetention",
+    "s3:PutObjectLegalHold",
+    "s3:BypassGovernanceRetention",
+    "s3:RestoreObject",
+    "s3:ReplicateObject",
+    "s3:ReplicateDelete",
+    "s3:AbortMultipartUpload",
+    "s3:CreateBucket",
+    "s3:DeleteBucket",
+    "s3:ForceDeleteBucket",
+    "s3:PutBucketPolicy",
+    "s3:DeleteBucketPolicy",
+    "s3:PutBucketNotification",
+    "s3:PutLifecycleConfiguration",
+    "s3:PutBucketVersioning",
+    "s3:PutBucketTagging",
+    "s3:PutBucketObjectLockConfiguration",
+    "s3:PutEncryptionConfiguration",
+    "s3:PutReplicationConfiguration",
+)
+# Read-only actions that a policy may also name (multipart bookkeeping of its own uploads).
+OTHER_READ_ACTIONS = ("s3:ListMultipartUploadParts", "s3:ListBucketMultipartUploads")
+
+
+def as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def allows(policy: dict[str, Any], action: str, resource: str) -> bool:
+    """Whether `policy` lets its user do `action` on `resource`, evaluated as IAM does: an explicit
+    Deny wins, else any Allow. An Allow's conditions are ignored, so this errs towards finding
+    too much access, never too little."""
+    allowed = False
+    for statement in policy["Statement"]:
+        assert not {"NotAction", "NotResource"} & set(statement), "use Action and Resource"
+        actions, resources = as_list(statement["Action"]), as_list(statement["Resource"])
+        hit = any(fnmatch.fnmatchcase(action.lower(), a.lower()) for a in actions) and any(
+            fnmatch.fnmatchcase(resource, r) for r in resources
+        )
+        if hit and statement["Effect"] == "Deny" and "Condition" not in statement:
+            return False
+        allowed = allowed or (hit and statement["Effect"] == "Allow")
+    return allowed
+
+
+def probe_resources(env: dict[str, str]) -> list[str]:
+    """Buckets and keys on both sides of every prefix boundary the policies draw."""
+    images, artifacts = env["IMAGE_BUCKET"], env["ARTIFACT_BUCKET"]
+    keys = ["a.jpg", "x/a.jpg"]
+    for var in ("RAW_PREFIX", "INCOMING_PREFIX", "WORK_PREFIX", "PREDICTIONS_PREFIX"):
+        prefix = env[var]
+        keys += [f"{prefix}Benign/a.jpg", f"{prefix}a", f"{prefix.rstrip('/')}x/a", f"x/{prefix}a"]
+    arns = [f"arn:aws:s3:::{bucket}" for bucket in (images, artifacts, "another-bucket")]
+    arns += [f"arn:aws:s3:::{images}/{key}" for key in keys]
+    arns += [
+        f"arn:aws:s3:::{bucket}/{key}" for bucket in (artifacts, "another-bucket") for key in keys
+    ]
+    return arns
+
+
+def assert_policy_limited(
+    policy: dict[str, Any], env: dict[str, str], writable: dict[str, set[str]], who: str
+) -> None:
+    """No write action on any probed resource outside `writable` (ARN prefix -> actions)."""
+    named = {action for st in policy["Statement"] for action in as_list(st["Action"])}
+    unknown = named - set(READ_ACTIONS + WRITE_ACTIONS + OTHER_READ_ACTIONS)
+    assert not unknown, f"{who}: review these actions and add them to the test: {sorted(unknown)}"
+    for action in WRITE_ACTIONS:
+        for arn in probe_resources(env):
+            if allows(policy, action, arn):
+                assert any(
+                    arn.startswith(prefix) and action in actions
+                    for prefix, actions in writable.items()
+                ), f"{who} may {action} on {arn}"
+
+
+def test_pipeline_s3_key_writes_nothing_outside_the_work_prefix(tmp_path: Path) -> None:
+    doc = compose()
+    env = environment(doc["services"]["minio-init"])
+    run = run_minio_init(doc, tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.attached[env["S3_ACCESS_KEY"]] == {"leukemia-pipeline"}
+    policy = run.policies["leukemia-pipeline"]
+    images = f"arn:aws:s3:::{env['IMAGE_BUCKET']}"
+    write = {"s3:PutObject", "s3:AbortMultipartUpload"}
+    assert_policy_limited(
+        policy,
+        env,
+        {
+            f"{images}/{env['WORK_PREFIX']}": write | {"s3:DeleteObject"},
+            f"{images}/{env['PREDICTIONS_PREFIX']}": write,
+        },
+        "the pipeline's key",
+    )
+    # What the pipeline needs: read every image, write its scratch space and its predictions.
+    assert allows(policy, "s3:ListBucket", images)
+    assert allows(policy, "s3:GetObject", f"{images}/{env['RAW_PREFIX']}Benign/a.jpg")
+    assert allows(policy, "s3:GetObject", f"{images}/{env['INCOMING_PREFIX']}a.jpg")
+    assert allows(policy, "s3:PutObject", f"{images}/{env['WORK_PREFIX']}features/a.npy")
+    assert allows(policy, "s3:PutObject", f"{images}/{env['PREDICTIONS_PREFIX']}ledger/v1.json")
+    artifacts = f"arn:aws:s3:::{env['ARTIFACT_BUCKET']}"
+    for action in READ_ACTIONS:
+        for arn in (artifacts, f"{artifacts}/1/model/model.keras"):
+            assert not allows(policy, action, arn), f"the pipeline's key may {action} {arn}"
+
+
+def test_policy_prefixes_match_the_library() -> None:
+    """The policies draw their lines where the pipeline really reads and writes."""
+    scoring = pytest.importorskip("leukemia.scoring")
+    env = environment(compose()["services"]["minio-init"])
+    assert env["PREDICTIONS_PREFIX"] == scoring.PREDICTIONS_PREFIX
+    incoming = inspect.signature(scoring.score_incoming).parameters["prefix"].default
+    assert env["INCOMING_PREFIX"] == incoming
+    assert env["WORK_PREFIX"] not in (env["RAW_PREFIX"], env["INCOMING_PREFIX"])
+
+
+def test_mlflow_s3_key_reaches_only_the_artifact_bucket(tmp_path: Path) -> None:
+    doc = compose()
+    env = environment(doc["services"]["minio-init"])
+    run = run_minio_init(doc, tmp_path)
+    assert run.attached[env["MLFLOW_S3_ACCESS_KEY"]] == {"leukemia-mlflow"}
+    server = environment(doc["services"]["mlflow"])
+    assert server["AWS_ACCESS_KEY_ID"] == env["MLFLOW_S3_ACCESS_KEY"] != env["S3_ACCESS_KEY"]
+    assert server["AWS_SECRET_ACCESS_KEY"] == env["MLFLOW_S3_SECRET_KEY"]
+    policy = run.policies["leukemia-mlflow"]
+    artifacts = f"arn:aws:s3:::{env['ARTIFACT_BUCKET']}/"
+    assert_policy_limited(policy, env, {artifacts: set(WRITE_ACTIONS)}, "MLflow's key")
+    for arn in probe_resources(env):
+        if not arn.startswith(artifacts.rstrip("/")):
+            for action in READ_ACTIONS:
+                assert not allows(policy, action, arn), f"MLflow's key may {action} {arn}"
+    for action in ("s3:GetObject", "s3:PutObject", "s3:DeleteObject"):
+        assert allows(policy, action, f"{artifacts}1/abc/artifacts/model.keras")
+
+
+def test_uploader_s3_key_writes_only_new_images(tmp_path: Path) -> None:
+    doc = compose()
+    env = environment(doc["services"]["minio-init"])
+    run = run_minio_init(doc, tmp_path)
+    assert run.attached[env["S3_UPLOADER_ACCESS_KEY"]] == {"leukemia-uploader"}
+    policy = run.policies["leukemia-uploader"]
+    images = f"arn:aws:s3:::{env['IMAGE_BUCKET']}"
+    write = {"s3:PutObject", "s3:AbortMultipartUpload"}
+    assert_policy_limited(
+        policy,
+        env,
+        {f"{images}/{env['RAW_PREFIX']}": write, f"{images}/{env['INCOMING_PREFIX']}": write},
+        "the uploader's key",
+    )
+    assert allows(policy, "s3:PutObject", f"{images}/{env['RAW_PREFIX']}Benign/a.jpg")
+    assert allows(policy, "s3:PutObject", f"{images}/{env['INCOMING_PREFIX']}a.jpg")
+
+
+def test_policy_check_catches_a_broad_policy() -> None:
+    """assert_policy_limited fails on a policy that writes outside its prefixes."""
+    env = environment(compose()["services"]["minio-init"])
+    images = f"arn:aws:s3:::{env['IMAGE_BUCKET']}"
+    broad = {
+        "Statement": [
+            {"Effect": "Allow", "Action": ["s3:PutObject"], "Resource": [f"{images}/*"]},
+        ]
+    }
+    with pytest.raises(AssertionError, match="may s3:PutObject"):
+        assert_policy_limited(broad, env, {f"{images}/{env['WORK_PREFIX']}": {"s3:PutObject"}}, "x")
+    wildcard = {"Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+    with pytest.raises(AssertionError, match="review these actions"):
+        assert_policy_limited(wildcard, env, {}, "x")
+    denied = {"Statement": [*broad["Statement"], {**broad["Statement"][0], "Effect": "Deny"}]}
+    assert not allows(denied, "s3:PutObject", f"{images}/{env['RAW_PREFIX']}a.jpg")
+
+
+@pytest.mark.parametrize("shell", ["sh", "bash"])
+def test_minio_init_is_idempotent_and_drops_the_old_readwrite_policy(
+    tmp_path: Path, shell: str
+) -> None:
+    doc = compose()
+    env = environment(doc["services"]["minio-init"])
+    pipeline = env["S3_ACCESS_KEY"]
+    first = run_minio_init(doc, tmp_path, shell, attached=((pipeline, "readwrite"),))
+    assert first.returncode == 0, first.stderr
+    assert first.attached[pipeline] == {"leukemia-pipeline"}, "readwrite must be detached"
+    again = run_minio_init(doc, tmp_path, shell)  # every policy is attached already
+    assert again.returncode == 0, again.stderr
+    assert again.attached == first.attached
+    assert not any(
+        call[:3] == ["admin", "policy", "attach"] and "readwrite" in call
+        for call in first.calls + again.calls
+    )
+    broken = run_minio_init(doc, tmp_path / "broken", shell, broken=True)
+    assert broken.returncode == 1
+    assert "cannot attach policy leukemia-pipeline" in broken.stderr
+
+
+def test_minio_init_refuses_a_prefix_without_a_slash(tmp_path: Path) -> None:
+    doc = compose()
+    doc["services"]["minio-init"]["environment"]["WORK_PREFIX"] = "work"
+    run = run_minio_init(doc, tmp_path)
+    assert run.returncode == 1 and "WORK_PREFIX" in run.stderr
+    assert not run.calls, "nothing may be created before the settings are checked"
 
 
 # --- a real Compose implementation, where one is installed -----------------------------------

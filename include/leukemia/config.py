@@ -7,6 +7,8 @@ run-time choices (grid, epochs, margin) are DAG Params that end up in the frozen
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +40,15 @@ ENV_DEFAULTS: dict[str, tuple[str, str]] = {
         "",
         "MLflow UI address for links (default: the tracking URI if http)",
     ),
+    "LEUKEMIA_SCORING_MLFLOW_USERNAME": (
+        "",
+        "read-only MLflow user of the scoring tasks (empty: MLFLOW_TRACKING_USERNAME)",
+    ),
+    "LEUKEMIA_SCORING_MLFLOW_PASSWORD": ("", "password of LEUKEMIA_SCORING_MLFLOW_USERNAME"),
 }
+
+#: MLflow's client reads the login from these on every request.
+MLFLOW_LOGIN_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 def env(name: str) -> str:
@@ -91,3 +101,35 @@ def mlflow_ui_url() -> str:
         return explicit.rstrip("/")
     uri = tracking_uri()
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+@contextmanager
+def scoring_mlflow_login() -> Iterator[None]:
+    """Inside the block, talk to MLflow as the read-only scoring user, when one is configured.
+
+    The compose stack logs tasks in as the training user (`MLFLOW_TRACKING_USERNAME`, which may
+    move `@champion`) and names the scoring user in `LEUKEMIA_SCORING_MLFLOW_*`; scoring runs in
+    this block so that it cannot change the registry, even by mistake. Without
+    `LEUKEMIA_SCORING_MLFLOW_USERNAME` nothing changes. The previous login is restored on exit.
+    """
+    username = env("LEUKEMIA_SCORING_MLFLOW_USERNAME")
+    if not username:
+        yield
+        return
+    password = env("LEUKEMIA_SCORING_MLFLOW_PASSWORD")
+    if not password:
+        raise ValueError(
+            "LEUKEMIA_SCORING_MLFLOW_USERNAME is set but LEUKEMIA_SCORING_MLFLOW_PASSWORD is empty: "
+            "set both (the compose stack takes them from MLFLOW_SCORING_USERNAME/PASSWORD in .env) "
+            "or neither"
+        )
+    saved = {name: os.environ.get(name) for name in MLFLOW_LOGIN_VARIABLES}
+    os.environ.update(dict(zip(MLFLOW_LOGIN_VARIABLES, (username, password), strict=True)))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

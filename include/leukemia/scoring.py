@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from leukemia.config import CLASSES
+from leukemia.config import CLASSES, scoring_mlflow_login
 
 log = logging.getLogger(__name__)
 
@@ -233,15 +233,19 @@ def score_incoming(
 
 
 def run(params: dict[str, Any], model_uri: str | None = None) -> dict[str, Any]:
-    """The scoring DAG's task: Params in, a small summary out (at most 20 skipped keys listed)."""
-    result = score_incoming(
-        bucket=str(params["bucket"]),
-        prefix=str(params["incoming_prefix"]),
-        conn_id=str(params["conn_id"]),
-        model_uri=model_uri,
-        batch_size=int(params.get("batch_size", 32)),
-        explain=bool(params.get("explain", False)),
-    )
+    """The scoring DAG's task: Params in, a small summary out (at most 20 skipped keys listed).
+
+    Talks to MLflow as the read-only scoring user where one is configured.
+    """
+    with scoring_mlflow_login():
+        result = score_incoming(
+            bucket=str(params["bucket"]),
+            prefix=str(params["incoming_prefix"]),
+            conn_id=str(params["conn_id"]),
+            model_uri=model_uri,
+            batch_size=int(params.get("batch_size", 32)),
+            explain=bool(params.get("explain", False)),
+        )
     out = asdict(result)
     out["skipped_keys"] = out["skipped_keys"][:20]
     return out
@@ -253,7 +257,8 @@ def champion_or_none(model_uri: str | None = None) -> dict[str, str] | None:
     from leukemia import predict
 
     try:
-        ref = predict.resolve_model(model_uri or None)
+        with scoring_mlflow_login():
+            ref = predict.resolve_model(model_uri or None)
     except predict.NoChampionError as exc:
         if model_uri:
             raise
