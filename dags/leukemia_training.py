@@ -107,6 +107,15 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
             title="Promotion margin",
             description="Test macro-F1 the candidate must gain over the champion.",
         ),
+        "max_failed_fraction": Param(
+            DEFAULTS["max_failed_fraction"],
+            type="number",
+            minimum=0,
+            maximum=1,
+            title="Tolerated failed downloads",
+            description="Share of listed images that may fail to download before the sync fails "
+            "the run (bad images are skipped, not failed). 0: train only on a complete sync.",
+        ),
         "force_retrain": Param(
             False,
             type="boolean",
@@ -121,7 +130,12 @@ def leukemia_training() -> None:
         from leukemia import pipeline
 
         params = get_current_context()["params"]
-        return pipeline.sync(params["bucket"], params["prefix"], params["conn_id"])
+        return pipeline.sync(
+            params["bucket"],
+            params["prefix"],
+            params["conn_id"],
+            float(params["max_failed_fraction"]),
+        )
 
     @task
     def build_split(synced: dict[str, Any]) -> dict[str, Any]:

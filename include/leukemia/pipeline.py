@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 42,
     "precision": "auto",
     "promotion_margin": 0.0,
+    "max_failed_fraction": 0.0,
     "split_seed": 0,
 }
 
