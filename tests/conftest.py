@@ -74,3 +74,30 @@ def mlflow_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("LEUKEMIA_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     return tmp_path
+
+
+@pytest.fixture()
+def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """No internet (every proxy on a closed local port), an empty home, no weights configured.
+
+    Applied to this process and returned as the environment for a subprocess (a demo run).
+    """
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        proxy = f"http://127.0.0.1:{sock.getsockname()[1]}"  # closed when the block ends
+    home = tmp_path / "home"
+    home.mkdir()
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.setenv(name, proxy)
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("KERAS_HOME", "NO_PROXY", "no_proxy", "MPLCONFIGDIR", "LEUKEMIA_WEIGHTS"):
+        monkeypatch.delenv(name, raising=False)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("LEUKEMIA_", "AIRFLOW"))}
+    environ.pop("MLFLOW_TRACKING_URI", None)
+    environ["PYTHONPATH"] = str(ROOT / "include")
+    yield environ
+    # urllib keeps the opener (with these proxies) it built on first use: later tests need a new one
+    urllib.request.install_opener(None)

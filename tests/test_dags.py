@@ -116,7 +116,7 @@ def test_training_dag_end_to_end(
     """Full runs with dag.test(): train and promote, skip on unchanged data, keep a better champion."""
     import mlflow
 
-    from leukemia import tracking
+    from leukemia import registry, tracking
     from leukemia.storage import upload_folder
     from leukemia.synthetic import generate
 
@@ -143,7 +143,7 @@ def test_training_dag_end_to_end(
     runs = tracking.finished_runs(experiment_id, first.run_id)
     assert len(runs) == 2
     best = tracking.best_run(runs)
-    champion = tracking.current_champion("leukemia-classifier")
+    champion = registry.current_champion("leukemia-classifier")
     assert champion is not None and champion.run_id == best.info.run_id
     assert champion.tags["airflow_run_id"] == first.run_id and champion.tags["dataset_digest"]
     summary = mlflow.search_runs([experiment_id], "tags.kind = 'summary'", output_format="list")
@@ -161,7 +161,7 @@ def test_training_dag_end_to_end(
 
     third = dag.test(run_conf={**conf, "force_retrain": True, "promotion_margin": 1.0})
     assert str(third.state) == "success"
-    assert tracking.current_champion("leukemia-classifier").version == champion.version
+    assert registry.current_champion("leukemia-classifier").version == champion.version
     challenger = mlflow.MlflowClient().get_model_version_by_alias(
         "leukemia-classifier", "challenger"
     )
@@ -182,7 +182,7 @@ def test_training_dag_fails_once_without_retries_when_weights_cannot_be_had(
     from airflow.models.taskinstance import TaskInstance
     from airflow.utils.session import create_session
 
-    from leukemia import tracking
+    from leukemia import registry, tracking
     from leukemia.storage import upload_folder
     from leukemia.synthetic import generate
 
@@ -217,4 +217,4 @@ def test_training_dag_fails_once_without_retries_when_weights_cannot_be_had(
         )
         assert ti.try_number == 1  # AirflowFailException: no retry for a setting
     assert tracking.finished_runs(tracking.setup(), run.run_id) == []
-    assert tracking.current_champion("leukemia-classifier") is None
+    assert registry.current_champion("leukemia-classifier") is None

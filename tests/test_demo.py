@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,28 +33,6 @@ KeyError: 'second attempt'
 2026-11-27T11:35:44.686677Z [info     ] [DAG TEST] starting task_id=report map_index=-1 [x]
 ValueError: printed by a task that succeeded
 """
-
-
-@pytest.fixture()
-def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]:
-    """No internet (every proxy on a closed local port), an empty home, no weights configured.
-
-    Applied to this process and returned as the environment for a demo subprocess.
-    """
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        proxy = f"http://127.0.0.1:{sock.getsockname()[1]}"  # closed when the block ends
-    home = tmp_path / "home"
-    home.mkdir()
-    for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
-        monkeypatch.setenv(name, proxy)
-    monkeypatch.setenv("HOME", str(home))
-    for name in ("KERAS_HOME", "NO_PROXY", "no_proxy", "MPLCONFIGDIR", "LEUKEMIA_WEIGHTS"):
-        monkeypatch.delenv(name, raising=False)
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("LEUKEMIA_", "AIRFLOW"))}
-    environ.pop("MLFLOW_TRACKING_URI", None)
-    environ["PYTHONPATH"] = str(ROOT / "include")
-    return environ
 
 
 def _demo(environ: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:

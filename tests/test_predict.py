@@ -32,7 +32,7 @@ CHAMPION_URI = f"models:/{MODEL_NAME}@champion"
 def champion(smear_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A champion trained and promoted the pipeline's way (48 px, no base weights, 2 epochs), in a
     SQLite MLflow of its own; artifacts land in the module's temporary folder."""
-    from leukemia import tracking
+    from leukemia import registry, tracking
     from leukemia.model import ModelConfig
     from leukemia.pipeline import train_folder
     from leukemia.training import TrainConfig
@@ -47,7 +47,7 @@ def champion(smear_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             smear_dir, cfg, root, (0.5, 0.25, 0.25), "float32", tags={"airflow_run_id": "manual__p"}
         )
         info = done["split"]
-        promotion = tracking.select_and_promote(tracking.setup(), info.path, smear_dir, "manual__p")
+        promotion = registry.select_and_promote(tracking.setup(), info.path, smear_dir, "manual__p")
         yield {"root": root, "version": promotion.version}
 
 
@@ -154,7 +154,8 @@ def test_files_and_objects_over_the_caps_are_skipped_with_the_reason_and_the_res
 ) -> None:
     from PIL import Image
 
-    from leukemia.predict import LoadedModel, ModelRef, collect_inputs, iter_batches
+    from leukemia.predict import LoadedModel, collect_inputs, iter_batches
+    from leukemia.registry import ModelRef
     from leukemia.storage import s3_client
 
     small, big = images["paths"][0].read_bytes(), noise_jpeg(160)

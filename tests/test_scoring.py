@@ -48,7 +48,7 @@ def test_ledger_and_prediction_folders_are_per_model_version() -> None:
 
 
 def test_no_champion_yet_means_nothing_to_score(mlflow_env: Path) -> None:
-    from leukemia.predict import NoChampionError
+    from leukemia.registry import NoChampionError
     from leukemia.scoring import champion_or_none
 
     assert champion_or_none() is None  # the DAG skips; the champion asset triggers it later
@@ -65,7 +65,7 @@ def champion(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     good it is) logged the way training logs it, registered and made champion in its own MLflow."""
     import mlflow
 
-    from leukemia import tracking
+    from leukemia import registry, tracking
     from leukemia.model import ModelConfig, build_model
 
     root = tmp_path_factory.mktemp("scoring")
@@ -82,6 +82,7 @@ def champion(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
                 pip_requirements=tracking.pip_requirements(),
             )
         version = mlflow.register_model(info.model_uri, MODEL_NAME).version
+        registry.record_sha256(MODEL_NAME, str(version))  # as promotion does: loads are verified
         mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", version)
         yield {"version": str(version)}
 

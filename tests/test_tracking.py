@@ -1,5 +1,5 @@
 """MLflow tracking: one run per configuration with params, metrics, figures and a reloadable model;
-selection by validation; promotion only past the margin; retried tasks leave one finished run."""
+selection by validation; retried tasks leave one finished run; the grid's summary run."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from leukemia.features import load_images
 from leukemia.model import ModelConfig
 from leukemia.pipeline import train_folder
-from leukemia.training import TrainConfig, train
+from leukemia.training import TrainConfig
 
 SIZE = 48
 pytestmark = pytest.mark.slow
@@ -111,84 +111,6 @@ def test_retry_marks_the_earlier_attempt_failed(trained: dict) -> None:
     assert tracking.fail_stale_runs(tags) == 1
     assert mlflow.get_run(trained["result"].run_id).info.status == "FAILED"
     assert tracking.fail_stale_runs({"airflow_run_id": "manual__1", "airflow_map_index": "1"}) == 0
-
-
-def test_selection_and_promotion(trained: dict, smear_dir: Path) -> None:
-    import mlflow
-
-    from leukemia import tracking
-
-    experiment_id = tracking.setup()
-    info = trained["info"]
-    first = tracking.select_and_promote(experiment_id, info.path, smear_dir, "manual__1")
-    assert first.alias == "champion" and first.reason == "no champion yet"
-    # a second, worse-by-margin candidate becomes the challenger and the champion stays
-    cfg = TrainConfig(optimizer="sgd", batch_size=8, epochs=2, model=trained["cfg"].model)
-    train(
-        cfg,
-        info.path,
-        smear_dir,
-        trained["cache"],
-        tags={"airflow_run_id": "manual__2"},
-        dataset_digest=info.digest,
-    )
-    second = tracking.select_and_promote(
-        experiment_id, info.path, smear_dir, "manual__2", margin=1.0
-    )
-    assert second.alias == "challenger" and "champion stays" in second.reason
-    assert second.champion_before["version"] == first.version
-    client = mlflow.MlflowClient()
-    assert (
-        str(client.get_model_version_by_alias("leukemia-classifier", "champion").version)
-        == first.version
-    )
-    version = client.get_model_version("leukemia-classifier", second.version)
-    assert version.status == "READY" and version.tags["airflow_run_id"] == "manual__2"
-    assert tracking.champion_digest("leukemia-classifier") == info.digest
-
-    # the champion's files disappear (a wiped artifact store): it cannot serve, so it is replaced
-    import shutil
-
-    shutil.rmtree(
-        mlflow.artifacts.download_artifacts(f"models:/leukemia-classifier/{first.version}")
-    )
-    third = tracking.select_and_promote(experiment_id, info.path, smear_dir, "manual__2")
-    assert third.alias == "champion" and "cannot be loaded" in third.reason
-    assert third.champion_before == {
-        "version": first.version,
-        "error": third.champion_before["error"],
-    }
-    assert "No such artifact" in third.champion_before["error"]
-    assert (
-        str(client.get_model_version_by_alias("leukemia-classifier", "champion").version)
-        == third.version
-    )
-    assert client.get_model_version("leukemia-classifier", first.version).status == "READY"
-
-
-def test_a_champion_that_fails_to_load_for_another_reason_is_not_replaced(
-    trained: dict, smear_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A transient failure (store unreachable) raises, so Airflow retries; no alias moves."""
-    import mlflow
-
-    from leukemia import tracking
-
-    experiment_id = tracking.setup()
-    info = trained["info"]
-    first = tracking.select_and_promote(experiment_id, info.path, smear_dir, "manual__1")
-
-    def unreachable(*args: object, **kwargs: object) -> None:
-        raise ConnectionError("artifact store unreachable")
-
-    monkeypatch.setattr(tracking, "evaluate_model_on_split", unreachable)
-    with pytest.raises(ConnectionError):
-        tracking.select_and_promote(experiment_id, info.path, smear_dir, "manual__1")
-    client = mlflow.MlflowClient()
-    assert (
-        str(client.get_model_version_by_alias("leukemia-classifier", "champion").version)
-        == first.version
-    )
 
 
 def test_report_is_made_when_selection_failed(trained: dict, tmp_path: Path) -> None:

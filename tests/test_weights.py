@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
@@ -24,19 +23,6 @@ def empty_keras_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "keras"
     monkeypatch.setenv("KERAS_HOME", str(home))
     return home
-
-
-@pytest.fixture()
-def offline(monkeypatch: pytest.MonkeyPatch) -> int:
-    """Every HTTP(S) request goes to a proxy on a closed local port, as on an air-gapped machine."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed again when the block ends: connections are refused
-    for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
-        monkeypatch.setenv(name, f"http://127.0.0.1:{port}")
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    monkeypatch.delenv("no_proxy", raising=False)
-    return port
 
 
 @pytest.mark.parametrize("given", ["none", "None", "", None, "  none "])
@@ -77,7 +63,7 @@ def test_imagenet_in_the_keras_cache_is_used_without_a_download(
 
 
 def test_imagenet_offline_fails_fast_in_one_line_and_leaves_no_partial_file(
-    empty_keras_home: Path, offline: int
+    offline: dict[str, str], empty_keras_home: Path
 ) -> None:
     started = time.monotonic()
     with pytest.raises(WeightsUnavailable) as err:

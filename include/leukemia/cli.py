@@ -101,9 +101,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace, results: TextIO) -> int:
-    from leukemia import predict
+    from leukemia import predict, registry
 
-    ref = predict.resolve_model(args.model)  # fails fast, before TensorFlow is imported
+    ref = registry.resolve_model(args.model)  # fails fast, before TensorFlow is imported
     sources, skipped = predict.collect_inputs(args.inputs, args.conn_id)
     loaded = predict.load_model(ref)
     explainer = None

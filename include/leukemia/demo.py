@@ -121,7 +121,7 @@ def champion_summary(environ: dict[str, str]) -> dict[str, Any] | None:
     import mlflow
 
     mlflow.set_tracking_uri(environ["MLFLOW_TRACKING_URI"])
-    from leukemia.tracking import current_champion
+    from leukemia.registry import current_champion
 
     version = current_champion(env("LEUKEMIA_MODEL_NAME"))
     if version is None:

@@ -6,6 +6,7 @@ called malignant (any malignant class); specificity the share of benign images c
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from leukemia.config import BENIGN, CLASSES
@@ -59,3 +60,23 @@ def evaluate(y_true: Any, probs: Any) -> dict[str, Any]:
         "y_pred": y_pred.tolist(),
         "confidence": probs.max(axis=1).tolist() if len(probs) else [],
     }
+
+
+def evaluate_on_split(
+    model: Any, split_path: str | Path, images_dir: str | Path, split: str = "test", batch: int = 32
+) -> dict[str, float]:
+    """Metrics of a full model (raw pixels in) on one split's images, read in batches."""
+    import numpy as np
+
+    from leukemia.dataset import read_split
+    from leukemia.features import labels_to_index, load_images
+
+    size = int(model.input_shape[1])
+    rows = [r for r in read_split(split_path) if r["split"] == split]
+    probs = [
+        model.predict_on_batch(
+            load_images([Path(images_dir) / r["path"] for r in rows[i : i + batch]], size)
+        )
+        for i in range(0, len(rows), batch)
+    ]
+    return evaluate(labels_to_index([r["label"] for r in rows]), np.concatenate(probs))["metrics"]

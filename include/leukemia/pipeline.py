@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from leukemia.config import StorageConfig, data_dir, env
+from leukemia.config import StorageConfig, data_dir
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +73,11 @@ def split(images_dir: str, seed: int = 0) -> dict[str, Any]:
 
 def needs_training(digest: str, force: bool = False, model_name: str | None = None) -> bool:
     """False when the champion was trained on exactly this image set (and no retrain is forced)."""
-    from leukemia import tracking
+    from leukemia import registry, tracking
 
     tracking.setup()
-    model_name = model_name or env("LEUKEMIA_MODEL_NAME")
-    trained_on = tracking.champion_digest(model_name)
+    model_name = registry.model_name(model_name)
+    trained_on = registry.champion_digest(model_name)
     if force:
         log.info("force_retrain is set: training even though the data may be unchanged")
         return True
@@ -152,9 +152,10 @@ def train_one(
     tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train and log one configuration; returns the run id, model URI and metrics."""
-    from leukemia.training import TrainConfig, train
+    from leukemia.tracking import train_run
+    from leukemia.training import TrainConfig
 
-    result = train(
+    result = train_run(
         TrainConfig.from_dict(config),
         split_info["path"],
         split_info["images_dir"],
@@ -169,10 +170,10 @@ def promote(
     split_info: dict[str, Any], airflow_run_id: str | None, margin: float = 0.0
 ) -> dict[str, Any]:
     """Register the best-by-validation run of this DAG run and move the aliases."""
-    from leukemia import tracking
+    from leukemia import registry, tracking
 
     experiment_id = tracking.setup()
-    outcome = tracking.select_and_promote(
+    outcome = registry.select_and_promote(
         experiment_id, split_info["path"], split_info["images_dir"], airflow_run_id, margin=margin
     )
     return asdict(outcome)
@@ -183,74 +184,10 @@ def report(
     promotion: dict[str, Any] | None,
     airflow_run_id: str | None = None,
 ) -> dict[str, Any]:
-    """A summary MLflow run: the grid's comparison figure and a table of every configuration.
+    """The grid's summary MLflow run (also made when selection failed)."""
+    from leukemia.tracking import log_grid_summary
 
-    Also made when selection failed (`promotion` None), so the trained grid is never lost from view.
-    """
-    import tempfile
-
-    import mlflow
-
-    from leukemia import plots, tracking
-
-    tracking.setup()
-    promotion = promotion or {}
-    rows = []
-    for r in sorted(
-        results,
-        key=lambda r: (r["config"]["variant"], r["config"]["optimizer"], r["config"]["batch_size"]),
-    ):
-        rows.append(
-            {
-                "variant": r["config"]["variant"],
-                "optimizer": r["config"]["optimizer"],
-                "batch_size": r["config"]["batch_size"],
-                "epochs_run": r["epochs_run"],
-                **{f"val_{k}": round(v, 4) for k, v in r["val"].items()},
-                **{f"test_{k}": round(v, 4) for k, v in r["test"].items()},
-                "run_id": r["run_id"],
-                "selected": r["run_id"] == promotion.get("run_id"),
-            }
-        )
-    columns = [
-        "variant",
-        "optimizer",
-        "batch_size",
-        "epochs_run",
-        "val_f1_macro",
-        "val_log_loss",
-        "test_accuracy",
-        "test_f1_macro",
-        "test_malignant_sensitivity",
-        "selected",
-    ]
-    table = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
-    table += "".join(
-        "| " + " | ".join(str(row.get(c, "")) for c in columns) + " |\n" for row in rows
-    )
-    log.info("Grid results:\n%s", table)
-    tags = {"kind": "summary"}
-    if airflow_run_id:
-        tags["airflow_run_id"] = airflow_run_id
-    with (
-        mlflow.start_run(run_name="grid-summary", tags=tags) as run,
-        tempfile.TemporaryDirectory() as tmp,
-    ):
-        out = Path(tmp)
-        plots.comparison_png(rows, out / "grid_comparison.png")
-        headline = (
-            f"Selected run {promotion.get('run_id')} → v{promotion.get('version')} "
-            f"@{promotion.get('alias')}: {promotion.get('reason')}"
-            if promotion
-            else "No model was registered: select_and_promote failed (see its task log)."
-        )
-        (out / "grid_results.md").write_text(f"{headline}\n\n{table}")
-        mlflow.log_artifacts(str(out))
-        mlflow.log_dict({"rows": rows, "promotion": promotion}, "grid_results.json")
-        best = next((r for r in rows if r["selected"]), None)
-        if best:
-            mlflow.log_metrics({k: v for k, v in best.items() if k.startswith(("val_", "test_"))})
-    return {"summary_run_id": run.info.run_id, "configurations": len(rows), **promotion}
+    return log_grid_summary(results, promotion, airflow_run_id)
 
 
 def train_folder(
@@ -267,7 +204,7 @@ def train_folder(
     """
     from leukemia.dataset import make_split, read_split
     from leukemia.features import extract_features
-    from leukemia.training import train
+    from leukemia.tracking import train_run
 
     images_dir, workdir = Path(images_dir), Path(workdir)
     info = make_split(images_dir, workdir / "splits", fractions=fractions)
@@ -279,7 +216,7 @@ def train_folder(
         workdir / "features",
         precision=precision,
     )
-    result = train(
+    result = train_run(
         cfg, info.path, images_dir, extracted.cache_dir, tags=tags, dataset_digest=info.digest
     )
     return {"split": info, "features": extracted, "result": result, "rows": rows}

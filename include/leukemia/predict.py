@@ -8,15 +8,15 @@ batches, so memory stays bounded however many images there are; an image that ca
 decoded, or is over the byte or pixel cap (`images.ImageLimits`), is skipped with its reason and the
 others are still scored.
 
-Every failure the user can fix (no champion yet, tracking server down, a model of the wrong shape)
-is a `PredictionError` whose message is one line saying what happened and what to do.
+The model is resolved and loaded through `registry` (fail-closed lookup, sha256-verified `.keras`
+file, Keras safe mode). Every failure the user can fix (no champion yet, tracking server down, a
+model that fails verification or has the wrong shape) is a `registry.ModelError` (`PredictionError`
+for this module's own checks) whose message is one line saying what happened and what to do.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -35,148 +35,27 @@ from leukemia.images import (
     is_image_name,
     iter_folder,
 )
+from leukemia.registry import (
+    ModelError,
+    ModelRef,
+    RegistryUnavailable,
+    is_unreachable,
+    load_keras,
+    resolve_model,
+)
 
 log = logging.getLogger(__name__)
 
-CHAMPION = "champion"
 DEFAULT_BATCH_SIZE = 32
 #: Threads that read and decode one batch's images while the previous batch is not yet needed.
 READ_WORKERS = 8
-_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?/?$")
 
 
-class PredictionError(RuntimeError):
+class PredictionError(ModelError):
     """Something the user must fix before anything can be scored; the message is one line."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
-
-
-class NoChampionError(PredictionError):
-    """The registered model or its alias does not exist yet (the training DAG has not promoted one)."""
 
 
 # --- the model ----------------------------------------------------------------------------------------
-
-
-def default_model_uri(model_name: str | None = None) -> str:
-    """`models:/<LEUKEMIA_MODEL_NAME>@champion`."""
-    return f"models:/{model_name or env('LEUKEMIA_MODEL_NAME')}@{CHAMPION}"
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A model URI resolved against the registry (small: fits in XCom).
-
-    `pinned_uri` names exactly one model version (`models:/<name>/<version>`) when the URI was a
-    registry URI, so that a run keeps using the same model even if the alias moves meanwhile.
-    """
-
-    uri: str
-    pinned_uri: str
-    name: str = ""
-    version: str = ""
-
-    @property
-    def label(self) -> str:
-        """What predictions report as their model version: the registry version, else the URI."""
-        return self.version or self.uri
-
-    def describe(self) -> str:
-        return f"{self.name} v{self.version} ({self.uri})" if self.version else self.uri
-
-
-def _check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, in one line, when the tracking server cannot be reached or the store is missing.
-
-    MLflow's own client retries an unreachable server with backoff for minutes before it gives up.
-    """
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
-        if not path.exists():
-            raise NoChampionError(
-                f"no MLflow database at {path}: run the training DAG first (it creates the store "
-                "and registers the model), or set MLFLOW_TRACKING_URI to your tracking server"
-            )
-        return
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        return
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout_s):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        raise PredictionError(
-            f"cannot reach MLflow at {uri}: {reason}. Start the tracking server or set "
-            "MLFLOW_TRACKING_URI to one that is up"
-        ) from None
-
-
-def _is_unreachable(exc: BaseException) -> bool:
-    """True for connection failures, whether raised by requests or wrapped by MLflow's client."""
-    import requests
-
-    if isinstance(
-        exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)
-    ):
-        return True
-    text = str(exc)
-    return "API request to" in text and ("Max retries exceeded" in text or "Connection" in text)
-
-
-def resolve_model(model_uri: str | None = None) -> ModelRef:
-    """Resolve `model_uri` (default: the champion) to a model version, without loading TensorFlow."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    uri = model_uri or default_model_uri()
-    server = tracking_uri()
-    mlflow.set_tracking_uri(server)
-    if not uri.startswith(("models:/", "runs:/")):
-        return ModelRef(uri=uri, pinned_uri=uri)  # a local folder or an artifact-store URI
-    _check_tracking_server(server)
-    match = _MODELS_URI.match(uri)
-    if match is None or (match["alias"] is None and match["version"] is None):
-        return ModelRef(uri=uri, pinned_uri=uri)  # runs:/ or a logged-model id
-    name, alias, version = match["name"], match["alias"], match["version"]
-    client = mlflow.MlflowClient()
-    try:
-        if alias is not None:
-            found = client.get_model_version_by_alias(name, alias)
-        elif version.isdigit():
-            found = client.get_model_version(name, version)
-        else:  # a stage (Production, Staging): deprecated in MLflow, still resolvable
-            latest = client.get_latest_versions(name, [version])
-            if not latest:
-                raise NoChampionError(f"registered model {name} has no version in stage {version}")
-            found = latest[0]
-    except PredictionError:
-        raise
-    except Exception as exc:
-        if _is_unreachable(exc):
-            raise PredictionError(f"cannot reach MLflow at {server}: {first_line(exc)}") from None
-        if not isinstance(exc, MlflowException):
-            raise
-        code = getattr(exc, "error_code", "")
-        if code == "RESOURCE_DOES_NOT_EXIST" and "Registered Model" in str(exc):
-            raise NoChampionError(
-                f"registered model {name} does not exist in MLflow at {server}: run the training "
-                "DAG (leukemia_training) first, or pass --model with another model URI"
-            ) from None
-        if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            what = f"has alias {alias}" if alias is not None else f"is version {version}"
-            raise NoChampionError(
-                f"no model version {what} in {name} (MLflow at {server}): run the training DAG "
-                "(leukemia_training) first, or pass --model with another model URI"
-            ) from None
-        raise PredictionError(
-            f"MLflow at {server} failed to resolve {uri}: {first_line(exc)}"
-        ) from None
-    return ModelRef(
-        uri=uri, pinned_uri=f"models:/{name}/{found.version}", name=name, version=str(found.version)
-    )
 
 
 @dataclass
@@ -215,16 +94,15 @@ def check_model_shape(model: Any, uri: str) -> int:
 
 
 def load_model(model: str | ModelRef | None = None) -> LoadedModel:
-    """Resolve (if needed) and load the model once; check that it takes square RGB images."""
-    import mlflow
-
+    """Resolve (if needed) and load the model once, verified (`registry.load_keras`); check its shape."""
     ref = model if isinstance(model, ModelRef) else resolve_model(model)
-    mlflow.set_tracking_uri(tracking_uri())
     try:
-        keras_model = mlflow.keras.load_model(ref.pinned_uri)
+        keras_model = load_keras(ref)
+    except ModelError:
+        raise
     except Exception as exc:
-        if _is_unreachable(exc):
-            raise PredictionError(
+        if is_unreachable(exc):
+            raise RegistryUnavailable(
                 f"cannot reach MLflow at {tracking_uri()}: {first_line(exc)}"
             ) from None
         raise PredictionError(

@@ -254,12 +254,12 @@ def run(params: dict[str, Any], model_uri: str | None = None) -> dict[str, Any]:
 def champion_or_none(model_uri: str | None = None) -> dict[str, str] | None:
     """The model to score with, pinned to one version; None when no champion exists yet (the
     scoring DAG then skips: the champion asset triggers it again once training promotes one)."""
-    from leukemia import predict
+    from leukemia import registry
 
     try:
         with scoring_mlflow_login():
-            ref = predict.resolve_model(model_uri or None)
-    except predict.NoChampionError as exc:
+            ref = registry.resolve_model(model_uri or None)
+    except registry.NoChampionError as exc:
         if model_uri:
             raise
         log.warning("Nothing to score with: %s", exc)

@@ -1,8 +1,9 @@
-"""MLflow tracking and the model registry: runs, artifacts, logged models, selection and promotion.
+"""MLflow runs: one run per trained configuration (params, curves, metrics, figures, the model), the
+grid's summary run, and the search over finished runs that selection starts from.
 
 Any tracking server works through `MLFLOW_TRACKING_URI` (default: a SQLite store in the data folder).
-Selection uses validation metrics only; the champion alias moves only when the candidate beats the
-current champion on the same test split by a margin.
+The registered model and its aliases live in `registry`; fitting lives in `training`, which knows
+nothing of MLflow. Selection uses validation metrics only.
 """
 
 from __future__ import annotations
@@ -10,19 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from leukemia.config import CLASSES, data_dir, env, mlflow_ui_url, tracking_uri
-from leukemia.errors import first_line
-
-if TYPE_CHECKING:
-    from leukemia.training import TrainConfig
+from leukemia.training import TrainConfig
 
 log = logging.getLogger(__name__)
 
-CHAMPION, CHALLENGER = "champion", "challenger"
 SELECTION_METRIC = "val_f1_macro"
 
 
@@ -167,18 +165,6 @@ def log_outcome(
     return info.model_uri
 
 
-@dataclass
-class Promotion:
-    """The outcome of select-and-promote (small: fits in XCom)."""
-
-    run_id: str
-    version: str
-    alias: str
-    reason: str
-    candidate: dict[str, float]
-    champion_before: dict[str, Any] | None
-
-
 def finished_runs(experiment_id: str, airflow_run_id: str | None = None) -> list[Any]:
     """FINISHED runs of the experiment that hold a model (optionally of one Airflow DAG run)."""
     import mlflow
@@ -202,153 +188,171 @@ def best_run(runs: list[Any]) -> Any:
     )
 
 
-def current_champion(model_name: str) -> Any | None:
-    """The model version the `champion` alias points to, or None."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
+@dataclass
+class TrainResult:
+    """What one configuration produced (small: fits in XCom)."""
 
-    try:
-        return mlflow.MlflowClient().get_model_version_by_alias(model_name, CHAMPION)
-    except MlflowException:
-        return None
-
-
-def champion_digest(model_name: str) -> str | None:
-    """The dataset digest the current champion was trained on (None without a champion)."""
-    version = current_champion(model_name)
-    return version.tags.get("dataset_digest") if version is not None else None
+    run_id: str
+    model_uri: str
+    mlflow_url: str
+    config: dict[str, Any]
+    val: dict[str, float]
+    test: dict[str, float]
+    epochs_run: int
+    seconds: float
 
 
-def evaluate_model_on_split(
-    model_uri: str,
+def train_run(
+    cfg: TrainConfig,
     split_path: str | Path,
     images_dir: str | Path,
-    split: str = "test",
-    batch: int = 32,
-) -> dict[str, float]:
-    """Metrics of any logged full model on one split's raw images (the champion's re-evaluation)."""
+    cache_dir: str | Path,
+    tags: dict[str, str] | None = None,
+    dataset_digest: str = "",
+) -> TrainResult:
+    """Train, evaluate and log one configuration as one MLflow run; the run ends FAILED on error."""
     import mlflow
-    import numpy as np
 
     from leukemia.dataset import read_split
     from leukemia.evaluation import evaluate
-    from leukemia.features import labels_to_index, load_images
+    from leukemia.model import assemble, build_trunk
+    from leukemia.training import fit_head, split_arrays
 
-    model = mlflow.keras.load_model(model_uri)
-    size = int(model.input_shape[1])
-    rows = [r for r in read_split(split_path) if r["split"] == split]
-    probs = [
-        model.predict_on_batch(
-            load_images([Path(images_dir) / r["path"] for r in rows[i : i + batch]], size)
+    started = time.monotonic()
+    rows = read_split(split_path)
+    data = split_arrays(rows, cache_dir, cfg.model.variant)
+    setup()
+    run_tags = {"kind": "training", "dataset_digest": dataset_digest, **(tags or {})}
+    fail_stale_runs(run_tags)
+    with mlflow.start_run(run_name=cfg.name.replace(" · ", "-"), tags=run_tags) as run:
+        log_config(cfg, dataset_digest)
+        head, history = fit_head(
+            cfg,
+            *data["train"][:2],
+            *data["val"][:2],
+            on_epoch=lambda epoch, logs: mlflow.log_metrics(logs, step=epoch),
         )
-        for i in range(0, len(rows), batch)
-    ]
-    return evaluate(labels_to_index([r["label"] for r in rows]), np.concatenate(probs))["metrics"]
-
-
-def artifacts_missing(exc: BaseException) -> bool:
-    """True when loading a model failed because its files are gone (not for a transient error)."""
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(exc, FileNotFoundError):
-        return True
-    return isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST"
-
-
-def compare_with_champion(
-    model_name: str,
-    candidate: dict[str, float],
-    split_path: str | Path,
-    images_dir: str | Path,
-    margin: float,
-    metric: str,
-) -> tuple[str, str, dict[str, Any] | None]:
-    """The alias a candidate earns, why, and the champion's test metrics re-measured on this split.
-
-    A champion whose model files are gone cannot serve either, so the candidate replaces it (the
-    old version stays registered); any other failure to load it is raised, so the task retries.
-    """
-    champion = current_champion(model_name)
-    if champion is None:
-        return CHAMPION, "no champion yet", None
-    version = str(champion.version)
-    try:
-        old = evaluate_model_on_split(f"models:/{model_name}/{version}", split_path, images_dir)
-    except Exception as exc:
-        if not artifacts_missing(exc):
-            raise
-        error = first_line(exc)
-        log.warning(
-            "Champion %s v%s cannot be loaded (%s): the new model replaces it; v%s stays registered",
-            model_name,
-            version,
-            error,
-            version,
+        results = {
+            s: evaluate(data[s][1], head.predict(data[s][0], verbose=0)) for s in ("val", "test")
+        }
+        epochs_run = len(history.get("loss", []))
+        full = assemble(cfg.model, build_trunk(cfg.model), head)
+        model_uri = log_outcome(
+            cfg,
+            full,
+            history,
+            results,
+            data["test"][2],
+            images_dir,
+            split_path,
+            epochs_run,
+            dataset_digest,
         )
-        return (
-            CHAMPION,
-            f"champion v{version} cannot be loaded ({error}): replaced",
+        mlflow.set_tags(
+            {"model_uri": model_uri, "config": json.dumps(cfg.to_dict(), sort_keys=True)}
+        )
+    result = TrainResult(
+        run_id=run.info.run_id,
+        model_uri=model_uri,
+        mlflow_url=run_url(run.info.experiment_id, run.info.run_id),
+        config=cfg.to_dict(),
+        val=results["val"]["metrics"],
+        test=results["test"]["metrics"],
+        epochs_run=epochs_run,
+        seconds=round(time.monotonic() - started, 2),
+    )
+    log.info(
+        "%s: val F1 %.3f, test accuracy %.3f (%d epochs, %.0fs), run %s",
+        cfg.name,
+        result.val["f1_macro"],
+        result.test["accuracy"],
+        epochs_run,
+        result.seconds,
+        result.run_id,
+    )
+    return result
+
+
+#: Columns of the grid table in the summary run and the task log.
+GRID_COLUMNS = (
+    "variant",
+    "optimizer",
+    "batch_size",
+    "epochs_run",
+    "val_f1_macro",
+    "val_log_loss",
+    "test_accuracy",
+    "test_f1_macro",
+    "test_malignant_sensitivity",
+    "selected",
+)
+
+
+def grid_rows(results: list[dict[str, Any]], selected_run_id: str | None) -> list[dict[str, Any]]:
+    """One row per trained configuration (from `TrainResult` dicts), sorted by variant, optimizer, batch."""
+    rows = []
+    for r in sorted(
+        results,
+        key=lambda r: (r["config"]["variant"], r["config"]["optimizer"], r["config"]["batch_size"]),
+    ):
+        rows.append(
             {
-                "version": version,
-                "error": error,
-            },
+                "variant": r["config"]["variant"],
+                "optimizer": r["config"]["optimizer"],
+                "batch_size": r["config"]["batch_size"],
+                "epochs_run": r["epochs_run"],
+                **{f"val_{k}": round(v, 4) for k, v in r["val"].items()},
+                **{f"test_{k}": round(v, 4) for k, v in r["test"].items()},
+                "run_id": r["run_id"],
+                "selected": r["run_id"] == selected_run_id,
+            }
         )
-    before = {"version": version, **{f"test_{k}": v for k, v in old.items()}}
-    new, old_value = candidate[f"test_{metric}"], old[metric]
-    if new >= old_value + margin:
-        return (
-            CHAMPION,
-            f"test {metric} {new:.4f} beats champion v{version} {old_value:.4f} + margin {margin}",
-            before,
-        )
-    return (
-        CHALLENGER,
-        f"test {metric} {new:.4f} does not beat champion v{version} {old_value:.4f} + margin "
-        f"{margin}: champion stays",
-        before,
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: tuple[str, ...] = GRID_COLUMNS) -> str:
+    """A Markdown table of `rows` with `columns`."""
+    table = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    return table + "".join(
+        "| " + " | ".join(str(row.get(c, "")) for c in columns) + " |\n" for row in rows
     )
 
 
-def select_and_promote(
-    experiment_id: str,
-    split_path: str | Path,
-    images_dir: str | Path,
+def log_grid_summary(
+    results: list[dict[str, Any]],
+    promotion: dict[str, Any] | None,
     airflow_run_id: str | None = None,
-    model_name: str | None = None,
-    margin: float = 0.0,
-    metric: str = "f1_macro",
-) -> Promotion:
-    """Register this DAG run's best-by-validation model; make it champion only if it beats the
-    current champion on the same test split by `margin`, else give it the challenger alias."""
+) -> dict[str, Any]:
+    """A summary MLflow run: the grid's comparison figure and a table of every configuration.
+
+    Also made when selection failed (`promotion` None), so the trained grid is never lost from view.
+    """
     import mlflow
 
-    model_name = model_name or env("LEUKEMIA_MODEL_NAME")
-    client = mlflow.MlflowClient()
-    run = best_run(finished_runs(experiment_id, airflow_run_id))
-    metrics = run.data.metrics
-    candidate = {k: v for k, v in metrics.items() if k.startswith(("val_", "test_"))}
-    alias, reason, before = compare_with_champion(
-        model_name, candidate, split_path, images_dir, margin, metric
-    )
-    model_uri = run.data.tags.get("model_uri") or f"runs:/{run.info.run_id}/model"
-    version = mlflow.register_model(model_uri, model_name, await_registration_for=300)
-    tags = {
-        "dataset_digest": run.data.tags.get("dataset_digest", ""),
-        "config": run.data.tags.get("config", ""),
-        "airflow_run_id": airflow_run_id or "",
-        "run_id": run.info.run_id,
-        "selection": reason,
-        **{k: f"{v:.4f}" for k, v in candidate.items()},
-    }
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, version.version, key, value)
-    client.set_registered_model_alias(model_name, alias, version.version)
-    log.info(
-        "Registered %s v%s from run %s as @%s: %s",
-        model_name,
-        version.version,
-        run.info.run_id,
-        alias,
-        reason,
-    )
-    return Promotion(run.info.run_id, str(version.version), alias, reason, candidate, before)
+    from leukemia import plots
+
+    setup()
+    promotion = promotion or {}
+    rows = grid_rows(results, promotion.get("run_id"))
+    table = markdown_table(rows)
+    log.info("Grid results:\n%s", table)
+    tags = {"kind": "summary", **({"airflow_run_id": airflow_run_id} if airflow_run_id else {})}
+    with (
+        mlflow.start_run(run_name="grid-summary", tags=tags) as run,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        out = Path(tmp)
+        plots.comparison_png(rows, out / "grid_comparison.png")
+        headline = (
+            f"Selected run {promotion.get('run_id')} → v{promotion.get('version')} "
+            f"@{promotion.get('alias')}: {promotion.get('reason')}"
+            if promotion
+            else "No model was registered: select_and_promote failed (see its task log)."
+        )
+        (out / "grid_results.md").write_text(f"{headline}\n\n{table}")
+        mlflow.log_artifacts(str(out))
+        mlflow.log_dict({"rows": rows, "promotion": promotion}, "grid_results.json")
+        best = next((r for r in rows if r["selected"]), None)
+        if best:
+            mlflow.log_metrics({k: v for k, v in best.items() if k.startswith(("val_", "test_"))})
+    return {"summary_run_id": run.info.run_id, "configurations": len(rows), **promotion}

@@ -1,15 +1,13 @@
-"""Training one grid configuration: fit the head on cached features, evaluate, log to MLflow.
+"""Fitting the head of one grid configuration on cached features; nothing here knows of MLflow.
 
-`fit_head` is the pure core (arrays in, Keras head and history out); `train` is what the Airflow task,
-the CLI and the benchmarks call: it reads the split and the feature cache, fits, evaluates on the
-validation and test splits, assembles the full model from raw pixels, and logs one MLflow run.
+`fit_head` is the pure core (arrays in, Keras head and history out); `split_arrays` reads the cached
+features of each split; `grid` expands the optimizer × batch size × variant grid. Logging one
+configuration as an MLflow run is `tracking.train_run`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -194,20 +192,6 @@ def fit_head(
     return head, history
 
 
-@dataclass
-class TrainResult:
-    """What one configuration produced (small: fits in XCom)."""
-
-    run_id: str
-    model_uri: str
-    mlflow_url: str
-    config: dict[str, Any]
-    val: dict[str, float]
-    test: dict[str, float]
-    epochs_run: int
-    seconds: float
-
-
 def split_arrays(
     rows: list[dict[str, str]], cache_dir: str | Path, variant: str
 ) -> dict[str, tuple[Any, Any, list[dict[str, str]]]]:
@@ -225,77 +209,6 @@ def split_arrays(
             f"the split has no {' and no '.join(empty)} images: add images or change the fractions"
         )
     return out
-
-
-def train(
-    cfg: TrainConfig,
-    split_path: str | Path,
-    images_dir: str | Path,
-    cache_dir: str | Path,
-    tags: dict[str, str] | None = None,
-    dataset_digest: str = "",
-) -> TrainResult:
-    """Train, evaluate and log one configuration as one MLflow run; the run ends FAILED on error."""
-    import mlflow
-
-    from leukemia import tracking
-    from leukemia.dataset import read_split
-    from leukemia.evaluation import evaluate
-    from leukemia.model import assemble, build_trunk
-
-    started = time.monotonic()
-    rows = read_split(split_path)
-    data = split_arrays(rows, cache_dir, cfg.model.variant)
-    tracking.setup()
-    run_tags = {"kind": "training", "dataset_digest": dataset_digest, **(tags or {})}
-    tracking.fail_stale_runs(run_tags)
-    with mlflow.start_run(run_name=cfg.name.replace(" · ", "-"), tags=run_tags) as run:
-        tracking.log_config(cfg, dataset_digest)
-        head, history = fit_head(
-            cfg,
-            *data["train"][:2],
-            *data["val"][:2],
-            on_epoch=lambda epoch, logs: mlflow.log_metrics(logs, step=epoch),
-        )
-        results = {
-            s: evaluate(data[s][1], head.predict(data[s][0], verbose=0)) for s in ("val", "test")
-        }
-        epochs_run = len(history.get("loss", []))
-        full = assemble(cfg.model, build_trunk(cfg.model), head)
-        model_uri = tracking.log_outcome(
-            cfg,
-            full,
-            history,
-            results,
-            data["test"][2],
-            images_dir,
-            split_path,
-            epochs_run,
-            dataset_digest,
-        )
-        mlflow.set_tags(
-            {"model_uri": model_uri, "config": json.dumps(cfg.to_dict(), sort_keys=True)}
-        )
-    result = TrainResult(
-        run_id=run.info.run_id,
-        model_uri=model_uri,
-        mlflow_url=tracking.run_url(run.info.experiment_id, run.info.run_id),
-        config=cfg.to_dict(),
-        val=results["val"]["metrics"],
-        test=results["test"]["metrics"],
-        epochs_run=epochs_run,
-        seconds=round(time.monotonic() - started, 2),
-    )
-    log.info(
-        "%s: val F1 %.3f, test accuracy %.3f (%d epochs, %.0fs), run %s",
-        cfg.name,
-        result.val["f1_macro"],
-        result.test["accuracy"],
-        epochs_run,
-        result.seconds,
-        result.run_id,
-    )
-    return result
 
 
 def grid(

@@ -1,0 +1,468 @@
+"""The registered model's one home: champion lookup, promotion, and verified loading.
+
+Everything that asks "which model is live?" or moves an alias comes here. Two rules hold throughout:
+
+- **Fail closed.** Only MLflow's "not found" means "no champion"; any other error while reading the
+  registry (a 503, a network failure, a permission error) is raised, so the Airflow task retries and
+  no alias moves on a guess.
+- **Load only what was promoted.** A model is loaded only from its `.keras` file, with Keras'
+  `safe_mode`, never through an exported TensorFlow SavedModel (an uploaded `MLmodel` could ask for
+  one). At promotion the file's sha256 is recorded on the version (`model_sha256`); every load of a
+  registered version checks it and refuses a mismatch in one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from leukemia.config import env, tracking_uri
+from leukemia.errors import first_line
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+#: Where `mlflow.keras.log_model` keeps the Keras file inside a logged model's folder.
+MODEL_FILE = "data/model.keras"
+SHA256_TAG = "model_sha256"
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?/?$")
+
+
+class ModelError(RuntimeError):
+    """Something the user must fix before a model can be used; the message is one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+class NoChampionError(ModelError):
+    """The registered model or its alias does not exist yet (the training DAG has not promoted one)."""
+
+
+class RegistryUnavailable(ModelError):
+    """The registry could not be read (server down, 5xx, permissions): never read as "no champion"."""
+
+
+class ModelVerificationError(ModelError):
+    """A model's files are not what was promoted, or not a plain `.keras` model."""
+
+
+def model_name(name: str | None = None) -> str:
+    """The registered model's name: `name`, else `LEUKEMIA_MODEL_NAME`."""
+    return name or env("LEUKEMIA_MODEL_NAME")
+
+
+def default_model_uri(name: str | None = None) -> str:
+    """`models:/<LEUKEMIA_MODEL_NAME>@champion`."""
+    return f"models:/{model_name(name)}@{CHAMPION}"
+
+
+def client() -> Any:
+    """An MLflow client on the configured tracking URI."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow.MlflowClient()
+
+
+# --- which version is live ------------------------------------------------------------------------
+
+
+def is_not_found(exc: BaseException) -> bool:
+    """True only when MLflow says the registered model, version or alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return False
+    code = getattr(exc, "error_code", "")
+    if code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    # SQL and file stores answer an unknown alias with INVALID_PARAMETER_VALUE "... not found"
+    return code == "INVALID_PARAMETER_VALUE" and "not found" in str(exc).lower()
+
+
+def _by_alias(name: str, alias: str) -> Any | None:
+    """The version an alias points to; None when it does not exist; RegistryUnavailable otherwise."""
+    try:
+        return client().get_model_version_by_alias(name, alias)
+    except Exception as exc:
+        if is_not_found(exc):
+            return None
+        raise RegistryUnavailable(
+            f"cannot read @{alias} of {name} from MLflow at {tracking_uri()}: {first_line(exc)}"
+        ) from exc
+
+
+def current_champion(name: str | None = None) -> Any | None:
+    """The model version `@champion` points to; None only when there is none (fails closed)."""
+    return _by_alias(model_name(name), CHAMPION)
+
+
+def champion_digest(name: str | None = None) -> str | None:
+    """The dataset digest the current champion was trained on (None without a champion)."""
+    version = current_champion(name)
+    return version.tags.get("dataset_digest") if version is not None else None
+
+
+# --- resolving a model URI ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model URI resolved against the registry (small: fits in XCom).
+
+    `pinned_uri` names exactly one model version (`models:/<name>/<version>`) when the URI was a
+    registry URI, so that a run keeps using the same model even if the alias moves meanwhile.
+    """
+
+    uri: str
+    pinned_uri: str
+    name: str = ""
+    version: str = ""
+
+    @property
+    def label(self) -> str:
+        """What predictions report as their model version: the registry version, else the URI."""
+        return self.version or self.uri
+
+    def describe(self) -> str:
+        return f"{self.name} v{self.version} ({self.uri})" if self.version else self.uri
+
+
+def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, in one line, when the tracking server cannot be reached or the store is missing.
+
+    MLflow's own client retries an unreachable server with backoff for minutes before it gives up.
+    """
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.exists():
+            raise NoChampionError(
+                f"no MLflow database at {path}: run the training DAG first (it creates the store "
+                "and registers the model), or set MLFLOW_TRACKING_URI to your tracking server"
+            )
+        return
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise RegistryUnavailable(
+            f"cannot reach MLflow at {uri}: {reason}. Start the tracking server or set "
+            "MLFLOW_TRACKING_URI to one that is up"
+        ) from None
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """True for connection failures, whether raised by requests or wrapped by MLflow's client."""
+    import requests
+
+    if isinstance(
+        exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)
+    ):
+        return True
+    text = str(exc)
+    return "API request to" in text and ("Max retries exceeded" in text or "Connection" in text)
+
+
+def _find_version(name: str, alias: str | None, version: str | None) -> Any:
+    """The model version an alias, number or (deprecated) stage names; MLflow's errors as raised."""
+    mlflow_client = client()
+    if alias is not None:
+        return mlflow_client.get_model_version_by_alias(name, alias)
+    if str(version).isdigit():
+        return mlflow_client.get_model_version(name, version)
+    latest = mlflow_client.get_latest_versions(name, [version])  # a stage, e.g. Production
+    if not latest:
+        raise NoChampionError(f"registered model {name} has no version in stage {version}")
+    return latest[0]
+
+
+def resolve_model(model_uri: str | None = None) -> ModelRef:
+    """Resolve `model_uri` (default: the champion) to a model version, without loading TensorFlow."""
+    uri = model_uri or default_model_uri()
+    server = tracking_uri()
+    if not uri.startswith(("models:/", "runs:/")):
+        return ModelRef(uri=uri, pinned_uri=uri)  # a local folder or an artifact-store URI
+    check_tracking_server(server)
+    match = _MODELS_URI.match(uri)
+    if match is None or (match["alias"] is None and match["version"] is None):
+        return ModelRef(uri=uri, pinned_uri=uri)  # runs:/ or a logged-model id
+    name, alias, version = match["name"], match["alias"], match["version"]
+    try:
+        found = _find_version(name, alias, version)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise _resolve_error(exc, name, alias, version, uri, server) from None
+    return ModelRef(
+        uri=uri, pinned_uri=f"models:/{name}/{found.version}", name=name, version=str(found.version)
+    )
+
+
+def _resolve_error(
+    exc: Exception, name: str, alias: str | None, version: str | None, uri: str, server: str
+) -> ModelError:
+    """The one-line error for a model URI that did not resolve."""
+    if is_unreachable(exc):
+        return RegistryUnavailable(f"cannot reach MLflow at {server}: {first_line(exc)}")
+    if is_not_found(exc) and "Registered Model" in str(exc):
+        return NoChampionError(
+            f"registered model {name} does not exist in MLflow at {server}: run the training "
+            "DAG (leukemia_training) first, or pass --model with another model URI"
+        )
+    if is_not_found(exc):
+        what = f"has alias {alias}" if alias is not None else f"is version {version}"
+        return NoChampionError(
+            f"no model version {what} in {name} (MLflow at {server}): run the training DAG "
+            "(leukemia_training) first, or pass --model with another model URI"
+        )
+    return RegistryUnavailable(f"MLflow at {server} failed to resolve {uri}: {first_line(exc)}")
+
+
+# --- loading what was promoted, and nothing else ---------------------------------------------------
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def keras_file(folder: str | Path, uri: str) -> Path:
+    """The `.keras` file of a downloaded MLflow Keras model; refuses any other format."""
+    import yaml
+
+    folder = Path(folder)
+    try:
+        flavor = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["keras"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as exc:
+        raise ModelVerificationError(
+            f"{uri} is not an MLflow Keras model ({first_line(exc)}): pass a model logged by the "
+            "training DAG"
+        ) from None
+    path = folder / str(flavor.get("data", "data")) / "model.keras"
+    if flavor.get("save_exported_model") or not path.is_file():
+        raise ModelVerificationError(
+            f"{uri} is not a plain .keras model (exported SavedModels are never loaded, they "
+            "can run arbitrary graph code): register a model logged by the training DAG"
+        )
+    return path
+
+
+def download_model(uri: str) -> Path:
+    """Download a logged model's files (any MLflow model URI) and return the local folder."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+
+
+def expected_sha256(ref: ModelRef) -> str | None:
+    """The sha256 recorded on a registered version; None for URIs outside the registry."""
+    if not ref.version:
+        return None
+    try:
+        version = client().get_model_version(ref.name, ref.version)
+    except Exception as exc:
+        raise RegistryUnavailable(
+            f"cannot read {ref.name} v{ref.version} from MLflow: {first_line(exc)}"
+        ) from exc
+    recorded = version.tags.get(SHA256_TAG)
+    if not recorded:
+        raise ModelVerificationError(
+            f"{ref.name} v{ref.version} has no recorded {SHA256_TAG}: it was not registered by "
+            "the training DAG's promotion, so it is not loaded; promote a model with the DAG"
+        )
+    return recorded
+
+
+def load_keras(ref: ModelRef) -> Any:
+    """The Keras model behind `ref`, loaded with safe_mode after its file passed verification."""
+    import keras
+
+    expected = expected_sha256(ref)
+    path = keras_file(download_model(ref.pinned_uri), ref.pinned_uri)
+    actual = file_sha256(path)
+    if expected is not None and actual != expected:
+        raise ModelVerificationError(
+            f"{ref.describe()}: model file sha256 {actual[:12]}… differs from the {expected[:12]}… "
+            "recorded at promotion; the artifact was changed after promotion: do not use it, "
+            "promote a model again"
+        )
+    return keras.saving.load_model(path, safe_mode=True)
+
+
+# --- promotion -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Promotion:
+    """The outcome of select-and-promote (small: fits in XCom)."""
+
+    run_id: str
+    version: str
+    alias: str
+    reason: str
+    candidate: dict[str, float]
+    champion_before: dict[str, Any] | None
+
+
+def cannot_serve(exc: BaseException) -> bool:
+    """True when a champion can never serve again: its files are gone or fail verification."""
+    if isinstance(exc, (FileNotFoundError, ModelVerificationError)):
+        return True
+    return is_not_found(exc)
+
+
+def compare_with_champion(
+    name: str,
+    candidate: dict[str, float],
+    split_path: str | Path,
+    images_dir: str | Path,
+    margin: float,
+    metric: str,
+) -> tuple[str, str, dict[str, Any] | None]:
+    """The alias a candidate earns, why, and the champion's test metrics re-measured on this split.
+
+    A champion whose files are gone or fail verification cannot serve either, so the candidate
+    replaces it (the old version stays registered); any other failure is raised, so the task retries.
+    """
+    from leukemia.evaluation import evaluate_on_split
+
+    champion = current_champion(name)
+    if champion is None:
+        return CHAMPION, "no champion yet", None
+    version = str(champion.version)
+    ref = ModelRef(f"models:/{name}/{version}", f"models:/{name}/{version}", name, version)
+    try:
+        old = evaluate_on_split(load_keras(ref), split_path, images_dir)
+    except Exception as exc:
+        if not cannot_serve(exc):
+            raise
+        error = first_line(exc)
+        log.warning(
+            "Champion %s v%s cannot serve (%s): the new model replaces it", name, version, error
+        )
+        return (
+            CHAMPION,
+            f"champion v{version} cannot be loaded ({error}): replaced",
+            {
+                "version": version,
+                "error": error,
+            },
+        )
+    before = {"version": version, **{f"test_{k}": v for k, v in old.items()}}
+    new, old_value = candidate[f"test_{metric}"], old[metric]
+    if new >= old_value + margin:
+        return (
+            CHAMPION,
+            f"test {metric} {new:.4f} beats champion v{version} {old_value:.4f} + margin {margin}",
+            before,
+        )
+    return (
+        CHALLENGER,
+        f"test {metric} {new:.4f} does not beat champion v{version} {old_value:.4f} + margin "
+        f"{margin}: champion stays",
+        before,
+    )
+
+
+def version_of_run(name: str, run_id: str) -> Any | None:
+    """The version already registered from `run_id` (a retried promotion reuses it), or None."""
+    mlflow_client = client()
+    found = mlflow_client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if not found:
+        return None
+    first = min(found, key=lambda v: int(v.version))
+    return mlflow_client.get_model_version(name, first.version)  # search results carry no aliases
+
+
+def register_once(name: str, model_uri: str, run_id: str) -> Any:
+    """Register the run's model, or return the version an earlier attempt registered; wait for READY."""
+    import mlflow
+
+    existing = version_of_run(name, run_id)
+    if existing is not None:
+        log.info(
+            "Run %s is already registered as %s v%s: reusing it", run_id, name, existing.version
+        )
+        return existing
+    return mlflow.register_model(model_uri, name, await_registration_for=300)
+
+
+def record_sha256(name: str, version: str) -> str:
+    """Hash the registered version's `.keras` file and record it on the version."""
+    uri = f"models:/{name}/{version}"
+    digest = file_sha256(keras_file(download_model(uri), uri))
+    client().set_model_version_tag(name, version, SHA256_TAG, digest)
+    return digest
+
+
+def select_and_promote(
+    experiment_id: str,
+    split_path: str | Path,
+    images_dir: str | Path,
+    airflow_run_id: str | None = None,
+    name: str | None = None,
+    margin: float = 0.0,
+    metric: str = "f1_macro",
+) -> Promotion:
+    """Register this DAG run's best-by-validation model; make it champion only if it beats the
+    current champion on the same test split by `margin`, else give it the challenger alias.
+
+    Idempotent: a retry reuses the version an earlier attempt registered and, once an alias was
+    set on it, returns that decision instead of deciding again.
+    """
+    from leukemia.tracking import best_run, finished_runs
+
+    name = model_name(name)
+    run = best_run(finished_runs(experiment_id, airflow_run_id))
+    metrics = run.data.metrics
+    candidate = {k: v for k, v in metrics.items() if k.startswith(("val_", "test_"))}
+    earlier = version_of_run(name, run.info.run_id)
+    if earlier is not None and set(earlier.aliases) & {CHAMPION, CHALLENGER}:
+        alias = CHAMPION if CHAMPION in earlier.aliases else CHALLENGER
+        log.info(
+            "Promotion of run %s was already decided: v%s @%s",
+            run.info.run_id,
+            earlier.version,
+            alias,
+        )
+        reason = earlier.tags.get("selection", "decided by an earlier attempt")
+        return Promotion(run.info.run_id, str(earlier.version), alias, reason, candidate, None)
+    alias, reason, before = compare_with_champion(
+        name, candidate, split_path, images_dir, margin, metric
+    )
+    model_uri = run.data.tags.get("model_uri") or f"runs:/{run.info.run_id}/model"
+    version = str(register_once(name, model_uri, run.info.run_id).version)
+    tags = {
+        "dataset_digest": run.data.tags.get("dataset_digest", ""),
+        "config": run.data.tags.get("config", ""),
+        "airflow_run_id": airflow_run_id or "",
+        "run_id": run.info.run_id,
+        "selection": reason,
+        **{k: f"{v:.4f}" for k, v in candidate.items()},
+    }
+    mlflow_client = client()
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(name, version, key, value)
+    record_sha256(name, version)
+    mlflow_client.set_registered_model_alias(name, alias, version)  # last: the decision is final
+    log.info(
+        "Registered %s v%s from run %s as @%s: %s", name, version, run.info.run_id, alias, reason
+    )
+    return Promotion(run.info.run_id, version, alias, reason, candidate, before)
