@@ -82,6 +82,22 @@ def test_training_dag_structure(dagbag: Any) -> None:
     assert params["force_retrain"] is False
 
 
+def test_training_dag_params_take_defaults_and_choices_from_config(dagbag: Any) -> None:
+    from leukemia.config import OPTIMIZERS, PRECISIONS, RUN_DEFAULTS, VARIANTS
+
+    params = dagbag.dags["leukemia_training"].params
+    defaults = params.dump()
+    for name in ("optimizers", "batch_sizes", "variants"):
+        assert defaults[name] == list(getattr(RUN_DEFAULTS, name))
+    for name in ("epochs", "patience", "learning_rate", "input_size", "precision"):
+        assert defaults[name] == getattr(RUN_DEFAULTS, name)
+    assert defaults["promotion_margin"] == RUN_DEFAULTS.promotion_margin
+    assert defaults["max_failed_fraction"] == RUN_DEFAULTS.max_failed_fraction
+    assert params.get_param("optimizers").schema["items"]["enum"] == list(OPTIMIZERS)
+    assert params.get_param("variants").schema["items"]["enum"] == list(VARIANTS)
+    assert params.get_param("precision").schema["enum"] == list(PRECISIONS)
+
+
 def test_mlflow_link_plugin_reads_the_task_result() -> None:
     sys.path.insert(0, str(ROOT / "plugins"))
     from mlflow_links import mlflow_url_from_xcom
