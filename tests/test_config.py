@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,7 @@ from leukemia.config import (
     PRECISIONS,
     RUN_DEFAULTS,
     VARIANTS,
+    project_root,
     scoring_mlflow_login,
 )
 
@@ -78,3 +80,9 @@ def test_scoring_login_needs_a_password(monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(ValueError, match="LEUKEMIA_SCORING_MLFLOW_PASSWORD is empty"):
         with scoring_mlflow_login():
             pass
+
+
+def test_project_root_is_the_checkout_that_holds_dags() -> None:
+    root = project_root()
+    assert root == Path(__file__).resolve().parents[1]
+    assert (root / "dags" / "leukemia_training.py").is_file()

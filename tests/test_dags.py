@@ -133,8 +133,8 @@ def test_training_dag_end_to_end(
     import mlflow
 
     from leukemia import tracking
+    from leukemia.dev.synthetic import generate
     from leukemia.storage import upload_folder
-    from leukemia.synthetic import generate
 
     monkeypatch.setenv("LEUKEMIA_BUCKET", bucket)
     generate(tmp_path / "source", n_per_class=12, size=48, seed=5)
@@ -199,8 +199,8 @@ def test_training_dag_fails_once_without_retries_when_weights_cannot_be_had(
     from airflow.utils.session import create_session
 
     from leukemia import tracking
+    from leukemia.dev.synthetic import generate
     from leukemia.storage import upload_folder
-    from leukemia.synthetic import generate
 
     monkeypatch.setenv("LEUKEMIA_BUCKET", bucket)
     generate(tmp_path / "source", n_per_class=3, size=48, seed=6)

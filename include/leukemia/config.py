@@ -102,6 +102,22 @@ def data_dir() -> Path:
     return Path(env("LEUKEMIA_DATA_DIR")).expanduser().resolve()
 
 
+def project_root() -> Path:
+    """The project checkout: the nearest folder above this library that holds `dags/`.
+
+    The local stack (`make demo`, the tests) serves that folder's DAGs and plugins and writes under
+    its `data/`; found by looking up, so it does not depend on how deep this file sits.
+    """
+    here = Path(__file__).resolve()
+    for folder in here.parents:
+        if (folder / "dags").is_dir():
+            return folder
+    raise FileNotFoundError(
+        f"no folder holding dags/ above {here}: run the demo from a checkout of the project "
+        "(git clone, then make demo), not from an installed copy of the library"
+    )
+
+
 def tracking_uri() -> str:
     """MLflow tracking URI: `MLFLOW_TRACKING_URI`, else a SQLite store in the data folder."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
