@@ -42,9 +42,9 @@ def register(work: Path, size: int, name: str, alias: str | None) -> str:
     """Train a head for 1 epoch on 4 synthetic smears per class; register; return the version URI."""
     import mlflow
 
+    from leukemia.dev.synthetic import generate
     from leukemia.model import ModelConfig
     from leukemia.pipeline import train_folder
-    from leukemia.synthetic import generate
     from leukemia.training import TrainConfig
 
     images = work / f"train-{size}"
@@ -198,7 +198,7 @@ def main() -> None:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
         os.environ["PYTHONPATH"] = str(ROOT / "include")
         from leukemia import tracking
-        from leukemia.synthetic import generate
+        from leukemia.dev.synthetic import generate
 
         tracking.setup()
         print(

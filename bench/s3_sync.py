@@ -59,7 +59,7 @@ def _keep_alive() -> None:
 def _serve(conn: Any, delay_s: float, keep_alive: bool) -> None:
     """Child process: one server without delay (for the upload) and one with it, same backend."""
     logging.disable(logging.INFO)
-    from leukemia.embedded import S3Server
+    from leukemia.dev.embedded import S3Server
 
     if keep_alive:
         _keep_alive()
@@ -93,7 +93,7 @@ class Servers:
 def start_servers(mode: str, delay_s: float, keep_alive: bool) -> Servers:
     """moto's S3 server twice on loopback; both share moto's in-memory backend."""
     if mode == "thread":
-        from leukemia.embedded import S3Server
+        from leukemia.dev.embedded import S3Server
 
         if keep_alive:
             _keep_alive()
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_logs()
 
     from leukemia.config import CLASSES, StorageConfig
-    from leukemia.embedded import aws_connection_json
+    from leukemia.dev.embedded import aws_connection_json
     from leukemia.storage import s3_client, sync_images
 
     n = args.objects

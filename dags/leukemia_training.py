@@ -29,9 +29,8 @@ from airflow.sdk import (
 from airflow.sdk.exceptions import AirflowFailException
 
 from leukemia.assets import champion_asset, raw_images_asset
-from leukemia.config import env
+from leukemia.config import OPTIMIZERS, PRECISIONS, RUN_DEFAULTS, VARIANTS, env
 from leukemia.dag_params import s3_params
-from leukemia.pipeline import DEFAULTS
 
 IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": True}
 
@@ -49,37 +48,37 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
     params={
         **s3_params("Bucket holding <prefix>/<Class>/<image>."),
         "optimizers": Param(
-            DEFAULTS["optimizers"],
+            list(RUN_DEFAULTS.optimizers),
             type="array",
-            items={"type": "string", "enum": ["adam", "sgd", "rmsprop"]},
+            items={"type": "string", "enum": list(OPTIMIZERS)},
             title="Optimizers",
             description="One training task per optimizer × batch size × variant.",
         ),
         "batch_sizes": Param(
-            DEFAULTS["batch_sizes"],
+            list(RUN_DEFAULTS.batch_sizes),
             type="array",
             items={"type": "integer", "minimum": 1},
             title="Batch sizes",
         ),
         "variants": Param(
-            DEFAULTS["variants"],
+            list(RUN_DEFAULTS.variants),
             type="array",
-            items={"type": "string", "enum": ["seed", "multiscale"]},
+            items={"type": "string", "enum": list(VARIANTS)},
             title="Feature variants",
             description="seed: block5 GlobalMaxPooling (the reference); multiscale: GAP+GMP of blocks 3-5.",
         ),
         "epochs": Param(
-            DEFAULTS["epochs"],
+            RUN_DEFAULTS.epochs,
             type="integer",
             minimum=1,
             title="Max epochs",
             description="Early stopping on validation loss restores the best epoch.",
         ),
         "patience": Param(
-            DEFAULTS["patience"], type="integer", minimum=1, title="Early-stopping patience"
+            RUN_DEFAULTS.patience, type="integer", minimum=1, title="Early-stopping patience"
         ),
         "learning_rate": Param(
-            DEFAULTS["learning_rate"],
+            RUN_DEFAULTS.learning_rate,
             type=["null", "number"],
             title="Learning rate",
             description="Empty: adam/rmsprop 1e-3, sgd 1e-2 with momentum.",
@@ -91,24 +90,24 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
             description="imagenet, a local VGG16 no-top .h5 path (air-gapped sites), or none.",
         ),
         "input_size": Param(
-            DEFAULTS["input_size"], type="integer", minimum=32, title="Input size (px)"
+            RUN_DEFAULTS.input_size, type="integer", minimum=32, title="Input size (px)"
         ),
         "precision": Param(
-            DEFAULTS["precision"],
+            RUN_DEFAULTS.precision,
             type="string",
-            enum=["auto", "float32", "bfloat16"],
+            enum=list(PRECISIONS),
             title="Extraction precision",
             description="auto: bfloat16 where the CPU/GPU supports it.",
         ),
         "promotion_margin": Param(
-            DEFAULTS["promotion_margin"],
+            RUN_DEFAULTS.promotion_margin,
             type="number",
             minimum=0,
             title="Promotion margin",
             description="Test macro-F1 the candidate must gain over the champion.",
         ),
         "max_failed_fraction": Param(
-            DEFAULTS["max_failed_fraction"],
+            RUN_DEFAULTS.max_failed_fraction,
             type="number",
             minimum=0,
             maximum=1,

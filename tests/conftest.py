@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Airflow reads its configuration when first imported: give the test session its own SQLite home.
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="leukemia-airflow-"))
-from leukemia.embedded import S3Server, airflow_home_env, aws_connection_json  # noqa: E402
+from leukemia.dev.embedded import S3Server, airflow_home_env, aws_connection_json  # noqa: E402
 
 os.environ.update({**airflow_home_env(_AIRFLOW_HOME, ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"})
 for _name in ("MLFLOW_TRACKING_URI", "LEUKEMIA_DATA_DIR", "LEUKEMIA_WEIGHTS"):
@@ -53,7 +53,7 @@ def bucket(aws_env: S3Server) -> str:
 @pytest.fixture(scope="session")
 def smear_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic data set: 6 images of 48 px per class."""
-    from leukemia.synthetic import generate
+    from leukemia.dev.synthetic import generate
 
     out = tmp_path_factory.mktemp("smears")
     generate(out, n_per_class=6, size=48, seed=1)

@@ -82,6 +82,22 @@ def test_training_dag_structure(dagbag: Any) -> None:
     assert params["force_retrain"] is False
 
 
+def test_training_dag_params_take_defaults_and_choices_from_config(dagbag: Any) -> None:
+    from leukemia.config import OPTIMIZERS, PRECISIONS, RUN_DEFAULTS, VARIANTS
+
+    params = dagbag.dags["leukemia_training"].params
+    defaults = params.dump()
+    for name in ("optimizers", "batch_sizes", "variants"):
+        assert defaults[name] == list(getattr(RUN_DEFAULTS, name))
+    for name in ("epochs", "patience", "learning_rate", "input_size", "precision"):
+        assert defaults[name] == getattr(RUN_DEFAULTS, name)
+    assert defaults["promotion_margin"] == RUN_DEFAULTS.promotion_margin
+    assert defaults["max_failed_fraction"] == RUN_DEFAULTS.max_failed_fraction
+    assert params.get_param("optimizers").schema["items"]["enum"] == list(OPTIMIZERS)
+    assert params.get_param("variants").schema["items"]["enum"] == list(VARIANTS)
+    assert params.get_param("precision").schema["enum"] == list(PRECISIONS)
+
+
 def test_mlflow_link_plugin_reads_the_task_result() -> None:
     sys.path.insert(0, str(ROOT / "plugins"))
     from mlflow_links import mlflow_url_from_xcom
@@ -117,8 +133,8 @@ def test_training_dag_end_to_end(
     import mlflow
 
     from leukemia import registry, tracking
+    from leukemia.dev.synthetic import generate
     from leukemia.storage import upload_folder
-    from leukemia.synthetic import generate
 
     monkeypatch.setenv("LEUKEMIA_BUCKET", bucket)
     generate(tmp_path / "source", n_per_class=12, size=48, seed=5)
@@ -183,8 +199,8 @@ def test_training_dag_fails_once_without_retries_when_weights_cannot_be_had(
     from airflow.utils.session import create_session
 
     from leukemia import registry, tracking
+    from leukemia.dev.synthetic import generate
     from leukemia.storage import upload_folder
-    from leukemia.synthetic import generate
 
     monkeypatch.setenv("LEUKEMIA_BUCKET", bucket)
     generate(tmp_path / "source", n_per_class=3, size=48, seed=6)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from leukemia.demo import choose_weights, task_errors
+from leukemia.dev.demo import choose_weights, task_errors
 from leukemia.weights import WeightsUnavailable
 
 ROOT = Path(__file__).resolve().parents[1]

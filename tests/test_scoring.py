@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from leukemia.config import CLASSES
-from leukemia.scoring import CSV_COLUMNS, ledger_key, pending, version_folder
+from leukemia.ledger import ledger_key, pending, version_folder
+from leukemia.scoring import CSV_COLUMNS
 
 SIZE = 48
 MODEL_NAME = "leukemia-classifier"

@@ -30,7 +30,7 @@ from PIL import Image
 
 from leukemia import storage
 from leukemia.config import CLASSES, StorageConfig
-from leukemia.embedded import (
+from leukemia.dev.embedded import (
     LOCAL_ACCESS_KEY,
     LOCAL_REGION,
     LOCAL_SECRET_KEY,

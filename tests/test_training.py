@@ -32,7 +32,7 @@ def chance_bound(n: int, classes: int = 4, sigmas: float = 4.0) -> float:
 @pytest.fixture(scope="module")
 def learn_set(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Synthetic smears (48 px), a split and cached features from a randomly initialised VGG16."""
-    from leukemia.synthetic import generate
+    from leukemia.dev.synthetic import generate
 
     root = tmp_path_factory.mktemp("learn")
     generate(root / "images", n_per_class=PER_CLASS, size=SIZE, seed=11)

@@ -26,7 +26,7 @@ def command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Names
 
 @command
 def cmd_synthetic(args: argparse.Namespace) -> int:
-    from leukemia.synthetic import generate
+    from leukemia.dev.synthetic import generate
 
     paths = generate(args.out, n_per_class=args.per_class, size=args.size, seed=args.seed)
     print(f"Wrote {len(paths)} synthetic smears ({args.size}x{args.size}) under {args.out}")
@@ -67,7 +67,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 @command
 def cmd_s3_server(args: argparse.Namespace) -> int:
-    from leukemia.embedded import serve
+    from leukemia.dev.embedded import serve
 
     serve(args.host, args.port, args.delay_ms / 1000)
     return 0
@@ -75,7 +75,7 @@ def cmd_s3_server(args: argparse.Namespace) -> int:
 
 @command
 def cmd_demo(args: argparse.Namespace) -> int:
-    from leukemia.demo import run_demo
+    from leukemia.dev.demo import run_demo
 
     conf = json.loads(args.conf) if args.conf else {}
     if args.weights:

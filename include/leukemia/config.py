@@ -1,7 +1,8 @@
-"""Configuration in one place: class names, environment settings with documented defaults.
+"""Configuration in one place: class names, run-time defaults and allowed values, environment settings.
 
 Infrastructure settings come from environment variables (read when called, never at import time);
-run-time choices (grid, epochs, margin) are DAG Params that end up in the frozen dataclasses here.
+run-time choices (grid, epochs, margin) are DAG Params whose defaults and allowed values are
+`RUN_DEFAULTS`, `OPTIMIZERS`, `VARIANTS` and `PRECISIONS` here.
 """
 
 from __future__ import annotations
@@ -16,6 +17,44 @@ from pathlib import Path
 CLASSES: tuple[str, ...] = ("Benign", "Early", "Pre", "Pro")
 #: Early, Pre and Pro are malignant; Benign is not.
 BENIGN = "Benign"
+
+#: Optimizers a grid configuration may use (`training.make_optimizer` builds each).
+OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "rmsprop")
+#: Feature variants: `seed` (block5 GlobalMaxPooling, the reference), `multiscale` (GAP+GMP of
+#: blocks 3-5); `model.VARIANTS` says which pooled outputs each one feeds the head.
+VARIANTS: tuple[str, ...] = ("seed", "multiscale")
+#: Feature-extraction precisions; `auto` is bfloat16 where the CPU or GPU runs it fast.
+PRECISIONS: tuple[str, ...] = ("auto", "float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class RunDefaults:
+    """Defaults of the run-time choices: the training DAG's Params and the training dataclasses."""
+
+    # the grid: one training task per optimizer x batch size x variant
+    optimizers: tuple[str, ...] = OPTIMIZERS
+    batch_sizes: tuple[int, ...] = (16, 32, 64)
+    variants: tuple[str, ...] = VARIANTS
+    # one configuration, where no grid is given (the CLI, the benchmarks, the tests)
+    optimizer: str = "adam"
+    batch_size: int = 32
+    variant: str = "seed"
+    # every configuration
+    epochs: int = 30
+    patience: int = 5
+    learning_rate: float | None = None  # None: the optimizer's own default (training.DEFAULT_LR)
+    input_size: int = 224
+    head_units: tuple[int, ...] = (256, 128, 64)
+    dropout: float = 0.5
+    seed: int = 42
+    precision: str = "auto"
+    # the run around the grid
+    promotion_margin: float = 0.0
+    max_failed_fraction: float = 0.0
+
+
+#: The one set of run-time defaults.
+RUN_DEFAULTS = RunDefaults()
 
 #: Environment variables the project reads, with their defaults and meaning (README lists them).
 ENV_DEFAULTS: dict[str, tuple[str, str]] = {
@@ -61,6 +100,22 @@ def env(name: str) -> str:
 def data_dir() -> Path:
     """Local working folder (created on demand by the callers that write into it)."""
     return Path(env("LEUKEMIA_DATA_DIR")).expanduser().resolve()
+
+
+def project_root() -> Path:
+    """The project checkout: the nearest folder above this library that holds `dags/`.
+
+    The local stack (`make demo`, the tests) serves that folder's DAGs and plugins and writes under
+    its `data/`; found by looking up, so it does not depend on how deep this file sits.
+    """
+    here = Path(__file__).resolve()
+    for folder in here.parents:
+        if (folder / "dags").is_dir():
+            return folder
+    raise FileNotFoundError(
+        f"no folder holding dags/ above {here}: run the demo from a checkout of the project "
+        "(git clone, then make demo), not from an installed copy of the library"
+    )
 
 
 def tracking_uri() -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from leukemia.config import CLASSES
+from leukemia.config import CLASSES, PRECISIONS
 from leukemia.model import POOL_WIDTHS, POOLED_KEYS, VARIANTS, ModelConfig
 from leukemia.weights import weights_identity
 
@@ -56,8 +56,9 @@ def resolve_precision(precision: str) -> str:
     """'auto' → 'bfloat16' where supported, else 'float32'."""
     if precision == "auto":
         return "bfloat16" if bf16_supported() else "float32"
-    if precision not in ("float32", "bfloat16"):
-        raise ValueError(f"precision must be auto, float32 or bfloat16, got {precision!r}")
+    if precision not in PRECISIONS:
+        choices = f"{', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}"
+        raise ValueError(f"precision must be {choices}, got {precision!r}")
     return precision
 
 

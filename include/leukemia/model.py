@@ -18,7 +18,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from leukemia.config import CLASSES
+from leukemia.config import CLASSES, RUN_DEFAULTS
 from leukemia.errors import first_line
 from leukemia.weights import (
     IMAGENET,
@@ -50,11 +50,11 @@ RANDOM_TRUNK_SEED = 1234
 class ModelConfig:
     """What decides the network's shape and base weights."""
 
-    input_size: int = 224
+    input_size: int = RUN_DEFAULTS.input_size
     weights: str = "imagenet"  # "imagenet", a path to a VGG16 no-top .h5 file, or "none"
-    variant: str = "seed"
-    head_units: tuple[int, ...] = (256, 128, 64)
-    dropout: float = 0.5
+    variant: str = RUN_DEFAULTS.variant
+    head_units: tuple[int, ...] = RUN_DEFAULTS.head_units
+    dropout: float = RUN_DEFAULTS.dropout
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:

@@ -11,27 +11,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from leukemia.config import StorageConfig, data_dir
+from leukemia.config import RUN_DEFAULTS, StorageConfig, data_dir
 
 log = logging.getLogger(__name__)
-
-#: Defaults of the DAG's Params (the UI's trigger form shows these).
-DEFAULTS: dict[str, Any] = {
-    "optimizers": ["adam", "sgd", "rmsprop"],
-    "batch_sizes": [16, 32, 64],
-    "variants": ["seed", "multiscale"],
-    "epochs": 30,
-    "patience": 5,
-    "learning_rate": None,
-    "input_size": 224,
-    "head_units": [256, 128, 64],
-    "dropout": 0.5,
-    "seed": 42,
-    "precision": "auto",
-    "promotion_margin": 0.0,
-    "max_failed_fraction": 0.0,
-    "split_seed": 0,
-}
 
 
 def sync(
@@ -128,13 +110,13 @@ def plan(params: dict[str, Any]) -> list[dict[str, Any]]:
     base = TrainConfig.from_dict(
         {
             "epochs": int(params["epochs"]),
-            "patience": int(params.get("patience", DEFAULTS["patience"])),
+            "patience": int(params.get("patience", RUN_DEFAULTS.patience)),
             "learning_rate": float(lr) if lr not in (None, "", 0) else None,
-            "seed": int(params.get("seed", DEFAULTS["seed"])),
+            "seed": int(params.get("seed", RUN_DEFAULTS.seed)),
             "input_size": int(params["input_size"]),
             "weights": str(params["weights"]),
-            "head_units": params.get("head_units", DEFAULTS["head_units"]),
-            "dropout": float(params.get("dropout", DEFAULTS["dropout"])),
+            "head_units": params.get("head_units", RUN_DEFAULTS.head_units),
+            "dropout": float(params.get("dropout", RUN_DEFAULTS.dropout)),
         }
     )
     configs = grid(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -314,6 +315,168 @@ def _metric(row: Mapping[str, Any], name: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+@dataclass(frozen=True)
+class _Grid:
+    """What the comparison is drawn over: one row of panels per variant, one column per metric,
+    groups of bars per batch size, one bar per optimizer in each group."""
+
+    variants: list[str]
+    optimizers: list[str]
+    batches: list[Any]
+    colours: dict[str, Any]
+    bar_width: float
+
+    @classmethod
+    def of(cls, rows: Sequence[Mapping[str, Any]]) -> _Grid:
+        from matplotlib import colormaps
+
+        optimizers = sorted({str(r["optimizer"]) for r in rows})
+        return cls(
+            variants=list(dict.fromkeys(str(r.get("variant", "seed")) for r in rows)) or ["seed"],
+            optimizers=optimizers,
+            batches=sorted({r["batch_size"] for r in rows}, key=_batch_key),
+            colours={o: colormaps["tab10"](i % 10) for i, o in enumerate(optimizers)},
+            bar_width=0.8 / max(len(optimizers), 1),
+        )
+
+    def bar_x(self, optimizer_index: int, batch_index: int) -> float:
+        return batch_index + (optimizer_index - (len(self.optimizers) - 1) / 2) * self.bar_width
+
+
+def _check_comparison_rows(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> None:
+    if not metrics:
+        raise ValueError("metrics must name at least one metric to plot")
+    for row in rows:
+        if "optimizer" not in row or "batch_size" not in row:
+            raise ValueError(f"each row needs 'optimizer' and 'batch_size' keys, got {sorted(row)}")
+
+
+def _runs_of(
+    rows: Sequence[Mapping[str, Any]], variant: str, optimizer: str, batch: Any
+) -> list[Mapping[str, Any]]:
+    """The rows of one (variant, optimizer, batch size) configuration (several when repeated)."""
+    return [
+        r
+        for r in rows
+        if str(r.get("variant", "seed")) == variant
+        and str(r["optimizer"]) == optimizer
+        and r["batch_size"] == batch
+    ]
+
+
+def _selected_star(ax: Axes, x: float, y: float) -> None:
+    ax.plot(
+        x,
+        y,
+        marker="*",
+        color="gold",
+        markeredgecolor="black",
+        markersize=13,
+        linestyle="none",
+        zorder=5,
+        clip_on=False,
+    )
+
+
+def _bar(
+    ax: Axes, grid: _Grid, x: float, optimizer: str, values: list[float], selected: bool
+) -> None:
+    """One configuration's bar (the mean), its single runs as dots, a star when selected, and
+    its value above."""
+    import numpy as np
+
+    mean = float(np.mean(values))
+    ax.bar(
+        x,
+        mean,
+        grid.bar_width * 0.95,
+        color=grid.colours[optimizer],
+        edgecolor="black" if selected else "none",
+        linewidth=1.5 if selected else 0,
+        hatch="//" if selected else None,
+    )
+    if len(values) > 1:
+        ax.plot([x] * len(values), values, "o", color="black", markersize=2.5)
+    if selected:  # the star sits on the bar, its value label above the star
+        _selected_star(ax, x, max(values))
+    ax.annotate(
+        f"{mean:.2f}",
+        (x, max(values)),
+        xytext=(0, 8 if selected else 2),
+        textcoords="offset points",
+        ha="center",
+        va="bottom",
+        fontsize=7,
+        rotation=90 if len(grid.optimizers) > 2 else 0,
+    )
+
+
+def _panel(
+    ax: Axes, grid: _Grid, rows: Sequence[Mapping[str, Any]], variant: str, metric: str
+) -> bool:
+    """The bars of one metric for one variant; returns whether a selected run was drawn."""
+    drawn = selected_drawn = False
+    for oi, optimizer in enumerate(grid.optimizers):
+        for bi, batch in enumerate(grid.batches):
+            group = _runs_of(rows, variant, optimizer, batch)
+            values = [v for v in (_metric(r, metric) for r in group) if v is not None]
+            if not values:
+                continue
+            selected = any(r.get("selected") is True for r in group)
+            _bar(ax, grid, grid.bar_x(oi, bi), optimizer, values, selected)
+            drawn, selected_drawn = True, selected_drawn or selected
+    if not drawn:
+        message = f"no {metric}" if rows else "no runs"
+        ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="grey")
+    ax.set_xticks(range(len(grid.batches)), [str(b) for b in grid.batches])
+    ax.set_xlim(-0.5, max(len(grid.batches), 1) - 0.5)
+    ax.set_xlabel("batch size")
+    ax.set_title(metric if len(grid.variants) == 1 else f"{metric} — {variant}", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    return selected_drawn
+
+
+def _metric_limits(axes: Any, rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> None:
+    """Scores in [0, 1] share a 0-1 axis with room above for stars and labels; others fit."""
+    import numpy as np
+
+    for mi, metric in enumerate(metrics):
+        column = [v for r in rows if (v := _metric(r, metric)) is not None]
+        if column and min(column) >= 0 and max(column) <= 1:
+            axes[0, mi].set_ylim(0, 1.25)  # room for the star and the value labels
+            axes[0, mi].set_yticks(np.linspace(0, 1, 6))
+        elif column:
+            axes[0, mi].set_ylim(min(0.0, min(column) * 1.15), max(0.0, max(column) * 1.15))
+
+
+def _comparison_legend(fig: Figure, grid: _Grid, selected_drawn: bool) -> None:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles: list[Any] = [Patch(color=grid.colours[o], label=o) for o in grid.optimizers]
+    if selected_drawn:
+        star = Line2D(
+            [],
+            [],
+            marker="*",
+            color="gold",
+            markeredgecolor="black",
+            markersize=12,
+            linestyle="none",
+            label="selected",
+        )
+        handles.append(star)
+    if handles:
+        fig.legend(
+            handles=handles,
+            loc="outside lower center",
+            ncols=len(handles),
+            fontsize=9,
+            frameon=False,
+        )
+
+
 def comparison_png(
     rows: Sequence[Mapping[str, Any]],
     path: str | Path,
@@ -325,125 +488,16 @@ def comparison_png(
     Repeated (variant, optimizer, batch size) rows are averaged, their single values drawn as dots.
     A row with `"selected": True` is hatched and starred.
     """
-    import numpy as np
-    from matplotlib import colormaps
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
-    if not metrics:
-        raise ValueError("metrics must name at least one metric to plot")
-    for row in rows:
-        if "optimizer" not in row or "batch_size" not in row:
-            raise ValueError(f"each row needs 'optimizer' and 'batch_size' keys, got {sorted(row)}")
-    variants = list(dict.fromkeys(str(r.get("variant", "seed")) for r in rows)) or ["seed"]
-    optimizers = sorted({str(r["optimizer"]) for r in rows})
-    batches = sorted({r["batch_size"] for r in rows}, key=_batch_key)
-    colours = {o: colormaps["tab10"](i % 10) for i, o in enumerate(optimizers)}
-    width = 0.8 / max(len(optimizers), 1)
-
-    panel_w = max(3.2, 0.9 + 0.26 * len(batches) * max(len(optimizers), 1))
-    fig = _figure(panel_w * len(metrics), 2.9 * len(variants) + 0.9)
-    axes = fig.subplots(len(variants), len(metrics), squeeze=False, sharey="col")
+    _check_comparison_rows(rows, metrics)
+    grid = _Grid.of(rows)
+    panel_w = max(3.2, 0.9 + 0.26 * len(grid.batches) * max(len(grid.optimizers), 1))
+    fig = _figure(panel_w * len(metrics), 2.9 * len(grid.variants) + 0.9)
+    axes = fig.subplots(len(grid.variants), len(metrics), squeeze=False, sharey="col")
     selected_drawn = False
-    for vi, variant in enumerate(variants):
+    for vi, variant in enumerate(grid.variants):
         for mi, metric in enumerate(metrics):
-            ax: Axes = axes[vi, mi]
-            heights: list[float] = []
-            for oi, optimizer in enumerate(optimizers):
-                for bi, batch in enumerate(batches):
-                    group = [
-                        r
-                        for r in rows
-                        if str(r.get("variant", "seed")) == variant
-                        and str(r["optimizer"]) == optimizer
-                        and r["batch_size"] == batch
-                    ]
-                    values = [v for v in (_metric(r, metric) for r in group) if v is not None]
-                    if not values:
-                        continue
-                    x = bi + (oi - (len(optimizers) - 1) / 2) * width
-                    mean = float(np.mean(values))
-                    selected = any(r.get("selected") is True for r in group)
-                    ax.bar(
-                        x,
-                        mean,
-                        width * 0.95,
-                        color=colours[optimizer],
-                        edgecolor="black" if selected else "none",
-                        linewidth=1.5 if selected else 0,
-                        hatch="//" if selected else None,
-                    )
-                    if len(values) > 1:
-                        ax.plot([x] * len(values), values, "o", color="black", markersize=2.5)
-                    top = max(values)
-                    if selected:  # the star sits on the bar, its value label above the star
-                        ax.plot(
-                            x,
-                            top,
-                            marker="*",
-                            color="gold",
-                            markeredgecolor="black",
-                            markersize=13,
-                            linestyle="none",
-                            zorder=5,
-                            clip_on=False,
-                        )
-                        selected_drawn = True
-                    ax.annotate(
-                        f"{mean:.2f}",
-                        (x, top),
-                        xytext=(0, 8 if selected else 2),
-                        textcoords="offset points",
-                        ha="center",
-                        va="bottom",
-                        fontsize=7,
-                        rotation=90 if len(optimizers) > 2 else 0,
-                    )
-                    heights.extend(values)
-            if not heights:
-                ax.text(
-                    0.5,
-                    0.5,
-                    f"no {metric}" if rows else "no runs",
-                    ha="center",
-                    va="center",
-                    transform=ax.transAxes,
-                    color="grey",
-                )
-            ax.set_xticks(range(len(batches)), [str(b) for b in batches])
-            ax.set_xlim(-0.5, max(len(batches), 1) - 0.5)
-            ax.set_xlabel("batch size")
-            ax.set_title(metric if len(variants) == 1 else f"{metric} — {variant}", fontsize=10)
-            ax.grid(axis="y", alpha=0.3)
-            ax.set_axisbelow(True)
-    for mi, metric in enumerate(metrics):
-        column = [v for r in rows if (v := _metric(r, metric)) is not None]
-        if column and min(column) >= 0 and max(column) <= 1:
-            axes[0, mi].set_ylim(0, 1.25)  # room for the star and the value labels
-            axes[0, mi].set_yticks(np.linspace(0, 1, 6))
-        elif column:
-            axes[0, mi].set_ylim(min(0.0, min(column) * 1.15), max(0.0, max(column) * 1.15))
-    handles: list[Any] = [Patch(color=colours[o], label=o) for o in optimizers]
-    if selected_drawn:
-        handles.append(
-            Line2D(
-                [],
-                [],
-                marker="*",
-                color="gold",
-                markeredgecolor="black",
-                markersize=12,
-                linestyle="none",
-                label="selected",
-            )
-        )
-    if handles:
-        fig.legend(
-            handles=handles,
-            loc="outside lower center",
-            ncols=len(handles),
-            fontsize=9,
-            frameon=False,
-        )
+            selected_drawn |= _panel(axes[vi, mi], grid, rows, variant, metric)
+    _metric_limits(axes, rows, metrics)
+    _comparison_legend(fig, grid, selected_drawn)
     fig.suptitle(title)
     return _save(fig, path)

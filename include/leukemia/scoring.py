@@ -9,19 +9,19 @@ the ledger):
     predictions/v<version>/<timestamp>-gradcam/  Grad-CAM overlays and contact sheet (when asked)
     predictions/ledger/v<version>.json           what that version has scored: key → ETag
 
-The ledger makes runs incremental: an object is scored when its key is not in the version's
-ledger or its ETag changed (the image was replaced). Images that cannot be decoded are recorded too,
-with the reason, so they are not retried every run until they are replaced; failed downloads are
-not recorded and are retried next run. The CSV is uploaded before the ledger, so a run killed in
+The ledger (`ledger.py`) makes runs incremental: an object is scored when its key is not in the
+version's ledger or its ETag changed (the image was replaced). Images that cannot be decoded are
+recorded too, with the reason, so they are not retried every run until they are replaced; failed
+downloads are not recorded and are retried next run. The CSV is uploaded before the ledger, so a run killed in
 between scores those images again next time: predictions are at-least-once, and a consumer keeps
 the latest `scored_at` per (key, model_version). A new champion has an empty ledger, so it
-re-scores everything under the prefix.
+re-scores everything under the prefix. The ledger is written with a condition on its ETag, so
+overlapping runs both keep their entries.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import tempfile
 import time
@@ -32,11 +32,18 @@ from pathlib import Path
 from typing import Any
 
 from leukemia.config import CLASSES, scoring_mlflow_login
+from leukemia.ledger import (
+    PREDICTIONS_PREFIX,
+    empty_ledger,
+    ledger_key,
+    pending,
+    read_ledger,
+    version_folder,
+    write_ledger,
+)
 
 log = logging.getLogger(__name__)
 
-PREDICTIONS_PREFIX = "predictions/"
-LEDGER_FOLDER = "ledger"
 CSV_COLUMNS = ("key", "class", *CLASSES, "malignant", "model_version", "scored_at")
 PROGRESS_EVERY = 500
 
@@ -59,36 +66,21 @@ class ScoringResult:
     skipped_keys: list[dict[str, str]] = field(default_factory=list)
 
 
-def version_folder(model_version: str) -> str:
-    """`v3` for a registry version; a URI (no registry version) becomes a safe folder name."""
-    if model_version.isdigit():
-        return f"v{model_version}"
-    import hashlib
+@dataclass(frozen=True)
+class Outputs:
+    """Where one run writes in the bucket: a CSV and, when asked, a Grad-CAM folder beside it."""
 
-    return "uri-" + hashlib.sha256(model_version.encode()).hexdigest()[:12]
+    bucket: str
+    folder: str  # predictions/v<version>
+    stamp: str  # <UTC timestamp>-<id>, unique per run
 
+    @property
+    def csv_key(self) -> str:
+        return f"{self.folder}/{self.stamp}.csv"
 
-def ledger_key(model_version: str, predictions_prefix: str = PREDICTIONS_PREFIX) -> str:
-    return f"{predictions_prefix}{LEDGER_FOLDER}/{version_folder(model_version)}.json"
-
-
-def read_ledger(client: Any, bucket: str, key: str) -> dict[str, Any]:
-    """The ledger object, or an empty one when this version has scored nothing yet."""
-    try:
-        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except client.exceptions.NoSuchKey:
-        return {"scored": {}, "rejected": {}}
-    ledger = json.loads(body)
-    ledger.setdefault("scored", {})
-    ledger.setdefault("rejected", {})
-    return ledger
-
-
-def pending(listing: dict[str, str], ledger: dict[str, Any]) -> list[str]:
-    """Keys (sorted) whose current ETag this version has neither scored nor rejected."""
-    seen = {k: v["etag"] for k, v in ledger["rejected"].items()}
-    seen.update({k: v["etag"] for k, v in ledger["scored"].items()})
-    return sorted(k for k, etag in listing.items() if seen.get(k) != etag)
+    @property
+    def gradcam_prefix(self) -> str:
+        return f"{self.folder}/{self.stamp}-gradcam/"
 
 
 def list_images(client: Any, bucket: str, prefix: str) -> dict[str, str]:
@@ -101,6 +93,17 @@ def list_images(client: Any, bucket: str, prefix: str) -> dict[str, str]:
         for o in list_objects(client, bucket, prefix)
         if is_image_name(o["Key"]) and int(o.get("Size", 1)) > 0
     }
+
+
+def _list_incoming(client: Any, bucket: str, prefix: str, conn_id: str) -> dict[str, str]:
+    """`list_images`, with an error that says what to check."""
+    try:
+        return list_images(client, bucket, prefix)
+    except Exception as exc:
+        raise RuntimeError(
+            f"cannot list s3://{bucket}/{prefix} through connection {conn_id!r}: {exc}. Check that the "
+            "bucket exists and the connection's credentials and endpoint_url"
+        ) from exc
 
 
 def score_incoming(
@@ -116,7 +119,8 @@ def score_incoming(
     """Score the images under `s3://bucket/prefix` that this model version has not scored yet.
 
     Streams `batch_size` images at a time; the CSV rows go to a local temporary file, so memory
-    stays bounded however many images are pending.
+    stays bounded however many images are pending. The ledger is updated last, with a condition
+    that keeps the entries of a scoring run that overlapped this one.
     """
     from leukemia import predict
     from leukemia.storage import s3_client
@@ -125,103 +129,144 @@ def score_incoming(
     prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
     client = client or s3_client(conn_id)
     model = predict.load_model(model_uri)
-    version = model.version
-    folder = f"{predictions_prefix}{version_folder(version)}"
-    result = ScoringResult(model_uri=model.ref.pinned_uri, model_version=version)
-    ledger_at = ledger_key(version, predictions_prefix)
+    result = ScoringResult(model_uri=model.ref.pinned_uri, model_version=model.version)
+    ledger_at = ledger_key(model.version, predictions_prefix)
     result.ledger_uri = f"s3://{bucket}/{ledger_at}"
-    try:
-        listing = list_images(client, bucket, prefix)
-    except Exception as exc:
-        raise RuntimeError(
-            f"cannot list s3://{bucket}/{prefix} through connection {conn_id!r}: {exc}. Check that the "
-            "bucket exists and the connection's credentials and endpoint_url"
-        ) from exc
-    ledger = read_ledger(client, bucket, ledger_at)
-    todo = pending(listing, ledger)
+    listing = _list_incoming(client, bucket, prefix, conn_id)
+    base = read_ledger(client, bucket, ledger_at)
+    todo = pending(listing, base[0])
     result.listed, result.already_scored = len(listing), len(listing) - len(todo)
+    name = model.ref.describe()
     log.info(
         "s3://%s/%s: %d images, %d already scored by %s, %d to score",
         bucket,
         prefix,
-        len(listing),
+        result.listed,
         result.already_scored,
-        model.ref.describe(),
+        name,
         len(todo),
     )
-    if not todo:
-        result.seconds = round(time.monotonic() - started, 3)
-        return result
+    if todo:
+        outputs = Outputs(bucket, f"{predictions_prefix}{version_folder(model.version)}", _stamp())
+        changes = _score(client, model, listing, todo, outputs, batch_size, explain, result)
+        details = {"model_uri": model.ref.pinned_uri, "model_version": model.version}
+        write_ledger(client, bucket, ledger_at, changes, base, details)
+    result.seconds = round(time.monotonic() - started, 3)
+    if todo:
+        _log_summary(result, name)
+    return result
 
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + f"-{uuid.uuid4().hex[:6]}"
-    csv_key = f"{folder}/{stamp}.csv"
-    sources = [predict.s3_source(client, bucket, k) for k in todo]
+
+def _stamp() -> str:
+    """A run's unique name: its UTC start time and a short random id."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + f"-{uuid.uuid4().hex[:6]}"
+
+
+def _score(
+    client: Any,
+    model: Any,
+    listing: dict[str, str],
+    todo: list[str],
+    outputs: Outputs,
+    batch_size: int,
+    explain: bool,
+    result: ScoringResult,
+) -> dict[str, Any]:
+    """Score `todo` batch by batch into a CSV (and overlays), upload them; return the ledger entries."""
+    from leukemia import predict
+
+    sources = [predict.s3_source(client, outputs.bucket, k) for k in todo]
     key_of = {s.name: k for s, k in zip(sources, todo, strict=True)}
-    scored: dict[str, dict[str, str]] = {}
+    changes = empty_ledger()
     with tempfile.TemporaryDirectory(prefix="leukemia-scoring-") as tmp:
-        explainer = None
-        if explain:
-            from leukemia.gradcam import Explainer
-
-            explainer = Explainer(model.model, Path(tmp) / "gradcam")
+        explainer = _explainer(model, Path(tmp)) if explain else None
         csv_path = Path(tmp) / "predictions.csv"
         with open(csv_path, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
             writer.writeheader()
             for batch in predict.iter_batches(model, sources, batch_size):
-                for p in batch.predictions:
-                    key = key_of[p.image]
-                    row = {k: v for k, v in p.as_row().items() if k != "image"}
-                    writer.writerow({"key": key, **row, "scored_at": batch.scored_at})
-                    scored[key] = {"etag": listing[key], "csv": csv_key}
-                for s in batch.skipped:
-                    key = key_of[s.image]
-                    result.skipped_keys.append({"key": key, "reason": s.reason})
-                    if s.transient:
-                        result.failed += 1
-                    else:
-                        result.skipped += 1
-                        ledger["rejected"][key] = {"etag": listing[key], "reason": s.reason}
+                _record(batch, key_of, listing, outputs, writer, changes, result)
                 if explainer is not None:
-                    for path in explainer.add(batch.pixels, [p.image for p in batch.predictions]):
-                        client.upload_file(
-                            str(path), bucket, f"{folder}/{stamp}-gradcam/{path.name}"
-                        )
-                        if not explainer.in_sheet(path):
-                            path.unlink()  # local disk stays bounded too
-                n = len(scored) + result.skipped + result.failed
-                if n % PROGRESS_EVERY < batch_size:
-                    log.info("Scored %d/%d images", n, len(todo))
-        if scored:
-            client.upload_file(
-                str(csv_path), bucket, csv_key, ExtraArgs={"ContentType": "text/csv"}
-            )
-            result.predictions_uri = f"s3://{bucket}/{csv_key}"
+                    _upload_overlays(client, explainer, batch, outputs)
+                done = len(changes["scored"]) + result.skipped + result.failed
+                if done % PROGRESS_EVERY < batch_size:
+                    log.info("Scored %d/%d images", done, len(todo))
+        result.scored = len(changes["scored"])
+        if result.scored:
+            _upload_csv(client, csv_path, outputs, result)
         if explainer is not None:
-            sheet = explainer.finish(title=f"Grad-CAM, {model.ref.describe()}")
-            if sheet is not None:
-                client.upload_file(str(sheet), bucket, f"{folder}/{stamp}-gradcam/{sheet.name}")
-                result.gradcam_uri = f"s3://{bucket}/{folder}/{stamp}-gradcam/"
-    result.scored = len(scored)
-    for key in scored:
-        ledger["rejected"].pop(key, None)
-    ledger["scored"].update(scored)
-    ledger.update(
-        model_uri=model.ref.pinned_uri,
-        model_version=version,
-        updated_at=datetime.now(UTC).isoformat(timespec="seconds"),
-    )
-    client.put_object(
-        Bucket=bucket,
-        Key=ledger_at,
-        Body=json.dumps(ledger, indent=1, sort_keys=True).encode(),
-        ContentType="application/json",
-    )
-    result.seconds = round(time.monotonic() - started, 3)
+            _upload_contact_sheet(client, explainer, model.ref.describe(), outputs, result)
+    return changes
+
+
+def _record(
+    batch: Any,
+    key_of: dict[str, str],
+    listing: dict[str, str],
+    outputs: Outputs,
+    writer: csv.DictWriter,
+    changes: dict[str, Any],
+    result: ScoringResult,
+) -> None:
+    """One batch into the CSV and the ledger entries: scored rows, rejects; failed reads are not
+    recorded, so the next run retries them."""
+    for p in batch.predictions:
+        key = key_of[p.image]
+        row = {k: v for k, v in p.as_row().items() if k != "image"}
+        writer.writerow({"key": key, **row, "scored_at": batch.scored_at})
+        changes["scored"][key] = {
+            "etag": listing[key],
+            "csv": outputs.csv_key,
+            "scored_at": batch.scored_at,
+        }
+    for s in batch.skipped:
+        key = key_of[s.image]
+        result.skipped_keys.append({"key": key, "reason": s.reason})
+        if s.transient:
+            result.failed += 1
+            continue
+        result.skipped += 1
+        changes["rejected"][key] = {
+            "etag": listing[key],
+            "reason": s.reason,
+            "rejected_at": batch.scored_at,
+        }
+
+
+def _upload_csv(client: Any, csv_path: Path, outputs: Outputs, result: ScoringResult) -> None:
+    extra = {"ContentType": "text/csv"}
+    client.upload_file(str(csv_path), outputs.bucket, outputs.csv_key, ExtraArgs=extra)
+    result.predictions_uri = f"s3://{outputs.bucket}/{outputs.csv_key}"
+
+
+def _explainer(model: Any, tmp: Path) -> Any:
+    from leukemia.gradcam import Explainer
+
+    return Explainer(model.model, tmp / "gradcam")
+
+
+def _upload_overlays(client: Any, explainer: Any, batch: Any, outputs: Outputs) -> None:
+    """Explain one batch and upload its overlays; local copies not needed for the sheet go."""
+    for path in explainer.add(batch.pixels, [p.image for p in batch.predictions]):
+        client.upload_file(str(path), outputs.bucket, f"{outputs.gradcam_prefix}{path.name}")
+        if not explainer.in_sheet(path):
+            path.unlink()  # local disk stays bounded too
+
+
+def _upload_contact_sheet(
+    client: Any, explainer: Any, model_name: str, outputs: Outputs, result: ScoringResult
+) -> None:
+    sheet = explainer.finish(title=f"Grad-CAM, {model_name}")
+    if sheet is not None:
+        client.upload_file(str(sheet), outputs.bucket, f"{outputs.gradcam_prefix}{sheet.name}")
+        result.gradcam_uri = f"s3://{outputs.bucket}/{outputs.gradcam_prefix}"
+
+
+def _log_summary(result: ScoringResult, model_name: str) -> None:
     log.info(
         "Scored %d images with %s in %.1fs (%d skipped, %d failed downloads): %s",
         result.scored,
-        model.ref.describe(),
+        model_name,
         result.seconds,
         result.skipped,
         result.failed,
@@ -229,7 +274,6 @@ def score_incoming(
     )
     for item in result.skipped_keys[:20]:
         log.warning("Not scored %s: %s", item["key"], item["reason"])
-    return result
 
 
 def run(params: dict[str, Any], model_uri: str | None = None) -> dict[str, Any]:

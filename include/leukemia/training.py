@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from leukemia.config import OPTIMIZERS, RUN_DEFAULTS
 from leukemia.model import ModelConfig
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adam", "sgd", "rmsprop")
 #: Learning rates used when none is given: Keras' defaults, SGD with momentum at 0.01.
 DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-2, "rmsprop": 1e-3}
 
@@ -26,12 +26,12 @@ DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-2, "rmsprop": 1e-3}
 class TrainConfig:
     """One grid configuration."""
 
-    optimizer: str = "adam"
-    batch_size: int = 32
-    learning_rate: float | None = None
-    epochs: int = 30
-    patience: int = 5
-    seed: int = 42
+    optimizer: str = RUN_DEFAULTS.optimizer
+    batch_size: int = RUN_DEFAULTS.batch_size
+    learning_rate: float | None = RUN_DEFAULTS.learning_rate
+    epochs: int = RUN_DEFAULTS.epochs
+    patience: int = RUN_DEFAULTS.patience
+    seed: int = RUN_DEFAULTS.seed
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:

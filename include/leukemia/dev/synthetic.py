@@ -26,10 +26,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-try:
-    from .config import CLASSES
-except ImportError:
-    CLASSES: tuple[str, ...] = ("Benign", "Early", "Pre", "Pro")
+from leukemia.config import CLASSES
 
 log = logging.getLogger(__name__)
 

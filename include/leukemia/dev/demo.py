@@ -16,11 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from leukemia.config import env
+from leukemia.config import env, project_root
 
 log = logging.getLogger(__name__)
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def hermetic_env(workdir: Path) -> dict[str, str]:
@@ -29,10 +27,10 @@ def hermetic_env(workdir: Path) -> dict[str, str]:
     Keras' cache in the user's home is reused when it already exists (an ImageNet file downloaded
     earlier is found there); the demo never creates it.
     """
-    from leukemia.embedded import airflow_home_env
+    from leukemia.dev.embedded import airflow_home_env
 
     settings = {
-        **airflow_home_env(workdir / "airflow", ROOT),
+        **airflow_home_env(workdir / "airflow", project_root()),
         "MPLCONFIGDIR": str(workdir / ".matplotlib"),
         "MLFLOW_DISABLE_TELEMETRY": "true",  # nor ~/.config/mlflow, nor a call home
     }
@@ -44,7 +42,7 @@ def hermetic_env(workdir: Path) -> dict[str, str]:
 def embedded_env(workdir: Path, endpoint_url: str) -> dict[str, str]:
     """Environment for Airflow and the library on the embedded stack (existing values win for
     settings a user may want to override, such as the weights)."""
-    from leukemia.embedded import aws_connection_json
+    from leukemia.dev.embedded import aws_connection_json
 
     # the local S3 server is on loopback: a site's HTTP proxy must not be asked for it
     given = os.environ.get("NO_PROXY") or os.environ.get("no_proxy") or ""
@@ -58,7 +56,7 @@ def embedded_env(workdir: Path, endpoint_url: str) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI")
         or f"sqlite:///{workdir / 'mlflow.db'}",
         "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(ROOT / "include"), os.environ.get("PYTHONPATH")])
+            filter(None, [str(project_root() / "include"), os.environ.get("PYTHONPATH")])
         ),
         "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
         "NO_PROXY": no_proxy,
@@ -204,12 +202,12 @@ def run_demo(
     `WeightsUnavailable` before starting anything when real images are given and the weights
     cannot be had.
     """
-    workdir = (workdir or ROOT / "data" / "demo").resolve()
+    workdir = (workdir or project_root() / "data" / "demo").resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.update(hermetic_env(workdir))  # before anything imports Airflow, Keras or matplotlib
-    from leukemia.embedded import S3Server
+    from leukemia.dev.embedded import S3Server
+    from leukemia.dev.synthetic import generate
     from leukemia.storage import upload_folder
-    from leukemia.synthetic import generate
 
     run_conf: dict[str, Any] = {"input_size": size, **(conf or {})}
     weights, notice = choose_weights(
