@@ -44,7 +44,7 @@ def register(work: Path, size: int, name: str, alias: str | None) -> str:
 
     from leukemia.dev.synthetic import generate
     from leukemia.model import ModelConfig
-    from leukemia.pipeline import train_folder
+    from leukemia.tracking import train_folder
     from leukemia.training import TrainConfig
 
     images = work / f"train-{size}"

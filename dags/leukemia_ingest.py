@@ -14,8 +14,8 @@ from typing import Any
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from leukemia.assets import raw_images_asset
-from leukemia.dag_params import s3_params
+from leukemia.tasks.assets import raw_images_asset
+from leukemia.tasks.params import s3_params
 
 
 @dag(
@@ -42,25 +42,13 @@ from leukemia.dag_params import s3_params
 def leukemia_ingest() -> None:
     @task(outlets=[raw_images_asset()])
     def upload_images() -> dict[str, Any]:
-        from leukemia.storage import upload_folder
+        from leukemia.tasks import ingest_dag as steps
 
         context = get_current_context()
         params = context["params"]
-        if not params["source"]:
-            raise ValueError(
-                "set the `source` Param to a folder of <Benign|Early|Pre|Pro>/<name>.jpg images"
-            )
-        n = upload_folder(
-            params["source"],
-            params["bucket"],
-            params["prefix"],
-            conn_id=params["conn_id"],
-        )
-        context["outlet_events"][raw_images_asset()].extra = {
-            "uploaded": n,
-            "source": params["source"],
-        }
-        return {"uploaded": n}
+        done = steps.upload(params["source"], params["bucket"], params["prefix"], params["conn_id"])
+        context["outlet_events"][raw_images_asset()].extra = done
+        return done
 
     upload_images()
 

@@ -9,7 +9,7 @@ scored, so a replaced image is scored again and a new champion re-scores everyth
 
 Runs when a new champion is promoted (`leukemia_champion`) or new images land
 (`leukemia_incoming_images`). Without a champion yet, scoring is skipped. Set `explain` for Grad-CAM
-overlays beside the CSV. All logic lives in `include/leukemia/scoring.py`; this file only wires it.
+overlays beside the CSV. All logic lives in `include/leukemia` (`tasks/scoring_dag.py` → `scoring.py`); this file only wires it.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from leukemia.assets import champion_asset, incoming_images_asset
-from leukemia.dag_params import s3_params
+from leukemia.tasks.assets import champion_asset, incoming_images_asset
+from leukemia.tasks.params import s3_params
 
 IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": True}
 
@@ -64,15 +64,23 @@ def leukemia_scoring() -> None:
     @task.short_circuit(**IO_RETRIES)
     def resolve_model() -> dict[str, str] | None:
         """Pin the model version for this run (the alias may move while it scores)."""
-        from leukemia import scoring
+        from leukemia.tasks import scoring_dag as steps
 
-        return scoring.champion_or_none(get_current_context()["params"]["model_uri"] or None)
+        return steps.champion_or_none(get_current_context()["params"]["model_uri"] or None)
 
     @task(**IO_RETRIES)
     def score_new_images(model: dict[str, str]) -> dict[str, Any]:
-        from leukemia import scoring
+        from leukemia.tasks import scoring_dag as steps
 
-        return scoring.run(get_current_context()["params"], model["pinned_uri"])
+        params = get_current_context()["params"]
+        return steps.score(
+            str(params["bucket"]),
+            str(params["incoming_prefix"]),
+            str(params["conn_id"]),
+            model["pinned_uri"],
+            int(params["batch_size"]),
+            bool(params["explain"]),
+        )
 
     score_new_images(resolve_model())
 

@@ -8,7 +8,8 @@ moves `@champion` to it only when it beats the current champion on the same test
 
 Runs weekly and whenever new images land (the `leukemia_raw_images` asset). When the data is exactly
 what the champion was trained on, training is skipped unless `force_retrain` is set.
-All logic lives in `include/leukemia`; this file only wires it.
+All logic lives in `include/leukemia` (each task calls `leukemia.tasks.training_dag`); this file
+only wires it.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from airflow.sdk import (
 )
 from airflow.sdk.exceptions import AirflowFailException
 
-from leukemia.assets import champion_asset, raw_images_asset
 from leukemia.config import OPTIMIZERS, PRECISIONS, RUN_DEFAULTS, VARIANTS, env
-from leukemia.dag_params import s3_params
+from leukemia.tasks.assets import champion_asset, raw_images_asset
+from leukemia.tasks.params import s3_params
 
 IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": True}
 
@@ -126,44 +127,41 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
 def leukemia_training() -> None:
     @task(**IO_RETRIES)
     def sync_images() -> dict[str, Any]:
-        from leukemia import pipeline
+        from leukemia.tasks import training_dag as steps
 
-        params = get_current_context()["params"]
-        return pipeline.sync(
-            params["bucket"],
-            params["prefix"],
-            params["conn_id"],
-            float(params["max_failed_fraction"]),
-        )
+        run = steps.RunRequest.from_params(get_current_context()["params"])
+        return steps.sync(run.bucket, run.prefix, run.conn_id, run.max_failed_fraction)
 
     @task
     def build_split(synced: dict[str, Any]) -> dict[str, Any]:
-        from leukemia import pipeline
+        from leukemia.tasks import training_dag as steps
 
-        return pipeline.split(synced["images_dir"])
+        return steps.split(synced["images_dir"])
 
     @task.short_circuit
     def data_changed(split: dict[str, Any]) -> bool:
-        from leukemia import pipeline
+        from leukemia.tasks import training_dag as steps
 
-        params = get_current_context()["params"]
-        return pipeline.needs_training(split["digest"], bool(params["force_retrain"]))
+        run = steps.RunRequest.from_params(get_current_context()["params"])
+        return steps.needs_training(split["digest"], run.force_retrain)
 
     @task
     def extract_features(split: dict[str, Any]) -> dict[str, Any]:
-        from leukemia import pipeline
+        from leukemia.tasks import training_dag as steps
         from leukemia.weights import WeightsUnavailable
 
+        run = steps.RunRequest.from_params(get_current_context()["params"])
         try:
-            return pipeline.features(split, get_current_context()["params"])
+            return steps.features(split, run)
         except WeightsUnavailable as exc:  # a retry cannot fix a setting: fail at once, one line
             raise AirflowFailException(str(exc)) from None
 
     @task
     def plan_grid() -> list[dict[str, Any]]:
-        from leukemia import pipeline
+        from leukemia.tasks import training_dag as steps
 
-        return [{"config": c} for c in pipeline.plan(get_current_context()["params"])]
+        run = steps.RunRequest.from_params(get_current_context()["params"])
+        return [{"config": c} for c in steps.plan(run)]
 
     @task(
         map_index_template="{{ config_label }}",
@@ -173,7 +171,7 @@ def leukemia_training() -> None:
     def train(
         config: dict[str, Any], split: dict[str, Any], features: dict[str, Any]
     ) -> dict[str, Any]:
-        from leukemia import pipeline
+        from leukemia.tasks import training_dag as steps
 
         context = get_current_context()
         context["config_label"] = (
@@ -185,28 +183,26 @@ def leukemia_training() -> None:
             "airflow_run_id": ti.run_id,
             "airflow_map_index": str(ti.map_index),
         }
-        return pipeline.train_one(config, split, features, tags)
+        return steps.train_one(config, split, features, tags)
 
     # a failed configuration must not stop the others from being compared and promoted; the split
     # is pulled rather than wired in, so that the training tasks are the only upstream: when none of
     # them succeeded, nothing is selected
     @task(outlets=[champion_asset()], trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)
     def select_and_promote(results: list[dict[str, Any]]) -> dict[str, Any]:
-        from leukemia import pipeline
+        from leukemia.tasks import training_dag as steps
 
         context = get_current_context()
+        run = steps.RunRequest.from_params(context["params"])
         split = context["ti"].xcom_pull(task_ids="build_split")
-        margin = float(context["params"]["promotion_margin"])
-        return pipeline.promote(split, context["run_id"], margin)
+        return steps.promote(split, context["run_id"], run.promotion_margin)
 
     @task(trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)
     def report(results: list[dict[str, Any]], promotion: dict[str, Any] | None) -> dict[str, Any]:
-        from leukemia import pipeline
+        from leukemia.tasks import training_dag as steps
 
         finished = [results[i] for i in range(len(results))]  # a failed configuration has no result
-        return pipeline.report(
-            [r for r in finished if r], promotion, get_current_context()["run_id"]
-        )
+        return steps.report([r for r in finished if r], promotion, get_current_context()["run_id"])
 
     split = build_split(sync_images())
     features = extract_features(split)

@@ -34,7 +34,7 @@ def champion(smear_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     SQLite MLflow of its own; artifacts land in the module's temporary folder."""
     from leukemia import registry, tracking
     from leukemia.model import ModelConfig
-    from leukemia.pipeline import train_folder
+    from leukemia.tracking import train_folder
     from leukemia.training import TrainConfig
 
     root = tmp_path_factory.mktemp("predict")

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from leukemia.model import ModelConfig
-from leukemia.pipeline import train_folder
+from leukemia.tracking import train_folder
 from leukemia.training import TrainConfig
 
 SIZE = 48

@@ -859,7 +859,7 @@ def test_dag_sync_step_fails_on_a_partial_sync_unless_that_share_of_failures_is_
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from leukemia.pipeline import sync
+    from leukemia.tasks.training_dag import sync
 
     objects = good_set(8)
     broken = "raw/Pre/img-002.jpg"

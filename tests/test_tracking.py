@@ -10,7 +10,7 @@ import pytest
 
 from leukemia.features import load_images
 from leukemia.model import ModelConfig
-from leukemia.pipeline import train_folder
+from leukemia.tracking import train_folder
 from leukemia.training import TrainConfig
 
 SIZE = 48
@@ -119,9 +119,9 @@ def test_report_is_made_when_selection_failed(trained: dict, tmp_path: Path) -> 
 
     import mlflow
 
-    from leukemia import pipeline
+    from leukemia.tracking import log_grid_summary
 
-    out = pipeline.report([asdict(trained["result"])], None, "manual__1")
+    out = log_grid_summary([asdict(trained["result"])], None, "manual__1")
     assert out["configurations"] == 1 and "version" not in out
     run_id = out["summary_run_id"]
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}

@@ -26,12 +26,12 @@ import logging
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from leukemia.config import CLASSES, scoring_mlflow_login
+from leukemia.config import CLASSES
 from leukemia.ledger import (
     PREDICTIONS_PREFIX,
     empty_ledger,
@@ -274,38 +274,3 @@ def _log_summary(result: ScoringResult, model_name: str) -> None:
     )
     for item in result.skipped_keys[:20]:
         log.warning("Not scored %s: %s", item["key"], item["reason"])
-
-
-def run(params: dict[str, Any], model_uri: str | None = None) -> dict[str, Any]:
-    """The scoring DAG's task: Params in, a small summary out (at most 20 skipped keys listed).
-
-    Talks to MLflow as the read-only scoring user where one is configured.
-    """
-    with scoring_mlflow_login():
-        result = score_incoming(
-            bucket=str(params["bucket"]),
-            prefix=str(params["incoming_prefix"]),
-            conn_id=str(params["conn_id"]),
-            model_uri=model_uri,
-            batch_size=int(params.get("batch_size", 32)),
-            explain=bool(params.get("explain", False)),
-        )
-    out = asdict(result)
-    out["skipped_keys"] = out["skipped_keys"][:20]
-    return out
-
-
-def champion_or_none(model_uri: str | None = None) -> dict[str, str] | None:
-    """The model to score with, pinned to one version; None when no champion exists yet (the
-    scoring DAG then skips: the champion asset triggers it again once training promotes one)."""
-    from leukemia import registry
-
-    try:
-        with scoring_mlflow_login():
-            ref = registry.resolve_model(model_uri or None)
-    except registry.NoChampionError as exc:
-        if model_uri:
-            raise
-        log.warning("Nothing to score with: %s", exc)
-        return None
-    return asdict(ref)

@@ -356,3 +356,34 @@ def log_grid_summary(
         if best:
             mlflow.log_metrics({k: v for k, v in best.items() if k.startswith(("val_", "test_"))})
     return {"summary_run_id": run.info.run_id, "configurations": len(rows), **promotion}
+
+
+def train_folder(
+    images_dir: str | Path,
+    cfg: TrainConfig,
+    workdir: str | Path,
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    precision: str = "auto",
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Split → extract → train one configuration on a local `<Class>/<name>` folder (no Airflow).
+
+    For the CLI, benchmarks and tests; returns the split info, extraction and training results.
+    """
+    from leukemia.dataset import make_split, read_split
+    from leukemia.features import extract_features
+
+    images_dir, workdir = Path(images_dir), Path(workdir)
+    info = make_split(images_dir, workdir / "splits", fractions=fractions)
+    rows = read_split(info.path)
+    extracted = extract_features(
+        [images_dir / r["path"] for r in rows],
+        [r["sha256"] for r in rows],
+        cfg.model,
+        workdir / "features",
+        precision=precision,
+    )
+    result = train_run(
+        cfg, info.path, images_dir, extracted.cache_dir, tags=tags, dataset_digest=info.digest
+    )
+    return {"split": info, "features": extracted, "result": result, "rows": rows}

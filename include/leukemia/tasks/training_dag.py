@@ -1,19 +1,66 @@
-"""The training pipeline's steps as plain functions: each takes plain values and returns a small dict.
+"""The steps of the `leukemia_training` DAG: one function per task, typed values in, small dicts out.
 
-The Airflow DAG (`dags/leukemia_training.py`) calls one of these per task, so everything here runs
-and is tested without Airflow; XCom carries only what these return (paths, ids, URIs, metrics).
+The DAG turns its Params into one `RunRequest` (the only place a Params mapping is read) and calls
+one function here per task, so every step runs and is tested without Airflow; XCom carries only what
+these return (paths, ids, URIs, metrics).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from leukemia.config import RUN_DEFAULTS, StorageConfig, data_dir
+from leukemia.config import RUN_DEFAULTS, StorageConfig, data_dir, env
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What one training DAG run was asked to do: its Params, typed, with the config's defaults."""
+
+    bucket: str = ""
+    prefix: str = ""
+    conn_id: str = ""
+    optimizers: tuple[str, ...] = RUN_DEFAULTS.optimizers
+    batch_sizes: tuple[int, ...] = RUN_DEFAULTS.batch_sizes
+    variants: tuple[str, ...] = RUN_DEFAULTS.variants
+    epochs: int = RUN_DEFAULTS.epochs
+    patience: int = RUN_DEFAULTS.patience
+    learning_rate: float | None = RUN_DEFAULTS.learning_rate
+    seed: int = RUN_DEFAULTS.seed
+    weights: str = "imagenet"
+    input_size: int = RUN_DEFAULTS.input_size
+    head_units: tuple[int, ...] = RUN_DEFAULTS.head_units
+    dropout: float = RUN_DEFAULTS.dropout
+    precision: str = RUN_DEFAULTS.precision
+    promotion_margin: float = RUN_DEFAULTS.promotion_margin
+    max_failed_fraction: float = RUN_DEFAULTS.max_failed_fraction
+    force_retrain: bool = False
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> RunRequest:
+        """Convert a DAG run's Params (absent keys: defaults; `weights`: LEUKEMIA_WEIGHTS) once."""
+        values: dict[str, Any] = {"weights": env("LEUKEMIA_WEIGHTS")}
+        for f in fields(cls):
+            if f.name not in params or params[f.name] is None:
+                continue
+            value = params[f.name]
+            if f.name in ("optimizers", "variants"):
+                value = tuple(str(v) for v in value)
+            elif f.name in ("batch_sizes", "head_units"):
+                value = tuple(int(v) for v in value)
+            elif f.name == "learning_rate":
+                value = float(value) if value not in ("", 0) else None
+            elif f.name == "force_retrain":
+                value = bool(value)
+            else:
+                value = type(getattr(RUN_DEFAULTS, f.name, f.default))(value)
+            values[f.name] = value
+        return cls(**values)
 
 
 def sync(
@@ -79,7 +126,7 @@ def needs_training(digest: str, force: bool = False, model_name: str | None = No
     return True
 
 
-def features(split_info: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+def features(split_info: dict[str, Any], request: RunRequest) -> dict[str, Any]:
     """Cached base features of every image in the split (one pass serves every variant).
 
     The weights are resolved first: `WeightsUnavailable` (one line with the fix) before any image is read.
@@ -89,38 +136,37 @@ def features(split_info: dict[str, Any], params: dict[str, Any]) -> dict[str, An
     from leukemia.model import ModelConfig
     from leukemia.weights import resolve_weights
 
-    weights = resolve_weights(str(params["weights"]))
+    weights = resolve_weights(request.weights)
     rows = read_split(split_info["path"])
-    cfg = ModelConfig(input_size=int(params["input_size"]), weights=weights)
+    cfg = ModelConfig(input_size=request.input_size, weights=weights)
     result = extract_features(
         [Path(split_info["images_dir"]) / r["path"] for r in rows],
         [r["sha256"] for r in rows],
         cfg,
         data_dir() / "features",
-        precision=str(params.get("precision", "auto")),
+        precision=request.precision,
     )
     return asdict(result)
 
 
-def plan(params: dict[str, Any]) -> list[dict[str, Any]]:
+def plan(request: RunRequest) -> list[dict[str, Any]]:
     """The grid as flat config dicts, one per mapped training task."""
     from leukemia.training import TrainConfig, grid
 
-    lr = params.get("learning_rate")
     base = TrainConfig.from_dict(
         {
-            "epochs": int(params["epochs"]),
-            "patience": int(params.get("patience", RUN_DEFAULTS.patience)),
-            "learning_rate": float(lr) if lr not in (None, "", 0) else None,
-            "seed": int(params.get("seed", RUN_DEFAULTS.seed)),
-            "input_size": int(params["input_size"]),
-            "weights": str(params["weights"]),
-            "head_units": params.get("head_units", RUN_DEFAULTS.head_units),
-            "dropout": float(params.get("dropout", RUN_DEFAULTS.dropout)),
+            "epochs": request.epochs,
+            "patience": request.patience,
+            "learning_rate": request.learning_rate,
+            "seed": request.seed,
+            "input_size": request.input_size,
+            "weights": request.weights,
+            "head_units": request.head_units,
+            "dropout": request.dropout,
         }
     )
     configs = grid(
-        list(params["optimizers"]), list(params["batch_sizes"]), list(params["variants"]), base
+        list(request.optimizers), list(request.batch_sizes), list(request.variants), base
     )
     if not configs:
         raise ValueError("the grid is empty: give at least one optimizer, batch size and variant")
@@ -170,35 +216,3 @@ def report(
     from leukemia.tracking import log_grid_summary
 
     return log_grid_summary(results, promotion, airflow_run_id)
-
-
-def train_folder(
-    images_dir: str | Path,
-    cfg: Any,
-    workdir: str | Path,
-    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
-    precision: str = "auto",
-    tags: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """Split → extract → train one configuration on a local `<Class>/<name>` folder (no Airflow).
-
-    For the CLI, benchmarks and tests; returns the split info, extraction and training results.
-    """
-    from leukemia.dataset import make_split, read_split
-    from leukemia.features import extract_features
-    from leukemia.tracking import train_run
-
-    images_dir, workdir = Path(images_dir), Path(workdir)
-    info = make_split(images_dir, workdir / "splits", fractions=fractions)
-    rows = read_split(info.path)
-    extracted = extract_features(
-        [images_dir / r["path"] for r in rows],
-        [r["sha256"] for r in rows],
-        cfg.model,
-        workdir / "features",
-        precision=precision,
-    )
-    result = train_run(
-        cfg, info.path, images_dir, extracted.cache_dir, tags=tags, dataset_digest=info.digest
-    )
-    return {"split": info, "features": extracted, "result": result, "rows": rows}
