@@ -50,7 +50,7 @@ def test_ledger_and_prediction_folders_are_per_model_version() -> None:
 
 def test_no_champion_yet_means_nothing_to_score(mlflow_env: Path) -> None:
     from leukemia.registry import NoChampionError
-    from leukemia.scoring import champion_or_none
+    from leukemia.tasks.scoring_dag import champion_or_none
 
     assert champion_or_none() is None  # the DAG skips; the champion asset triggers it later
     with pytest.raises(NoChampionError):
