@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from leukemia.dev.demo import choose_weights, task_errors
+from leukemia.dev.demo import choose_weights, demo_size, task_errors
 from leukemia.weights import WeightsUnavailable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +52,12 @@ def test_task_errors_keep_the_last_exception_line_of_each_failed_attempt() -> No
         "extract_features": "AirflowFailException: cannot load VGG16 weights from /w.h5: bad file",
         "train[3]": "KeyError: 'second attempt'",
     }
+
+
+def test_demo_runs_a_random_trunk_at_64_px_unless_a_size_is_asked_for() -> None:
+    assert demo_size(None, "none") == 64  # learnable from a random trunk, a tenth of the cost
+    assert demo_size(None, "imagenet") == 224 and demo_size(None, "/w/vgg16.h5") == 224
+    assert demo_size(96, "none") == 96
 
 
 def test_unavailable_imagenet_falls_back_to_none_only_on_synthetic_smears(

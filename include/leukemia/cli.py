@@ -219,7 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="a <Class>/<name> folder (default: synthetic smears)")
     p.add_argument("--workdir", type=Path, help="default: ./data/demo")
     p.add_argument("--per-class", type=int, default=30, help="synthetic images per class")
-    p.add_argument("--size", type=int, default=224, help="image and model input size")
+    p.add_argument(
+        "--size",
+        type=int,
+        help="image and model input size (default: 224; 64 when the VGG16 weights are none)",
+    )
     p.add_argument("--weights", help="VGG16 weights: imagenet (default), a .h5 path, or none")
     p.add_argument("--conf", help='extra DAG run conf as JSON, e.g. {"epochs": 10}')
 

@@ -16,9 +16,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from leukemia.config import env, project_root
+from leukemia.config import RUN_DEFAULTS, env, project_root
 
 log = logging.getLogger(__name__)
+
+#: Input size of the synthetic demo when the VGG16 trunk is randomly initialised (see `demo_size`).
+RANDOM_TRUNK_SIZE = 64
 
 
 def hermetic_env(workdir: Path) -> dict[str, str]:
@@ -80,8 +83,19 @@ def choose_weights(requested: str, synthetic: bool) -> tuple[str, str | None]:
             raise
         return "none", (
             f"{exc}. This demo on synthetic smears runs with weights=none (a randomly initialised "
-            "VGG16) instead; its numbers say nothing about real images."
+            f"VGG16) at {RANDOM_TRUNK_SIZE} px instead; its numbers say nothing about real images."
         )
+
+
+def demo_size(size: int | None, weights: str) -> int:
+    """The input size: the one asked for, else 224 px (VGG16's), or 64 px for a random trunk.
+
+    A randomly initialised trunk separates the synthetic classes well at 64 px (test accuracy
+    0.91-0.95 with 30 smears per class) and poorly at 224 px (0.45-0.85), at a tenth of the cost.
+    """
+    if size is not None:
+        return size
+    return RANDOM_TRUNK_SIZE if weights == "none" else RUN_DEFAULTS.input_size
 
 
 def airflow(
@@ -193,7 +207,7 @@ def run_demo(
     data: Path | None = None,
     workdir: Path | None = None,
     per_class: int = 30,
-    size: int = 224,
+    size: int | None = None,
     conf: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Run the whole training pipeline once on the embedded stack and return the champion summary.
@@ -209,15 +223,17 @@ def run_demo(
     from leukemia.dev.synthetic import generate
     from leukemia.storage import upload_folder
 
-    run_conf: dict[str, Any] = {"input_size": size, **(conf or {})}
+    run_conf: dict[str, Any] = dict(conf or {})
     weights, notice = choose_weights(
         str(run_conf.get("weights") or env("LEUKEMIA_WEIGHTS")), synthetic=data is None
     )
     run_conf["weights"] = weights
+    size = demo_size(run_conf.pop("input_size", size), weights)
+    run_conf["input_size"] = size
     if notice:
         print(f"Notice: {notice}", flush=True)
     if data is None:
-        data = workdir / "source"
+        data = workdir / f"source-{size}px"
         if not any(data.glob("*/*.jpg")):
             generate(data, n_per_class=per_class, size=size, seed=0)
     bucket = env("LEUKEMIA_BUCKET")
