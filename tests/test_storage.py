@@ -272,6 +272,26 @@ def test_noop_resync_only_lists_and_rewrites_nothing(
     assert {p: p.stat().st_mtime_ns for p in iter_image_files_paths(images_dir)} == stamps
 
 
+def test_resync_into_an_empty_folder_from_a_given_manifest_only_lists(
+    aws_env: S3Server, bucket: str, client: Any, tmp_path: Path
+) -> None:
+    """A fresh worker: its folder is empty, the manifest comes from the work store."""
+    put_all(client, bucket, good_set(12))
+    first = sync_images(StorageConfig(bucket=bucket, local_dir=tmp_path / "worker-1"))
+    manifest = json.loads((tmp_path / "worker-1" / MANIFEST_NAME).read_text())
+    aws_env.requests.reset()
+
+    again = sync_images(
+        StorageConfig(bucket=bucket, local_dir=tmp_path / "worker-2"), manifest=manifest
+    )
+
+    assert aws_env.requests.counts == {"LIST": 1}
+    assert (again.unchanged, again.downloaded, again.images) == (12, 0, 12)
+    assert again.digest == first.digest
+    saved = json.loads((tmp_path / "worker-2" / MANIFEST_NAME).read_text())
+    assert saved["images"] == manifest["images"]
+
+
 # --- incremental resync -----------------------------------------------------------------------
 
 
