@@ -100,3 +100,14 @@ def test_an_unreachable_bucket_says_what_to_check(aws_env: object) -> None:
     store = open_store("s3://no-such-bucket-here/work/")
     with pytest.raises(RuntimeError, match="Check that the bucket exists"):
         store.write_bytes("a", b"x")
+
+
+def test_inside_compares_bucket_and_key_prefix_whatever_the_connection() -> None:
+    from leukemia.objectstore import inside
+
+    assert inside("s3://b/raw/work/", "s3://b/raw/")
+    assert inside("s3://conn@b/work/", "s3://b/")  # a bucket-wide prefix holds everything
+    assert not inside("s3://b/work/", "s3://b/raw/")
+    assert not inside("s3://b/rawer/", "s3://b/raw/")
+    assert not inside("s3://c/raw/", "s3://b/raw/")
+    assert not inside("/tmp/work", "s3://b/")

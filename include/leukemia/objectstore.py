@@ -76,6 +76,20 @@ def with_conn(uri: str, conn_id: str | None) -> str:
     return f"{S3}{conn_id}@{rest}"
 
 
+def inside(location: str | Path, folder: str | Path) -> bool:
+    """True when `location` lies in `folder` (same bucket and key prefix; connection ids aside)."""
+    a, b = str(location), str(folder)
+    if is_remote(a) != is_remote(b):
+        return False
+    if not is_remote(a):
+        return Path(a).absolute().is_relative_to(Path(b).absolute())
+    inner, outer = urlsplit(a), urlsplit(b)
+    if inner.netloc.rpartition("@")[2] != outer.netloc.rpartition("@")[2]:
+        return False
+    prefix = outer.path.strip("/")
+    return not prefix or f"{inner.path.strip('/')}/".startswith(prefix + "/")
+
+
 class Store:
     """A folder of objects. Names below it are `/`-separated and relative to it."""
 
