@@ -9,6 +9,10 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONPATH=/opt/airflow/include:/opt/airflow
 
 WORKDIR /opt/airflow
+# Each container's own cache folder (LEUKEMIA_DATA_DIR, KERAS_HOME below it): compose mounts an
+# anonymous volume here, which starts as a copy of this folder, writable by group 0 as the
+# containers' user (AIRFLOW_UID:0) needs.
+RUN mkdir -p /opt/airflow/data/keras && chmod -R g+rwX /opt/airflow/data
 COPY --chown=airflow:0 requirements.txt constraints.txt ./
 RUN pip install -r requirements.txt -c constraints.txt
 

@@ -44,16 +44,15 @@ def register(work: Path, size: int, name: str, alias: str | None) -> str:
 
     from leukemia.dev.synthetic import generate
     from leukemia.model import ModelConfig
-    from leukemia.tracking import train_folder
+    from leukemia.tracking import log_full_model, train_folder
     from leukemia.training import TrainConfig
 
     images = work / f"train-{size}"
     generate(images, n_per_class=4, size=size, seed=7)
     cfg = TrainConfig(epochs=1, batch_size=8, model=ModelConfig(input_size=size, weights="none"))
-    result = train_folder(images, cfg, work / f"train-{size}-work", (0.34, 0.33, 0.33), "float32")[
-        "result"
-    ]
-    version = mlflow.register_model(result.model_uri, name).version
+    done = train_folder(images, cfg, work / f"train-{size}-work", (0.34, 0.33, 0.33), "float32")
+    model_uri = log_full_model(done["result"].run_id, images, done["split"].path)
+    version = mlflow.register_model(model_uri, name).version
     if alias:
         mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
     return f"models:/{name}/{version}"

@@ -2,9 +2,14 @@
 # Leukaemia classifier: train, select and promote
 
 Syncs new blood-smear images from S3, splits them (identical images kept together), extracts frozen
-VGG16 features once, trains one head per **optimizer × batch size × feature variant** (mapped tasks,
-each an MLflow run), registers the best run by **validation** macro-F1 as `leukemia-classifier` and
-moves `@champion` to it only when it beats the current champion on the same test split.
+VGG16 features once (mapped over shards of the images), trains one head per **optimizer × batch
+size × feature variant** (mapped tasks, each an MLflow run), registers the best run by
+**validation** macro-F1 as `leukemia-classifier` and moves `@champion` to it only when it beats the
+current champion on the same test split.
+
+Tasks share nothing but the object store and MLflow: the manifest, split, feature shards and grid
+report live in the work store (`LEUKEMIA_WORK_URI`, default `s3://<bucket>/work/`), and XCom carries
+only their URIs and small dicts; any task may run on any worker, with an empty local folder.
 
 Runs weekly and whenever new images land (the `leukemia_raw_images` asset). When the data is exactly
 what the champion was trained on, training is skipped unless `force_retrain` is set.
@@ -100,6 +105,14 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
             title="Extraction precision",
             description="auto: bfloat16 where the CPU/GPU supports it.",
         ),
+        "extract_shards": Param(
+            RUN_DEFAULTS.extract_shards,
+            type="integer",
+            minimum=0,
+            title="Extraction shards",
+            description="Mapped extraction tasks, each on its own slice of the images. "
+            "0: one per 500 images (at most 64).",
+        ),
         "promotion_margin": Param(
             RUN_DEFAULTS.promotion_margin,
             type="number",
@@ -130,13 +143,15 @@ def leukemia_training() -> None:
         from leukemia.tasks import training_dag as steps
 
         run = steps.RunRequest.from_params(get_current_context()["params"])
-        return steps.sync(run.bucket, run.prefix, run.conn_id, run.max_failed_fraction)
+        return steps.sync(
+            run.bucket, run.prefix, run.conn_id, run.max_failed_fraction, run.work_uri
+        )
 
     @task
     def build_split(synced: dict[str, Any]) -> dict[str, Any]:
         from leukemia.tasks import training_dag as steps
 
-        return steps.split(synced["images_dir"])
+        return steps.split(synced["manifest_uri"], synced["images_uri"], synced["work_uri"])
 
     @task.short_circuit
     def data_changed(split: dict[str, Any]) -> bool:
@@ -146,14 +161,25 @@ def leukemia_training() -> None:
         return steps.needs_training(split["digest"], run.force_retrain)
 
     @task
-    def extract_features(split: dict[str, Any]) -> dict[str, Any]:
+    def plan_extraction(split: dict[str, Any]) -> list[dict[str, Any]]:
         from leukemia.tasks import training_dag as steps
         from leukemia.weights import WeightsUnavailable
 
         run = steps.RunRequest.from_params(get_current_context()["params"])
         try:
-            return steps.features(split, run)
+            return steps.plan_extraction(split, run)
         except WeightsUnavailable as exc:  # a retry cannot fix a setting: fail at once, one line
+            raise AirflowFailException(str(exc)) from None
+
+    @task(map_index_template="{{ shard_label }}", queue=env("LEUKEMIA_TRAINING_QUEUE"))
+    def extract_features(shard: dict[str, Any], split: dict[str, Any]) -> dict[str, Any]:
+        from leukemia.tasks import training_dag as steps
+        from leukemia.weights import WeightsUnavailable
+
+        get_current_context()["shard_label"] = f"shard {shard['shard'] + 1}/{shard['shards']}"
+        try:
+            return steps.extract(split, shard)
+        except WeightsUnavailable as exc:
             raise AirflowFailException(str(exc)) from None
 
     @task
@@ -169,7 +195,7 @@ def leukemia_training() -> None:
         max_active_tis_per_dagrun=int(env("LEUKEMIA_TRAINING_SLOTS")),
     )
     def train(
-        config: dict[str, Any], split: dict[str, Any], features: dict[str, Any]
+        config: dict[str, Any], split: dict[str, Any], shards: list[dict[str, Any]]
     ) -> dict[str, Any]:
         from leukemia.tasks import training_dag as steps
 
@@ -183,7 +209,7 @@ def leukemia_training() -> None:
             "airflow_run_id": ti.run_id,
             "airflow_map_index": str(ti.map_index),
         }
-        return steps.train_one(config, split, features, tags)
+        return steps.train_one(config, split, steps.features_of(list(shards)), tags)
 
     # a failed configuration must not stop the others from being compared and promoted; the split
     # is pulled rather than wired in, so that the training tasks are the only upstream: when none of
@@ -201,14 +227,17 @@ def leukemia_training() -> None:
     def report(results: list[dict[str, Any]], promotion: dict[str, Any] | None) -> dict[str, Any]:
         from leukemia.tasks import training_dag as steps
 
+        context = get_current_context()
+        run = steps.RunRequest.from_params(context["params"])
         finished = [results[i] for i in range(len(results))]  # a failed configuration has no result
-        return steps.report([r for r in finished if r], promotion, get_current_context()["run_id"])
+        return steps.report([r for r in finished if r], promotion, context["run_id"], run.work_uri)
 
     split = build_split(sync_images())
-    features = extract_features(split)
+    plan = plan_extraction(split)
+    shards = extract_features.partial(split=split).expand(shard=plan)
     grid = plan_grid()
-    data_changed(split) >> [features, grid]
-    results = train.partial(split=split, features=features).expand_kwargs(grid)
+    data_changed(split) >> [plan, grid]
+    results = train.partial(split=split, shards=shards).expand_kwargs(grid)
     report(results, select_and_promote(results))
 
 

@@ -179,6 +179,16 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
     return {key: "" if value is None else str(value) for key, value in env.items()}
 
 
+def mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Target → source of a service's short-syntax volumes; an anonymous volume's source is ""."""
+    out = {}
+    for volume in service.get("volumes") or []:
+        parts = str(volume).split(":")
+        source, target = ("", parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+        out[target] = source
+    return out
+
+
 def command_args(service: dict[str, Any]) -> list[str]:
     cmd = service.get("command") or []
     return shlex.split(cmd) if isinstance(cmd, str) else [str(part) for part in cmd]
@@ -491,9 +501,9 @@ def test_airflow_services_share_the_common_configuration() -> None:
     for name, service in services.items():
         env = environment(service)
         assert {k: env.get(k) for k in common_env} == common_env, f"{name} lost common env"
-        mounts = dict(v.split(":")[:2] for v in service["volumes"])
+        found = mounts(service)
         for source, target in AIRFLOW_MOUNTS.items():
-            assert mounts.get(source) == target, f"{name} does not mount {source} at {target}"
+            assert found.get(target) == source, f"{name} does not mount {source} at {target}"
     assert "/opt/airflow/include" in common_env["PYTHONPATH"].split(":")
 
 
@@ -538,10 +548,13 @@ def test_pipeline_settings_are_set_for_airflow() -> None:
     assert env["LEUKEMIA_RAW_PREFIX"].endswith("/")
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
-    # The working folder is a named volume, so all workers on the host share it.
-    mounts = dict(v.split(":")[:2] for v in doc["services"]["airflow-worker"]["volumes"])
-    data_volume = next(src for src, dst in mounts.items() if dst == env["LEUKEMIA_DATA_DIR"])
-    assert data_volume in doc["volumes"]
+    # Workers share no disk: the local folder is each container's own anonymous volume (a cache),
+    # and what tasks hand each other is in the image bucket's work prefix.
+    for name in ("airflow-worker", "airflow-worker-training"):
+        assert mounts(doc["services"][name])[env["LEUKEMIA_DATA_DIR"]] == "", name
+    assert not any("data" in v for v in doc.get("volumes") or {} if v.startswith("leukemia"))
+    work = environment(doc["services"]["minio-init"])["WORK_PREFIX"]
+    assert env["LEUKEMIA_WORK_URI"] == f"s3://{env['LEUKEMIA_BUCKET']}/{work}"
 
 
 def test_compose_sets_only_settings_the_library_knows() -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +61,9 @@ def test_training_dag_structure(dagbag: Any) -> None:
     edges = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
     assert edges == {
         "sync_images": ["build_split"],
-        "build_split": ["data_changed", "extract_features", "train"],
-        "data_changed": ["extract_features", "plan_grid"],
+        "build_split": ["data_changed", "extract_features", "plan_extraction", "train"],
+        "data_changed": ["plan_extraction", "plan_grid"],
+        "plan_extraction": ["extract_features"],
         "extract_features": ["train"],
         "plan_grid": ["train"],
         "train": ["report", "select_and_promote"],
@@ -70,6 +73,9 @@ def test_training_dag_structure(dagbag: Any) -> None:
     train = dag.get_task("train")
     assert train.max_active_tis_per_dagrun == 1
     assert train.map_index_template == "{{ config_label }}"
+    extract = dag.get_task("extract_features")
+    assert extract.map_index_template == "{{ shard_label }}"  # mapped over shards of the images
+    assert extract.queue == train.queue
     assert dag.get_task("sync_images").retry_exponential_backoff
     assert [o.name for o in dag.get_task("select_and_promote").outlets] == ["leukemia_champion"]
     assert "AssetOrTimeSchedule" in type(dag.timetable).__name__
@@ -93,6 +99,7 @@ def test_training_dag_params_take_defaults_and_choices_from_config(dagbag: Any) 
         assert defaults[name] == getattr(RUN_DEFAULTS, name)
     assert defaults["promotion_margin"] == RUN_DEFAULTS.promotion_margin
     assert defaults["max_failed_fraction"] == RUN_DEFAULTS.max_failed_fraction
+    assert defaults["extract_shards"] == RUN_DEFAULTS.extract_shards == 0
     assert params.get_param("optimizers").schema["items"]["enum"] == list(OPTIMIZERS)
     assert params.get_param("variants").schema["items"]["enum"] == list(VARIANTS)
     assert params.get_param("precision").schema["enum"] == list(PRECISIONS)
@@ -120,20 +127,83 @@ def _states(dag: Any, run_id: str) -> dict[str, list[str]]:
         return states
 
 
+@pytest.fixture()
+def worker_per_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Every task of `dag.test()` runs as on a worker of its own: a fresh, empty LEUKEMIA_DATA_DIR,
+    deleted when the task ends, so no task can read a file that another task left on disk."""
+    import airflow.sdk.definitions.dag as dag_module
+
+    real = dag_module._run_task
+    ran: list[str] = []
+
+    def on_a_fresh_worker(*, ti: Any, task: Any, **kwargs: Any) -> Any:
+        folder = tmp_path / "workers" / f"{len(ran):03d}-{ti.task_id}-{ti.map_index}"
+        folder.mkdir(parents=True)
+        ran.append(f"{ti.task_id}[{ti.map_index}]")
+        os.environ["LEUKEMIA_DATA_DIR"] = str(folder)
+        try:
+            return real(ti=ti, task=task, **kwargs)
+        finally:
+            shutil.rmtree(folder)
+
+    monkeypatch.setenv("LEUKEMIA_DATA_DIR", str(tmp_path / "no-task-runs-here"))
+    monkeypatch.setattr(dag_module, "_run_task", on_a_fresh_worker)
+    yield ran
+
+
+def _xcoms(dag: Any, run_id: str) -> dict[str, list[Any]]:
+    """The return value of each task instance of the run, by task id (in map index order)."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = (
+            session.query(XComModel)
+            .filter_by(dag_id=dag.dag_id, run_id=run_id, key="return_value")
+            .order_by(XComModel.task_id, XComModel.map_index)
+            .all()
+        )
+        found: dict[str, list[Any]] = {}
+        for row in rows:
+            value = XComModel.deserialize_value(row)
+            while isinstance(value, str):  # stored as JSON text, possibly more than once
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    break  # a plain string
+            found.setdefault(row.task_id, []).append(value)
+        return found
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield str(k)
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
 @pytest.mark.slow
-def test_training_dag_end_to_end(
+def test_training_dag_end_to_end_with_an_empty_local_folder_for_every_task(
     airflow_db: Path,
     dagbag: Any,
     bucket: str,
     mlflow_env: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    worker_per_task: list[str],
 ) -> None:
-    """Full runs with dag.test(): train and promote, skip on unchanged data, keep a better champion."""
+    """Full runs with dag.test(), each task on a fresh worker: train and promote, skip on unchanged
+    data, keep a better champion; the hand-offs are in the object store and XCom holds no path."""
     import mlflow
 
     from leukemia import registry, tracking
     from leukemia.dev.synthetic import generate
+    from leukemia.objectstore import open_store
     from leukemia.storage import upload_folder
 
     monkeypatch.setenv("LEUKEMIA_BUCKET", bucket)
@@ -149,12 +219,15 @@ def test_training_dag_end_to_end(
         "input_size": 48,
         "weights": "none",
         "precision": "float32",
+        "extract_shards": 2,
     }
 
     first = dag.test(run_conf=conf)
     assert str(first.state) == "success"
     states = _states(dag, first.run_id)
     assert states["train"] == ["success", "success"]
+    assert states["extract_features"] == ["success", "success"]
+    assert "extract_features[1]" in worker_per_task and "select_and_promote[-1]" in worker_per_task
     experiment_id = tracking.setup()
     runs = tracking.finished_runs(experiment_id, first.run_id)
     assert len(runs) == 2
@@ -162,11 +235,24 @@ def test_training_dag_end_to_end(
     champion = registry.current_champion("leukemia-classifier")
     assert champion is not None and champion.run_id == best.info.run_id
     assert champion.tags["airflow_run_id"] == first.run_id and champion.tags["dataset_digest"]
+    registry.load_keras(registry.resolve_model())  # the registered full model loads, verified
     summary = mlflow.search_runs([experiment_id], "tags.kind = 'summary'", output_format="list")
     assert len(summary) == 1
     assert "grid_comparison.png" in {
         a.path for a in mlflow.MlflowClient().list_artifacts(summary[0].info.run_id)
     }
+
+    # the hand-offs are in the work store, and XCom carries their URIs, never a local path
+    work = open_store(f"s3://{bucket}/work/").list()
+    assert f"sync/{bucket}/raw/sync_manifest.json" in work
+    assert sum(k.startswith("splits/split-") for k in work) == 1
+    assert sum(k.startswith("features/") and k.endswith(".npz") for k in work) == 2  # 2 shards
+    assert f"reports/{first.run_id}/grid_results.json" in work
+    xcoms = _xcoms(dag, first.run_id)
+    strings = [s for values in xcoms.values() for s in _strings(values)]
+    assert xcoms["build_split"][0]["path"].startswith(f"s3://{bucket}/work/splits/")
+    assert not [s for s in strings if s.startswith(("/", "file:")) or str(tmp_path) in s]
+    assert max(len(json.dumps(v)) for values in xcoms.values() for v in values) < 4000
 
     second = dag.test(run_conf=conf)  # same images: training is skipped
     assert str(second.state) == "success"
@@ -177,6 +263,9 @@ def test_training_dag_end_to_end(
 
     third = dag.test(run_conf={**conf, "force_retrain": True, "promotion_margin": 1.0})
     assert str(third.state) == "success"
+    extracted = _xcoms(dag, third.run_id)["extract_features"]
+    assert [(x["computed"], x["parts_written"]) for x in extracted] == [(0, 0), (0, 0)]
+    assert sum(x["cached"] for x in extracted) == 48
     assert registry.current_champion("leukemia-classifier").version == champion.version
     challenger = mlflow.MlflowClient().get_model_version_by_alias(
         "leukemia-classifier", "challenger"
@@ -194,7 +283,7 @@ def test_training_dag_fails_once_without_retries_when_weights_cannot_be_had(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A missing weights file fails extract_features on its first try; nothing downstream trains."""
+    """A missing weights file fails plan_extraction on its first try; nothing downstream runs."""
     from airflow.models.taskinstance import TaskInstance
     from airflow.utils.session import create_session
 
@@ -221,14 +310,15 @@ def test_training_dag_fails_once_without_retries_when_weights_cannot_be_had(
     run = dag.test(run_conf=conf)
     assert str(run.state) == "failed"
     states = _states(dag, run.run_id)
-    assert states["extract_features"] == ["failed"]
+    assert states["plan_extraction"] == ["failed"]
+    assert set(states["extract_features"]) <= {"upstream_failed"}
     assert set(states["train"]) <= {"upstream_failed"}
     assert states["select_and_promote"] == ["upstream_failed"]
     assert states["report"] == ["upstream_failed"]
     with create_session() as session:
         ti = (
             session.query(TaskInstance)
-            .filter_by(dag_id=dag.dag_id, run_id=run.run_id, task_id="extract_features")
+            .filter_by(dag_id=dag.dag_id, run_id=run.run_id, task_id="plan_extraction")
             .one()
         )
         assert ti.try_number == 1  # AirflowFailException: no retry for a setting

@@ -123,9 +123,11 @@ def test_failed_demo_ends_with_a_short_diagnosis(offline: dict[str, str], tmp_pa
     assert len(tail) <= 15
     assert tail[0].startswith("leukemia_training run manual__")
     assert tail[1].startswith(
-        f"  extract_features: AirflowFailException: cannot load VGG16 weights from {bad}"
+        f"  plan_extraction: AirflowFailException: cannot load VGG16 weights from {bad}"
     )
-    assert tail[2] == "  not run because of them: report, select_and_promote, train"
+    assert tail[2] == (
+        "  not run because of them: extract_features, report, select_and_promote, train"
+    )
     assert tail[3] == f"Full output with the task logs: {workdir / 'last_run.log'}"
     assert "Task failed with exception" in (workdir / "last_run.log").read_text()
-    assert proc.stdout.count("[DAG TEST] starting task_id=extract_features") == 1  # no retry
+    assert proc.stdout.count("[DAG TEST] starting task_id=plan_extraction") == 1  # no retry

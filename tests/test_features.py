@@ -1,4 +1,5 @@
-"""Cached base features: computed once per image, and the head on them equals the full model."""
+"""Cached base features: computed once per image in shard files, read back array by array, and the
+head on them equals the full model."""
 
 from __future__ import annotations
 
@@ -10,12 +11,18 @@ import pytest
 from leukemia.dataset import build_manifest
 from leukemia.features import (
     CACHE_WIDTH,
+    SHA_KEY,
+    cache_index,
     extract_features,
     load_features,
     load_images,
+    read_arrays,
     resolve_precision,
+    shard_count,
+    shard_of,
 )
 from leukemia.model import ModelConfig, assemble, build_head, build_trunk, feature_width
+from leukemia.objectstore import open_store
 
 SIZE = 48
 
@@ -40,10 +47,15 @@ def test_features_are_computed_once(cached: dict) -> None:
     again = extract_features(
         cached["paths"], cached["shas"], cfg, cached["root"], precision="float32"
     )
-    assert again.computed == 0 and again.cached == first.computed
+    assert again.computed == 0 and again.cached == first.computed and again.parts_written == 0
     assert again.cache_dir == first.cache_dir
-    row = np.load(Path(first.cache_dir) / f"{cached['shas'][0]}.npy")
-    assert row.shape == (CACHE_WIDTH,) and row.dtype == np.float32
+    parts = sorted(Path(first.cache_dir).glob("part-*.npz"))
+    assert len(parts) == 1  # one shard file, not one file per image
+    with np.load(parts[0]) as npz:
+        assert {f"{k}" for k in npz.files} >= {SHA_KEY, "block5_pool_gmp", "block3_pool_gap"}
+        assert sum(npz[k].shape[1] for k in npz.files if k != SHA_KEY) == CACHE_WIDTH
+        assert npz["block5_pool_gmp"].dtype == np.float32
+        assert sorted(s.decode() for s in npz[SHA_KEY]) == sorted(set(cached["shas"]))
 
 
 def test_only_new_images_are_computed(cached: dict, tmp_path: Path) -> None:
@@ -96,6 +108,61 @@ def test_bfloat16_features_are_close_to_float32(cached: dict) -> None:
     a = load_features(cached["first"].cache_dir, shas, "multiscale")
     b = load_features(bf.cache_dir, shas, "multiscale")
     assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.03
+
+
+def test_shards_split_the_images_and_each_shard_extracts_only_its_own(
+    cached: dict, tmp_path: Path
+) -> None:
+    cfg = ModelConfig(input_size=SIZE, weights="none")
+    shas = cached["shas"]
+    slices = [shard_of(shas, i, 3) for i in range(3)]
+    assert sorted(s for part in slices for s in part) == sorted(set(shas))
+    assert max(map(len, slices)) - min(map(len, slices)) <= 1
+    done = [
+        extract_features(cached["paths"], shas, cfg, tmp_path, "float32", shard=i, shards=3)
+        for i in range(3)
+    ]
+    assert [d.computed for d in done] == [len(p) for p in slices]
+    assert len(list(Path(done[0].cache_dir).glob("part-*.npz"))) == 3
+    index = cache_index(open_store(done[0].cache_dir))
+    assert set(index) == set(shas)
+    again = [
+        extract_features(cached["paths"], shas, cfg, tmp_path, "float32", shard=i, shards=2)
+        for i in range(2)
+    ]
+    assert [d.computed for d in again] == [0, 0]  # other shard boundaries: still nothing to do
+    np.testing.assert_array_equal(
+        load_features(done[0].cache_dir, shas, "multiscale"),
+        load_features(cached["first"].cache_dir, shas, "multiscale"),
+    )
+
+
+def test_shard_count_is_automatic_from_the_images_and_capped() -> None:
+    assert shard_count(0) == 1 and shard_count(1) == 1 and shard_count(500) == 1
+    assert shard_count(501) == 2 and shard_count(10**7) == 64
+    assert shard_count(10, requested=4) == 4 and shard_count(3, requested=8) == 3
+    with pytest.raises(ValueError, match="extract_shards"):
+        shard_count(10, requested=-1)
+
+
+def test_reading_one_variant_reads_only_its_arrays(
+    cached: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import zipfile
+
+    opened: list[str] = []
+    real = zipfile.ZipFile.read
+    monkeypatch.setattr(
+        zipfile.ZipFile,
+        "read",
+        lambda self, name, pwd=None: opened.append(name) or real(self, name),
+    )
+    store = open_store(cached["first"].cache_dir)
+    x = load_features(store.uri(), cached["shas"], "seed")
+    assert x.shape == (len(cached["shas"]), 512)
+    assert set(opened) == {"sha256.npy", "block5_pool_gmp.npy"}
+    arrays = read_arrays(store, next(iter(store.list())), ["block4_pool_gap"])
+    assert list(arrays) == ["block4_pool_gap"] and arrays["block4_pool_gap"].shape[1] == 512
 
 
 def test_missing_cache_entries_are_reported(cached: dict) -> None:

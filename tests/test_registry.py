@@ -227,8 +227,9 @@ def test_a_version_not_promoted_by_the_pipeline_or_exported_is_never_loaded(
     import mlflow
 
     from leukemia import predict, registry
+    from leukemia.tracking import log_full_model
 
-    uri = trained["result"].model_uri
+    uri = log_full_model(trained["result"].run_id, smear_dir, trained["info"].path)
     version = mlflow.register_model(uri, MODEL)
     registry.client().set_registered_model_alias(MODEL, "champion", version.version)
     with pytest.raises(registry.ModelVerificationError, match="no recorded model_sha256"):

@@ -272,6 +272,26 @@ def test_noop_resync_only_lists_and_rewrites_nothing(
     assert {p: p.stat().st_mtime_ns for p in iter_image_files_paths(images_dir)} == stamps
 
 
+def test_resync_into_an_empty_folder_from_a_given_manifest_only_lists(
+    aws_env: S3Server, bucket: str, client: Any, tmp_path: Path
+) -> None:
+    """A fresh worker: its folder is empty, the manifest comes from the work store."""
+    put_all(client, bucket, good_set(12))
+    first = sync_images(StorageConfig(bucket=bucket, local_dir=tmp_path / "worker-1"))
+    manifest = json.loads((tmp_path / "worker-1" / MANIFEST_NAME).read_text())
+    aws_env.requests.reset()
+
+    again = sync_images(
+        StorageConfig(bucket=bucket, local_dir=tmp_path / "worker-2"), manifest=manifest
+    )
+
+    assert aws_env.requests.counts == {"LIST": 1}
+    assert (again.unchanged, again.downloaded, again.images) == (12, 0, 12)
+    assert again.digest == first.digest
+    saved = json.loads((tmp_path / "worker-2" / MANIFEST_NAME).read_text())
+    assert saved["images"] == manifest["images"]
+
+
 # --- incremental resync -----------------------------------------------------------------------
 
 
@@ -865,7 +885,7 @@ def test_dag_sync_step_fails_on_a_partial_sync_unless_that_share_of_failures_is_
     broken = "raw/Pre/img-002.jpg"
     put_all(client, bucket, {**objects, "raw/Pro/notes.jpg": b"patient notes, not an image"})
     monkeypatch.setenv("LEUKEMIA_DATA_DIR", str(tmp_path / "data"))
-    report = tmp_path / "data" / "images" / REPORT_NAME
+    report = f"s3://aws_denied@{bucket}/work/sync/{bucket}/raw/{REPORT_NAME}"
     denied = ForbiddingS3Server(lambda method, target: target == f"{bucket}/{broken}")
     with denied:
         monkeypatch.setenv("AIRFLOW_CONN_AWS_DENIED", aws_connection_json(denied.endpoint_url))
@@ -880,6 +900,43 @@ def test_dag_sync_step_fails_on_a_partial_sync_unless_that_share_of_failures_is_
     # A bad image is skipped, not failed: it never stops the DAG.
     complete = sync(bucket)
     assert (complete["failed"], complete["skipped"], complete["images"]) == (0, 1, 8)
+    assert complete["manifest_uri"] == f"s3://{bucket}/work/sync/{bucket}/raw/{MANIFEST_NAME}"
+    assert complete["images_uri"] == f"s3://{bucket}/raw/"
+
+
+def test_dag_sync_step_on_a_fresh_worker_starts_from_the_work_store_and_only_lists(
+    aws_env: S3Server,
+    bucket: str,
+    client: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from leukemia.tasks.training_dag import sync
+
+    put_all(client, bucket, good_set(8))
+    monkeypatch.setenv("LEUKEMIA_DATA_DIR", str(tmp_path / "worker-1"))
+    first = sync(bucket)
+    monkeypatch.setenv("LEUKEMIA_DATA_DIR", str(tmp_path / "worker-2"))
+    aws_env.requests.reset()
+
+    again = sync(bucket)
+
+    assert (again["downloaded"], again["unchanged"], again["digest"]) == (0, 8, first["digest"])
+    # one listing of raw/, and the work store's manifest read and written back with the report
+    assert aws_env.requests.counts == {"LIST": 1, "GET": 1, "PUT": 2}
+    assert not list((tmp_path / "worker-2" / "images").glob("*/*.jpg"))
+    assert not [v for v in again.values() if isinstance(v, str) and str(tmp_path) in v]
+
+
+def test_dag_sync_step_refuses_a_work_store_inside_the_images_prefix(
+    aws_env: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from leukemia.tasks.training_dag import sync
+
+    monkeypatch.setenv("LEUKEMIA_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("LEUKEMIA_WORK_URI", f"s3://{bucket}/raw/work/")
+    with pytest.raises(ValueError, match="lies inside the images prefix"):
+        sync(bucket)
 
 
 def test_max_failed_fraction_must_be_a_share() -> None:

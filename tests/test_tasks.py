@@ -59,3 +59,40 @@ def test_ingest_upload_without_a_source_says_which_param_to_set() -> None:
 
     with pytest.raises(ValueError, match="set the `source` Param"):
         upload("", "bucket", "raw/", "aws_default")
+
+
+def test_the_work_store_defaults_to_the_run_bucket_and_carries_a_non_default_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("LEUKEMIA_WORK_URI", raising=False)
+    monkeypatch.setenv("LEUKEMIA_BUCKET", "images")
+    assert RunRequest().work_uri == "s3://images/work/"
+    assert RunRequest(bucket="other").work_uri == "s3://other/work/"
+    assert RunRequest(bucket="other", conn_id="site_s3").work_uri == "s3://site_s3@other/work/"
+    monkeypatch.setenv("LEUKEMIA_WORK_URI", "file:///srv/leukemia/work")
+    assert RunRequest(bucket="other").work_uri == "file:///srv/leukemia/work/"
+    assert RunRequest.from_params({"extract_shards": "3"}).extract_shards == 3
+
+
+def test_plan_extraction_settles_weights_precision_and_cache_folder_for_every_shard() -> None:
+    from leukemia.tasks.training_dag import features_of, plan_extraction
+
+    split = {"images": 1200, "work_uri": "s3://b/work/"}
+    request = RunRequest(weights="none", input_size=64, precision="auto")
+    shards = plan_extraction(split, request)
+    assert [(s["shard"], s["shards"]) for s in shards] == [(0, 3), (1, 3), (2, 3)]
+    assert {s["cache_dir"] for s in shards} == {
+        f"s3://b/work/features/none-64px-{shards[0]['precision']}"
+    }
+    assert shards[0]["precision"] in ("float32", "bfloat16")  # auto is resolved once, here
+    two = plan_extraction(split, RunRequest(weights="none", extract_shards=2))
+    assert len(two) == 2
+    done = [{"cache_dir": "s3://b/work/f/k", "images": 5, "computed": 1}] * 2
+    assert features_of(done) == {
+        "cache_dir": "s3://b/work/f/k",
+        "images": 10,
+        "computed": 2,
+        "shards": 2,
+    }
+    with pytest.raises(ValueError, match="expected one cache folder"):
+        features_of([*done, {"cache_dir": "s3://b/work/f/other", "images": 1, "computed": 0}])

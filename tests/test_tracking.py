@@ -1,5 +1,6 @@
-"""MLflow tracking: one run per configuration with params, metrics, figures and a reloadable model;
-selection by validation; retried tasks leave one finished run; the grid's summary run."""
+"""MLflow tracking: one run per configuration with params, metrics, figures and its head (not the
+shared trunk); the full model assembled for the registered run only; selection by validation;
+retried tasks leave one finished run; the grid's summary run."""
 
 from __future__ import annotations
 
@@ -67,27 +68,62 @@ def test_run_holds_params_metrics_and_artifacts(trained: dict) -> None:
     history = client.get_metric_history(run.info.run_id, "val_loss")
     assert [m.step for m in history] == list(range(int(params["epochs_run"])))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {
+    assert artifacts == {
         "confusion_matrix.png",
         "training_curves.png",
-        "test_predictions.png",
         "classification_report.txt",
         "metrics.json",
-        "split",
-    } <= artifacts
+        "head",
+    }
+    assert tags["split_uri"] == trained["info"].path and len(tags["head_sha256"]) == 64
+    assert trained["result"].head_uri == f"runs:/{run.info.run_id}/head/head.keras"
+    assert "model_uri" not in tags  # no full model for a configuration that is not registered
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name.startswith(
         "leukemia-"
     )
     assert trained["result"].mlflow_url.endswith(f"/runs/{run.info.run_id}")
 
 
-def test_logged_model_reloads_and_predicts_like_in_memory(trained: dict, smear_dir: Path) -> None:
+def test_a_configuration_logs_its_head_not_the_shared_trunk(trained: dict) -> None:
+    """The frozen VGG16 trunk (58 MB) is the same for every configuration: it is not logged."""
+    from leukemia.tracking import load_head
+
+    run_id = trained["result"].run_id
+    folder = Path(trained["run"].info.artifact_uri.removeprefix("file://"))
+    sizes = {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*.*")}
+    assert sum(sizes.values()) < 2_000_000, sizes
+    assert sizes["head/head.keras"] < 1_000_000
+    head = load_head(run_id)
+    assert head.input_shape == (None, 512) and head.output_shape == (None, 4)
+    assert head.get_layer("standardize") is not None
+
+
+def test_a_changed_head_is_refused(trained: dict) -> None:
+    from leukemia.tracking import load_head
+
+    folder = Path(trained["run"].info.artifact_uri.removeprefix("file://"))
+    with open(folder / "head" / "head.keras", "ab") as fh:
+        fh.write(b"tampered")
+    with pytest.raises(ValueError, match="the artifact changed"):
+        load_head(trained["result"].run_id)
+
+
+def test_full_model_is_assembled_for_one_run_and_predicts_like_the_head(
+    trained: dict, smear_dir: Path
+) -> None:
     import mlflow
 
     from leukemia.evaluation import evaluate
     from leukemia.features import labels_to_index
+    from leukemia.tracking import log_full_model
 
-    uri = trained["result"].model_uri
+    run_id = trained["result"].run_id
+    uri = log_full_model(run_id, smear_dir, trained["info"].path)
+    assert log_full_model(run_id, smear_dir, trained["info"].path) == uri  # idempotent
+    assert mlflow.get_run(run_id).data.tags["model_uri"] == uri
+    assert mlflow.get_run(run_id).info.status == "FINISHED"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+    assert {"test_predictions.png", "split"} <= artifacts
     keras_model = mlflow.keras.load_model(uri)
     test_rows = [r for r in trained["rows"] if r["split"] == "test"]
     images = load_images([smear_dir / r["path"] for r in test_rows], SIZE)

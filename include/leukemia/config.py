@@ -48,6 +48,7 @@ class RunDefaults:
     dropout: float = 0.5
     seed: int = 42
     precision: str = "auto"
+    extract_shards: int = 0  # 0: one extraction shard per `features.IMAGES_PER_SHARD` images
     # the run around the grid
     promotion_margin: float = 0.0
     max_failed_fraction: float = 0.0
@@ -61,7 +62,14 @@ ENV_DEFAULTS: dict[str, tuple[str, str]] = {
     "LEUKEMIA_AWS_CONN_ID": ("aws_default", "Airflow connection id used by the S3 hook"),
     "LEUKEMIA_BUCKET": ("leukemia-images", "bucket that holds the raw images"),
     "LEUKEMIA_RAW_PREFIX": ("raw/", "prefix of <Class>/<image> objects in the bucket"),
-    "LEUKEMIA_DATA_DIR": ("data", "local working folder: images, manifests, feature cache"),
+    "LEUKEMIA_DATA_DIR": (
+        "data",
+        "local folder of one worker: a cache that may be empty when any task starts",
+    ),
+    "LEUKEMIA_WORK_URI": (
+        "",
+        "where tasks hand things to each other (s3:// or file://); empty: s3://<bucket>/work/",
+    ),
     "LEUKEMIA_MAX_IMAGE_BYTES": (
         "50000000",
         "largest image object or file read, in bytes (checked before reading it)",
@@ -100,6 +108,18 @@ def env(name: str) -> str:
 def data_dir() -> Path:
     """Local working folder (created on demand by the callers that write into it)."""
     return Path(env("LEUKEMIA_DATA_DIR")).expanduser().resolve()
+
+
+def work_uri(bucket: str | None = None) -> str:
+    """The work store: `LEUKEMIA_WORK_URI`, else `s3://<bucket>/work/` (default bucket: the setting).
+
+    Everything one task hands to another lives there (sync manifest, split, feature shards, grid
+    report), so no task depends on a file another task left on a worker's disk.
+    """
+    uri = env("LEUKEMIA_WORK_URI")
+    if not uri:
+        uri = f"s3://{bucket or env('LEUKEMIA_BUCKET')}/work/"
+    return uri if uri.endswith("/") else uri + "/"
 
 
 def project_root() -> Path:

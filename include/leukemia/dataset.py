@@ -2,22 +2,26 @@
 
 The split assigns each *content hash* to train/val/test from a salted hash of that content, so
 byte-identical images always land together, adding images never moves existing ones, and each
-class is split in the requested proportions (in expectation, class by class).
+class is split in the requested proportions (in expectation, class by class). The split CSV is
+written to any location (a folder or the work store's `s3://…/splits/`), named by the dataset digest.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from leukemia.config import CLASSES
 from leukemia.images import iter_image_files
+from leukemia.objectstore import join, read_location, write_location
 from leukemia.storage import MANIFEST_NAME, dataset_digest
 
 log = logging.getLogger(__name__)
@@ -37,7 +41,7 @@ class ImageRecord:
 
 @dataclass
 class SplitInfo:
-    """Where a split was written and what it holds (small: fits in XCom)."""
+    """Where a split was written (a path or a URI) and what it holds (small: fits in XCom)."""
 
     path: str
     digest: str
@@ -61,8 +65,7 @@ def build_manifest(images_dir: str | Path) -> list[ImageRecord]:
     root = Path(images_dir)
     sync_manifest = root / MANIFEST_NAME
     if sync_manifest.exists():
-        entries = json.loads(sync_manifest.read_text())["images"].values()
-        records = [ImageRecord(e["path"], e["label"], e["sha256"]) for e in entries]
+        records = records_from_manifest(json.loads(sync_manifest.read_text()))
     else:
         records = [
             ImageRecord(str(p.relative_to(root).as_posix()), label, file_sha256(p))
@@ -74,6 +77,14 @@ def build_manifest(images_dir: str | Path) -> list[ImageRecord]:
             "(run the sync first, or point to a folder in that layout)"
         )
     return sorted(records, key=lambda r: r.path)
+
+
+def records_from_manifest(manifest: Mapping[str, Any]) -> list[ImageRecord]:
+    """Records of a sync manifest (`storage.sync_images`); paths relative to the synced prefix."""
+    entries = manifest.get("images", {}).values()
+    return sorted(
+        (ImageRecord(e["path"], e["label"], e["sha256"]) for e in entries), key=lambda r: r.path
+    )
 
 
 def assign_split(sha256: str, seed: int, fractions: Sequence[float]) -> str:
@@ -127,22 +138,18 @@ def split_counts(rows: Iterable[dict[str, str]]) -> dict[str, dict[str, int]]:
     return {s: {c: counter[(s, c)] for c in CLASSES} for s in SPLITS}
 
 
-def write_split_csv(rows: Iterable[dict[str, str]], path: Path) -> Path:
-    """Write split rows as CSV (path,label,sha256,split)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=SPLIT_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
-    return path
+def write_split_csv(rows: Iterable[dict[str, str]], location: str | Path) -> str:
+    """Write split rows as CSV (path,label,sha256,split) to a path or URI, whole or not at all."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=SPLIT_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_location(location, text.getvalue().encode())
 
 
-def read_split(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a split CSV written by `make_split`."""
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+def read_split(location: str | Path) -> list[dict[str, str]]:
+    """Rows of a split CSV written by `make_split` (a path or a URI)."""
+    return list(csv.DictReader(io.StringIO(read_location(location).decode(), newline="")))
 
 
 def make_split(
@@ -151,11 +158,29 @@ def make_split(
     seed: int = 0,
     fractions: Sequence[float] = (0.7, 0.15, 0.15),
 ) -> SplitInfo:
-    """Manifest → grouped, stable split saved as `<out_dir>/split-<digest>.csv`."""
-    records = build_manifest(images_dir)
+    """Manifest of a local folder → grouped, stable split saved as `<out_dir>/split-<digest>.csv`."""
+    return save_split(build_manifest(images_dir), out_dir, seed, fractions)
+
+
+def save_split(
+    records: Sequence[ImageRecord],
+    out_dir: str | Path,
+    seed: int = 0,
+    fractions: Sequence[float] = (0.7, 0.15, 0.15),
+) -> SplitInfo:
+    """Records → grouped, stable split saved at `<out_dir>/split-<digest>-seed<seed>.csv`.
+
+    `out_dir` is a folder or a URI (the work store); the name is keyed by the dataset digest, so a
+    retried or repeated split of the same images writes the same object.
+    """
+    if not records:
+        raise ValueError(
+            "no images to split: expected <prefix>/<Benign|Early|Pre|Pro>/<name>.jpg "
+            "(run the sync first, or point to a folder in that layout)"
+        )
     digest = dataset_digest((r.label, r.sha256) for r in records)
     rows, conflicts, groups = split_records(records, seed, fractions)
-    path = write_split_csv(rows, Path(out_dir) / f"split-{digest[:16]}-seed{seed}.csv")
+    path = write_split_csv(rows, join(out_dir, f"split-{digest[:16]}-seed{seed}.csv"))
     counts = split_counts(rows)
     log.info(
         "Split %d images (%d duplicate groups kept together, %d label conflicts left out): %s",
@@ -164,4 +189,4 @@ def make_split(
         len(conflicts),
         ", ".join(f"{s} {sum(counts[s].values())}" for s in SPLITS),
     )
-    return SplitInfo(str(path), digest, counts, len(rows), groups, conflicts)
+    return SplitInfo(path, digest, counts, len(rows), groups, conflicts)

@@ -65,18 +65,19 @@ def evaluate(y_true: Any, probs: Any) -> dict[str, Any]:
 def evaluate_on_split(
     model: Any, split_path: str | Path, images_dir: str | Path, split: str = "test", batch: int = 32
 ) -> dict[str, float]:
-    """Metrics of a full model (raw pixels in) on one split's images, read in batches."""
+    """Metrics of a full model (raw pixels in) on one split's images, read in batches.
+
+    `images_dir` is a folder or an `s3://` prefix: each image is read from there by its split path.
+    """
     import numpy as np
 
     from leukemia.dataset import read_split
-    from leukemia.features import labels_to_index, load_images
+    from leukemia.features import iter_image_batches, labels_to_index
+    from leukemia.objectstore import join
 
     size = int(model.input_shape[1])
     rows = [r for r in read_split(split_path) if r["split"] == split]
-    probs = [
-        model.predict_on_batch(
-            load_images([Path(images_dir) / r["path"] for r in rows[i : i + batch]], size)
-        )
-        for i in range(0, len(rows), batch)
-    ]
+    paths = [join(images_dir, r["path"]) for r in rows]
+    probs = [model.predict_on_batch(x) for x in iter_image_batches(paths, size, batch)]
+    probs = probs or [np.zeros((0, len(CLASSES)), dtype="float32")]
     return evaluate(labels_to_index([r["label"] for r in rows]), np.concatenate(probs))["metrics"]

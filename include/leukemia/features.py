@@ -1,28 +1,42 @@
 """Cached base features: one frozen-VGG16 pass per image, reused by every grid configuration.
 
-The cache key is (weights identity, input size, precision); each image's entry is a file named by its
-sha256 holding every pooled output of `model.POOLED_KEYS`, so every feature variant comes out of the
-same single pass and a later run computes only images that are not cached yet.
+The cache is a folder (a local path, or in the DAG `<work store>/features/`) with one sub-folder per
+key (weights identity, input size, precision). It holds *shard files* `part-<hash>.npz`, each written
+whole by one extraction shard: the sha256 of its images and one array per pooled output of
+`model.POOLED_KEYS`, so every feature variant comes out of the same single pass. A later run, or a
+retried shard, computes only images that no shard file holds yet; a reader fetches only the arrays
+its variant needs (ranged reads on S3).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
-import os
+import math
 import time
-import uuid
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from leukemia.config import CLASSES, PRECISIONS
 from leukemia.model import POOL_WIDTHS, POOLED_KEYS, VARIANTS, ModelConfig
+from leukemia.objectstore import Store, join, open_store, read_all
 from leukemia.weights import weights_identity
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 256
+#: Images per extraction shard when the run does not say (`extract_shards` 0), and per shard file.
+IMAGES_PER_SHARD = 500
+#: Most extraction shards the automatic count makes (more workers than this rarely pay off).
+MAX_SHARDS = 64
+#: The array of a shard file that names its images, row by row.
+SHA_KEY = "sha256"
+PART_PREFIX, PART_SUFFIX = "part-", ".npz"
 
 
 def _offsets() -> dict[str, tuple[int, int]]:
@@ -62,18 +76,54 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def cache_dir_for(root: str | Path, cfg: ModelConfig, precision: str) -> Path:
-    """The cache folder for one (weights, input size, precision)."""
-    return Path(root) / f"{weights_identity(cfg.weights)}-{cfg.input_size}px-{precision}"
+def cache_dir_for(root: str | Path, cfg: ModelConfig, precision: str) -> str:
+    """The cache folder (path or URI) for one (weights, input size, precision)."""
+    return join(root, f"{weights_identity(cfg.weights)}-{cfg.input_size}px-{precision}")
+
+
+def shard_count(images: int, requested: int = 0) -> int:
+    """Extraction shards for `images` images: `requested`, or one per `IMAGES_PER_SHARD` (capped)."""
+    if requested < 0:
+        raise ValueError(f"extract_shards must be 0 (automatic) or more, got {requested}")
+    if requested:
+        return max(1, min(requested, images))
+    return max(1, min(MAX_SHARDS, math.ceil(images / IMAGES_PER_SHARD)))
+
+
+def shard_of(shas: Sequence[str], shard: int, shards: int) -> list[str]:
+    """Shard `shard` of `shards`: a contiguous slice of the sorted distinct sha256s (sizes differ by
+    at most one)."""
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard must be in [0, {shards}), got {shard}")
+    unique = sorted(set(shas))
+    return unique[len(unique) * shard // shards : len(unique) * (shard + 1) // shards]
 
 
 def load_images(paths: Sequence[str | Path], size: int) -> Any:
-    """A batch of images as one float32 array (n, size, size, 3), each read by `images.load_image`."""
+    """A batch of images (paths or `s3://` URIs, fetched in parallel) as one float32 array
+    (n, size, size, 3), each decoded by `images.load_image`."""
     import numpy as np
 
     from leukemia.images import load_image
 
-    return np.stack([load_image(p, size) for p in paths]) if paths else np.zeros((0, size, size, 3))
+    if not paths:
+        return np.zeros((0, size, size, 3), dtype="float32")
+    datas = read_all(paths)
+    return np.stack([load_image(io.BytesIO(d), size) for d in datas])
+
+
+def iter_image_batches(paths: Sequence[str | Path], size: int, batch_size: int) -> Iterator[Any]:
+    """`load_images` batch by batch, the next batch fetched while the caller works on this one."""
+    chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+    if not chunks:
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load_images, chunks[0], size)
+        for i in range(len(chunks)):
+            batch = pending.result()
+            if i + 1 < len(chunks):
+                pending = pool.submit(load_images, chunks[i + 1], size)
+            yield batch
 
 
 def build_extractor(cfg: ModelConfig, precision: str = "float32") -> Any:
@@ -96,6 +146,69 @@ def build_extractor(cfg: ModelConfig, precision: str = "float32") -> Any:
     return keras.Model(inputs, out, name=f"extractor_{precision}")
 
 
+def part_name(shas: Sequence[str]) -> str:
+    """A shard file's name, from its images: a retried shard writes the same object again."""
+    return (
+        f"{PART_PREFIX}{hashlib.sha256(chr(10).join(shas).encode()).hexdigest()[:16]}{PART_SUFFIX}"
+    )
+
+
+def write_part(store: Store, shas: Sequence[str], rows: Any) -> str:
+    """One shard file: the images' sha256 and one array per pooled output; returns its name."""
+    import numpy as np
+
+    arrays = {key: rows[:, slice(*_OFFSETS[key])] for key in POOLED_KEYS}
+    buffer = io.BytesIO()
+    np.savez(buffer, **{SHA_KEY: np.asarray(shas, dtype="S64")}, **arrays)
+    name = part_name(shas)
+    store.write_bytes(name, buffer.getvalue())
+    return name
+
+
+def read_arrays(
+    store: Store, name: str, keys: Sequence[str], size: int | None = None
+) -> dict[str, Any]:
+    """Only the named arrays of one shard file (each one ranged read on S3, not the whole file)."""
+    import numpy as np
+
+    with store.open(name, size) as fh, zipfile.ZipFile(fh) as archive:
+        return {
+            key: np.lib.format.read_array(io.BytesIO(archive.read(f"{key}.npy"))) for key in keys
+        }
+
+
+def _parts(store: Store) -> dict[str, int]:
+    """Name → size of the shard files of one cache folder."""
+    return {
+        name: size
+        for name, size in store.list().items()
+        if "/" not in name and name.startswith(PART_PREFIX) and name.endswith(PART_SUFFIX)
+    }
+
+
+def cache_index(store: Store, workers: int = 16) -> dict[str, tuple[str, int]]:
+    """sha256 → (shard file, row) of every image cached in one cache folder.
+
+    Reads the sha256 array of each shard file only (a few KB each); the first file holding an
+    image wins, so the answer does not depend on listing order.
+    """
+    parts = _parts(store)
+    if not parts:
+        return {}
+
+    def shas(item: tuple[str, int]) -> tuple[str, list[str]]:
+        found = read_arrays(store, item[0], [SHA_KEY], item[1])[SHA_KEY]
+        return item[0], [s.decode() for s in found]
+
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(parts)))) as pool:
+        listed = sorted(pool.map(shas, parts.items()))
+    index: dict[str, tuple[str, int]] = {}
+    for name, names in listed:
+        for row, sha in enumerate(names):
+            index.setdefault(sha, (name, row))
+    return index
+
+
 @dataclass
 class ExtractResult:
     """Where the features are and how much work it took (small: fits in XCom)."""
@@ -107,6 +220,9 @@ class ExtractResult:
     seconds: float
     images_per_s: float
     precision: str
+    shard: int = 0
+    shards: int = 1
+    parts_written: int = 0
 
 
 def extract_features(
@@ -116,52 +232,67 @@ def extract_features(
     cache_root: str | Path,
     precision: str = "auto",
     batch_size: int = 32,
+    shard: int = 0,
+    shards: int = 1,
 ) -> ExtractResult:
-    """Compute and cache pooled features of every image whose sha256 is not cached yet."""
+    """Compute and cache the pooled features of shard `shard` of `shards` of the images.
+
+    `paths` are local paths or `s3://` URIs, one per sha256; the shard reads only its own images and
+    only those no shard file holds yet, and writes a shard file every `IMAGES_PER_SHARD` images (so a
+    killed shard resumes from its last file). Run again, it computes nothing.
+    """
     import numpy as np
 
     precision = resolve_precision(precision)
     cache = cache_dir_for(cache_root, cfg, precision)
-    cache.mkdir(parents=True, exist_ok=True)
-    todo: dict[str, str | Path] = {}
+    store = open_store(cache)
+    source: dict[str, str | Path] = {}
     for path, sha in zip(paths, shas, strict=True):
-        if sha not in todo and not (cache / f"{sha}.npy").exists():
-            todo[sha] = path
-    n_unique = len(set(shas))
+        source.setdefault(sha, path)
+    mine = shard_of(list(source), shard, shards)
+    cached = cache_index(store)
+    todo = [sha for sha in mine if sha not in cached]
     log.info(
-        "Features for %d images in %s: %d cached, %d to compute (%s)",
-        n_unique,
+        "Features of shard %d/%d (%d images) in %s: %d cached, %d to compute (%s)",
+        shard + 1,
+        shards,
+        len(mine),
         cache,
-        n_unique - len(todo),
+        len(mine) - len(todo),
         len(todo),
         precision,
     )
-    started = time.monotonic()
+    started, written = time.monotonic(), 0
     if todo:
         extractor = build_extractor(cfg, precision)
         started = time.monotonic()  # the rate is the extraction's, not the model build's
-        items = list(todo.items())
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            batch = load_images([p for _, p in chunk], cfg.input_size)
-            feats = np.asarray(extractor.predict_on_batch(batch), dtype="float32")
-            for (sha, _), row in zip(chunk, feats, strict=True):
-                tmp = cache / f".{sha}.{uuid.uuid4().hex}.npy"
-                np.save(tmp, row)
-                os.replace(tmp, cache / f"{sha}.npy")
-            done = start + len(chunk)
-            if done % PROGRESS_EVERY < batch_size or done == len(items):
-                rate = done / max(time.monotonic() - started, 1e-9)
-                log.info("Extracted %d/%d images (%.1f images/s)", done, len(items), rate)
+        for first in range(0, len(todo), IMAGES_PER_SHARD):
+            part = todo[first : first + IMAGES_PER_SHARD]
+            rows = np.empty((len(part), CACHE_WIDTH), dtype="float32")
+            batches = iter_image_batches([source[s] for s in part], cfg.input_size, batch_size)
+            for i, batch in enumerate(batches):
+                start = i * batch_size
+                rows[start : start + len(batch)] = np.asarray(
+                    extractor.predict_on_batch(batch), dtype="float32"
+                )
+                done = first + start + len(batch)
+                if done % PROGRESS_EVERY < batch_size or done == len(todo):
+                    rate = done / max(time.monotonic() - started, 1e-9)
+                    log.info("Extracted %d/%d images (%.1f images/s)", done, len(todo), rate)
+            write_part(store, part, rows)
+            written += 1
     seconds = time.monotonic() - started
     return ExtractResult(
-        cache_dir=str(cache),
-        images=n_unique,
+        cache_dir=cache,
+        images=len(mine),
         computed=len(todo),
-        cached=n_unique - len(todo),
+        cached=len(mine) - len(todo),
         seconds=round(seconds, 3),
         images_per_s=round(len(todo) / seconds, 2) if todo and seconds > 0 else 0.0,
         precision=precision,
+        shard=shard,
+        shards=shards,
+        parts_written=written,
     )
 
 
@@ -173,22 +304,36 @@ def select_variant(cached: Any, variant: str) -> Any:
 
 
 def load_features(cache_dir: str | Path, shas: Sequence[str], variant: str) -> Any:
-    """Feature matrix of the given images for one variant, from the cache."""
+    """Feature matrix of the given images for one variant, from the cache's shard files.
+
+    Only the variant's arrays of the shard files that hold these images are read.
+    """
     import numpy as np
 
-    cache = Path(cache_dir)
-    missing = [s for s in shas if not (cache / f"{s}.npy").exists()]
+    from leukemia.model import feature_width
+
+    store = open_store(cache_dir)
+    index = cache_index(store)
+    missing = [s for s in shas if s not in index]
     if missing:
         raise FileNotFoundError(
-            f"{len(missing)} images have no cached features in {cache} (first: {missing[0]}); "
-            "run extract_features for this split first"
+            f"{len(missing)} images have no cached features in {store.uri()} (first: "
+            f"{missing[0]}); run extract_features for this split first"
         )
-    rows = (
-        np.stack([np.load(cache / f"{s}.npy") for s in shas])
-        if shas
-        else np.zeros((0, CACHE_WIDTH))
-    )
-    return select_variant(rows.astype("float32"), variant)
+    keys = VARIANTS[variant]
+    needed = sorted({index[s][0] for s in shas})
+
+    def block(name: str) -> tuple[str, Any]:
+        arrays = read_arrays(store, name, keys)
+        return name, np.concatenate([arrays[k] for k in keys], axis=1).astype("float32")
+
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(needed)))) as pool:
+        blocks = dict(pool.map(block, needed))
+    out = np.zeros((len(shas), feature_width(variant)), dtype="float32")
+    for i, sha in enumerate(shas):
+        name, row = index[sha]
+        out[i] = blocks[name][row]
+    return out
 
 
 def labels_to_index(labels: Sequence[str]) -> Any:

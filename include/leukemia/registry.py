@@ -336,7 +336,8 @@ def compare_with_champion(
     margin: float,
     metric: str,
 ) -> tuple[str, str, dict[str, Any] | None]:
-    """The alias a candidate earns, why, and the champion's test metrics re-measured on this split.
+    """The alias a candidate earns, why, and the champion's test metrics re-measured on this split
+    (images read from `images_dir`, a folder or an `s3://` prefix).
 
     A champion whose files are gone or fail verification cannot serve either, so the candidate
     replaces it (the old version stays registered); any other failure is raised, so the task retries.
@@ -424,10 +425,13 @@ def select_and_promote(
     """Register this DAG run's best-by-validation model; make it champion only if it beats the
     current champion on the same test split by `margin`, else give it the challenger alias.
 
+    `split_path` and `images_dir` are paths or URIs (the work store's split, the `s3://` prefix of
+    the images): the champion is re-measured on test images read from there.
+
     Idempotent: a retry reuses the version an earlier attempt registered and, once an alias was
     set on it, returns that decision instead of deciding again.
     """
-    from leukemia.tracking import best_run, finished_runs
+    from leukemia.tracking import best_run, finished_runs, log_full_model
 
     name = model_name(name)
     run = best_run(finished_runs(experiment_id, airflow_run_id))
@@ -447,7 +451,8 @@ def select_and_promote(
     alias, reason, before = compare_with_champion(
         name, candidate, split_path, images_dir, margin, metric
     )
-    model_uri = run.data.tags.get("model_uri") or f"runs:/{run.info.run_id}/model"
+    # the full pixels-to-softmax model exists only for the run that is registered (tracking.py)
+    model_uri = log_full_model(run.info.run_id, images_dir, split_path)
     version = str(register_once(name, model_uri, run.info.run_id).version)
     tags = {
         "dataset_digest": run.data.tags.get("dataset_digest", ""),

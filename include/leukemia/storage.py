@@ -36,6 +36,7 @@ from leukemia.images import (
     iter_image_files,
     validate_image,
 )
+from leukemia.objectstore import s3_client
 
 log = logging.getLogger(__name__)
 
@@ -109,23 +110,6 @@ class SyncResult:
             f"{first['key']}: {first['reason']}. Every reason is in {self.report_path}: fix the "
             "cause and sync again, or allow that share of failures with max_failed_fraction"
         )
-
-
-def s3_client(conn_id: str, workers: int = 16, max_attempts: int = 8) -> Any:
-    """A boto3 S3 client from the Airflow connection, with retries and a pool sized for `workers`.
-
-    botocore's `standard` retry mode retries throttling and 5xx answers with exponential backoff
-    and jitter; the pool must be at least as large as the thread count.
-    """
-    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-    from botocore.config import Config
-
-    hook = S3Hook(aws_conn_id=conn_id)
-    config = Config(
-        retries={"max_attempts": max_attempts, "mode": "standard"},
-        max_pool_connections=max(10, workers),
-    )
-    return hook.get_client_type(config=config)
 
 
 def classify_key(key: str, prefix: str) -> tuple[str, str] | str:
@@ -345,6 +329,7 @@ def sync_images(
     checkpoint_every: int = 100,
     limits: ImageLimits | None = None,
     lock_wait_s: float = 60.0,
+    manifest: dict[str, Any] | None = None,
 ) -> SyncResult:
     """Bring `cfg.local_dir` in line with `s3://bucket/prefix`: new and changed objects only.
 
@@ -354,7 +339,8 @@ def sync_images(
     (default: the settings) are never downloaded; images over its pixel cap are never decoded.
 
     One sync at a time writes to a folder: another one waits up to `lock_wait_s` seconds, then
-    raises SyncLocked.
+    raises SyncLocked. `manifest` (e.g. the work store's copy) replaces the folder's own: objects it
+    records unchanged are not downloaded again, even when the folder is empty (a fresh worker).
     """
     limits = limits or ImageLimits.from_env()  # a bad setting fails before anything is touched
     client = client or s3_client(cfg.conn_id, workers=workers)
@@ -365,7 +351,9 @@ def sync_images(
         for stale in root.rglob(".*.part"):  # temporary files of a sync killed mid-write
             stale.unlink(missing_ok=True)
         prefix = cfg.prefix if not cfg.prefix or cfg.prefix.endswith("/") else cfg.prefix + "/"
-        run = _Sync(cfg, client, root, prefix, load_manifest(root), attempts, limits)
+        known = manifest if manifest is not None else load_manifest(root)
+        known = {"images": {}, "rejected": {}, **known}
+        run = _Sync(cfg, client, root, prefix, known, attempts, limits)
         listing = _list(run)
         _forget_deleted(run, listing)
         _fetch_all(run, _plan(run, listing), workers, checkpoint_every)

@@ -1,5 +1,10 @@
-"""MLflow runs: one run per trained configuration (params, curves, metrics, figures, the model), the
-grid's summary run, and the search over finished runs that selection starts from.
+"""MLflow runs: one run per trained configuration (params, curves, metrics, figures, its head), the
+full model of the run that gets registered, the grid's summary run, and the search over finished
+runs that selection starts from.
+
+A configuration's run logs only what is its own: the head (Normalization and Dense layers, a
+`.keras` file of a few MB), not the frozen VGG16 trunk that every configuration shares (58 MB).
+`log_full_model` assembles and logs the pixels-to-softmax model for the one run that is registered.
 
 Any tracking server works through `MLFLOW_TRACKING_URI` (default: a SQLite store in the data folder).
 The registered model and its aliases live in `registry`; fitting lives in `training`, which knows
@@ -16,12 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from leukemia.config import CLASSES, data_dir, env, mlflow_ui_url, tracking_uri
+from leukemia.config import CLASSES, env, mlflow_ui_url, tracking_uri
 from leukemia.training import TrainConfig
 
 log = logging.getLogger(__name__)
 
 SELECTION_METRIC = "val_f1_macro"
+#: Where a training run keeps its head, and the tag that holds the file's sha256.
+HEAD_ARTIFACT = "head/head.keras"
+HEAD_SHA256_TAG = "head_sha256"
+#: Images in the prediction grid logged with the registered model.
+GRID_IMAGES = 20
 
 
 def setup(experiment: str | None = None) -> str:
@@ -29,13 +39,15 @@ def setup(experiment: str | None = None) -> str:
     import mlflow
 
     uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    store = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
+    if store is not None:
+        store.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     name = experiment or env("LEUKEMIA_EXPERIMENT")
-    if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(name) is None:
-        # a local store keeps its artifacts in the data folder, not in ./mlruns of whatever cwd
-        mlflow.create_experiment(name, artifact_location=(data_dir() / "mlartifacts").as_uri())
+    if store is not None and mlflow.get_experiment_by_name(name) is None:
+        # a local store keeps its artifacts beside its database (never in a task's local folder,
+        # never in ./mlruns of whatever cwd)
+        mlflow.create_experiment(name, artifact_location=(store / "mlartifacts").as_uri())
     return mlflow.set_experiment(name).experiment_id
 
 
@@ -106,23 +118,36 @@ def pip_requirements() -> list[str]:
     return [f"{p}=={version(p)}" for p in ("tensorflow-cpu", "keras", "numpy", "mlflow")]
 
 
+def save_head(head: Any, path: str | Path) -> Path:
+    """The head as a `.keras` file: its layers and weights (the adapted Normalization included), without
+    the optimizer's state, which nothing reads again."""
+    import keras
+
+    bare = keras.Model(head.inputs, head.outputs, name=head.name)  # the same layers, not compiled
+    bare.save(path)
+    return Path(path)
+
+
 def log_outcome(
     cfg: TrainConfig,
-    full_model: Any,
+    head: Any,
     history: dict[str, list[float]],
     results: dict[str, dict[str, Any]],
-    test_rows: list[dict[str, str]],
+    rows: list[dict[str, str]],
     images_dir: str | Path,
     split_path: str | Path,
     epochs_run: int,
     dataset_digest: str = "",
 ) -> str:
-    """Metrics, figures, report, split, dataset input and the full model of the active run."""
+    """Metrics, figures, report, dataset input and the head of the active run; returns the head's URI.
+
+    The split itself is named (tag `split_uri`), not copied: the registered run gets a copy.
+    """
     import mlflow
     import pandas as pd
 
     from leukemia import plots
-    from leukemia.dataset import read_split
+    from leukemia.dataset import file_sha256
 
     mlflow.log_param("epochs_run", epochs_run)
     for split, res in results.items():
@@ -132,13 +157,6 @@ def log_outcome(
         out = Path(tmp)
         plots.confusion_matrix_png(test["confusion_matrix"], out / "confusion_matrix.png")
         plots.training_curves_png(history, out / "training_curves.png", title=cfg.name)
-        plots.prediction_grid_png(
-            [Path(images_dir) / r["path"] for r in test_rows],
-            [CLASSES.index(r["label"]) for r in test_rows],
-            test["y_pred"],
-            test["confidence"],
-            out / "test_predictions.png",
-        )
         report = "\n".join(f"== {s} ==\n{r['report']}" for s, r in results.items())
         (out / "classification_report.txt").write_text(report)
         (out / "metrics.json").write_text(
@@ -151,17 +169,102 @@ def log_outcome(
             )
         )
         mlflow.log_artifacts(str(out))
-    mlflow.log_artifact(str(split_path), artifact_path="split")
-    frame = pd.DataFrame(read_split(split_path))
+        head_dir = out / "head"
+        head_dir.mkdir()
+        head_file = save_head(head, head_dir / Path(HEAD_ARTIFACT).name)
+        mlflow.log_artifact(str(head_file), artifact_path=str(Path(HEAD_ARTIFACT).parent))
+        mlflow.set_tag(HEAD_SHA256_TAG, file_sha256(head_file))
     name = f"leukemia-{dataset_digest[:12]}" if dataset_digest else "leukemia"
-    dataset = mlflow.data.from_pandas(frame, source=str(images_dir), name=name)
+    dataset = mlflow.data.from_pandas(pd.DataFrame(rows), source=str(images_dir), name=name)
     mlflow.log_input(dataset, context="training")
-    info = mlflow.keras.log_model(
-        full_model,
+    mlflow.set_tag("split_uri", str(split_path))
+    return f"runs:/{mlflow.active_run().info.run_id}/{HEAD_ARTIFACT}"
+
+
+def load_head(run_id: str) -> Any:
+    """The head a training run logged, loaded with safe_mode after its sha256 matched the run's tag."""
+    import keras
+    import mlflow
+
+    from leukemia.dataset import file_sha256
+
+    expected = mlflow.MlflowClient().get_run(run_id).data.tags.get(HEAD_SHA256_TAG)
+    path = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=HEAD_ARTIFACT))
+    actual = file_sha256(path)
+    if expected != actual:
+        raise ValueError(
+            f"the head of run {run_id} has sha256 {actual[:12]}…, not the {str(expected)[:12]}… "
+            "recorded when it was trained: the artifact changed; train the configuration again"
+        )
+    return keras.saving.load_model(path, safe_mode=True)
+
+
+def log_full_model(run_id: str, images_dir: str | Path, split_path: str | Path) -> str:
+    """Assemble the pixels-to-softmax model of a training run and log it with the run; its model URI.
+
+    Done only for the model that is registered: the trunk is built from the run's configuration (the
+    weights must be those whose features trained the head: same identity), the head is the run's own.
+    A prediction grid of test images (read from `images_dir`, a folder or an `s3://` prefix) and a
+    copy of the split go with it. Idempotent: a run that has its model returns it.
+    """
+    import mlflow
+    import numpy as np
+    from mlflow.models import Model
+
+    from leukemia import plots
+    from leukemia.dataset import read_split
+    from leukemia.features import load_images
+    from leukemia.model import assemble, build_trunk
+    from leukemia.objectstore import join, read_location, split_location
+    from leukemia.weights import weights_identity
+
+    setup()
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    if run.data.tags.get("model_uri"):
+        return run.data.tags["model_uri"]
+    cfg = TrainConfig.from_dict(json.loads(run.data.tags["config"]))
+    trained_on, here = run.data.params.get("weights"), weights_identity(cfg.model.weights)
+    if trained_on and trained_on != here:
+        raise ValueError(
+            f"run {run_id} was trained on features of weights {trained_on}, but "
+            f"{cfg.model.weights} is {here} on this worker: give every worker the same weights file"
+        )
+    full = assemble(cfg.model, build_trunk(cfg.model), load_head(run_id))
+    info = Model.log(
+        artifact_path=None,
         name="model",
+        flavor=mlflow.keras,
+        model=full,
         signature=model_signature(cfg.model.input_size),
         pip_requirements=pip_requirements(),
+        run_id=run_id,
     )
+    rows = read_split(split_path)
+    test = [r for r in rows if r["split"] == "test"]
+    step = max(1, len(test) // GRID_IMAGES)
+    sample = test[::step][:GRID_IMAGES]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        if sample:
+            pixels = load_images(
+                [join(images_dir, r["path"]) for r in sample], cfg.model.input_size
+            )
+            probs = np.asarray(full.predict_on_batch(pixels))
+            plots.prediction_grid_png(
+                list(pixels),
+                [CLASSES.index(r["label"]) for r in sample],
+                probs.argmax(axis=1).tolist(),
+                probs.max(axis=1).tolist(),
+                out / "test_predictions.png",
+                title=f"Test images ({len(sample)} of {len(test)})",
+            )
+            client.log_artifact(run_id, str(out / "test_predictions.png"))
+        split_copy = out / split_location(split_path)[1]
+        split_copy.write_bytes(read_location(split_path))
+        client.log_artifact(run_id, str(split_copy), artifact_path="split")
+    client.set_tag(run_id, "model_uri", info.model_uri)
+    log.info("Logged the full model of run %s: %s", run_id, info.model_uri)
     return info.model_uri
 
 
@@ -193,7 +296,7 @@ class TrainResult:
     """What one configuration produced (small: fits in XCom)."""
 
     run_id: str
-    model_uri: str
+    head_uri: str
     mlflow_url: str
     config: dict[str, Any]
     val: dict[str, float]
@@ -215,7 +318,6 @@ def train_run(
 
     from leukemia.dataset import read_split
     from leukemia.evaluation import evaluate
-    from leukemia.model import assemble, build_trunk
     from leukemia.training import fit_head, split_arrays
 
     started = time.monotonic()
@@ -236,24 +338,13 @@ def train_run(
             s: evaluate(data[s][1], head.predict(data[s][0], verbose=0)) for s in ("val", "test")
         }
         epochs_run = len(history.get("loss", []))
-        full = assemble(cfg.model, build_trunk(cfg.model), head)
-        model_uri = log_outcome(
-            cfg,
-            full,
-            history,
-            results,
-            data["test"][2],
-            images_dir,
-            split_path,
-            epochs_run,
-            dataset_digest,
+        head_uri = log_outcome(
+            cfg, head, history, results, rows, images_dir, split_path, epochs_run, dataset_digest
         )
-        mlflow.set_tags(
-            {"model_uri": model_uri, "config": json.dumps(cfg.to_dict(), sort_keys=True)}
-        )
+        mlflow.set_tags({"head_uri": head_uri, "config": json.dumps(cfg.to_dict(), sort_keys=True)})
     result = TrainResult(
         run_id=run.info.run_id,
-        model_uri=model_uri,
+        head_uri=head_uri,
         mlflow_url=run_url(run.info.experiment_id, run.info.run_id),
         config=cfg.to_dict(),
         val=results["val"]["metrics"],

@@ -195,19 +195,26 @@ def fit_head(
 def split_arrays(
     rows: list[dict[str, str]], cache_dir: str | Path, variant: str
 ) -> dict[str, tuple[Any, Any, list[dict[str, str]]]]:
-    """Features, labels and rows of each split, from the split rows and the feature cache."""
+    """Features, labels and rows of each split, from the split rows and the feature cache (one read
+    of the variant's arrays for all three splits)."""
     from leukemia.features import labels_to_index, load_features
 
-    out = {}
-    for split in ("train", "val", "test"):
-        part = [r for r in rows if r["split"] == split]
-        x = load_features(cache_dir, [r["sha256"] for r in part], variant)
-        out[split] = (x, labels_to_index([r["label"] for r in part]), part)
-    empty = [s for s, (_, _, part) in out.items() if not part]
+    parts = {s: [r for r in rows if r["split"] == s] for s in ("train", "val", "test")}
+    empty = [s for s, part in parts.items() if not part]
     if empty:
         raise ValueError(
             f"the split has no {' and no '.join(empty)} images: add images or change the fractions"
         )
+    ordered = [r for part in parts.values() for r in part]
+    x = load_features(cache_dir, [r["sha256"] for r in ordered], variant)
+    out, start = {}, 0
+    for split, part in parts.items():
+        out[split] = (
+            x[start : start + len(part)],
+            labels_to_index([r["label"] for r in part]),
+            part,
+        )
+        start += len(part)
     return out
 
 

@@ -3,6 +3,8 @@
 Local S3 server (moto) on loopback → sample images (synthetic, or a folder such as the public data
 set) uploaded to it → `airflow dags test leukemia_training` against a SQLite Airflow home inside the
 working tree → MLflow in a local SQLite store → the champion's version, configuration and metrics.
+The work store (what tasks hand each other) is `<workdir>/work/` as a `file://` URI, so the feature
+shards outlive the in-memory S3 server and a second demo reuses them.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def embedded_env(workdir: Path, endpoint_url: str) -> dict[str, str]:
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         "AIRFLOW_CONN_AWS_DEFAULT": aws_connection_json(endpoint_url),
         "LEUKEMIA_DATA_DIR": str(workdir),
+        "LEUKEMIA_WORK_URI": os.environ.get("LEUKEMIA_WORK_URI") or (workdir / "work").as_uri(),
         "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI")
         or f"sqlite:///{workdir / 'mlflow.db'}",
         "PYTHONPATH": os.pathsep.join(

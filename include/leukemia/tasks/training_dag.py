@@ -2,18 +2,23 @@
 
 The DAG turns its Params into one `RunRequest` (the only place a Params mapping is read) and calls
 one function here per task, so every step runs and is tested without Airflow; XCom carries only what
-these return (paths, ids, URIs, metrics).
+these return (URIs, ids, metrics), never a local path.
+
+Tasks share nothing but the object store and the MLflow server: each step reads what it needs from
+the work store (`RunRequest.work_uri`, LEUKEMIA_WORK_URI) or S3 and writes what the next one needs
+there. A worker's local folder (LEUKEMIA_DATA_DIR) is a cache that may be empty at any step.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
 
-from leukemia.config import RUN_DEFAULTS, StorageConfig, data_dir, env
+from leukemia.config import RUN_DEFAULTS, StorageConfig, env, work_uri
+from leukemia.objectstore import with_conn
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,7 @@ class RunRequest:
     head_units: tuple[int, ...] = RUN_DEFAULTS.head_units
     dropout: float = RUN_DEFAULTS.dropout
     precision: str = RUN_DEFAULTS.precision
+    extract_shards: int = RUN_DEFAULTS.extract_shards
     promotion_margin: float = RUN_DEFAULTS.promotion_margin
     max_failed_fraction: float = RUN_DEFAULTS.max_failed_fraction
     force_retrain: bool = False
@@ -62,40 +68,76 @@ class RunRequest:
             values[f.name] = value
         return cls(**values)
 
+    @property
+    def work_uri(self) -> str:
+        """The work store of this run: LEUKEMIA_WORK_URI, else `s3://<bucket>/work/`."""
+        return with_conn(work_uri(self.bucket or None), self.conn_id or None)
+
 
 def sync(
     bucket: str | None = None,
     prefix: str | None = None,
     conn_id: str | None = None,
     max_failed_fraction: float = 0.0,
+    work: str | None = None,
 ) -> dict[str, Any]:
-    """Sync new and changed images from S3 into the data folder.
+    """Sync new and changed images from S3, keeping the manifest and report in the work store.
 
-    Fails when more than `max_failed_fraction` of the listed objects failed to download (bad
-    images are skipped, not failed), so that nothing is trained on a partial image set.
+    The sync starts from the work store's manifest, so on a fresh worker (an empty local folder) an
+    unchanged bucket is one listing and no download; new objects are still checked and hashed here
+    (their local copies are a cache nobody downstream reads). Fails when more than
+    `max_failed_fraction` of the listed objects failed to download (bad images are skipped, not
+    failed), so that nothing is trained on a partial image set.
     """
-    from leukemia.storage import sync_images
+    from leukemia.objectstore import inside, open_store
+    from leukemia.storage import MANIFEST_NAME, REPORT_NAME, sync_images
 
     cfg = StorageConfig.from_env(
         bucket=bucket or None, prefix=prefix or None, conn_id=conn_id or None
     )
-    result = sync_images(cfg)
+    images_uri = with_conn(f"s3://{cfg.bucket}/{cfg.prefix}", cfg.conn_id)
+    work = work or RunRequest(bucket=cfg.bucket, conn_id=cfg.conn_id).work_uri
+    if inside(work, images_uri):
+        raise ValueError(
+            f"the work store {work} lies inside the images prefix {images_uri}: its files would be "
+            "listed as images. Set LEUKEMIA_WORK_URI (or the prefix) so that they do not overlap"
+        )
+    folder = open_store(work, cfg.conn_id).child(f"sync/{cfg.bucket}/{cfg.prefix}")
+    try:
+        manifest = json.loads(folder.read_bytes(MANIFEST_NAME))
+    except FileNotFoundError:
+        manifest = None  # the first sync of this prefix into this work store
+    result = sync_images(cfg, manifest=manifest)
+    result.manifest_path = folder.write_bytes(
+        MANIFEST_NAME, (cfg.local_dir / MANIFEST_NAME).read_bytes()
+    )
+    result.report_path = folder.write_bytes(REPORT_NAME, (cfg.local_dir / REPORT_NAME).read_bytes())
     result.require_complete(max_failed_fraction)
     if result.images == 0:
         raise ValueError(
             f"no usable images under s3://{cfg.bucket}/{cfg.prefix}: expected "
             f"{cfg.prefix}<Benign|Early|Pre|Pro>/<name>.jpg (see {result.report_path})"
         )
-    return {**result.summary(), "images_dir": str(cfg.local_dir)}
+    summary = result.summary()
+    return {
+        **{k: v for k, v in summary.items() if not k.endswith("_path")},
+        "manifest_uri": result.manifest_path,
+        "report_uri": result.report_path,
+        "images_uri": images_uri,
+        "work_uri": work,
+    }
 
 
-def split(images_dir: str, seed: int = 0) -> dict[str, Any]:
-    """Manifest and stable split of the synced images."""
-    from leukemia.dataset import make_split
+def split(manifest_uri: str, images_uri: str, work: str, seed: int = 0) -> dict[str, Any]:
+    """Manifest and stable split of the synced images, saved in the work store under its digest."""
+    from leukemia.dataset import records_from_manifest, save_split
+    from leukemia.objectstore import join, read_location
 
-    info = make_split(images_dir, data_dir() / "splits", seed=seed)
+    records = records_from_manifest(json.loads(read_location(manifest_uri)))
+    info = save_split(records, join(work, "splits"), seed=seed)
     out = asdict(info)
-    out["images_dir"] = images_dir
+    out["images_uri"] = images_uri
+    out["work_uri"] = work
     out["conflicts"] = len(info.conflicts)
     return out
 
@@ -126,27 +168,79 @@ def needs_training(digest: str, force: bool = False, model_name: str | None = No
     return True
 
 
-def features(split_info: dict[str, Any], request: RunRequest) -> dict[str, Any]:
-    """Cached base features of every image in the split (one pass serves every variant).
+def plan_extraction(split_info: dict[str, Any], request: RunRequest) -> list[dict[str, Any]]:
+    """The extraction shards: one small dict each, saying which slice and where the features go.
 
-    The weights are resolved first: `WeightsUnavailable` (one line with the fix) before any image is read.
+    Settles once what every shard must agree on: the weights (resolved first: `WeightsUnavailable`,
+    one line with the fix, before any image is read; a weights file is loaded once to check it),
+    the precision (`auto` resolved here) and the cache folder they key.
     """
+    from leukemia.features import cache_dir_for, resolve_precision, shard_count
+    from leukemia.model import ModelConfig, build_trunk
+    from leukemia.objectstore import join
+    from leukemia.weights import IMAGENET, NONE, resolve_weights
+
+    weights = resolve_weights(request.weights)
+    if weights not in (IMAGENET, NONE):
+        build_trunk(ModelConfig(input_size=32, weights=weights))  # a bad file fails here, once
+    precision = resolve_precision(request.precision)
+    cfg = ModelConfig(input_size=request.input_size, weights=weights)
+    root = join(split_info["work_uri"], "features")
+    shards = shard_count(int(split_info["images"]), request.extract_shards)
+    log.info(
+        "Extracting features of %d images in %d shards into %s",
+        split_info["images"],
+        shards,
+        cache_dir_for(root, cfg, precision),
+    )
+    where = {
+        "cache_root": root,
+        "cache_dir": cache_dir_for(root, cfg, precision),
+        "weights": weights,
+        "input_size": request.input_size,
+        "precision": precision,
+    }
+    return [{"shard": i, "shards": shards, **where} for i in range(shards)]
+
+
+def extract(split_info: dict[str, Any], shard: dict[str, Any]) -> dict[str, Any]:
+    """One extraction shard (a `plan_extraction` item): its images read from S3, those not cached
+    computed, a shard file per 500 of them in the work store."""
     from leukemia.dataset import read_split
     from leukemia.features import extract_features
     from leukemia.model import ModelConfig
-    from leukemia.weights import resolve_weights
+    from leukemia.objectstore import join
 
-    weights = resolve_weights(request.weights)
     rows = read_split(split_info["path"])
-    cfg = ModelConfig(input_size=request.input_size, weights=weights)
+    cfg = ModelConfig(input_size=shard["input_size"], weights=shard["weights"])
     result = extract_features(
-        [Path(split_info["images_dir"]) / r["path"] for r in rows],
+        [join(split_info["images_uri"], r["path"]) for r in rows],
         [r["sha256"] for r in rows],
         cfg,
-        data_dir() / "features",
-        precision=request.precision,
+        shard["cache_root"],
+        precision=shard["precision"],
+        shard=shard["shard"],
+        shards=shard["shards"],
     )
+    if result.cache_dir != shard["cache_dir"]:
+        raise ValueError(
+            f"this worker's weights {shard['weights']} key the cache {result.cache_dir}, not "
+            f"{shard['cache_dir']}: give every worker the same weights file"
+        )
     return asdict(result)
+
+
+def features_of(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the extraction shards made, as one small dict: the cache folder they all wrote to."""
+    folders = sorted({s["cache_dir"] for s in shards})
+    if len(folders) != 1:
+        raise ValueError(f"the extraction shards wrote to {folders}: expected one cache folder")
+    return {
+        "cache_dir": folders[0],
+        "images": sum(s["images"] for s in shards),
+        "computed": sum(s["computed"] for s in shards),
+        "shards": len(shards),
+    }
 
 
 def plan(request: RunRequest) -> list[dict[str, Any]]:
@@ -179,14 +273,15 @@ def train_one(
     features_info: dict[str, Any],
     tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Train and log one configuration; returns the run id, model URI and metrics."""
+    """Train and log one configuration from the cached features; returns the run id, head URI and
+    metrics."""
     from leukemia.tracking import train_run
     from leukemia.training import TrainConfig
 
     result = train_run(
         TrainConfig.from_dict(config),
         split_info["path"],
-        split_info["images_dir"],
+        split_info["images_uri"],
         features_info["cache_dir"],
         tags=tags,
         dataset_digest=split_info["digest"],
@@ -202,7 +297,7 @@ def promote(
 
     experiment_id = tracking.setup()
     outcome = registry.select_and_promote(
-        experiment_id, split_info["path"], split_info["images_dir"], airflow_run_id, margin=margin
+        experiment_id, split_info["path"], split_info["images_uri"], airflow_run_id, margin=margin
     )
     return asdict(outcome)
 
@@ -211,8 +306,21 @@ def report(
     results: list[dict[str, Any]],
     promotion: dict[str, Any] | None,
     airflow_run_id: str | None = None,
+    work: str | None = None,
 ) -> dict[str, Any]:
-    """The grid's summary MLflow run (also made when selection failed)."""
-    from leukemia.tracking import log_grid_summary
+    """The grid's summary MLflow run (also made when selection failed), and its table as
+    `reports/<airflow run id>/grid_results.json` in the work store."""
+    from leukemia.objectstore import open_store
+    from leukemia.tracking import grid_rows, log_grid_summary
 
-    return log_grid_summary(results, promotion, airflow_run_id)
+    summary = log_grid_summary(results, promotion, airflow_run_id)
+    if work:
+        table = {
+            "rows": grid_rows(results, (promotion or {}).get("run_id")),
+            "promotion": promotion,
+        }
+        name = f"reports/{airflow_run_id or summary['summary_run_id']}/grid_results.json"
+        summary["report_uri"] = open_store(work).write_bytes(
+            name, json.dumps(table, indent=1, sort_keys=True).encode()
+        )
+    return summary
