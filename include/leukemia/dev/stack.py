@@ -352,7 +352,6 @@ class Stack:
         self.client = Worker("client", self.root / "client")
         self.bucket = env("LEUKEMIA_BUCKET")
         self.services: list[Service] = []
-        self._s3: Any = None
         self._pg_dir: Path | None = None
         self._token: str | None = None
         self._previous_sigterm: Any = None
@@ -373,7 +372,7 @@ class Stack:
 
     @property
     def s3_url(self) -> str:
-        return self._s3.endpoint_url
+        return f"http://127.0.0.1:{self.ports['s3']}"
 
     def _db_url(self, database: str, driver: str = "postgresql+psycopg2") -> str:
         return (
@@ -433,9 +432,6 @@ class Stack:
             except Exception:  # keep stopping the others
                 log.exception("could not stop %s", ", ".join(s.name for s in batch))
         self.services.clear()
-        if self._s3 is not None:
-            self._s3.stop()
-            self._s3 = None
         if self._pg_dir is not None:
             shutil.rmtree(self._pg_dir, ignore_errors=True)
             self._pg_dir = None
@@ -497,9 +493,14 @@ class Stack:
     # ---- the servers -----------------------------------------------------------------------
 
     def _start_s3(self) -> None:
-        from leukemia.dev.embedded import S3Server
-
-        self._s3 = S3Server().start()
+        """moto's S3 server in a process of its own (its buckets live and die with this stack)."""
+        self.ports["s3"] = free_port()
+        environ = {**self._base_env(), "PYTHONPATH": str(project_root() / "include")}
+        cmd = [sys.executable, "-m", "leukemia", "s3-server", "--port", str(self.ports["s3"])]
+        server = self._spawn(
+            "s3", cmd, environ, self.root / "control", signal.SIGINT, database=True
+        )
+        self._wait("the S3 server", lambda: http("GET", self.s3_url)[0] == 200, [server], 60)
         client = self.s3_client()
         for bucket in (self.bucket, ARTIFACT_BUCKET):
             client.create_bucket(Bucket=bucket)
