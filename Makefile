@@ -42,6 +42,7 @@ bench: venv
 	$(BIN)/python bench/quality.py
 	$(BIN)/python bench/ceiling.py
 	$(BIN)/python bench/predict.py
+	$(BIN)/python bench/scale.py
 
 # Regenerate constraints.txt from a fresh environment built from requirements.txt alone.
 lock:
