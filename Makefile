@@ -7,7 +7,7 @@ DATA ?=
 export PYTHONPATH := $(CURDIR)/include
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: venv demo test test-fast lint bench lock clean
+.PHONY: venv demo test test-fast stack-test lint bench lock clean
 
 venv: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ test: venv
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow"
 
+# The training DAG on the production stack (PostgreSQL, Redis, two Celery workers with no shared
+# disk, MLflow server, moto), started on loopback by the test; needs postgresql and redis-server.
+stack-test: venv
+	$(BIN)/python -m pytest -m stack
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -38,6 +43,7 @@ bench: venv
 	$(BIN)/python bench/ceiling.py
 	$(BIN)/python bench/predict.py
 	$(BIN)/python bench/artifacts.py
+	$(BIN)/python bench/scale.py
 
 # Regenerate constraints.txt from a fresh environment built from requirements.txt alone.
 lock:

@@ -352,6 +352,21 @@ def test_image_versions_match_the_pinned_packages() -> None:
         assert f"boto3=={boto3}" in (ROOT / "docker" / "mlflow.Dockerfile").read_text()
 
 
+def test_the_lock_holds_the_celery_executor_and_the_drivers_its_urls_name() -> None:
+    """The stack's executor runs on the lock's packages, not on what the base image happens to have:
+    the Celery provider, the Redis client, and the PostgreSQL drivers that the compose URLs name."""
+    for package in ("apache-airflow-providers-celery", "redis", "psycopg2-binary", "asyncpg"):
+        version = pin(ROOT / "requirements.txt", package)
+        assert version, f"requirements.txt must pin {package} exactly"
+        assert pin(ROOT / "constraints.txt", package) == version, f"constraints.txt: {package}"
+    for package in ("celery", "kombu"):
+        assert pin(ROOT / "constraints.txt", package), f"constraints.txt must lock {package}"
+    env = environment(compose()["x-airflow-common"])
+    # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which the lock does not hold
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://")
+    assert env["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql+psycopg2://")
+
+
 # --- (c) variables and credentials -----------------------------------------------------------
 
 
