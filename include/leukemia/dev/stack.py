@@ -270,10 +270,10 @@ class RunResult:
 
     def span_s(self, task_id: str) -> float | None:
         """Wall time of a (mapped) task: first start to last end of its instances."""
-        done = [t for t in self.of(task_id) if t.start and t.end]
-        if not done:
+        spans = [(t.start, t.end) for t in self.of(task_id) if t.start and t.end]
+        if not spans:
             return None
-        return (max(t.end for t in done) - min(t.start for t in done)).total_seconds()  # type: ignore[type-var]
+        return (max(end for _, end in spans) - min(start for start, _ in spans)).total_seconds()
 
     def share_nothing_report(self) -> list[str]:
         """One line per breach of share-nothing; empty when the run kept to its own disks."""
