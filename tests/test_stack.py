@@ -5,11 +5,9 @@
 fence) on 127.0.0.1; the run is triggered through the REST API as the UI does it, on synthetic
 smears. `make stack-test` runs this module alone (`pytest -m stack`).
 
-Until issue 13's data plane lands (hand-offs through `LEUKEMIA_WORK_URI`, extraction mapped over
-`extract_shards`), tasks hand each other paths on the disk of the worker that wrote them: the test
-is then an expected failure (xfail), and only for that reason: a run that breaks share-nothing
-once the DAG has `extract_shards`, or any other failure of the stack or the run, fails it. The
-tests below it check the harness's own pieces without starting anything.
+The run must keep to share-nothing (no task reaches another worker's folder, no XCom names a
+local file) and succeed; the tests below it check the harness's own pieces without starting
+anything.
 """
 
 from __future__ import annotations
@@ -36,11 +34,6 @@ from leukemia.dev.stack import (
 
 PER_CLASS = 12
 RUN_TIMEOUT_S = 600
-DATA_PLANE_PENDING = (
-    "issue 13 data plane not landed: the served DAG has no extract_shards Param, so tasks still "
-    "hand each other local paths under LEUKEMIA_DATA_DIR (sync_images -> build_split -> "
-    "extract_features -> train); expected to break share-nothing until it lands"
-)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +52,6 @@ def test_training_dag_runs_on_two_celery_workers_that_share_no_disk(stack: Stack
 
     # share nothing: no task reached another worker's folder, no XCom names a local file
     breaches = result.share_nothing_report()
-    if breaches and "extract_shards" not in params:
-        pytest.xfail(f"{DATA_PLANE_PENDING}. This run: " + "; ".join(breaches[:3]))
     if breaches:
         raise ShareNothingViolation("\n".join([*breaches, stack.diagnosis(result)]))
     assert result.state == "success", stack.diagnosis(result)
