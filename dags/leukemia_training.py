@@ -129,6 +129,13 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
             description="Share of listed images that may fail to download before the sync fails "
             "the run (bad images are skipped, not failed). 0: train only on a complete sync.",
         ),
+        "mask_overlay": Param(
+            RUN_DEFAULTS.mask_overlay,
+            type="boolean",
+            title="Mask the scale-bar overlay",
+            description="Fill the bottom-right scale-bar square inside the model, so that no "
+            "model reads the microscope's overlay instead of the cells (part of the feature-cache key).",
+        ),
         "force_retrain": Param(
             False,
             type="boolean",

@@ -81,6 +81,19 @@ def test_cache_is_keyed_by_size_and_precision(cached: dict, tmp_path: Path) -> N
     assert out.computed == 2 and out.cache_dir != cached["first"].cache_dir
 
 
+def test_cache_is_keyed_by_the_overlay_mask(cached: dict) -> None:
+    from leukemia.features import cache_dir_for
+
+    masked = ModelConfig(input_size=SIZE, weights="none", mask_overlay=True)
+    unmasked = ModelConfig(input_size=SIZE, weights="none", mask_overlay=False)
+    assert cache_dir_for("c", masked, "float32").endswith(f"/none-{SIZE}px-float32-masked")
+    assert cache_dir_for("c", unmasked, "bfloat16").endswith(f"/none-{SIZE}px-bfloat16")
+    out = extract_features(
+        cached["paths"][:2], cached["shas"][:2], unmasked, cached["root"], "float32"
+    )
+    assert out.computed == 2 and out.cache_dir != cached["first"].cache_dir
+
+
 @pytest.mark.parametrize("variant", ["seed", "multiscale"])
 def test_head_on_cached_features_equals_full_model_on_images(cached: dict, variant: str) -> None:
     import keras
@@ -104,7 +117,7 @@ def test_bfloat16_features_are_close_to_float32(cached: dict) -> None:
     cfg = ModelConfig(input_size=SIZE, weights="none")
     paths, shas = cached["paths"][:8], cached["shas"][:8]
     bf = extract_features(paths, shas, cfg, cached["root"], precision="bfloat16")
-    assert bf.precision == "bfloat16" and bf.cache_dir.endswith("bfloat16")
+    assert bf.precision == "bfloat16" and bf.cache_dir.endswith("bfloat16-masked")
     a = load_features(cached["first"].cache_dir, shas, "multiscale")
     b = load_features(bf.cache_dir, shas, "multiscale")
     assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.03

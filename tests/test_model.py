@@ -24,7 +24,8 @@ def test_default_model_matches_the_reference_shape() -> None:
     trainable = trainable_params(model)
     frozen = model.count_params() - trainable
     assert 170_000 <= trainable <= 176_000  # the reference head had 173,692
-    assert frozen - VGG16_CONV_PARAMS == 2 * 512 + 1 + 12  # plus Normalization stats and preprocess
+    # plus Normalization stats, the preprocess Dense and the overlay fill Dense (on by default)
+    assert frozen - VGG16_CONV_PARAMS == 2 * 512 + 1 + 12 + 12
     assert model.input_shape == (None, 224, 224, 3)
     assert model.output_shape == (None, 4)
     trunk = model.get_layer("vgg16_trunk")
@@ -38,6 +39,39 @@ def test_preprocessing_layer_is_vgg16_preprocess_input() -> None:
     expected = keras.applications.vgg16.preprocess_input(x.copy())
     got = np.asarray(build_preprocess(32)(x))
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_overlay_square_is_filled_before_the_vgg16_preprocessing() -> None:
+    from leukemia.model import OVERLAY_FILL, overlay_start
+
+    assert [overlay_start(s) for s in (32, 64, 224)] == [27, 54, 192]
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    other = x.copy()
+    other[:, 54:, 54:] = rng.uniform(0, 255, (2, 10, 10, 3))  # another overlay in the corner
+    plain = np.asarray(build_preprocess(64)(x))
+    masked = build_preprocess(64, mask_overlay=True)
+    got, swapped = np.asarray(masked(x)), np.asarray(masked(other))
+    np.testing.assert_array_equal(got[:, :54], plain[:, :54])  # the rest is untouched
+    np.testing.assert_array_equal(got[:, :, :54], plain[:, :, :54])
+    np.testing.assert_array_equal(got, swapped)  # the corner no longer reaches the network
+    fill = np.asarray(build_preprocess(64)(np.broadcast_to(OVERLAY_FILL, (1, 64, 64, 3))))
+    np.testing.assert_allclose(got[0, 54:, 54:], fill[0, 54:, 54:], atol=1e-3)
+
+
+def test_masked_model_loads_in_safe_mode_without_custom_objects(tmp_path: Path) -> None:
+    import keras
+
+    model = build_model(ModelConfig(input_size=48, weights="none", mask_overlay=True))
+    assert model.get_layer("preprocess").get_layer("overlay_fill") is not None
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    x = np.random.default_rng(1).uniform(0, 255, (3, 48, 48, 3)).astype("float32")
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    unmasked = build_model(ModelConfig(input_size=48, weights="none", mask_overlay=False))
+    names = {layer.name for layer in unmasked.get_layer("preprocess").layers}
+    assert not any(n.startswith("overlay_") for n in names)
 
 
 def test_variants_and_widths() -> None:

@@ -82,7 +82,7 @@ def test_plan_extraction_settles_weights_precision_and_cache_folder_for_every_sh
     shards = plan_extraction(split, request)
     assert [(s["shard"], s["shards"]) for s in shards] == [(0, 3), (1, 3), (2, 3)]
     assert {s["cache_dir"] for s in shards} == {
-        f"s3://b/work/features/none-64px-{shards[0]['precision']}"
+        f"s3://b/work/features/none-64px-{shards[0]['precision']}-masked"
     }
     assert shards[0]["precision"] in ("float32", "bfloat16")  # auto is resolved once, here
     two = plan_extraction(split, RunRequest(weights="none", extract_shards=2))

@@ -49,6 +49,9 @@ class RunDefaults:
     seed: int = 42
     precision: str = "auto"
     extract_shards: int = 0  # 0: one extraction shard per `features.IMAGES_PER_SHARD` images
+    # the model looks at the cells: the scale-bar overlay in the bottom-right corner is filled with
+    # a constant colour inside the model (model.build_preprocess), before the VGG16 preprocessing
+    mask_overlay: bool = True
     # the run around the grid
     promotion_margin: float = 0.0
     max_failed_fraction: float = 0.0

@@ -1,7 +1,7 @@
 """Cached base features: one frozen-VGG16 pass per image, reused by every grid configuration.
 
 The cache is a folder (a local path, or in the DAG `<work store>/features/`) with one sub-folder per
-key (weights identity, input size, precision). It holds *shard files* `part-<hash>.npz`, each written
+key (weights identity, input size, precision, overlay mask). It holds *shard files* `part-<hash>.npz`, each written
 whole by one extraction shard: the sha256 of its images and one array per pooled output of
 `model.POOLED_KEYS`, so every feature variant comes out of the same single pass. A later run, or a
 retried shard, computes only images that no shard file holds yet; a reader fetches only the arrays
@@ -77,8 +77,12 @@ def resolve_precision(precision: str) -> str:
 
 
 def cache_dir_for(root: str | Path, cfg: ModelConfig, precision: str) -> str:
-    """The cache folder (path or URI) for one (weights, input size, precision)."""
-    return join(root, f"{weights_identity(cfg.weights)}-{cfg.input_size}px-{precision}")
+    """The cache folder (path or URI) for one (weights, input size, precision, overlay mask).
+
+    Unmasked features keep the folder name they had before the mask existed.
+    """
+    masked = "-masked" if cfg.mask_overlay else ""
+    return join(root, f"{weights_identity(cfg.weights)}-{cfg.input_size}px-{precision}{masked}")
 
 
 def shard_count(images: int, requested: int = 0) -> int:
@@ -136,7 +140,7 @@ def build_extractor(cfg: ModelConfig, precision: str = "float32") -> Any:
     keras.config.set_dtype_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
     try:
         trunk = build_trunk(cfg)
-        pre = build_preprocess(cfg.input_size)
+        pre = build_preprocess(cfg.input_size, cfg.mask_overlay)
     finally:
         keras.config.set_dtype_policy(previous)
     inputs = keras.Input((cfg.input_size, cfg.input_size, 3), name="pixels")

@@ -2,7 +2,7 @@
 
 The full model is three parts, each a Keras model of its own so the pipeline can run them apart:
 
-    raw RGB 0-255 → preprocess (VGG16's caffe preprocessing as a fixed layer)
+    raw RGB 0-255 → preprocess (overlay mask, then VGG16's caffe preprocessing, as fixed layers)
                   → trunk  (frozen VGG16 conv base, outputs block3/4/5_pool, called with training=False)
                   → pool   (the variant's global pooling + concatenation)
                   → head   (Normalization → Dense/Dropout … → softmax over CLASSES)
@@ -45,6 +45,17 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 VGG16_CONV_PARAMS = 14_714_688
 RANDOM_TRUNK_SEED = 1234
 
+#: The scale-bar overlay of the public images lies inside the bottom-right square that starts at
+#: row and column 192 of 224 (scaled to other input sizes) (32 x 32 px at 224): measured on the 2,279 dev images, the large
+#: "200/500 px" box spans x 194-223, y 194-221, the small white box x 194-217, y 206-216 and the red
+#: bar x 193-219, y 210-213. 192 is also a JPEG block (and 16-px chroma block) boundary, so the
+#: compression halo of every style stays inside. A fixed square, not a detector: the mask is the same
+#: for every image, so its footprint cannot tell the style (and with it the class) apart.
+OVERLAY_START = 192
+#: Fill colour of the masked square (RGB): the median colour of the 8-px ring around it on the dev
+#: images, so the square looks like slide background. A constant: the square then carries nothing.
+OVERLAY_FILL = (220.0, 229.0, 248.0)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -55,6 +66,7 @@ class ModelConfig:
     variant: str = RUN_DEFAULTS.variant
     head_units: tuple[int, ...] = RUN_DEFAULTS.head_units
     dropout: float = RUN_DEFAULTS.dropout
+    mask_overlay: bool = RUN_DEFAULTS.mask_overlay  # fill the overlay square (see OVERLAY_START)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -110,17 +122,47 @@ def build_trunk(cfg: ModelConfig) -> Any:
     return trunk
 
 
-def build_preprocess(input_size: int) -> Any:
-    """`keras.applications.vgg16.preprocess_input` as a fixed Dense layer on the channel axis.
+def overlay_start(size: int) -> int:
+    """First row and column of the overlay square in a `size` x `size` input (192 at 224)."""
+    return size * OVERLAY_START // 224
 
-    Built from stock layers so the saved model loads anywhere without custom code.
+
+def overlay_mask_layers(inputs: Any, size: int) -> Any:
+    """`inputs` with the overlay square filled with `OVERLAY_FILL`, from stock layers only.
+
+    The image is cut into its top rows, the bottom-left block and the corner square; the square goes
+    through a fixed Dense layer with a zero kernel, whose bias is the fill colour, and the pieces are
+    joined again. Gradients and shapes pass unchanged, and the saved model loads in Keras' safe mode.
+    """
+    import keras
+    import numpy as np
+
+    start = overlay_start(size)
+    rest = size - start
+    top = keras.layers.Cropping2D(((0, rest), (0, 0)), name="overlay_top")(inputs)
+    left = keras.layers.Cropping2D(((start, 0), (0, rest)), name="overlay_left")(inputs)
+    corner = keras.layers.Cropping2D(((start, 0), (start, 0)), name="overlay_corner")(inputs)
+    fill = keras.layers.Dense(3, name="overlay_fill", trainable=False)
+    filled = fill(corner)
+    fill.set_weights([np.zeros((3, 3), dtype="float32"), np.asarray(OVERLAY_FILL, dtype="float32")])
+    bottom = keras.layers.Concatenate(axis=2, name="overlay_bottom")([left, filled])
+    return keras.layers.Concatenate(axis=1, name="overlay_masked")([top, bottom])
+
+
+def build_preprocess(input_size: int, mask_overlay: bool = False) -> Any:
+    """`keras.applications.vgg16.preprocess_input` as a fixed Dense layer on the channel axis,
+    after filling the overlay square when `mask_overlay` (the pipeline passes `cfg.mask_overlay`).
+
+    Built from stock layers so the saved model loads anywhere without custom code; every use of the
+    model (features, training, evaluation, prediction, scoring, Grad-CAM) sees the same pixels.
     """
     import keras
     import numpy as np
 
     inputs = keras.Input((input_size, input_size, 3), name="pixels")
+    x = overlay_mask_layers(inputs, input_size) if mask_overlay else inputs
     layer = keras.layers.Dense(3, name="vgg16_preprocess", trainable=False)
-    outputs = layer(inputs)
+    outputs = layer(x)
     flip = np.eye(3, dtype="float32")[::-1]  # RGB → BGR
     layer.set_weights([flip, -np.asarray(VGG_MEAN_BGR, dtype="float32")])
     return keras.Model(inputs, outputs, name="preprocess")
@@ -188,7 +230,7 @@ def assemble(cfg: ModelConfig, trunk: Any, head: Any) -> Any:
     import keras
 
     inputs = keras.Input((cfg.input_size, cfg.input_size, 3), name="pixels")
-    x = build_preprocess(cfg.input_size)(inputs)
+    x = build_preprocess(cfg.input_size, cfg.mask_overlay)(inputs)
     pooled = trunk(x, training=False)
     features = build_pool(cfg.input_size, cfg.variant)(pooled)
     outputs = head(features, training=False)

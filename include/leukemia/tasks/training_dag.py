@@ -45,6 +45,7 @@ class RunRequest:
     extract_shards: int = RUN_DEFAULTS.extract_shards
     promotion_margin: float = RUN_DEFAULTS.promotion_margin
     max_failed_fraction: float = RUN_DEFAULTS.max_failed_fraction
+    mask_overlay: bool = RUN_DEFAULTS.mask_overlay
     force_retrain: bool = False
 
     @classmethod
@@ -61,7 +62,7 @@ class RunRequest:
                 value = tuple(int(v) for v in value)
             elif f.name == "learning_rate":
                 value = float(value) if value not in ("", 0) else None
-            elif f.name == "force_retrain":
+            elif f.name in ("force_retrain", "mask_overlay"):
                 value = bool(value)
             else:
                 value = type(getattr(RUN_DEFAULTS, f.name, f.default))(value)
@@ -184,7 +185,9 @@ def plan_extraction(split_info: dict[str, Any], request: RunRequest) -> list[dic
     if weights not in (IMAGENET, NONE):
         build_trunk(ModelConfig(input_size=32, weights=weights))  # a bad file fails here, once
     precision = resolve_precision(request.precision)
-    cfg = ModelConfig(input_size=request.input_size, weights=weights)
+    cfg = ModelConfig(
+        input_size=request.input_size, weights=weights, mask_overlay=request.mask_overlay
+    )
     root = join(split_info["work_uri"], "features")
     shards = shard_count(int(split_info["images"]), request.extract_shards)
     log.info(
@@ -198,6 +201,7 @@ def plan_extraction(split_info: dict[str, Any], request: RunRequest) -> list[dic
         "cache_dir": cache_dir_for(root, cfg, precision),
         "weights": weights,
         "input_size": request.input_size,
+        "mask_overlay": request.mask_overlay,
         "precision": precision,
     }
     return [{"shard": i, "shards": shards, **where} for i in range(shards)]
@@ -212,7 +216,11 @@ def extract(split_info: dict[str, Any], shard: dict[str, Any]) -> dict[str, Any]
     from leukemia.objectstore import join
 
     rows = read_split(split_info["path"])
-    cfg = ModelConfig(input_size=shard["input_size"], weights=shard["weights"])
+    cfg = ModelConfig(
+        input_size=shard["input_size"],
+        weights=shard["weights"],
+        mask_overlay=bool(shard.get("mask_overlay", True)),
+    )
     result = extract_features(
         [join(split_info["images_uri"], r["path"]) for r in rows],
         [r["sha256"] for r in rows],
@@ -257,6 +265,7 @@ def plan(request: RunRequest) -> list[dict[str, Any]]:
             "weights": request.weights,
             "head_units": request.head_units,
             "dropout": request.dropout,
+            "mask_overlay": request.mask_overlay,
         }
     )
     configs = grid(
