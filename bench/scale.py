@@ -4,7 +4,7 @@ Each worker count gets a fresh production-shaped stack (`leukemia.dev.stack`: Po
 moto, an MLflow server, Airflow on the CeleryExecutor) with worker i pinned to core i by `taskset`,
 so that the machine's 2 cores stand for 2 hosts; the same images and the same run conf go to both.
 Measured from the task instances that the REST API reports: extraction wall time (first start to
-last end of `extract_features`, mapped over `extract_shards` where the DAG has that Param) and grid
+last end of the `extract_features` shards, mapped over `extract_shards`) and grid
 wall time (the same over `train`), and per image: extraction seconds, image bytes, feature bytes,
 MLflow artifact bytes. Target: 2 workers at least 1.8x one worker for extraction.
 
@@ -41,16 +41,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=224, help="synthetic image and input size")
     parser.add_argument("--weights", help="default: none (synthetic), ../shared weights (real)")
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--shards", type=int, default=2, help="extract_shards, where it exists")
+    parser.add_argument("--shards", type=int, default=2, help="the run's extract_shards")
     parser.add_argument("--keep", action="store_true", help="keep the stacks' folders")
     return parser.parse_args()
-
-
-def share_nothing_ready() -> bool:
-    """True once tasks hand off through the object store (issue 13's LEUKEMIA_WORK_URI)."""
-    from leukemia.config import ENV_DEFAULTS
-
-    return "LEUKEMIA_WORK_URI" in ENV_DEFAULTS
 
 
 def bucket_bytes(stack: Any, bucket: str, prefix: str = "") -> int:
@@ -62,31 +55,20 @@ def bucket_bytes(stack: Any, bucket: str, prefix: str = "") -> int:
     return total
 
 
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
-def measure(workers: int, source: Path, conf: dict[str, Any], shared: bool, keep: bool) -> dict:
+def measure(workers: int, source: Path, conf: dict[str, Any], keep: bool) -> dict:
     """One fresh stack with `workers` pinned workers, one DAG run; the figures of that run."""
     from leukemia.config import env
     from leukemia.dev.stack import ARTIFACT_BUCKET, StackError, open_session, summary_lines
 
     root = Path(tempfile.mkdtemp(prefix=f"leukemia-scale-{workers}w-"))
-    options = {"workers": workers, "cpus": list(range(workers)), "shared_disk": shared}
-    with open_session(root, data=source, **options) as session:
+    with open_session(root, data=source, workers=workers, cpus=list(range(workers))) as session:
         stack = session.stack
-        params = stack.dag_params()
-        run_conf = {**conf}
-        if "extract_shards" not in params:
-            run_conf.pop("extract_shards", None)
-        result = stack.run(run_conf, timeout_s=3600)
+        result = stack.run(conf, timeout_s=3600)
         print("\n".join(summary_lines(result)), flush=True)
         if result.state != "success":
             raise StackError(stack.diagnosis(result))
         extraction = result.of("extract_features")
-        features = folder_bytes(root / "shared-data" / "features") if shared else 0
-        features += sum(folder_bytes(w.data_dir / "features") for w in stack.workers)
-        features += bucket_bytes(stack, stack.bucket, "work/")  # the object-store data plane
+        features = bucket_bytes(stack, stack.bucket, "work/features/")  # the feature shards
         figures = {
             "workers": workers,
             "images": session.images,
@@ -103,6 +85,7 @@ def measure(workers: int, source: Path, conf: dict[str, Any], shared: bool, keep
             / session.images,
             "feature bytes per image": features / session.images,
             "artifact bytes per run": bucket_bytes(stack, ARTIFACT_BUCKET),
+            "load average after": round(os.getloadavg()[0], 1),  # other jobs skew every ratio
         }
     if not keep:
         import shutil
@@ -135,22 +118,15 @@ def main() -> None:
         "precision": "float32",
         "extract_shards": args.shards,
     }
-    shared = not share_nothing_ready()
     load_before = os.getloadavg()
     print(f"{machine()}; load average {load_before[0]:.1f}", flush=True)
-    if shared:
-        print(
-            "Note: tasks still hand off local paths (issue 13's object-store data plane has not "
-            "landed), so the workers share one data folder here (shared_disk=True).",
-            flush=True,
-        )
-    rows = [measure(n, source, conf, shared, args.keep) for n in args.workers]
+    rows = [measure(n, source, conf, args.keep) for n in args.workers]
     load_after = os.getloadavg()
 
     print(f"\n## Scale-out (bench/scale.py), {machine()}")
     print(
         f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after; "
-        f"{'shared data folder' if shared else 'no shared disk'}; conf {json.dumps(conf)}\n"
+        f"no shared disk; conf {json.dumps(conf)}\n"
     )
     columns = [
         "workers",
@@ -161,6 +137,7 @@ def main() -> None:
         "grid s",
         "run s",
         "hosts of train",
+        "load average after",
     ]
     print(table(rows, columns))
     per_image = ["workers", "extraction task-s per image", "image bytes per image"]
@@ -174,12 +151,8 @@ def main() -> None:
         for what in ("extraction s", "grid s", "run s"):
             if one[what] and row[what]:
                 print(f"{what}: {row['workers']} workers {one[what] / row[what]:.2f}x one worker")
-        sharded = row["extraction tasks"] > 1
         verdict = "met" if one["extraction s"] / row["extraction s"] >= TARGET else "not met"
-        print(
-            f"extraction target ({TARGET}x): {verdict}"
-            + ("" if sharded else " (extraction is one task: not sharded yet, so 1.0x is expected)")
-        )
+        print(f"extraction target ({TARGET}x): {verdict}")
     OUT.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out = OUT / f"scale-{stamp}.json"

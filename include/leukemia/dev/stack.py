@@ -8,8 +8,7 @@ Airflow with the CeleryExecutor: scheduler, dag-processor, api-server and N Cele
 Each worker stands for a host of its own: its own empty folder (`LEUKEMIA_DATA_DIR`, `HOME`,
 `TMPDIR`, its Airflow home with the task logs), its own host name (what Airflow records for each task
 instance) and a fence (`leukemia.dev.hostfence`) that hides every other folder of the stack from it
-and records each attempt to reach one. `shared_disk=True` is a diagnostic only: every worker then
-gets the same data folder, as on a shared file system.
+and records each attempt to reach one.
 
 The DAG is driven as the UI drives it: a token from `/auth/token`, then Airflow's REST API v2.
 Development tooling (the multi-worker test, `bench/scale.py`), never imported by production code.
@@ -333,7 +332,6 @@ class Stack:
         self,
         root: Path,
         workers: int = 2,
-        shared_disk: bool = False,
         cpus: Sequence[int] | None = None,
         training_slots: int = 2,
         extra_env: dict[str, str] | None = None,
@@ -341,7 +339,6 @@ class Stack:
         if cpus is not None and len(cpus) != workers:
             raise ValueError(f"give one core per worker: {workers} workers, cpus={list(cpus)}")
         self.root = Path(os.path.realpath(root))
-        self.shared_disk = shared_disk
         self.training_slots = training_slots
         self.extra_env = dict(extra_env or {})
         names = [f"worker-{chr(ord('a') + i)}" for i in range(workers)]
@@ -669,9 +666,9 @@ class Stack:
         for sub in ("data", "home", "tmp", "airflow", "site"):
             (host.root / sub).mkdir(parents=True, exist_ok=True)
         (host.root / "site" / "sitecustomize.py").write_text(sitecustomize_source())
-        data_dir = self.root / "shared-data" if self.shared_disk else host.data_dir
+        data_dir = host.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
-        allowed = [str(host.root)] + ([str(data_dir)] if self.shared_disk else [])
+        allowed = [str(host.root)]
         environ = self.airflow_env()
         environ.update(
             {
@@ -1028,11 +1025,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m leukemia.dev.stack", description=main.__doc__)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
-        "--shared-disk",
-        action="store_true",
-        help="diagnostic: one data folder for every worker (a shared file system)",
-    )
-    parser.add_argument(
         "--data", type=Path, help="a <Class>/<name> image folder (default: synthetic)"
     )
     parser.add_argument("--per-class", type=int, default=12)
@@ -1045,8 +1037,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     root = args.root or Path(tempfile.mkdtemp(prefix="leukemia-stack-"))
     print(f"Stack folder: {root} (process logs in {root / 'logs'})", flush=True)
-    options = {"workers": args.workers, "shared_disk": args.shared_disk}
-    with open_session(root, args.data, args.per_class, args.size, **options) as session:
+    with open_session(root, args.data, args.per_class, args.size, workers=args.workers) as session:
         stack = session.stack
         conf = {**tiny_conf(stack.dag_params(), args.size), **json.loads(args.conf or "{}")}
         print(f"{session.images} images; triggering {DAG_ID} with {json.dumps(conf)}", flush=True)
@@ -1060,8 +1051,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"predict in a fresh process: exit {scored.returncode}; {scored.stderr.strip()[-300:]}"
         )
-        kept = args.shared_disk or not result.share_nothing_report()  # shared: a diagnostic
-        return 0 if scored.returncode == 0 and kept else 1
+        return 0 if scored.returncode == 0 and not result.share_nothing_report() else 1
 
 
 if __name__ == "__main__":
