@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -88,8 +89,6 @@ def measure(workers: int, source: Path, conf: dict[str, Any], keep: bool) -> dic
             "load average after": round(os.getloadavg()[0], 1),  # other jobs skew every ratio
         }
     if not keep:
-        import shutil
-
         shutil.rmtree(root, ignore_errors=True)
     return figures
 
@@ -120,7 +119,11 @@ def main() -> None:
     }
     load_before = os.getloadavg()
     print(f"{machine()}; load average {load_before[0]:.1f}", flush=True)
-    rows = [measure(n, source, conf, args.keep) for n in args.workers]
+    try:
+        rows = [measure(n, source, conf, args.keep) for n in args.workers]
+    finally:
+        if not (args.real or args.data or args.keep):
+            shutil.rmtree(source, ignore_errors=True)  # the synthetic smears made above
     load_after = os.getloadavg()
 
     print(f"\n## Scale-out (bench/scale.py), {machine()}")
