@@ -24,9 +24,7 @@ from leukemia.weights import (
     IMAGENET,
     NONE,
     WeightsUnavailable,
-    normalize,
     resolve_weights,
-    weights_identity,
 )
 
 log = logging.getLogger(__name__)
@@ -90,30 +88,28 @@ def build_trunk(cfg: ModelConfig) -> Any:
     """The frozen VGG16 conv base with the block3/4/5 pool outputs, weights loaded and checked."""
     import keras
 
-    value = normalize(cfg.weights)
-    weights = None if value == NONE else value
+    value = resolve_weights(cfg.weights)  # a missing file or unreachable ImageNet: one clear line
     shape = (cfg.input_size, cfg.input_size, 3)
-    if weights not in (None, IMAGENET):
-        weights_identity(weights)  # fails early, naming the path, when the file is missing
+    if value not in (NONE, IMAGENET):
         base = keras.applications.VGG16(include_top=False, weights=None, input_shape=shape)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # keras warns per layer before it raises
-                base.load_weights(weights)
+                base.load_weights(value)
         except Exception as exc:
             expected = ", ".join(f"{w.path}{tuple(w.shape)}" for w in base.weights[:4])
             raise WeightsUnavailable(
-                f"cannot load VGG16 weights from {weights}: {first_line(exc)} Expected a VGG16 include_top=False "
+                f"cannot load VGG16 weights from {value}: {first_line(exc)} Expected a VGG16 include_top=False "
                 f"file with 26 arrays ({VGG16_CONV_PARAMS:,} parameters), e.g. {expected}, ..."
             ) from exc
     else:
-        if weights == IMAGENET:
-            resolve_weights(IMAGENET)  # from Keras' cache, or one download; one clear line if not
-        if weights is None:
+        if value == NONE:
             # no weights (tests): a fixed random initialisation, so that the trunk that extracted the
             # cached features and the trunk inside the logged model are the same network
             keras.utils.set_random_seed(RANDOM_TRUNK_SEED)
-        base = keras.applications.VGG16(include_top=False, weights=weights, input_shape=shape)
+        base = keras.applications.VGG16(
+            include_top=False, weights=None if value == NONE else IMAGENET, input_shape=shape
+        )
     base.trainable = False
     trunk = keras.Model(
         base.inputs, [base.get_layer(n).output for n in POOL_LAYERS], name="vgg16_trunk"

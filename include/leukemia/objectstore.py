@@ -236,21 +236,16 @@ class S3Store(Store):
         )
 
     def read_bytes(self, name: str) -> bytes:
-        try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"]
-            with body:
-                data = body.read()
-        except Exception as exc:
-            raise self._error(exc, name, "read") from exc
-        self._count(len(data))
-        return data
+        return self._get(name)
 
     def read_range(self, name: str, start: int, end: int) -> bytes:
         """Bytes `start` to `end` (inclusive) of the object: one ranged GET."""
+        return self._get(name, Range=f"bytes={start}-{end}")
+
+    def _get(self, name: str, **extra: str) -> bytes:
+        """One GET of the object (whole, or the `Range` in `extra`), counted."""
         try:
-            body = self.client.get_object(
-                Bucket=self.bucket, Key=self.key(name), Range=f"bytes={start}-{end}"
-            )["Body"]
+            body = self.client.get_object(Bucket=self.bucket, Key=self.key(name), **extra)["Body"]
             with body:
                 data = body.read()
         except Exception as exc:
