@@ -3,9 +3,11 @@
 
 Syncs new blood-smear images from S3, splits them (identical images kept together), extracts frozen
 VGG16 features once (mapped over shards of the images), trains one head per **optimizer × batch
-size × feature variant** (mapped tasks, each an MLflow run), registers the best run by
-**validation** macro-F1 as `leukemia-classifier` and moves `@champion` to it only when it beats the
-current champion on the same test split.
+size × feature variant × head** (mapped tasks, each an MLflow run, each scored by k-fold
+cross-validation over train + validation), selects the best by **mean cross-validated** macro-F1,
+trains that configuration again on train + validation (`refit`), registers the refit as
+`leukemia-classifier` and moves `@champion` to it only when it beats the current champion on the
+same test split.
 
 Tasks share nothing but the object store and MLflow: the manifest, split, feature shards and grid
 report live in the work store (`LEUKEMIA_WORK_URI`, default `s3://<bucket>/work/`), and XCom carries
@@ -34,7 +36,7 @@ from airflow.sdk import (
 )
 from airflow.sdk.exceptions import AirflowFailException
 
-from leukemia.config import OPTIMIZERS, PRECISIONS, RUN_DEFAULTS, VARIANTS, env
+from leukemia.config import HEADS, OPTIMIZERS, PRECISIONS, RUN_DEFAULTS, VARIANTS, env
 from leukemia.tasks.assets import champion_asset, raw_images_asset
 from leukemia.tasks.params import s3_params
 
@@ -72,6 +74,29 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
             items={"type": "string", "enum": list(VARIANTS)},
             title="Feature variants",
             description="seed: block5 GlobalMaxPooling (the reference); multiscale: GAP+GMP of blocks 3-5.",
+        ),
+        "heads": Param(
+            list(RUN_DEFAULTS.heads),
+            type="array",
+            items={"type": "string", "enum": list(HEADS)},
+            title="Heads",
+            description="mlp: Dense 256/128/64 with dropout (the reference); linear: standardise "
+            "→ softmax with an L2 penalty.",
+        ),
+        "cv_folds": Param(
+            RUN_DEFAULTS.cv_folds,
+            type="integer",
+            minimum=1,
+            title="Cross-validation folds",
+            description="Selection by mean k-fold macro-F1 over train + validation (folds grouped "
+            "by content hash, stratified). 1: the single validation split.",
+        ),
+        "refit": Param(
+            RUN_DEFAULTS.refit,
+            type="boolean",
+            title="Refit the winner on train + validation",
+            description="Train the selected configuration again on train + validation for the "
+            "epochs early stopping found; that run is gated and registered.",
         ),
         "epochs": Param(
             RUN_DEFAULTS.epochs,
@@ -205,10 +230,11 @@ def leukemia_training() -> None:
         config: dict[str, Any], split: dict[str, Any], shards: list[dict[str, Any]]
     ) -> dict[str, Any]:
         from leukemia.tasks import training_dag as steps
+        from leukemia.training import config_label
 
         context = get_current_context()
-        context["config_label"] = (
-            f"{config['optimizer']} · bs{config['batch_size']} · {config['variant']}"
+        context["config_label"] = config_label(
+            config["optimizer"], config["batch_size"], config["variant"], config.get("head", "mlp")
         )
         ti = context["ti"]
         tags = {
@@ -219,16 +245,40 @@ def leukemia_training() -> None:
         return steps.train_one(config, split, steps.features_of(list(shards)), tags)
 
     # a failed configuration must not stop the others from being compared and promoted; the split
-    # is pulled rather than wired in, so that the training tasks are the only upstream: when none of
-    # them succeeded, nothing is selected
-    @task(outlets=[champion_asset()], trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)
-    def select_and_promote(results: list[dict[str, Any]]) -> dict[str, Any]:
+    # and the feature plan are pulled rather than wired in, so that the training tasks are the only
+    # upstream: when none of them succeeded, nothing is selected
+    @task(queue=env("LEUKEMIA_TRAINING_QUEUE"), trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)
+    def refit(results: list[dict[str, Any]]) -> dict[str, Any]:
+        from leukemia.tasks import training_dag as steps
+
+        context = get_current_context()
+        run = steps.RunRequest.from_params(context["params"])
+        ti = context["ti"]
+        split = ti.xcom_pull(task_ids="build_split")
+        features = {"cache_dir": ti.xcom_pull(task_ids="plan_extraction")[0]["cache_dir"]}
+        tags = {
+            "airflow_dag_id": ti.dag_id,
+            "airflow_run_id": ti.run_id,
+            "airflow_task_id": "refit",
+        }
+        candidate = steps.select_candidate(context["run_id"])
+        return steps.refit(candidate, split, features, run.refit, tags)
+
+    # fails closed: a failed refit leaves nothing to register
+    @task(outlets=[champion_asset()])
+    def select_and_promote(candidate: dict[str, Any]) -> dict[str, Any]:
         from leukemia.tasks import training_dag as steps
 
         context = get_current_context()
         run = steps.RunRequest.from_params(context["params"])
         split = context["ti"].xcom_pull(task_ids="build_split")
-        return steps.promote(split, context["run_id"], run.promotion_margin)
+        return steps.promote(
+            split,
+            context["run_id"],
+            run.promotion_margin,
+            run_id=candidate["run_id"],
+            selected_run_id=candidate["selected_run_id"],
+        )
 
     @task(trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)
     def report(results: list[dict[str, Any]], promotion: dict[str, Any] | None) -> dict[str, Any]:
@@ -245,7 +295,7 @@ def leukemia_training() -> None:
     grid = plan_grid()
     data_changed(split) >> [plan, grid]
     results = train.partial(split=split, shards=shards).expand_kwargs(grid)
-    report(results, select_and_promote(results))
+    report(results, select_and_promote(refit(results)))
 
 
 leukemia_training()

@@ -153,3 +153,96 @@ def test_grid_and_config_round_trip() -> None:
     assert configs[0].name == "adam · bs16 · seed"
     with pytest.raises(ValueError, match="adam, sgd, rmsprop"):
         replace(base, optimizer="adagrad")
+
+
+def test_linear_head_learns_synthetic_classes_and_its_l2_penalty_shrinks_the_weights(
+    learn_set: dict,
+) -> None:
+    """The linear head: standardise → softmax, nothing in between, trained by the same loop."""
+    data = split_arrays(learn_set["rows"], learn_set["cache"], "multiscale")
+
+    def fit(l2: float):  # noqa: ANN202
+        model = ModelConfig(SIZE, "none", "multiscale", head="linear", l2=l2)
+        cfg = TrainConfig(optimizer="adam", batch_size=16, epochs=60, patience=10, model=model)
+        return fit_head(cfg, *data["train"][:2], *data["val"][:2])[0]
+
+    head = fit(1e-3)
+    assert [layer.name for layer in head.layers] == ["features", "standardize", "probabilities"]
+    assert len(head.losses) == 1  # the L2 term the training step adds to the cross-entropy
+    n = len(data["test"][1])
+    assert _accuracy(head, *data["test"][:2]) >= LEARNED > chance_bound(n)
+    norm = float(np.linalg.norm(head.get_layer("probabilities").get_weights()[0]))
+    strong = fit(1.0)
+    assert float(np.linalg.norm(strong.get_layer("probabilities").get_weights()[0])) < 0.5 * norm
+
+
+def test_without_a_validation_split_the_head_trains_the_given_epochs_and_keeps_the_last() -> None:
+    from leukemia.training import best_epoch
+
+    rng = np.random.default_rng(3)
+    x, y = rng.random((40, 512), dtype="float32"), rng.integers(0, 4, 40)
+    cfg = TrainConfig(epochs=7, patience=1, model=ModelConfig(32, "none", "seed"))
+    head, history = fit_head(cfg, x, y, None, None)
+    assert sorted(history) == ["accuracy", "loss"] and len(history["loss"]) == 7
+    assert best_epoch(history) == 7
+    assert best_epoch({"loss": [3, 2, 1, 1], "val_loss": [0.9, 0.5, 0.6, 0.7]}) == 2
+
+
+def test_grid_has_every_head_and_names_the_linear_one() -> None:
+    base = TrainConfig(epochs=3, model=ModelConfig(input_size=64, weights="none"))
+    configs = grid(["adam"], [16, 32], ["seed"], base, ["mlp", "linear"])
+    assert [(c.model.head, c.batch_size) for c in configs] == [
+        ("mlp", 16),
+        ("mlp", 32),
+        ("linear", 16),
+        ("linear", 32),
+    ]
+    assert [c.name for c in configs][1:3] == ["adam · bs32 · seed", "adam · bs16 · seed · linear"]
+    assert all(TrainConfig.from_dict(c.to_dict()) == c for c in configs)
+    assert {c.model.head for c in grid(["adam"], [16], ["seed"], base)} == {"mlp"}
+    with pytest.raises(ValueError, match="mlp, linear"):
+        ModelConfig(head="svm")
+
+
+def test_cv_folds_keep_identical_images_on_one_side_and_are_stratified() -> None:
+    from collections import Counter
+
+    from leukemia.training import cv_folds
+
+    rng = np.random.default_rng(5)
+    y = np.repeat([0, 1, 2, 3], [60, 40, 30, 20])  # unbalanced, as the real classes are
+    groups = [f"sha{i}" for i in range(len(y))]
+    for i in rng.choice(len(y) - 1, 25, replace=False):  # 25 images duplicated (same class)
+        if y[i] == y[i + 1]:
+            groups[i + 1] = groups[i]
+    folds = cv_folds(y, groups, 5, seed=1)
+    assert len(folds) == 5
+    seen = np.concatenate([val for _, val in folds])
+    assert sorted(seen.tolist()) == list(range(len(y)))  # every image held out exactly once
+    for train, val in folds:
+        assert not {groups[i] for i in train} & {groups[i] for i in val}
+        counts = Counter(y[val].tolist())
+        for label, total in Counter(y.tolist()).items():
+            assert abs(counts[label] - total / 5) <= 2, (label, counts)
+    assert [v.tolist() for _, v in cv_folds(y, groups, 5, seed=1)] == [
+        v.tolist() for _, v in folds
+    ]  # the same folds for every configuration of a grid
+    with pytest.raises(ValueError, match="lower cv_folds"):
+        cv_folds(y[:3], groups[:3], 5)
+
+
+def test_cross_validation_reports_every_fold_and_their_mean(learn_set: dict) -> None:
+    from leukemia.training import cross_validate
+
+    data = split_arrays(learn_set["rows"], learn_set["cache"], "seed")
+    x = np.concatenate([data["train"][0], data["val"][0]])
+    y = np.concatenate([data["train"][1], data["val"][1]])
+    shas = [r["sha256"] for r in (*data["train"][2], *data["val"][2])]
+    cfg = TrainConfig(batch_size=32, epochs=40, patience=5, model=ModelConfig(SIZE, "none", "seed"))
+    cv = cross_validate(cfg, x, y, shas, 3)
+    assert len(cv["folds"]) == 3 and sum(f["images"] for f in cv["folds"]) == len(y)
+    f1 = [f["f1_macro"] for f in cv["folds"]]
+    assert cv["f1_macro_mean"] == pytest.approx(np.mean(f1))
+    assert cv["f1_macro_std"] == pytest.approx(np.std(f1))
+    assert cv["f1_macro_mean"] >= LEARNED and cv["log_loss_mean"] > 0
+    assert all(1 <= f["best_epoch"] <= 40 for f in cv["folds"])

@@ -23,6 +23,9 @@ OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "rmsprop")
 #: Feature variants: `seed` (block5 GlobalMaxPooling, the reference), `multiscale` (GAP+GMP of
 #: blocks 3-5); `model.VARIANTS` says which pooled outputs each one feeds the head.
 VARIANTS: tuple[str, ...] = ("seed", "multiscale")
+#: Heads a grid configuration may put on the features (`model.build_head`): `mlp` (Dense 256/128/64
+#: with dropout, the reference) and `linear` (standardise → softmax, L2-regularised).
+HEADS: tuple[str, ...] = ("mlp", "linear")
 #: Feature-extraction precisions; `auto` is bfloat16 where the CPU or GPU runs it fast.
 PRECISIONS: tuple[str, ...] = ("auto", "float32", "bfloat16")
 
@@ -31,14 +34,16 @@ PRECISIONS: tuple[str, ...] = ("auto", "float32", "bfloat16")
 class RunDefaults:
     """Defaults of the run-time choices: the training DAG's Params and the training dataclasses."""
 
-    # the grid: one training task per optimizer x batch size x variant
+    # the grid: one training task per optimizer x batch size x variant x head
     optimizers: tuple[str, ...] = OPTIMIZERS
     batch_sizes: tuple[int, ...] = (16, 32, 64)
     variants: tuple[str, ...] = VARIANTS
+    heads: tuple[str, ...] = HEADS
     # one configuration, where no grid is given (the CLI, the benchmarks, the tests)
     optimizer: str = "adam"
     batch_size: int = 32
     variant: str = "seed"
+    head: str = "mlp"
     # every configuration
     epochs: int = 30
     patience: int = 5
@@ -46,6 +51,11 @@ class RunDefaults:
     input_size: int = 224
     head_units: tuple[int, ...] = (256, 128, 64)
     dropout: float = 0.5
+    l2: float = 1e-3  # the linear head's L2 penalty per weight (sklearn's C 0.5 on ~1,600 images)
+    # selection: k-fold cross-validation over train + val (1: the single train → val split), then
+    # the selected configuration trained again on train + val (`tracking.refit_run`)
+    cv_folds: int = 5
+    refit: bool = True
     seed: int = 42
     precision: str = "auto"
     extract_shards: int = 0  # 0: one extraction shard per `features.IMAGES_PER_SHARD` images

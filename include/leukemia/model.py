@@ -5,7 +5,8 @@ The full model is three parts, each a Keras model of its own so the pipeline can
     raw RGB 0-255 → preprocess (overlay mask, then VGG16's caffe preprocessing, as fixed layers)
                   → trunk  (frozen VGG16 conv base, outputs block3/4/5_pool, called with training=False)
                   → pool   (the variant's global pooling + concatenation)
-                  → head   (Normalization → Dense/Dropout … → softmax over CLASSES)
+                  → head   (Normalization → Dense/Dropout … → softmax over CLASSES; or, for the
+                            `linear` head, Normalization → L2-regularised softmax)
 
 The trunk's pooled outputs never change for an image, so `features.py` caches them and training only
 fits the head; `assemble` joins the parts into one model that takes raw pixels, which is what is logged.
@@ -18,7 +19,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from leukemia.config import CLASSES, RUN_DEFAULTS
+from leukemia.config import CLASSES, HEADS, RUN_DEFAULTS
 from leukemia.errors import first_line
 from leukemia.weights import (
     IMAGENET,
@@ -65,12 +66,18 @@ class ModelConfig:
     head_units: tuple[int, ...] = RUN_DEFAULTS.head_units
     dropout: float = RUN_DEFAULTS.dropout
     mask_overlay: bool = RUN_DEFAULTS.mask_overlay  # fill the overlay square (see OVERLAY_START)
+    head: str = RUN_DEFAULTS.head  # "mlp" (head_units, dropout) or "linear" (l2)
+    l2: float = RUN_DEFAULTS.l2
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(
                 f"unknown feature variant {self.variant!r}: choose one of {', '.join(VARIANTS)}"
             )
+        if self.head not in HEADS:
+            raise ValueError(f"unknown head {self.head!r}: choose one of {', '.join(HEADS)}")
+        if self.l2 < 0:
+            raise ValueError(f"l2 must be >= 0, got {self.l2}")
         if self.input_size < 32:
             raise ValueError(
                 f"input_size must be at least 32 (VGG16 pools 5 times), got {self.input_size}"
@@ -209,11 +216,23 @@ def adapted_normalization(x_train: Any, relative_floor: float = 1e-2) -> Any:
 
 
 def build_head(cfg: ModelConfig, normalization: Any | None = None) -> Any:
-    """Normalization → (Dense → Dropout)* → softmax; `normalization` is an adapted Normalization layer."""
+    """Normalization → (Dense → Dropout)* → softmax; `normalization` is an adapted Normalization layer.
+
+    The `linear` head is Normalization → softmax with an L2 penalty `cfg.l2` on its kernel: a
+    multinomial logistic regression on the standardised features (its penalty is in `head.losses`).
+    """
     import keras
 
     inputs = keras.Input((feature_width(cfg.variant),), name="features")
     x = normalization(inputs) if normalization is not None else inputs
+    if cfg.head == "linear":
+        outputs = keras.layers.Dense(
+            len(CLASSES),
+            activation="softmax",
+            kernel_regularizer=keras.regularizers.L2(cfg.l2),
+            name="probabilities",
+        )(x)
+        return keras.Model(inputs, outputs, name="head")
     for i, units in enumerate(cfg.head_units, 1):
         x = keras.layers.Dense(units, activation="relu", name=f"dense_{i}")(x)
         x = keras.layers.Dropout(cfg.dropout, name=f"dropout_{i}")(x)

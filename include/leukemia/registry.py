@@ -421,9 +421,11 @@ def select_and_promote(
     name: str | None = None,
     margin: float = 0.0,
     metric: str = "f1_macro",
+    run_id: str | None = None,
 ) -> Promotion:
-    """Register this DAG run's best-by-validation model; make it champion only if it beats the
-    current champion on the same test split by `margin`, else give it the challenger alias.
+    """Register this DAG run's best-by-validation model (or run `run_id`, e.g. the refit of the
+    selected configuration); make it champion only if it beats the current champion on the same
+    test split by `margin`, else give it the challenger alias.
 
     `split_path` and `images_dir` are paths or URIs (the work store's split, the `s3://` prefix of
     the images): the champion is re-measured on test images read from there.
@@ -434,7 +436,10 @@ def select_and_promote(
     from leukemia.tracking import best_run, finished_runs, log_full_model
 
     name = model_name(name)
-    run = best_run(finished_runs(experiment_id, airflow_run_id))
+    if run_id:
+        run = client().get_run(run_id)
+    else:
+        run = best_run(finished_runs(experiment_id, airflow_run_id))
     metrics = run.data.metrics
     candidate = {k: v for k, v in metrics.items() if k.startswith(("val_", "test_"))}
     earlier = version_of_run(name, run.info.run_id)

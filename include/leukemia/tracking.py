@@ -8,7 +8,9 @@ A configuration's run logs only what is its own: the head (Normalization and Den
 
 Any tracking server works through `MLFLOW_TRACKING_URI` (default: a SQLite store in the data folder).
 The registered model and its aliases live in `registry`; fitting lives in `training`, which knows
-nothing of MLflow. Selection uses validation metrics only.
+nothing of MLflow. Selection uses validation metrics only: the mean k-fold cross-validated macro-F1
+over train + val when the runs have it, else the single validation split's; `refit_run` then trains
+the selected configuration again on train + val, as a run of its own that can be registered.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,11 @@ from leukemia.training import TrainConfig
 log = logging.getLogger(__name__)
 
 SELECTION_METRIC = "val_f1_macro"
+#: Selection by cross-validation (runs trained with cv_folds > 1), ties by the mean CV log-loss.
+CV_SELECTION_METRIC = "cv_f1_macro_mean"
+#: Tags of a refit run: `kind` refit (never a grid candidate), `refit` true, and the selected run.
+REFIT_KIND = "refit"
+REFIT_OF_TAG = "refit_of"
 #: Where a training run keeps its head, and the tag that holds the file's sha256.
 HEAD_ARTIFACT = "head/head.keras"
 HEAD_SHA256_TAG = "head_sha256"
@@ -278,17 +285,23 @@ def finished_runs(experiment_id: str, airflow_run_id: str | None = None) -> list
     return mlflow.search_runs([experiment_id], filter_string=query, output_format="list")
 
 
+def selection_key(run: Any, cross_validated: bool = True) -> tuple[float, float]:
+    """(macro-F1, -log-loss) a run is ranked by: the CV means when `cross_validated`, else the
+    validation split's."""
+    m = run.data.metrics
+    if cross_validated:
+        return m[CV_SELECTION_METRIC], -m.get("cv_log_loss_mean", 1e9)
+    return m.get(SELECTION_METRIC, -1.0), -m.get("val_log_loss", 1e9)
+
+
 def best_run(runs: list[Any]) -> Any:
-    """Highest validation macro-F1; ties go to the lower validation log-loss (of the kept weights)."""
+    """Highest mean cross-validated macro-F1, ties to the lower mean CV log-loss, when every run was
+    cross-validated (cv_folds > 1); else highest validation macro-F1, ties to the lower validation
+    log-loss (of the kept weights). Test metrics never decide."""
     if not runs:
         raise ValueError("no finished training runs to choose from: did every training task fail?")
-    return max(
-        runs,
-        key=lambda r: (
-            r.data.metrics.get(SELECTION_METRIC, -1.0),
-            -r.data.metrics.get("val_log_loss", 1e9),
-        ),
-    )
+    cross_validated = all(CV_SELECTION_METRIC in r.data.metrics for r in runs)
+    return max(runs, key=lambda r: selection_key(r, cross_validated))
 
 
 @dataclass
@@ -303,6 +316,41 @@ class TrainResult:
     test: dict[str, float]
     epochs_run: int
     seconds: float
+    best_epoch: int = 0  # the epoch early stopping kept (the refit's epoch count comes from it)
+    cv: dict[str, float] = field(default_factory=dict)  # cv_<metric>_mean/_std (k > 1)
+    images: int = 0  # images the head was trained on
+    refit_of: str = ""  # for a refit run: the selected run it trained again
+
+
+def train_val_arrays(
+    data: dict[str, tuple[Any, Any, list[dict[str, str]]]],
+) -> tuple[Any, Any, list[str]]:
+    """Features, labels and content hashes of train + val together (from `split_arrays`)."""
+    import numpy as np
+
+    x = np.concatenate([data["train"][0], data["val"][0]])
+    y = np.concatenate([data["train"][1], data["val"][1]])
+    return x, y, [r["sha256"] for r in (*data["train"][2], *data["val"][2])]
+
+
+def log_cross_validation(cfg: TrainConfig, data: dict[str, Any]) -> dict[str, float]:
+    """k-fold CV of the configuration over train + val, logged to the active run: per fold
+    `cv_fold<i>_val_<metric>` (and the epoch kept), and `cv_<metric>_mean` / `_std`."""
+    import mlflow
+
+    from leukemia.training import cross_validate
+
+    cv = cross_validate(cfg, *train_val_arrays(data))
+    for i, fold in enumerate(cv["folds"], 1):
+        mlflow.log_metrics(
+            {
+                (f"cv_fold{i}_{k}" if k in ("best_epoch", "images") else f"cv_fold{i}_val_{k}"): v
+                for k, v in fold.items()
+            }
+        )
+    summary = {f"cv_{k}": v for k, v in cv.items() if k != "folds"}
+    mlflow.log_metrics(summary)
+    return summary
 
 
 def train_run(
@@ -318,7 +366,7 @@ def train_run(
 
     from leukemia.dataset import read_split
     from leukemia.evaluation import evaluate
-    from leukemia.training import fit_head, split_arrays
+    from leukemia.training import best_epoch, fit_head, split_arrays
 
     started = time.monotonic()
     rows = read_split(split_path)
@@ -338,6 +386,9 @@ def train_run(
             s: evaluate(data[s][1], head.predict(data[s][0], verbose=0)) for s in ("val", "test")
         }
         epochs_run = len(history.get("loss", []))
+        kept = best_epoch(history)
+        mlflow.log_metric("best_epoch", kept)
+        cv = log_cross_validation(cfg, data) if cfg.cv_folds > 1 else {}
         head_uri = log_outcome(
             cfg, head, history, results, rows, images_dir, split_path, epochs_run, dataset_digest
         )
@@ -351,11 +402,15 @@ def train_run(
         test=results["test"]["metrics"],
         epochs_run=epochs_run,
         seconds=round(time.monotonic() - started, 2),
+        best_epoch=kept,
+        cv=cv,
+        images=len(data["train"][1]),
     )
     log.info(
-        "%s: val F1 %.3f, test accuracy %.3f (%d epochs, %.0fs), run %s",
+        "%s: val F1 %.3f, CV F1 %s, test accuracy %.3f (%d epochs, %.0fs), run %s",
         cfg.name,
         result.val["f1_macro"],
+        f"{cv['cv_f1_macro_mean']:.3f}" if cv else "-",
         result.test["accuracy"],
         epochs_run,
         result.seconds,
@@ -364,12 +419,114 @@ def train_run(
     return result
 
 
+#: Whether the refit scales the epoch count early stopping found by (refit images / images of the
+#: fits that found it). False: the same epochs, the larger set already giving each epoch more steps
+#: (bench/quality.py measures both; bench/RESULTS.md).
+REFIT_SCALES_EPOCHS = False
+
+
+def refit_epochs(
+    metrics: dict[str, float],
+    fit_images: float,
+    refit_images: int,
+    scaled: bool = REFIT_SCALES_EPOCHS,
+) -> int:
+    """Epochs of the refit: the mean epoch the CV folds kept when the run was cross-validated (less
+    noisy than one split), else the epoch the single split kept; times refit/fit images if `scaled`."""
+    found = metrics.get("cv_best_epoch_mean") or metrics.get("best_epoch")
+    if not found:
+        raise ValueError("the selected run has no best_epoch metric: train it again to refit it")
+    factor = refit_images / fit_images if scaled and fit_images else 1.0
+    return max(1, round(found * factor))
+
+
+def refit_run(
+    selected_run_id: str,
+    split_path: str | Path,
+    images_dir: str | Path,
+    cache_dir: str | Path,
+    tags: dict[str, str] | None = None,
+    scaled: bool = REFIT_SCALES_EPOCHS,
+) -> TrainResult:
+    """Train the selected run's configuration again on train + val and log it as a run of its own.
+
+    No validation split is left, so it trains the epoch count early stopping found (`refit_epochs`)
+    and keeps the last weights; it is evaluated on the test split. The run is tagged `kind` refit
+    (so it never competes in selection), `refit` true and `refit_of` the selected run, and holds the
+    same head, config and split tags as a training run, so `log_full_model` registers it.
+    """
+    import mlflow
+
+    from leukemia.dataset import read_split
+    from leukemia.evaluation import evaluate
+    from leukemia.training import fit_head, split_arrays
+
+    started = time.monotonic()
+    setup()
+    selected = mlflow.MlflowClient().get_run(selected_run_id)
+    cfg = TrainConfig.from_dict(json.loads(selected.data.tags["config"]))
+    rows = read_split(split_path)
+    data = split_arrays(rows, cache_dir, cfg.model.variant)
+    x, y, _ = train_val_arrays(data)
+    n_train, k = len(data["train"][1]), cfg.cv_folds
+    fit_images = len(y) * (k - 1) / k if "cv_best_epoch_mean" in selected.data.metrics else n_train
+    epochs = refit_epochs(selected.data.metrics, fit_images, len(y), scaled)
+    cfg = replace(cfg, epochs=epochs, cv_folds=1)
+    digest = selected.data.tags.get("dataset_digest", "")
+    run_tags = {
+        "kind": REFIT_KIND,
+        "refit": "true",
+        REFIT_OF_TAG: selected_run_id,
+        "dataset_digest": digest,
+        **(tags or {}),
+    }
+    fail_stale_runs(run_tags)
+    name = cfg.name.replace(" · ", "-") + "-refit"
+    with mlflow.start_run(run_name=name, tags=run_tags) as run:
+        log_config(cfg, digest)
+        mlflow.log_params({"refit_of": selected_run_id, "train_images": len(y)})
+        head, history = fit_head(
+            cfg, x, y, None, None, on_epoch=lambda e, logs: mlflow.log_metrics(logs, step=e)
+        )
+        test = evaluate(data["test"][1], head.predict(data["test"][0], verbose=0))
+        head_uri = log_outcome(
+            cfg, head, history, {"test": test}, rows, images_dir, split_path, epochs, digest
+        )
+        mlflow.set_tags({"head_uri": head_uri, "config": json.dumps(cfg.to_dict(), sort_keys=True)})
+    result = TrainResult(
+        run_id=run.info.run_id,
+        head_uri=head_uri,
+        mlflow_url=run_url(run.info.experiment_id, run.info.run_id),
+        config=cfg.to_dict(),
+        val={},
+        test=test["metrics"],
+        epochs_run=epochs,
+        seconds=round(time.monotonic() - started, 2),
+        best_epoch=epochs,
+        images=len(y),
+        refit_of=selected_run_id,
+    )
+    log.info(
+        "%s refit on %d train + val images for %d epochs: test accuracy %.3f, run %s (of %s)",
+        cfg.name,
+        len(y),
+        epochs,
+        result.test["accuracy"],
+        result.run_id,
+        selected_run_id,
+    )
+    return result
+
+
 #: Columns of the grid table in the summary run and the task log.
 GRID_COLUMNS = (
     "variant",
+    "head",
     "optimizer",
     "batch_size",
     "epochs_run",
+    "cv_f1_macro_mean",
+    "cv_log_loss_mean",
     "val_f1_macro",
     "val_log_loss",
     "test_accuracy",
@@ -380,18 +537,26 @@ GRID_COLUMNS = (
 
 
 def grid_rows(results: list[dict[str, Any]], selected_run_id: str | None) -> list[dict[str, Any]]:
-    """One row per trained configuration (from `TrainResult` dicts), sorted by variant, optimizer, batch."""
+    """One row per trained configuration (from `TrainResult` dicts), sorted by variant, head,
+    optimizer, batch."""
     rows = []
     for r in sorted(
         results,
-        key=lambda r: (r["config"]["variant"], r["config"]["optimizer"], r["config"]["batch_size"]),
+        key=lambda r: (
+            r["config"]["variant"],
+            r["config"].get("head", "mlp"),
+            r["config"]["optimizer"],
+            r["config"]["batch_size"],
+        ),
     ):
         rows.append(
             {
                 "variant": r["config"]["variant"],
+                "head": r["config"].get("head", "mlp"),
                 "optimizer": r["config"]["optimizer"],
                 "batch_size": r["config"]["batch_size"],
                 "epochs_run": r["epochs_run"],
+                **{k: round(v, 4) for k, v in r.get("cv", {}).items()},
                 **{f"val_{k}": round(v, 4) for k, v in r["val"].items()},
                 **{f"test_{k}": round(v, 4) for k, v in r["test"].items()},
                 "run_id": r["run_id"],
@@ -424,7 +589,7 @@ def log_grid_summary(
 
     setup()
     promotion = promotion or {}
-    rows = grid_rows(results, promotion.get("run_id"))
+    rows = grid_rows(results, promotion.get("selected_run_id") or promotion.get("run_id"))
     table = markdown_table(rows)
     log.info("Grid results:\n%s", table)
     tags = {"kind": "summary", **({"airflow_run_id": airflow_run_id} if airflow_run_id else {})}
@@ -433,9 +598,23 @@ def log_grid_summary(
         tempfile.TemporaryDirectory() as tmp,
     ):
         out = Path(tmp)
-        plots.comparison_png(rows, out / "grid_comparison.png")
+        # one row of panels per variant and head; the CV score beside the validation split's
+        panels = [
+            {**r, "variant": r["variant"] + ("" if r["head"] == "mlp" else f" · {r['head']}")}
+            for r in rows
+        ]
+        metrics = ("val_f1_macro", "val_accuracy", "test_accuracy")
+        if any("cv_f1_macro_mean" in r for r in rows):
+            metrics = ("cv_f1_macro_mean", *metrics)
+        plots.comparison_png(panels, out / "grid_comparison.png", metrics=metrics)
         headline = (
-            f"Selected run {promotion.get('run_id')} → v{promotion.get('version')} "
+            f"Selected run {promotion.get('selected_run_id') or promotion.get('run_id')}"
+            + (
+                f" (registered: its refit on train + val, run {promotion.get('run_id')})"
+                if promotion.get("selected_run_id") not in (None, promotion.get("run_id"))
+                else ""
+            )
+            + f" → v{promotion.get('version')} "
             f"@{promotion.get('alias')}: {promotion.get('reason')}"
             if promotion
             else "No model was registered: select_and_promote failed (see its task log)."
@@ -445,7 +624,9 @@ def log_grid_summary(
         mlflow.log_dict({"rows": rows, "promotion": promotion}, "grid_results.json")
         best = next((r for r in rows if r["selected"]), None)
         if best:
-            mlflow.log_metrics({k: v for k, v in best.items() if k.startswith(("val_", "test_"))})
+            mlflow.log_metrics(
+                {k: v for k, v in best.items() if k.startswith(("cv_", "val_", "test_"))}
+            )
     return {"summary_run_id": run.info.run_id, "configurations": len(rows), **promotion}
 
 

@@ -1,8 +1,9 @@
 """Fitting the head of one grid configuration on cached features; nothing here knows of MLflow.
 
 `fit_head` is the pure core (arrays in, Keras head and history out); `split_arrays` reads the cached
-features of each split; `grid` expands the optimizer × batch size × variant grid. Logging one
-configuration as an MLflow run is `tracking.train_run`.
+features of each split; `grid` expands the optimizer × batch size × variant × head grid;
+`cv_folds` and `cross_validate` score a configuration by k-fold cross-validation over train + val.
+Logging one configuration as an MLflow run is `tracking.train_run`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class TrainConfig:
     epochs: int = RUN_DEFAULTS.epochs
     patience: int = RUN_DEFAULTS.patience
     seed: int = RUN_DEFAULTS.seed
+    cv_folds: int = RUN_DEFAULTS.cv_folds  # k-fold CV over train + val for selection; 1: none
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
@@ -39,9 +41,10 @@ class TrainConfig:
             raise ValueError(
                 f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}"
             )
-        if self.batch_size < 1 or self.epochs < 1:
+        if self.batch_size < 1 or self.epochs < 1 or self.cv_folds < 1:
             raise ValueError(
-                f"batch_size and epochs must be >= 1, got {self.batch_size}, {self.epochs}"
+                "batch_size, epochs and cv_folds must be >= 1, got "
+                f"{self.batch_size}, {self.epochs}, {self.cv_folds}"
             )
 
     @property
@@ -50,8 +53,9 @@ class TrainConfig:
 
     @property
     def name(self) -> str:
-        """Short label, e.g. `adam · bs64 · multiscale` (the grid view's map index)."""
-        return f"{self.optimizer} · bs{self.batch_size} · {self.model.variant}"
+        """Short label, e.g. `adam · bs64 · multiscale` or `adam · bs64 · multiscale · linear` (the
+        grid view's map index; the reference `mlp` head is not named)."""
+        return config_label(self.optimizer, self.batch_size, self.model.variant, self.model.head)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -69,6 +73,12 @@ class TrainConfig:
         out.update(asdict(self.model))
         out["head_units"] = list(self.model.head_units)
         return out
+
+
+def config_label(optimizer: str, batch_size: int, variant: str, head: str = "mlp") -> str:
+    """`TrainConfig.name` from its parts (the DAG labels mapped tasks from a config dict with it)."""
+    label = f"{optimizer} · bs{batch_size} · {variant}"
+    return label if head == "mlp" else f"{label} · {head}"
 
 
 def make_optimizer(name: str, learning_rate: float) -> Any:
@@ -99,7 +109,10 @@ def _train_step(head: Any, optimizer: Any, width: int) -> Callable[[Any, Any], A
         with tf.GradientTape() as tape:
             probs = head(x, training=True)
             loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, probs))
-        optimizer.apply(tape.gradient(loss, head.trainable_variables), head.trainable_variables)
+            penalty = head.losses  # the linear head's L2 term; none for the mlp head
+            objective = loss + tf.add_n(penalty) if penalty else loss
+        grads = tape.gradient(objective, head.trainable_variables)
+        optimizer.apply(grads, head.trainable_variables)
         correct = tf.reduce_sum(tf.cast(tf.argmax(probs, axis=1) == y, tf.float32))
         return tf.stack([loss * tf.cast(tf.shape(y)[0], tf.float32), correct])
 
@@ -120,17 +133,19 @@ def fit_head(
     cfg: TrainConfig,
     x_train: Any,
     y_train: Any,
-    x_val: Any,
-    y_val: Any,
+    x_val: Any | None,
+    y_val: Any | None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> tuple[Any, dict[str, list[float]]]:
     """Train the head on features: standardised input, early stopping on val_loss, best weights kept.
 
-    Seeded: the same inputs and configuration give the same weights. The loop is Keras' `fit`
-    reduced to what a small head on cached features needs (one traced step for every batch size,
-    the validation split in one call): `fit`'s per-configuration tracing and callback machinery
-    cost about 1 s, more than the training itself on a few hundred images (bench/sweep.py).
-    The returned head is compiled, so `evaluate` and `predict` work as usual.
+    Without a validation split (`x_val` None: the refit on train + val) it trains exactly
+    `cfg.epochs` epochs and keeps the last weights. Seeded: the same inputs and configuration give
+    the same weights. The loop is Keras' `fit` reduced to what a small head on cached features needs
+    (one traced step for every batch size, the validation split in one call): `fit`'s
+    per-configuration tracing and callback machinery cost about 1 s, more than the training itself
+    on a few hundred images (bench/sweep.py). The returned head is compiled, so `evaluate` and
+    `predict` work as usual.
     """
     import keras
     import numpy as np
@@ -139,17 +154,18 @@ def fit_head(
 
     x_train = np.asarray(x_train, dtype="float32")
     y_train = np.asarray(y_train, dtype="int64")
-    x_val = np.asarray(x_val, dtype="float32")
-    y_val = np.asarray(y_val, dtype="int64")
+    validate = x_val is not None
+    if validate:
+        x_val = np.asarray(x_val, dtype="float32")
+        y_val = np.asarray(y_val, dtype="int64")
     keras.utils.set_random_seed(cfg.seed)
     head = build_head(cfg.model, adapted_normalization(x_train))
     optimizer = make_optimizer(cfg.optimizer, cfg.lr)
     head.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     step = _train_step(head, optimizer, x_train.shape[1])
     order_rng = np.random.default_rng(cfg.seed)
-    history: dict[str, list[float]] = {
-        k: [] for k in ("loss", "accuracy", "val_loss", "val_accuracy")
-    }
+    keys = ("loss", "accuracy", "val_loss", "val_accuracy") if validate else ("loss", "accuracy")
+    history: dict[str, list[float]] = {k: [] for k in keys}
     best_loss, best_weights, waited = float("inf"), head.get_weights(), 0
     for epoch in range(cfg.epochs):
         order = order_rng.permutation(len(x_train))
@@ -158,26 +174,24 @@ def fit_head(
             for batch in np.array_split(order, range(cfg.batch_size, len(order), cfg.batch_size))
         )
         loss_sum, correct = np.asarray(totals, dtype="float64")
-        val_loss, val_accuracy = _loss_and_accuracy(head, x_val, y_val)
-        logs = {
-            "loss": loss_sum / len(x_train),
-            "accuracy": correct / len(x_train),
-            "val_loss": val_loss,
-            "val_accuracy": val_accuracy,
-        }
+        logs = {"loss": loss_sum / len(x_train), "accuracy": correct / len(x_train)}
+        if validate:
+            logs["val_loss"], logs["val_accuracy"] = _loss_and_accuracy(head, x_val, y_val)
         for key, value in logs.items():
             history[key].append(value)
         log.info(
-            "%s epoch %d/%d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f",
+            "%s epoch %d/%d: %s",
             cfg.name,
             epoch + 1,
             cfg.epochs,
-            *logs.values(),
+            " ".join(f"{k} {v:.4f}" for k, v in logs.items()),
         )
         if on_epoch is not None:
             on_epoch(epoch, logs)
-        if val_loss < best_loss:
-            best_loss, best_weights, waited = val_loss, head.get_weights(), 0
+        if not validate:
+            continue
+        if logs["val_loss"] < best_loss:
+            best_loss, best_weights, waited = logs["val_loss"], head.get_weights(), 0
         else:
             waited += 1
             if waited >= cfg.patience:
@@ -188,8 +202,73 @@ def fit_head(
                     best_loss,
                 )
                 break
-    head.set_weights(best_weights)
+    if validate:
+        head.set_weights(best_weights)
     return head, history
+
+
+def best_epoch(history: dict[str, list[float]]) -> int:
+    """The epoch (1-based) whose weights early stopping kept: the lowest val_loss (else the last)."""
+    losses = history.get("val_loss") or []
+    if not losses:
+        return len(history.get("loss", []))
+    return min(range(len(losses)), key=losses.__getitem__) + 1
+
+
+def cv_folds(
+    y: Any, groups: list[str], k: int, seed: int = RUN_DEFAULTS.seed
+) -> list[tuple[Any, Any]]:
+    """k (train, val) index pairs, stratified by class and grouped by `groups` (content hashes:
+    identical images never sit on both sides); shuffled with `seed`, so the same for every
+    configuration of a grid."""
+    import numpy as np
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y = np.asarray(y)
+    groups_n = len(set(groups))
+    if k < 2 or groups_n < k:
+        raise ValueError(
+            f"{k}-fold cross-validation needs k >= 2 and at least k distinct images, "
+            f"got {groups_n}: lower cv_folds (1: the single train → val split)"
+        )
+    folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    return list(folds.split(np.zeros(len(y)), y, groups))
+
+
+#: Per-fold metrics `cross_validate` reports (and `tracking.train_run` logs as `cv_<name>_mean/_std`).
+CV_METRICS = ("f1_macro", "log_loss", "accuracy", "best_epoch")
+
+
+def cross_validate(
+    cfg: TrainConfig, x: Any, y: Any, groups: list[str], k: int | None = None
+) -> dict[str, Any]:
+    """Fit the configuration on each of k folds of (x, y) (train + val) and score it on the held-out
+    fold, early stopping on that fold as the single split does.
+
+    Returns `folds` (one metrics dict per fold: f1_macro, log_loss, accuracy, best_epoch, images)
+    and `<metric>_mean` / `<metric>_std` over the folds.
+    """
+    import numpy as np
+
+    from leukemia.evaluation import evaluate
+
+    x, y = np.asarray(x, dtype="float32"), np.asarray(y, dtype="int64")
+    folds = []
+    for train_idx, val_idx in cv_folds(y, groups, k or cfg.cv_folds, cfg.seed):
+        head, history = fit_head(cfg, x[train_idx], y[train_idx], x[val_idx], y[val_idx])
+        metrics = evaluate(y[val_idx], np.asarray(head(x[val_idx], training=False)))["metrics"]
+        folds.append(
+            {
+                **{m: metrics[m] for m in CV_METRICS if m in metrics},
+                "best_epoch": best_epoch(history),
+                "images": len(val_idx),
+            }
+        )
+    out: dict[str, Any] = {"folds": folds}
+    for m in CV_METRICS:
+        values = np.asarray([f[m] for f in folds], dtype="float64")
+        out[f"{m}_mean"], out[f"{m}_std"] = float(values.mean()), float(values.std())
+    return out
 
 
 def split_arrays(
@@ -219,11 +298,17 @@ def split_arrays(
 
 
 def grid(
-    optimizers: list[str], batch_sizes: list[int], variants: list[str], base: TrainConfig
+    optimizers: list[str],
+    batch_sizes: list[int],
+    variants: list[str],
+    base: TrainConfig,
+    heads: list[str] | None = None,
 ) -> list[TrainConfig]:
-    """Every (optimizer, batch size, variant) combination over a base configuration."""
+    """Every (optimizer, batch size, variant, head) combination over a base configuration (heads:
+    the base's head when not given)."""
     return [
-        replace(base, optimizer=o, batch_size=int(b), model=replace(base.model, variant=v))
+        replace(base, optimizer=o, batch_size=int(b), model=replace(base.model, variant=v, head=h))
+        for h in heads or [base.model.head]
         for v in variants
         for o in optimizers
         for b in batch_sizes

@@ -33,6 +33,7 @@ class RunRequest:
     optimizers: tuple[str, ...] = RUN_DEFAULTS.optimizers
     batch_sizes: tuple[int, ...] = RUN_DEFAULTS.batch_sizes
     variants: tuple[str, ...] = RUN_DEFAULTS.variants
+    heads: tuple[str, ...] = RUN_DEFAULTS.heads
     epochs: int = RUN_DEFAULTS.epochs
     patience: int = RUN_DEFAULTS.patience
     learning_rate: float | None = RUN_DEFAULTS.learning_rate
@@ -46,6 +47,8 @@ class RunRequest:
     promotion_margin: float = RUN_DEFAULTS.promotion_margin
     max_failed_fraction: float = RUN_DEFAULTS.max_failed_fraction
     mask_overlay: bool = RUN_DEFAULTS.mask_overlay
+    cv_folds: int = RUN_DEFAULTS.cv_folds
+    refit: bool = RUN_DEFAULTS.refit
     force_retrain: bool = False
 
     @classmethod
@@ -56,13 +59,13 @@ class RunRequest:
             if f.name not in params or params[f.name] is None:
                 continue
             value = params[f.name]
-            if f.name in ("optimizers", "variants"):
+            if f.name in ("optimizers", "variants", "heads"):
                 value = tuple(str(v) for v in value)
             elif f.name in ("batch_sizes", "head_units"):
                 value = tuple(int(v) for v in value)
             elif f.name == "learning_rate":
                 value = float(value) if value not in ("", 0) else None
-            elif f.name in ("force_retrain", "mask_overlay"):
+            elif f.name in ("force_retrain", "mask_overlay", "refit"):
                 value = bool(value)
             else:
                 value = type(getattr(RUN_DEFAULTS, f.name, f.default))(value)
@@ -266,13 +269,20 @@ def plan(request: RunRequest) -> list[dict[str, Any]]:
             "head_units": request.head_units,
             "dropout": request.dropout,
             "mask_overlay": request.mask_overlay,
+            "cv_folds": request.cv_folds,
         }
     )
     configs = grid(
-        list(request.optimizers), list(request.batch_sizes), list(request.variants), base
+        list(request.optimizers),
+        list(request.batch_sizes),
+        list(request.variants),
+        base,
+        list(request.heads),
     )
     if not configs:
-        raise ValueError("the grid is empty: give at least one optimizer, batch size and variant")
+        raise ValueError(
+            "the grid is empty: give at least one optimizer, batch size, variant and head"
+        )
     return [c.to_dict() for c in configs]
 
 
@@ -298,17 +308,78 @@ def train_one(
     return asdict(result)
 
 
-def promote(
-    split_info: dict[str, Any], airflow_run_id: str | None, margin: float = 0.0
+def select_candidate(airflow_run_id: str | None) -> dict[str, Any]:
+    """The configuration selection picks among this DAG run's finished training runs
+    (`tracking.best_run`: mean CV macro-F1, else validation macro-F1), as `{"run_id": ...}`."""
+    from leukemia import tracking
+
+    experiment_id = tracking.setup()
+    run = tracking.best_run(tracking.finished_runs(experiment_id, airflow_run_id))
+    metrics = run.data.metrics
+    return {
+        "run_id": run.info.run_id,
+        "selected_run_id": run.info.run_id,
+        **{k: metrics[k] for k in ("cv_f1_macro_mean", "val_f1_macro") if k in metrics},
+    }
+
+
+def refit(
+    candidate: dict[str, Any],
+    split_info: dict[str, Any],
+    features_info: dict[str, Any],
+    enabled: bool = True,
+    tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Register the best-by-validation run of this DAG run and move the aliases."""
+    """Train the candidate's configuration again on train + val (`tracking.refit_run`) and return
+    the candidate with `run_id` the refit run (the one the gate and the registry then see) and
+    `selected_run_id` the run selection picked; unchanged when `enabled` is False."""
+    from leukemia.tracking import refit_run
+
+    selected = candidate.get("selected_run_id") or candidate["run_id"]
+    if not enabled:
+        log.info("refit is off: the selected run %s itself goes on", selected)
+        return {**candidate, "selected_run_id": selected, "refit": False}
+    result = refit_run(
+        selected,
+        split_info["path"],
+        split_info["images_uri"],
+        features_info["cache_dir"],
+        tags=tags,
+    )
+    return {
+        **candidate,
+        "run_id": result.run_id,
+        "selected_run_id": selected,
+        "refit": True,
+        "refit_epochs": result.epochs_run,
+        "refit_images": result.images,
+        "mlflow_url": result.mlflow_url,
+        **{f"test_{k}": v for k, v in result.test.items()},
+    }
+
+
+def promote(
+    split_info: dict[str, Any],
+    airflow_run_id: str | None,
+    margin: float = 0.0,
+    run_id: str | None = None,
+    selected_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Register run `run_id` (the refit, or the selected run), else the best-by-validation run of
+    this DAG run, and move the aliases; `selected_run_id` (the grid run selection picked, when
+    `run_id` is its refit) goes into the result so the grid report marks it."""
     from leukemia import registry, tracking
 
     experiment_id = tracking.setup()
     outcome = registry.select_and_promote(
-        experiment_id, split_info["path"], split_info["images_uri"], airflow_run_id, margin=margin
+        experiment_id,
+        split_info["path"],
+        split_info["images_uri"],
+        airflow_run_id,
+        margin=margin,
+        run_id=run_id,
     )
-    return asdict(outcome)
+    return {**asdict(outcome), "selected_run_id": selected_run_id or outcome.run_id}
 
 
 def report(
@@ -324,8 +395,9 @@ def report(
 
     summary = log_grid_summary(results, promotion, airflow_run_id)
     if work:
+        chosen = promotion or {}
         table = {
-            "rows": grid_rows(results, (promotion or {}).get("run_id")),
+            "rows": grid_rows(results, chosen.get("selected_run_id") or chosen.get("run_id")),
             "promotion": promotion,
         }
         name = f"reports/{airflow_run_id or summary['summary_run_id']}/grid_results.json"
