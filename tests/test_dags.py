@@ -66,7 +66,8 @@ def test_training_dag_structure(dagbag: Any) -> None:
         "plan_extraction": ["extract_features"],
         "extract_features": ["train"],
         "plan_grid": ["train"],
-        "train": ["report", "select_and_promote"],
+        "train": ["refit", "report"],
+        "refit": ["select_and_promote"],
         "select_and_promote": ["report"],
         "report": [],
     }
@@ -78,6 +79,11 @@ def test_training_dag_structure(dagbag: Any) -> None:
     assert extract.queue == train.queue
     assert dag.get_task("sync_images").retry_exponential_backoff
     assert [o.name for o in dag.get_task("select_and_promote").outlets] == ["leukemia_champion"]
+    # the refit waits for every configuration but runs when one succeeded; a failed refit leaves
+    # nothing to promote (fail closed)
+    assert dag.get_task("refit").trigger_rule == "all_done_min_one_success"
+    assert dag.get_task("refit").queue == train.queue
+    assert dag.get_task("select_and_promote").trigger_rule == "all_success"
     assert "AssetOrTimeSchedule" in type(dag.timetable).__name__
     params = dag.params.dump()
     assert params["optimizers"] == ["adam", "sgd", "rmsprop"] and params["batch_sizes"] == [
@@ -86,22 +92,25 @@ def test_training_dag_structure(dagbag: Any) -> None:
         64,
     ]
     assert params["force_retrain"] is False
+    assert params["heads"] == ["mlp", "linear"] and params["cv_folds"] == 5 and params["refit"]
 
 
 def test_training_dag_params_take_defaults_and_choices_from_config(dagbag: Any) -> None:
-    from leukemia.config import OPTIMIZERS, PRECISIONS, RUN_DEFAULTS, VARIANTS
+    from leukemia.config import HEADS, OPTIMIZERS, PRECISIONS, RUN_DEFAULTS, VARIANTS
 
     params = dagbag.dags["leukemia_training"].params
     defaults = params.dump()
-    for name in ("optimizers", "batch_sizes", "variants"):
+    for name in ("optimizers", "batch_sizes", "variants", "heads"):
         assert defaults[name] == list(getattr(RUN_DEFAULTS, name))
-    for name in ("epochs", "patience", "learning_rate", "input_size", "precision"):
+    for name in ("epochs", "patience", "learning_rate", "input_size", "precision", "cv_folds"):
         assert defaults[name] == getattr(RUN_DEFAULTS, name)
     assert defaults["promotion_margin"] == RUN_DEFAULTS.promotion_margin
     assert defaults["max_failed_fraction"] == RUN_DEFAULTS.max_failed_fraction
     assert defaults["extract_shards"] == RUN_DEFAULTS.extract_shards == 0
     assert params.get_param("optimizers").schema["items"]["enum"] == list(OPTIMIZERS)
     assert params.get_param("variants").schema["items"]["enum"] == list(VARIANTS)
+    assert params.get_param("heads").schema["items"]["enum"] == list(HEADS)
+    assert defaults["refit"] is RUN_DEFAULTS.refit
     assert params.get_param("precision").schema["enum"] == list(PRECISIONS)
 
 
@@ -212,9 +221,11 @@ def test_training_dag_end_to_end_with_an_empty_local_folder_for_every_task(
     dag = dagbag.dags["leukemia_training"]
     conf = {
         "bucket": bucket,
-        "optimizers": ["adam", "rmsprop"],
+        "optimizers": ["adam"],
         "batch_sizes": [8],
         "variants": ["seed"],
+        "heads": ["mlp", "linear"],
+        "cv_folds": 3,
         "epochs": 4,
         "input_size": 48,
         "weights": "none",
@@ -230,10 +241,19 @@ def test_training_dag_end_to_end_with_an_empty_local_folder_for_every_task(
     assert "extract_features[1]" in worker_per_task and "select_and_promote[-1]" in worker_per_task
     experiment_id = tracking.setup()
     runs = tracking.finished_runs(experiment_id, first.run_id)
-    assert len(runs) == 2
+    assert len(runs) == 2 and {r.data.params["head"] for r in runs} == {"mlp", "linear"}
+    assert all("cv_fold3_val_f1_macro" in r.data.metrics for r in runs)
     best = tracking.best_run(runs)
+    # the registered model is the selected configuration trained again on train + val
+    first_xcoms = _xcoms(dag, first.run_id)
+    refit = first_xcoms["refit"][0]
+    assert refit["selected_run_id"] == best.info.run_id and refit["refit"] is True
+    counts = first_xcoms["build_split"][0]["counts"]
+    assert refit["refit_images"] == sum(counts["train"].values()) + sum(counts["val"].values())
     champion = registry.current_champion("leukemia-classifier")
-    assert champion is not None and champion.run_id == best.info.run_id
+    assert champion is not None and champion.run_id == refit["run_id"] != best.info.run_id
+    assert mlflow.get_run(champion.run_id).data.tags["refit_of"] == best.info.run_id
+    assert first_xcoms["select_and_promote"][0]["selected_run_id"] == best.info.run_id
     assert champion.tags["airflow_run_id"] == first.run_id and champion.tags["dataset_digest"]
     registry.load_keras(registry.resolve_model())  # the registered full model loads, verified
     summary = mlflow.search_runs([experiment_id], "tags.kind = 'summary'", output_format="list")
@@ -259,6 +279,7 @@ def test_training_dag_end_to_end_with_an_empty_local_folder_for_every_task(
     states = _states(dag, second.run_id)
     assert states["data_changed"] == ["success"]
     assert set(states["train"]) == {"skipped"} and states["select_and_promote"] == ["skipped"]
+    assert states["refit"] == ["skipped"]
     assert tracking.finished_runs(experiment_id, second.run_id) == []
 
     third = dag.test(run_conf={**conf, "force_retrain": True, "promotion_margin": 1.0})
@@ -313,6 +334,7 @@ def test_training_dag_fails_once_without_retries_when_weights_cannot_be_had(
     assert states["plan_extraction"] == ["failed"]
     assert set(states["extract_features"]) <= {"upstream_failed"}
     assert set(states["train"]) <= {"upstream_failed"}
+    assert states["refit"] == ["upstream_failed"]
     assert states["select_and_promote"] == ["upstream_failed"]
     assert states["report"] == ["upstream_failed"]
     with create_session() as session:

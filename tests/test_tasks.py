@@ -13,6 +13,7 @@ def test_plan_fills_params_the_dag_does_not_show_from_the_config_defaults() -> N
         "optimizers": ["adam", "sgd"],
         "batch_sizes": [16],
         "variants": ["seed"],
+        "heads": ["mlp"],
         "epochs": 3,
         "input_size": 64,
         "weights": "none",
@@ -96,3 +97,21 @@ def test_plan_extraction_settles_weights_precision_and_cache_folder_for_every_sh
     }
     with pytest.raises(ValueError, match="expected one cache folder"):
         features_of([*done, {"cache_dir": "s3://b/work/f/other", "images": 1, "computed": 0}])
+
+
+def test_plan_has_one_config_per_head_and_carries_the_cv_folds() -> None:
+    params = {"optimizers": ["adam"], "batch_sizes": [16], "variants": ["seed"], "cv_folds": "3"}
+    request = RunRequest.from_params({**params, "heads": ["mlp", "linear"], "refit": 0})
+    assert request.heads == ("mlp", "linear") and request.refit is False
+    configs = plan(request)
+    assert [(c["head"], c["cv_folds"]) for c in configs] == [("mlp", 3), ("linear", 3)]
+    assert RunRequest().heads == RUN_DEFAULTS.heads and RunRequest().refit is RUN_DEFAULTS.refit
+    assert [c["head"] for c in plan(RunRequest.from_params(params))] == list(RUN_DEFAULTS.heads)
+
+
+def test_refit_off_hands_the_selected_run_on_unchanged() -> None:
+    from leukemia.tasks.training_dag import refit
+
+    candidate = {"run_id": "abc", "cv_f1_macro_mean": 0.9}
+    out = refit(candidate, {"path": "unused"}, {"cache_dir": "unused"}, enabled=False)
+    assert out == {**candidate, "selected_run_id": "abc", "refit": False}

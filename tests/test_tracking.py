@@ -164,7 +164,7 @@ def test_report_is_made_when_selection_failed(trained: dict, tmp_path: Path) -> 
     assert {"grid_comparison.png", "grid_results.md", "grid_results.json"} <= names
     text = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/grid_results.md")).read_text()
     assert text.startswith("No model was registered")
-    assert "| seed | adam | 8 |" in text  # the trained configuration's row
+    assert "| seed | mlp | adam | 8 |" in text  # the trained configuration's row
 
 
 def test_best_run_prefers_validation_f1_then_loss() -> None:
@@ -180,3 +180,108 @@ def test_best_run_prefers_validation_f1_then_loss() -> None:
     assert best_run(runs) is runs[2]  # test metrics never decide
     with pytest.raises(ValueError, match="no finished training runs"):
         best_run([])
+
+
+def test_best_run_ranks_by_mean_cv_f1_then_cv_loss_and_falls_back_to_validation_with_k1() -> None:
+    from types import SimpleNamespace
+
+    from leukemia.tracking import best_run
+
+    def run(val_f1: float, cv_f1: float | None = None, cv_loss: float = 0.3) -> SimpleNamespace:
+        metrics = {"val_f1_macro": val_f1, "val_log_loss": 0.1, "test_f1_macro": 1.0}
+        if cv_f1 is not None:
+            metrics |= {"cv_f1_macro_mean": cv_f1, "cv_log_loss_mean": cv_loss}
+        return SimpleNamespace(data=SimpleNamespace(metrics=metrics))
+
+    cross_validated = [run(1.0, 0.90), run(0.8, 0.95, 0.4), run(0.7, 0.95, 0.2)]
+    assert best_run(cross_validated) is cross_validated[2]  # CV mean, then CV loss; val ignored
+    single = [run(0.8), run(0.9), run(0.85)]
+    assert best_run(single) is single[1]  # k = 1: the validation split decides
+    mixed = [run(0.8, 0.99), run(0.9)]
+    assert best_run(mixed) is mixed[1]  # not every run was cross-validated: one scale for all
+
+
+def test_every_run_logs_its_cv_folds_and_their_mean(trained: dict) -> None:
+    metrics = trained["run"].data.metrics
+    k = trained["cfg"].cv_folds
+    assert k == 5 and trained["run"].data.params["cv_folds"] == "5"
+    f1 = [metrics[f"cv_fold{i}_val_f1_macro"] for i in range(1, k + 1)]
+    assert f"cv_fold{k + 1}_val_f1_macro" not in metrics
+    assert metrics["cv_f1_macro_mean"] == pytest.approx(np.mean(f1))
+    assert metrics["cv_f1_macro_std"] == pytest.approx(np.std(f1))
+    loss = [metrics[f"cv_fold{i}_val_log_loss"] for i in range(1, k + 1)]
+    assert metrics["cv_log_loss_mean"] == pytest.approx(np.mean(loss))
+    held_out = sum(metrics[f"cv_fold{i}_images"] for i in range(1, k + 1))
+    assert held_out == sum(r["split"] in ("train", "val") for r in trained["rows"])
+    assert trained["result"].cv["cv_f1_macro_mean"] == metrics["cv_f1_macro_mean"]
+    assert 1 <= metrics["best_epoch"] <= int(trained["run"].data.params["epochs_run"])
+
+
+def test_refit_trains_on_train_and_val_is_tagged_linked_and_registers(
+    trained: dict, smear_dir: Path
+) -> None:
+    import mlflow
+
+    from leukemia import registry, tracking
+
+    selected = trained["result"].run_id
+    refit = tracking.refit_run(
+        selected, trained["info"].path, smear_dir, trained["cache"], tags={"airflow_run_id": "r1"}
+    )
+    run = mlflow.get_run(refit.run_id)
+    tags, params = run.data.tags, run.data.params
+    assert tags["kind"] == "refit" and tags["refit"] == "true" and tags["refit_of"] == selected
+    assert tags["airflow_run_id"] == "r1" and tags["dataset_digest"] == trained["info"].digest
+    n_train = sum(r["split"] == "train" for r in trained["rows"])
+    n_train_val = sum(r["split"] in ("train", "val") for r in trained["rows"])
+    assert refit.images == n_train_val > n_train and params["train_images"] == str(n_train_val)
+    kept = trained["run"].data.metrics["cv_best_epoch_mean"]
+    assert refit.epochs_run == max(1, round(kept)) and params["epochs"] == str(refit.epochs_run)
+    history = mlflow.MlflowClient().get_metric_history(refit.run_id, "loss")
+    assert len(history) == refit.epochs_run  # a fixed epoch count: no early stopping
+    assert "val_f1_macro" not in run.data.metrics and 0 <= run.data.metrics["test_f1_macro"] <= 1
+    # a refit is never a grid candidate, but it can be registered
+    experiment_id = tracking.setup()
+    assert [r.info.run_id for r in tracking.finished_runs(experiment_id)] == [selected]
+    promotion = registry.select_and_promote(
+        experiment_id, trained["info"].path, smear_dir, "r1", run_id=refit.run_id
+    )
+    assert promotion.run_id == refit.run_id
+    champion = registry.current_champion()
+    assert champion.run_id == refit.run_id and str(champion.version) == promotion.version
+    model = registry.load_keras(registry.resolve_model())  # safe_mode, after its sha256 matched
+    test_rows = [r for r in trained["rows"] if r["split"] == "test"]
+    probs = model.predict(load_images([smear_dir / r["path"] for r in test_rows], SIZE), verbose=0)
+    from leukemia.evaluation import evaluate
+    from leukemia.features import labels_to_index
+
+    labels = labels_to_index([r["label"] for r in test_rows])
+    assert evaluate(labels, probs)["metrics"]["accuracy"] == pytest.approx(refit.test["accuracy"])
+
+
+def test_a_linear_head_run_registers_a_full_model_that_predicts_like_its_head(
+    trained: dict, smear_dir: Path
+) -> None:
+    import keras
+    import mlflow
+
+    from leukemia import tracking
+    from leukemia.training import split_arrays
+
+    cfg = TrainConfig(
+        batch_size=8, epochs=3, cv_folds=1, model=ModelConfig(SIZE, "none", head="linear", l2=0.01)
+    )
+    info = trained["info"]
+    result = tracking.train_run(cfg, info.path, smear_dir, trained["cache"], dataset_digest="d")
+    run = mlflow.get_run(result.run_id)
+    assert run.data.params["head"] == "linear" and run.data.params["l2"] == "0.01"
+    assert "cv_f1_macro_mean" not in run.data.metrics  # k = 1: no cross-validation
+    uri = tracking.log_full_model(result.run_id, smear_dir, info.path)
+    path = mlflow.artifacts.download_artifacts(uri)
+    full = keras.saving.load_model(next(Path(path).rglob("*.keras")), safe_mode=True)
+    head = tracking.load_head(result.run_id)
+    assert [layer.name for layer in head.layers] == ["features", "standardize", "probabilities"]
+    test_rows = [r for r in trained["rows"] if r["split"] == "test"]
+    from_pixels = full.predict(load_images([smear_dir / r["path"] for r in test_rows], SIZE))
+    features = split_arrays(trained["rows"], trained["cache"], "seed")["test"][0]
+    np.testing.assert_allclose(from_pixels, head.predict(features, verbose=0), atol=1e-4)
