@@ -74,6 +74,7 @@ def test_run_holds_params_metrics_and_artifacts(trained: dict) -> None:
         "classification_report.txt",
         "metrics.json",
         "head",
+        "cv",
     }
     assert tags["split_uri"] == trained["info"].path and len(tags["head_sha256"]) == 64
     assert trained["result"].head_uri == f"runs:/{run.info.run_id}/head/head.keras"
@@ -214,6 +215,26 @@ def test_every_run_logs_its_cv_folds_and_their_mean(trained: dict) -> None:
     held_out = sum(metrics[f"cv_fold{i}_images"] for i in range(1, k + 1))
     assert held_out == sum(r["split"] in ("train", "val") for r in trained["rows"])
     assert trained["result"].cv["cv_f1_macro_mean"] == metrics["cv_f1_macro_mean"]
+    # every train + val image's probabilities from the fold that held it out
+    import mlflow
+
+    from leukemia.features import labels_to_index
+
+    path = mlflow.artifacts.download_artifacts(
+        run_id=trained["result"].run_id, artifact_path="cv/oof_probabilities.npz"
+    )
+    with np.load(path) as oof:
+        shas, probs = oof["sha256"].tolist(), oof["probabilities"]
+    train_val = [r for r in trained["rows"] if r["split"] in ("train", "val")]
+    assert sorted(shas) == sorted(r["sha256"] for r in train_val)
+    np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-5)
+    label = {r["sha256"]: r["label"] for r in train_val}
+    correct = int((probs.argmax(1) == labels_to_index([label[s] for s in shas])).sum())
+    folds = [
+        (metrics[f"cv_fold{i}_val_accuracy"], metrics[f"cv_fold{i}_images"])
+        for i in range(1, k + 1)
+    ]
+    assert correct == round(sum(acc * n for acc, n in folds))
     assert 1 <= metrics["best_epoch"] <= int(trained["run"].data.params["epochs_run"])
 
 

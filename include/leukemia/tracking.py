@@ -333,14 +333,25 @@ def train_val_arrays(
     return x, y, [r["sha256"] for r in (*data["train"][2], *data["val"][2])]
 
 
+#: The out-of-fold probabilities of a cross-validated run: arrays `sha256` and `probabilities`.
+OOF_ARTIFACT = "cv/oof_probabilities.npz"
+
+
 def log_cross_validation(cfg: TrainConfig, data: dict[str, Any]) -> dict[str, float]:
     """k-fold CV of the configuration over train + val, logged to the active run: per fold
-    `cv_fold<i>_val_<metric>` (and the epoch kept), and `cv_<metric>_mean` / `_std`."""
+    `cv_fold<i>_val_<metric>` (and the epoch kept), `cv_<metric>_mean` / `_std`, and every image's
+    out-of-fold probabilities as `OOF_ARTIFACT` (what an ensemble of runs can be judged on)."""
     import mlflow
+    import numpy as np
 
     from leukemia.training import cross_validate
 
-    cv = cross_validate(cfg, *train_val_arrays(data))
+    x, y, shas = train_val_arrays(data)
+    cv = cross_validate(cfg, x, y, shas)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(OOF_ARTIFACT).name
+        np.savez(path, sha256=np.asarray(shas), probabilities=cv["oof"])
+        mlflow.log_artifact(str(path), artifact_path=str(Path(OOF_ARTIFACT).parent))
     for i, fold in enumerate(cv["folds"], 1):
         mlflow.log_metrics(
             {
@@ -348,7 +359,7 @@ def log_cross_validation(cfg: TrainConfig, data: dict[str, Any]) -> dict[str, fl
                 for k, v in fold.items()
             }
         )
-    summary = {f"cv_{k}": v for k, v in cv.items() if k != "folds"}
+    summary = {f"cv_{k}": v for k, v in cv.items() if k not in ("folds", "oof")}
     mlflow.log_metrics(summary)
     return summary
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from leukemia.config import OPTIMIZERS, RUN_DEFAULTS
+from leukemia.config import CLASSES, OPTIMIZERS, RUN_DEFAULTS
 from leukemia.model import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -245,8 +245,9 @@ def cross_validate(
     """Fit the configuration on each of k folds of (x, y) (train + val) and score it on the held-out
     fold, early stopping on that fold as the single split does.
 
-    Returns `folds` (one metrics dict per fold: f1_macro, log_loss, accuracy, best_epoch, images)
-    and `<metric>_mean` / `<metric>_std` over the folds.
+    Returns `folds` (one metrics dict per fold: f1_macro, log_loss, accuracy, best_epoch, images),
+    `<metric>_mean` / `<metric>_std` over the folds, and `oof`: every image's probabilities from the
+    fold that held it out (in the order of `x`).
     """
     import numpy as np
 
@@ -254,9 +255,11 @@ def cross_validate(
 
     x, y = np.asarray(x, dtype="float32"), np.asarray(y, dtype="int64")
     folds = []
+    oof = np.zeros((len(y), len(CLASSES)), dtype="float32")
     for train_idx, val_idx in cv_folds(y, groups, k or cfg.cv_folds, cfg.seed):
         head, history = fit_head(cfg, x[train_idx], y[train_idx], x[val_idx], y[val_idx])
-        metrics = evaluate(y[val_idx], np.asarray(head(x[val_idx], training=False)))["metrics"]
+        oof[val_idx] = np.asarray(head(x[val_idx], training=False))
+        metrics = evaluate(y[val_idx], oof[val_idx])["metrics"]
         folds.append(
             {
                 **{m: metrics[m] for m in CV_METRICS if m in metrics},
@@ -264,7 +267,7 @@ def cross_validate(
                 "images": len(val_idx),
             }
         )
-    out: dict[str, Any] = {"folds": folds}
+    out: dict[str, Any] = {"folds": folds, "oof": oof}
     for m in CV_METRICS:
         values = np.asarray([f[m] for f in folds], dtype="float64")
         out[f"{m}_mean"], out[f"{m}_std"] = float(values.mean()), float(values.std())
