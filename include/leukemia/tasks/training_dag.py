@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from leukemia.config import RUN_DEFAULTS, StorageConfig, env, work_uri
+from leukemia.config import RUN_DEFAULTS, StorageConfig, env, env_flag, work_uri
 from leukemia.objectstore import with_conn
 
 log = logging.getLogger(__name__)
@@ -44,30 +44,52 @@ class RunRequest:
     precision: str = RUN_DEFAULTS.precision
     extract_shards: int = RUN_DEFAULTS.extract_shards
     promotion_margin: float = RUN_DEFAULTS.promotion_margin
+    min_f1_macro: float = RUN_DEFAULTS.min_f1_macro
+    min_malignant_sensitivity: float = RUN_DEFAULTS.min_malignant_sensitivity
+    min_benign_specificity: float = RUN_DEFAULTS.min_benign_specificity
+    require_approval: bool = False
+    approval_respondents: tuple[str, ...] = ()
+    approval_timeout_hours: float = RUN_DEFAULTS.approval_timeout_hours
     max_failed_fraction: float = RUN_DEFAULTS.max_failed_fraction
     mask_overlay: bool = RUN_DEFAULTS.mask_overlay
     force_retrain: bool = False
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> RunRequest:
-        """Convert a DAG run's Params (absent keys: defaults; `weights`: LEUKEMIA_WEIGHTS) once."""
-        values: dict[str, Any] = {"weights": env("LEUKEMIA_WEIGHTS")}
+        """Convert a DAG run's Params (absent keys: defaults; `weights`: LEUKEMIA_WEIGHTS,
+        `require_approval`: LEUKEMIA_REQUIRE_APPROVAL) once."""
+        values: dict[str, Any] = {
+            "weights": env("LEUKEMIA_WEIGHTS"),
+            "require_approval": env_flag("LEUKEMIA_REQUIRE_APPROVAL"),
+        }
         for f in fields(cls):
             if f.name not in params or params[f.name] is None:
                 continue
             value = params[f.name]
-            if f.name in ("optimizers", "variants"):
+            if f.name in ("optimizers", "variants", "approval_respondents"):
                 value = tuple(str(v) for v in value)
             elif f.name in ("batch_sizes", "head_units"):
                 value = tuple(int(v) for v in value)
             elif f.name == "learning_rate":
                 value = float(value) if value not in ("", 0) else None
-            elif f.name in ("force_retrain", "mask_overlay"):
+            elif f.name in ("force_retrain", "mask_overlay", "require_approval"):
                 value = bool(value)
             else:
                 value = type(getattr(RUN_DEFAULTS, f.name, f.default))(value)
             values[f.name] = value
         return cls(**values)
+
+    def thresholds(self) -> Any:
+        """The promotion gate's thresholds (`gate.Thresholds`); the margin is the gain over the
+        champion."""
+        from leukemia.gate import Thresholds
+
+        return Thresholds(
+            self.min_f1_macro,
+            self.min_malignant_sensitivity,
+            self.min_benign_specificity,
+            self.promotion_margin,
+        )
 
     @property
     def work_uri(self) -> str:
@@ -298,35 +320,62 @@ def train_one(
     return asdict(result)
 
 
-def promote(
-    split_info: dict[str, Any], airflow_run_id: str | None, margin: float = 0.0
-) -> dict[str, Any]:
-    """Register the best-by-validation run of this DAG run and move the aliases."""
-    from leukemia import registry, tracking
+def select_candidate(airflow_run_id: str | None) -> dict[str, Any]:
+    """The best run of this DAG run by validation macro-F1: `{"run_id", "selection", "val",
+    "configurations"}`. Registers nothing; what the gate registers is the `run_id` it is given."""
+    from leukemia import promotion, tracking
 
-    experiment_id = tracking.setup()
-    outcome = registry.select_and_promote(
-        experiment_id, split_info["path"], split_info["images_uri"], airflow_run_id, margin=margin
-    )
-    return asdict(outcome)
+    return promotion.select_candidate(tracking.setup(), airflow_run_id)
+
+
+def register_and_gate(
+    selected: dict[str, Any],
+    split_info: dict[str, Any],
+    request: RunRequest,
+    airflow_run_id: str | None,
+) -> dict[str, Any]:
+    """Log the full model of `selected["run_id"]`, register it without an alias, evaluate it and
+    the champion on the split's test images with MLflow and check the thresholds; write its card.
+
+    Never moves an alias: any error fails the task with `@champion` unchanged.
+    """
+    from leukemia import promotion
+
+    return promotion.register_and_gate(selected, split_info, request.thresholds(), airflow_run_id)
+
+
+def decide(
+    gated: dict[str, Any], review: dict[str, Any] | None, task_id: str, source: str
+) -> dict[str, Any]:
+    """A decision task (`promote`, `keep_champion`, `reject`): apply the approval task's review,
+    which must have chosen this task; `@champion` moves only in `promote`, through the registry."""
+    from leukemia import promotion
+
+    return promotion.decide_step(gated, review, task_id, source)
 
 
 def report(
     results: list[dict[str, Any]],
-    promotion: dict[str, Any] | None,
+    gated: dict[str, Any] | None,
     airflow_run_id: str | None = None,
     work: str | None = None,
+    require_approval: bool = False,
 ) -> dict[str, Any]:
-    """The grid's summary MLflow run (also made when selection failed), and its table as
+    """The grid's summary MLflow run (also made when the gate failed) with the gate's report
+    (`gate.md`, one line per threshold), and its table as
     `reports/<airflow run id>/grid_results.json` in the work store."""
+    from leukemia import promotion as decisions
     from leukemia.objectstore import open_store
     from leukemia.tracking import grid_rows, log_grid_summary
 
+    promotion = decisions.summary_of(gated, require_approval)
     summary = log_grid_summary(results, promotion, airflow_run_id)
+    decisions.annotate_summary(summary["summary_run_id"], gated, require_approval)
     if work:
         table = {
             "rows": grid_rows(results, (promotion or {}).get("run_id")),
             "promotion": promotion,
+            "gate": decisions.report_markdown(gated, require_approval).splitlines(),
         }
         name = f"reports/{airflow_run_id or summary['summary_run_id']}/grid_results.json"
         summary["report_uri"] = open_store(work).write_bytes(
