@@ -8,12 +8,12 @@ triggered this run, the reason) and emits the `leukemia_champion` asset, so the 
 re-scores incoming images with the restored champion. `history` prints every move of `@champion`.
 
 The same from a shell: `python -m leukemia champion rollback --to VERSION --reason "..."`. All
-logic lives in `include/leukemia/promotion.py` and `registry.py`; this file only wires it.
+logic lives in `include/leukemia` (each task calls `leukemia.tasks.champion_dag`, which calls
+`promotion.py` and `registry.py`); this file only wires it.
 """
 
 from __future__ import annotations
 
-import logging
 from datetime import timedelta
 from typing import Any
 
@@ -21,8 +21,6 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
 from leukemia.tasks.assets import champion_asset
-
-log = logging.getLogger(__name__)
 
 
 @dag(
@@ -53,21 +51,19 @@ log = logging.getLogger(__name__)
 def leukemia_champion() -> None:
     @task(outlets=[champion_asset()])
     def rollback() -> dict[str, Any]:
-        from leukemia import promotion
+        from leukemia.tasks import champion_dag as steps
 
         context = get_current_context()
         params, run = context["params"], context["dag_run"]
         by = getattr(run, "triggering_user_name", None) or "Airflow"
         source = f"{run.dag_id}/{run.run_id}"
-        return promotion.rollback(str(params["to_version"]), params["reason"], by, source)
+        return steps.rollback(params["to_version"], params["reason"], by, source)
 
     @task
     def history() -> list[str]:
-        from leukemia import registry
+        from leukemia.tasks import champion_dag as steps
 
-        lines = [move.describe() for move in registry.history()]
-        log.info("Moves of @champion, oldest first:\n%s", "\n".join(lines) or "none recorded")
-        return lines
+        return steps.history()
 
     rollback() >> history()
 

@@ -260,3 +260,41 @@ def test_a_champion_whose_files_are_gone_is_replaced_without_a_comparison(
     assert version.tags["gate.champion"].startswith(
         f"champion v{first['version']} cannot be loaded"
     )
+
+
+@pytest.mark.slow
+def test_the_gate_registers_the_run_it_is_given_not_the_best_one(
+    smear_dir: Path, mlflow_env: Path
+) -> None:
+    """`register_and_gate` takes the run id from its upstream step (selection, or a refit that
+    returns another run in the same dict shape): it never searches for the best run itself."""
+    from leukemia import promotion, registry, tracking
+    from leukemia.dataset import read_split, split_counts
+
+    cache: dict = {}
+    from leukemia.model import ModelConfig
+    from leukemia.training import TrainConfig
+
+    split = _train(smear_dir, mlflow_env, "adam", "manual__1", cache)["split"]
+    cfg = TrainConfig(optimizer="sgd", batch_size=8, epochs=2, model=ModelConfig(SIZE, "none"))
+    tags = {"airflow_run_id": "manual__1", "airflow_map_index": "1"}  # a second mapped task
+    tracking.train_run(cfg, split.path, smear_dir, cache["features"], tags, split.digest)
+    experiment_id = tracking.setup()
+    best = promotion.select_candidate(experiment_id, "manual__1")
+    assert best["configurations"] == 2
+    other = next(
+        r.info.run_id
+        for r in tracking.finished_runs(experiment_id, "manual__1")
+        if r.info.run_id != best["run_id"]
+    )
+    rows = read_split(split.path)
+    info = {"path": split.path, "images_uri": str(smear_dir), "counts": split_counts(rows)}
+    gated = promotion.register_and_gate(
+        {"run_id": other, "selection": "refit of the best configuration"}, info, OPEN, "manual__1"
+    )
+    assert gated["run_id"] == other and registry.current_champion() is None  # no alias moved
+    version = registry.client().get_model_version("leukemia-classifier", gated["version"])
+    assert (
+        version.run_id == other and version.tags["selection"] == "refit of the best configuration"
+    )
+    assert version.tags["gate"] == "passed" and version.aliases == []

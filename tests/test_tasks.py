@@ -96,3 +96,29 @@ def test_plan_extraction_settles_weights_precision_and_cache_folder_for_every_sh
     }
     with pytest.raises(ValueError, match="expected one cache folder"):
         features_of([*done, {"cache_dir": "s3://b/work/f/other", "images": 1, "computed": 0}])
+
+
+def test_run_request_reads_the_gate_and_approval_params(monkeypatch: pytest.MonkeyPatch) -> None:
+    from leukemia.gate import Thresholds
+
+    monkeypatch.delenv("LEUKEMIA_REQUIRE_APPROVAL", raising=False)
+    assert RunRequest.from_params({}).require_approval is False  # the demo, dags test
+    monkeypatch.setenv("LEUKEMIA_REQUIRE_APPROVAL", "true")
+    assert RunRequest.from_params({}).require_approval is True  # the compose stack
+    run = RunRequest.from_params(
+        {
+            "require_approval": False,
+            "approval_respondents": ["dr-lee"],
+            "approval_timeout_hours": "0.5",
+            "min_f1_macro": "0.8",
+            "promotion_margin": 0.01,
+        }
+    )
+    assert run.require_approval is False and run.approval_respondents == ("dr-lee",)
+    assert run.approval_timeout_hours == 0.5
+    assert run.thresholds() == Thresholds(
+        0.8,
+        RUN_DEFAULTS.min_malignant_sensitivity,
+        RUN_DEFAULTS.min_benign_specificity,
+        0.01,
+    )
