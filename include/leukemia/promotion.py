@@ -1,10 +1,11 @@
-"""Promotion a laboratory can trust: register the candidate, gate it, ask a person, decide; roll back.
+"""Promotion a laboratory can trust: select, register and gate the candidate, ask a person, decide;
+roll back.
 
 The training DAG's `select_candidate`, `register_and_gate`, `approval` and decision tasks call these
-(through `tasks.training_dag`), as do the command line and the tests (`select_and_promote` runs the
-same steps without a person). Every move of `@champion` goes
-through `registry.move_champion`, which refuses a version the gate did not pass: a candidate that
-misses a threshold never becomes champion, whoever asks.
+(through `tasks.training_dag` and `tasks.approval`), the command line calls `rollback`, and the
+benchmarks and tests call `select_and_promote` (the same steps without a person). Every move of
+`@champion` goes through `registry.move_champion`, which refuses a version the gate did not pass: a
+candidate that misses a threshold never becomes champion, whoever asks.
 
 The reviewer's three options and what each does:
 

@@ -438,7 +438,8 @@ def log_grid_summary(
             f"Selected run {promotion.get('run_id')} → v{promotion.get('version')} "
             f"@{promotion.get('alias')}: {promotion.get('reason')}"
             if promotion
-            else "No candidate was gated: selection or register_and_gate failed (see the task logs)."
+            else "No model was registered or gated: select_candidate or register_and_gate failed "
+            "(see their task logs)."
         )
         (out / "grid_results.md").write_text(f"{headline}\n\n{table}")
         mlflow.log_artifacts(str(out))
