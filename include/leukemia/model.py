@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from leukemia.config import CLASSES, RUN_DEFAULTS
@@ -221,16 +222,54 @@ def build_head(cfg: ModelConfig, normalization: Any | None = None) -> Any:
     return keras.Model(inputs, outputs, name="head")
 
 
-def assemble(cfg: ModelConfig, trunk: Any, head: Any) -> Any:
-    """One model from raw pixels (0-255) to class probabilities: preprocess → trunk → pool → head."""
+def assemble(cfg: ModelConfig, trunk: Any, head: Any, augment: Sequence[Any] = ()) -> Any:
+    """One model from raw pixels (0-255) to class probabilities: preprocess → trunk → pool → head.
+
+    `augment` (fine-tuning: stock random layers, identity at inference) goes after the preprocessing,
+    so that a flip or rotation never moves the scale-bar overlay out of the masked square.
+    """
     import keras
 
     inputs = keras.Input((cfg.input_size, cfg.input_size, 3), name="pixels")
     x = build_preprocess(cfg.input_size, cfg.mask_overlay)(inputs)
+    for layer in augment:
+        x = layer(x)
     pooled = trunk(x, training=False)
     features = build_pool(cfg.input_size, cfg.variant)(pooled)
     outputs = head(features, training=False)
     return keras.Model(inputs, outputs, name=f"leukemia_vgg16_{cfg.variant}")
+
+
+def build_ensemble(cfg: ModelConfig, heads: Sequence[tuple[str, Any]]) -> Any:
+    """One model from raw pixels to the mean of k heads' class probabilities, with one shared trunk.
+
+    `heads` are (variant, head) pairs; `cfg` gives what they must share (input size, weights,
+    overlay mask). Each variant's pooling is built once; stock layers only, so the saved model loads
+    in Keras' safe mode. One head gives the single model that `assemble` builds.
+    """
+    import keras
+
+    if not heads:
+        raise ValueError("an ensemble needs at least one head")
+    if len(heads) == 1:
+        variant, head = heads[0]
+        return assemble(replace(cfg, variant=variant), build_trunk(cfg), head)
+    inputs = keras.Input((cfg.input_size, cfg.input_size, 3), name="pixels")
+    x = build_preprocess(cfg.input_size, cfg.mask_overlay)(inputs)
+    pooled = build_trunk(cfg)(x, training=False)
+    pools = {v: build_pool(cfg.input_size, v)(pooled) for v in dict.fromkeys(v for v, _ in heads)}
+    outputs = []
+    for i, (variant, head) in enumerate(heads, 1):
+        if head.input_shape[-1] != feature_width(variant):
+            raise ValueError(
+                f"head {i} takes {head.input_shape[-1]} features, not the {feature_width(variant)} "
+                f"of variant {variant}: pair each head with the variant it was trained on"
+            )
+        single = (keras.tree.flatten(head.input)[0], keras.tree.flatten(head.output)[0])
+        named = keras.Model(*single, name=f"head_{i}")  # unique nested names, one tensor out
+        outputs.append(named(pools[variant], training=False))
+    mean = keras.layers.Average(name="ensemble_mean")(outputs)
+    return keras.Model(inputs, mean, name=f"leukemia_vgg16_ensemble{len(heads)}")
 
 
 def build_model(cfg: ModelConfig) -> Any:

@@ -46,6 +46,11 @@ class RunRequest:
     promotion_margin: float = RUN_DEFAULTS.promotion_margin
     max_failed_fraction: float = RUN_DEFAULTS.max_failed_fraction
     mask_overlay: bool = RUN_DEFAULTS.mask_overlay
+    ensemble_top_k: int = RUN_DEFAULTS.ensemble_top_k
+    fine_tune: bool = RUN_DEFAULTS.fine_tune
+    fine_tune_blocks: int = RUN_DEFAULTS.fine_tune_blocks
+    fine_tune_learning_rate: float = RUN_DEFAULTS.fine_tune_learning_rate
+    fine_tune_epochs: int = RUN_DEFAULTS.fine_tune_epochs
     force_retrain: bool = False
 
     @classmethod
@@ -62,7 +67,7 @@ class RunRequest:
                 value = tuple(int(v) for v in value)
             elif f.name == "learning_rate":
                 value = float(value) if value not in ("", 0) else None
-            elif f.name in ("force_retrain", "mask_overlay"):
+            elif f.name in ("force_retrain", "mask_overlay", "fine_tune"):
                 value = bool(value)
             else:
                 value = type(getattr(RUN_DEFAULTS, f.name, f.default))(value)
@@ -296,6 +301,37 @@ def train_one(
         dataset_digest=split_info["digest"],
     )
     return asdict(result)
+
+
+def ensemble(
+    candidate: dict[str, Any],
+    results: list[dict[str, Any]],
+    split_info: dict[str, Any],
+    features_info: dict[str, Any],
+    top_k: int,
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The candidate, or an ensemble run of the top-k heads when it beats the best single head on
+    validation macro-F1 (`top_k` below 2: off). Same shape as `candidate`: `run_id` names the run a
+    gate registers; `ensemble` says what was compared."""
+    from leukemia.ensemble import ENSEMBLE, select_ensemble
+
+    if top_k < 2:
+        return candidate
+    if tags and "airflow_run_id" in tags:  # a retry fails this task's earlier run, not the grid's
+        tags = {**tags, "airflow_task_id": "ensemble"}
+    choice = select_ensemble(
+        [r for r in results if r],
+        split_info["path"],
+        features_info["cache_dir"],
+        top_k,
+        split_info.get("digest", ""),
+        tags,
+    )
+    summary = {k: v for k, v in choice.items() if k != "member_f1_macro"}
+    if choice["choice"] != ENSEMBLE:
+        return {**candidate, "ensemble": summary}
+    return {**candidate, "run_id": choice["run_id"], "ensemble": summary}
 
 
 def promote(
