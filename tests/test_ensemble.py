@@ -74,7 +74,7 @@ def test_top_runs_rank_by_validation_f1_then_log_loss() -> None:
 
 
 def test_members_on_different_features_cannot_share_a_trunk() -> None:
-    from leukemia.ensemble import shared_trunk
+    from leukemia.model import shared_trunk
 
     base = ModelConfig(SIZE, "none")
     assert shared_trunk([base, replace(base, variant="multiscale")]) == base
@@ -214,3 +214,15 @@ def test_ensemble_task_returns_the_candidate_unless_the_ensemble_wins(two_runs: 
     else:
         assert choice["choice"] == "single" and out["run_id"] == candidate["run_id"]
         assert not mlflow.search_runs(filter_string="tags.kind = 'ensemble'", output_format="list")
+
+
+def test_run_request_reads_the_ensemble_and_fine_tuning_params() -> None:
+    from leukemia.tasks.training_dag import RunRequest
+
+    off = RunRequest.from_params({})
+    assert off.ensemble_top_k == 0 and off.fine_tune is False and off.fine_tune_blocks == 1
+    run = RunRequest.from_params(
+        {"ensemble_top_k": "3", "fine_tune": True, "fine_tune_learning_rate": "2e-5"}
+    )
+    assert run.ensemble_top_k == 3 and run.fine_tune is True
+    assert run.fine_tune_learning_rate == 2e-5 and run.fine_tune_epochs == 10

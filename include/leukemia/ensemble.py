@@ -18,28 +18,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from leukemia.model import ModelConfig
+from leukemia.model import ModelConfig, shared_trunk
 
 log = logging.getLogger(__name__)
 
 ENSEMBLE, SINGLE = "ensemble", "single"
-
-
-def shared_trunk(models: Sequence[ModelConfig]) -> ModelConfig:
-    """The configuration the members' trunk is built from; they must agree on what feeds the heads."""
-    if not models:
-        raise ValueError("an ensemble needs at least one member")
-
-    def key(m: ModelConfig) -> tuple[Any, ...]:
-        return (m.input_size, m.weights, m.mask_overlay)
-
-    differ = sorted({key(m) for m in models})
-    if len(differ) > 1:
-        raise ValueError(
-            f"ensemble members differ in (input size, weights, overlay mask): {differ}; one trunk "
-            "serves only members trained on the same features"
-        )
-    return models[0]
 
 
 def top_runs(results: Sequence[Mapping[str, Any]], k: int) -> list[Mapping[str, Any]]:

@@ -9,6 +9,7 @@ The full model is three parts, each a Keras model of its own so the pipeline can
 
 The trunk's pooled outputs never change for an image, so `features.py` caches them and training only
 fits the head; `assemble` joins the parts into one model that takes raw pixels, which is what is logged.
+`build_ensemble` joins one trunk to several heads (of either variant) and averages their softmax.
 """
 
 from __future__ import annotations
@@ -238,6 +239,23 @@ def assemble(cfg: ModelConfig, trunk: Any, head: Any, augment: Sequence[Any] = (
     features = build_pool(cfg.input_size, cfg.variant)(pooled)
     outputs = head(features, training=False)
     return keras.Model(inputs, outputs, name=f"leukemia_vgg16_{cfg.variant}")
+
+
+def shared_trunk(models: Sequence[ModelConfig]) -> ModelConfig:
+    """The configuration the members' trunk is built from; they must agree on what feeds the heads."""
+    if not models:
+        raise ValueError("an ensemble needs at least one member")
+
+    def key(m: ModelConfig) -> tuple[Any, ...]:
+        return (m.input_size, m.weights, m.mask_overlay)
+
+    differ = sorted({key(m) for m in models})
+    if len(differ) > 1:
+        raise ValueError(
+            f"ensemble members differ in (input size, weights, overlay mask): {differ}; one trunk "
+            "serves only members trained on the same features"
+        )
+    return models[0]
 
 
 def build_ensemble(cfg: ModelConfig, heads: Sequence[tuple[str, Any]]) -> Any:

@@ -222,8 +222,7 @@ def full_model_of(run: Any) -> Any:
     members' heads on one shared trunk (`model.build_ensemble`)."""
     import mlflow
 
-    from leukemia.ensemble import shared_trunk
-    from leukemia.model import assemble, build_ensemble, build_trunk
+    from leukemia.model import assemble, build_ensemble, build_trunk, shared_trunk
 
     members = json.loads(run.data.tags.get(ENSEMBLE_MEMBERS_TAG) or "[]")
     if not members:

@@ -334,6 +334,56 @@ def ensemble(
     return {**candidate, "run_id": choice["run_id"], "ensemble": summary}
 
 
+def fine_tune(
+    candidate: dict[str, Any],
+    split_info: dict[str, Any],
+    enabled: bool,
+    blocks: int = RUN_DEFAULTS.fine_tune_blocks,
+    learning_rate: float = RUN_DEFAULTS.fine_tune_learning_rate,
+    epochs: int = RUN_DEFAULTS.fine_tune_epochs,
+    patience: int = RUN_DEFAULTS.patience,
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The candidate, or its fine-tuned run (`finetune.fine_tune_run`) when that scores a higher
+    validation macro-F1 than the candidate's run (a tie keeps the candidate). Off unless `enabled`;
+    an ensemble candidate is kept as it is. Same shape as `candidate`, with `fine_tune` describing
+    the run that was trained."""
+    import mlflow
+
+    from leukemia import tracking
+    from leukemia.finetune import FineTuneConfig, fine_tune_run
+
+    if not enabled:
+        return candidate
+    tracking.setup()
+    source = mlflow.MlflowClient().get_run(candidate["run_id"])
+    if source.data.tags.get(tracking.ENSEMBLE_MEMBERS_TAG):
+        log.info("The candidate %s is an ensemble: not fine-tuned", candidate["run_id"])
+        return candidate
+    if tags and "airflow_run_id" in tags:  # a retry fails this task's earlier run, not the grid's
+        tags = {**tags, "airflow_task_id": "fine_tune"}
+    ft = FineTuneConfig(
+        blocks=blocks, learning_rate=learning_rate, epochs=epochs, patience=patience
+    )
+    outcome = fine_tune_run(
+        candidate["run_id"], split_info["path"], split_info["images_uri"], ft, tags
+    )
+    before = outcome["source_val_f1_macro"]
+    chosen = before is None or outcome["val_f1_macro"] > before
+    log.info(
+        "Fine-tuned val macro-F1 %.4f vs the candidate's %s: %s",
+        outcome["val_f1_macro"],
+        "unknown" if before is None else f"{before:.4f}",
+        "the fine-tuned model goes on" if chosen else "the candidate stays",
+    )
+    summary = {**outcome, "chosen": chosen}
+    return {
+        **candidate,
+        "run_id": outcome["run_id"] if chosen else candidate["run_id"],
+        "fine_tune": summary,
+    }
+
+
 def promote(
     split_info: dict[str, Any], airflow_run_id: str | None, margin: float = 0.0
 ) -> dict[str, Any]:
