@@ -114,6 +114,12 @@ def test_ensemble_model_averages_heads_of_both_variants_and_loads_in_safe_mode(
     ens.save(tmp_path / "ensemble.keras")
     loaded = keras.saving.load_model(tmp_path / "ensemble.keras", safe_mode=True)
     np.testing.assert_allclose(loaded.predict_on_batch(pixels), probs, atol=1e-6)
+    # Grad-CAM explains the first head, and captions with the ensemble's own probabilities
+    from leukemia.gradcam import GradCam
+
+    heat, cam_probs = GradCam(loaded)(pixels)
+    assert heat.shape == (3, SIZE, SIZE) and 0 <= heat.min() and heat.max() <= 1
+    np.testing.assert_allclose(cam_probs, probs, atol=1e-5)
 
 
 def test_a_head_paired_with_the_wrong_variant_is_refused() -> None:
@@ -226,3 +232,37 @@ def test_run_request_reads_the_ensemble_and_fine_tuning_params() -> None:
     )
     assert run.ensemble_top_k == 3 and run.fine_tune is True
     assert run.fine_tune_learning_rate == 2e-5 and run.fine_tune_epochs == 10
+
+
+@pytest.mark.slow
+def test_out_of_fold_probabilities_decide_when_every_member_has_them(
+    two_runs: dict, tmp_path: Path
+) -> None:
+    import mlflow
+
+    from leukemia.config import CLASSES
+    from leukemia.ensemble import OOF_ARTIFACT, oof_probabilities, select_ensemble
+
+    runs, rows = two_runs["results"], two_runs["rows"]
+    pool = [r for r in rows if r["split"] in ("train", "val")]
+    shas = np.asarray([r["sha256"] for r in pool])
+    truth = [CLASSES.index(r["label"]) for r in pool]
+    a, b = _onehot(truth), _onehot(truth)
+    a[0] = 0.2
+    a[0][(truth[0] + 1) % 4] = 0.4  # a unsure and wrong on image 0, b sure and right there
+    b[1] = 0.2
+    b[1][(truth[1] + 1) % 4] = 0.4  # b unsure and wrong on image 1, a sure and right
+    for run, probs in zip(runs, (a, b), strict=True):
+        path = tmp_path / run["run_id"] / "oof_probabilities.npz"
+        path.parent.mkdir()
+        np.savez(path, sha256=shas, probabilities=probs)
+        mlflow.MlflowClient().log_artifact(run["run_id"], str(path), Path(OOF_ARTIFACT).parent.name)
+        if run is runs[0]:
+            assert oof_probabilities(runs, rows) is None  # one member without: validation decides
+    y, oof = oof_probabilities(runs, rows)
+    assert list(y) == truth and set(oof) == {r["run_id"] for r in runs}
+    choice = select_ensemble(runs, two_runs["info"].path, two_runs["cache"], 2)
+    assert choice["source"] == "cv" and choice["choice"] == "ensemble"
+    assert choice["ensemble_f1_macro"] == 1.0 > choice["single_f1_macro"]
+    run = mlflow.get_run(choice["run_id"])
+    assert run.data.params["selection_source"] == "cv" and run.data.tags["kind"] == "ensemble"

@@ -76,6 +76,9 @@ def test_augmentation_acts_in_training_and_never_at_inference() -> None:
     np.testing.assert_allclose(first, plain.predict_on_batch(x.astype("float32")), atol=1e-6)
     trained = np.asarray(model(x.astype("float32"), training=True))
     assert not np.allclose(trained, first, atol=1e-6)  # flips and rotations are really there
+    from leukemia.gradcam import GradCam  # Grad-CAM skips them too
+
+    np.testing.assert_allclose(GradCam(model)(x)[1], first, atol=1e-5)
 
 
 @pytest.fixture()

@@ -1,8 +1,8 @@
 """An optional ensemble of the grid's best heads: the mean of their softmax, as one model from pixels.
 
 The top-k runs' heads (by validation macro-F1, ties to the lower log-loss: `tracking.best_run`'s
-order) are scored on held-out probabilities, the validation split's (or out-of-fold ones, where a
-caller has them); their mean is chosen only when its macro-F1 beats the best single head's, a tie
+order) are scored on held-out probabilities: out-of-fold ones where every member logged them
+(`OOF_ARTIFACT`, cross-validation), else the validation split's; their mean is chosen only when its macro-F1 beats the best single head's, a tie
 keeping the single head (the simpler model). A chosen ensemble is logged as its own MLflow run
 (kind `ensemble`, its members' run ids in `tracking.ENSEMBLE_MEMBERS_TAG`), holding metrics but no
 model: `tracking.log_full_model` builds the one-trunk, k-head model (`model.build_ensemble`) when a
@@ -23,6 +23,9 @@ from leukemia.model import ModelConfig, shared_trunk
 log = logging.getLogger(__name__)
 
 ENSEMBLE, SINGLE = "ensemble", "single"
+#: Out-of-fold probabilities a cross-validated run may log: arrays `sha256` (n,) and
+#: `probabilities` (n, 4). When every member has them, the choice is made on them (source `cv`).
+OOF_ARTIFACT = "cv/oof_probabilities.npz"
 
 
 def top_runs(results: Sequence[Mapping[str, Any]], k: int) -> list[Mapping[str, Any]]:
@@ -89,6 +92,36 @@ def member_probabilities(
             x, labels[split], _ = data[variant][split]
             probs[split][run["run_id"]] = head.predict(x, verbose=0)
     return labels, probs
+
+
+def oof_probabilities(
+    runs: Sequence[Mapping[str, Any]], rows: list[dict[str, str]]
+) -> tuple[Any, dict[str, Any]] | None:
+    """Labels and each member's out-of-fold probabilities on the images they all scored, from
+    their `OOF_ARTIFACT`s; None when a member has none (no cross-validation: use validation)."""
+    import mlflow
+    import numpy as np
+
+    from leukemia.features import labels_to_index
+
+    client = mlflow.MlflowClient()
+    found: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        folder, name = OOF_ARTIFACT.rsplit("/", 1)
+        if name not in {Path(a.path).name for a in client.list_artifacts(run["run_id"], folder)}:
+            return None
+        path = mlflow.artifacts.download_artifacts(run_id=run["run_id"], artifact_path=OOF_ARTIFACT)
+        with np.load(path) as arrays:
+            found[run["run_id"]] = dict(
+                zip(arrays["sha256"].tolist(), arrays["probabilities"], strict=True)
+            )
+    label = {r["sha256"]: r["label"] for r in rows}
+    first = next(iter(found.values()))
+    shared = [sha for sha in first if sha in label and all(sha in f for f in found.values())]
+    if not shared:
+        return None
+    y = labels_to_index([label[sha] for sha in shared])
+    return y, {m: np.stack([f[sha] for sha in shared]) for m, f in found.items()}
 
 
 def log_ensemble_run(
@@ -172,8 +205,9 @@ def select_ensemble(
     dataset_digest: str = "",
     tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Score the mean of the top-k heads on the validation split; log an ensemble run only when it
-    beats the best single head. Returns the choice (`choose`), with `run_id` when one was logged."""
+    """Score the mean of the top-k heads on held-out probabilities (out-of-fold ones when every member
+    logged `OOF_ARTIFACT`, else the validation split's); log an ensemble run only when it beats the
+    best single head. Returns the choice (`choose`), with `run_id` when one was logged."""
     from leukemia.dataset import read_split
 
     runs = top_runs(results, top_k)
@@ -183,11 +217,17 @@ def select_ensemble(
         )
         return {"choice": SINGLE, "members": [r["run_id"] for r in runs], "source": "val"}
     shared_trunk([ModelConfig(**_model_keys(r["config"])) for r in runs])
-    labels, probs = member_probabilities(runs, read_split(split_path), cache_dir)
-    choice = choose(probs["val"], labels["val"], source="val")
+    rows = read_split(split_path)
+    labels, probs = member_probabilities(runs, rows, cache_dir)
+    oof = oof_probabilities(runs, rows)
+    if oof is not None:
+        choice = choose(oof[1], oof[0], source="cv")
+    else:
+        choice = choose(probs["val"], labels["val"], source="val")
     log.info(
-        "Ensemble of the top %d: val macro-F1 %.4f vs best single head %.4f → %s",
+        "Ensemble of the top %d: %s macro-F1 %.4f vs best single head %.4f → %s",
         len(runs),
+        choice["source"],
         choice["ensemble_f1_macro"],
         choice["single_f1_macro"],
         choice["choice"],
