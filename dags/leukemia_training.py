@@ -187,6 +187,42 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
             description="Fill the bottom-right scale-bar square inside the model, so that no "
             "model reads the microscope's overlay instead of the cells (part of the feature-cache key).",
         ),
+        "ensemble_top_k": Param(
+            RUN_DEFAULTS.ensemble_top_k,
+            type="integer",
+            minimum=0,
+            title="Ensemble of the top k",
+            description="Register the mean of the top-k heads' softmax (one trunk, k heads) when it "
+            "beats the best single head on validation macro-F1. 0 or 1: off.",
+        ),
+        "fine_tune": Param(
+            RUN_DEFAULTS.fine_tune,
+            type="boolean",
+            title="Fine-tune the winner",
+            description="Unfreeze the last VGG16 blocks of the selected model and train it from "
+            "pixels with flips and rotations (slow without a GPU; runs on the training queue).",
+        ),
+        "fine_tune_blocks": Param(
+            RUN_DEFAULTS.fine_tune_blocks,
+            type="integer",
+            minimum=1,
+            maximum=5,
+            title="Fine-tuned VGG16 blocks",
+            description="How many of the last conv blocks to unfreeze: 1 = block5.",
+        ),
+        "fine_tune_learning_rate": Param(
+            RUN_DEFAULTS.fine_tune_learning_rate,
+            type="number",
+            exclusiveMinimum=0,
+            title="Fine-tuning learning rate (Adam)",
+        ),
+        "fine_tune_epochs": Param(
+            RUN_DEFAULTS.fine_tune_epochs,
+            type="integer",
+            minimum=1,
+            title="Fine-tuning max epochs",
+            description="Early stopping on validation loss (patience as above) keeps the best epoch.",
+        ),
         "force_retrain": Param(
             False,
             type="boolean",

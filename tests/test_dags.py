@@ -130,6 +130,11 @@ def test_training_dag_params_take_defaults_and_choices_from_config(dagbag: Any) 
     assert defaults["require_approval"] is False and defaults["approval_respondents"] == []
     assert defaults["max_failed_fraction"] == RUN_DEFAULTS.max_failed_fraction
     assert defaults["extract_shards"] == RUN_DEFAULTS.extract_shards == 0
+    # the ensemble and fine-tuning stages are off unless asked for
+    assert defaults["ensemble_top_k"] == RUN_DEFAULTS.ensemble_top_k == 0
+    assert defaults["fine_tune"] is RUN_DEFAULTS.fine_tune is False
+    for name in ("fine_tune_blocks", "fine_tune_learning_rate", "fine_tune_epochs"):
+        assert defaults[name] == getattr(RUN_DEFAULTS, name)
     assert params.get_param("optimizers").schema["items"]["enum"] == list(OPTIMIZERS)
     assert params.get_param("variants").schema["items"]["enum"] == list(VARIANTS)
     assert params.get_param("precision").schema["enum"] == list(PRECISIONS)

@@ -52,6 +52,13 @@ class RunDefaults:
     # the model looks at the cells: the scale-bar overlay in the bottom-right corner is filled with
     # a constant colour inside the model (model.build_preprocess), before the VGG16 preprocessing
     mask_overlay: bool = True
+    # after selection: the mean of the top-k heads, when it beats the best one (0 or 1: off)
+    ensemble_top_k: int = 0
+    # after selection: unfreeze the last VGG16 blocks of the candidate and train from pixels (a GPU)
+    fine_tune: bool = False
+    fine_tune_blocks: int = 1  # the last n conv blocks: 1 = block5
+    fine_tune_learning_rate: float = 1e-5
+    fine_tune_epochs: int = 10
     # the run around the grid
     promotion_margin: float = 0.0
     max_failed_fraction: float = 0.0

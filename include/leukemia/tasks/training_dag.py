@@ -52,6 +52,11 @@ class RunRequest:
     approval_timeout_hours: float = RUN_DEFAULTS.approval_timeout_hours
     max_failed_fraction: float = RUN_DEFAULTS.max_failed_fraction
     mask_overlay: bool = RUN_DEFAULTS.mask_overlay
+    ensemble_top_k: int = RUN_DEFAULTS.ensemble_top_k
+    fine_tune: bool = RUN_DEFAULTS.fine_tune
+    fine_tune_blocks: int = RUN_DEFAULTS.fine_tune_blocks
+    fine_tune_learning_rate: float = RUN_DEFAULTS.fine_tune_learning_rate
+    fine_tune_epochs: int = RUN_DEFAULTS.fine_tune_epochs
     force_retrain: bool = False
 
     @classmethod
@@ -72,7 +77,7 @@ class RunRequest:
                 value = tuple(int(v) for v in value)
             elif f.name == "learning_rate":
                 value = float(value) if value not in ("", 0) else None
-            elif f.name in ("force_retrain", "mask_overlay", "require_approval"):
+            elif f.name in ("force_retrain", "mask_overlay", "require_approval", "fine_tune"):
                 value = bool(value)
             else:
                 value = type(getattr(RUN_DEFAULTS, f.name, f.default))(value)
@@ -326,6 +331,87 @@ def select_candidate(airflow_run_id: str | None) -> dict[str, Any]:
     from leukemia import promotion, tracking
 
     return promotion.select_candidate(tracking.setup(), airflow_run_id)
+
+
+def ensemble(
+    candidate: dict[str, Any],
+    results: list[dict[str, Any]],
+    split_info: dict[str, Any],
+    features_info: dict[str, Any],
+    top_k: int,
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The candidate, or an ensemble run of the top-k heads when it beats the best single head on
+    validation macro-F1 (`top_k` below 2: off). Same shape as `candidate`: `run_id` names the run a
+    gate registers; `ensemble` says what was compared."""
+    from leukemia.ensemble import ENSEMBLE, select_ensemble
+
+    if top_k < 2:
+        return candidate
+    if tags and "airflow_run_id" in tags:  # a retry fails this task's earlier run, not the grid's
+        tags = {**tags, "airflow_task_id": "ensemble"}
+    choice = select_ensemble(
+        [r for r in results if r],
+        split_info["path"],
+        features_info["cache_dir"],
+        top_k,
+        split_info.get("digest", ""),
+        tags,
+    )
+    summary = {k: v for k, v in choice.items() if k != "member_f1_macro"}
+    if choice["choice"] != ENSEMBLE:
+        return {**candidate, "ensemble": summary}
+    return {**candidate, "run_id": choice["run_id"], "ensemble": summary}
+
+
+def fine_tune(
+    candidate: dict[str, Any],
+    split_info: dict[str, Any],
+    enabled: bool,
+    blocks: int = RUN_DEFAULTS.fine_tune_blocks,
+    learning_rate: float = RUN_DEFAULTS.fine_tune_learning_rate,
+    epochs: int = RUN_DEFAULTS.fine_tune_epochs,
+    patience: int = RUN_DEFAULTS.patience,
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The candidate, or its fine-tuned run (`finetune.fine_tune_run`) when that scores a higher
+    validation macro-F1 than the candidate's run (a tie keeps the candidate). Off unless `enabled`;
+    an ensemble candidate is kept as it is. Same shape as `candidate`, with `fine_tune` describing
+    the run that was trained."""
+    import mlflow
+
+    from leukemia import tracking
+    from leukemia.finetune import FineTuneConfig, fine_tune_run
+
+    if not enabled:
+        return candidate
+    tracking.setup()
+    source = mlflow.MlflowClient().get_run(candidate["run_id"])
+    if source.data.tags.get(tracking.ENSEMBLE_MEMBERS_TAG):
+        log.info("The candidate %s is an ensemble: not fine-tuned", candidate["run_id"])
+        return candidate
+    if tags and "airflow_run_id" in tags:  # a retry fails this task's earlier run, not the grid's
+        tags = {**tags, "airflow_task_id": "fine_tune"}
+    ft = FineTuneConfig(
+        blocks=blocks, learning_rate=learning_rate, epochs=epochs, patience=patience
+    )
+    outcome = fine_tune_run(
+        candidate["run_id"], split_info["path"], split_info["images_uri"], ft, tags
+    )
+    before = outcome["source_val_f1_macro"]
+    chosen = before is None or outcome["val_f1_macro"] > before
+    log.info(
+        "Fine-tuned val macro-F1 %.4f vs the candidate's %s: %s",
+        outcome["val_f1_macro"],
+        "unknown" if before is None else f"{before:.4f}",
+        "the fine-tuned model goes on" if chosen else "the candidate stays",
+    )
+    summary = {**outcome, "chosen": chosen}
+    return {
+        **candidate,
+        "run_id": outcome["run_id"] if chosen else candidate["run_id"],
+        "fine_tune": summary,
+    }
 
 
 def register_and_gate(
