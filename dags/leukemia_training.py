@@ -297,13 +297,7 @@ def leukemia_training() -> None:
         context["config_label"] = (
             f"{config['optimizer']} · bs{config['batch_size']} · {config['variant']}"
         )
-        ti = context["ti"]
-        tags = {
-            "airflow_dag_id": ti.dag_id,
-            "airflow_run_id": ti.run_id,
-            "airflow_map_index": str(ti.map_index),
-        }
-        return steps.train_one(config, split, steps.features_of(list(shards)), tags)
+        return steps.train_one(config, split, steps.features_of(list(shards)), _run_tags())
 
     # a failed configuration must not stop the others from being compared and gated; the split
     # is pulled rather than wired in, so that the training tasks are the only upstream: when none
@@ -313,6 +307,38 @@ def leukemia_training() -> None:
         from leukemia.tasks import training_dag as steps
 
         return steps.select_candidate(get_current_context()["run_id"])
+
+    # optional stages after selection; each returns the candidate dict, with `run_id` naming the
+    # run the gate registers (unchanged when the stage is off or does not beat the candidate)
+    @task(trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)
+    def ensemble(
+        candidate: dict[str, Any],
+        results: list[dict[str, Any]],
+        split: dict[str, Any],
+        shards: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        from leukemia.tasks import training_dag as steps
+
+        run = steps.RunRequest.from_params(get_current_context()["params"])
+        finished = [results[i] for i in range(len(results))]  # a failed configuration has no result
+        features = steps.features_of(list(shards))
+        return steps.ensemble(candidate, finished, split, features, run.ensemble_top_k, _run_tags())
+
+    @task(queue=env("LEUKEMIA_TRAINING_QUEUE"))
+    def fine_tune(candidate: dict[str, Any], split: dict[str, Any]) -> dict[str, Any]:
+        from leukemia.tasks import training_dag as steps
+
+        run = steps.RunRequest.from_params(get_current_context()["params"])
+        return steps.fine_tune(
+            candidate,
+            split,
+            run.fine_tune,
+            run.fine_tune_blocks,
+            run.fine_tune_learning_rate,
+            run.fine_tune_epochs,
+            run.patience,
+            _run_tags(),
+        )
 
     # registers `selected["run_id"]` (whatever the upstream step chose) and gates it; never moves
     # an alias, and any error fails the task with @champion unchanged
@@ -359,9 +385,22 @@ def leukemia_training() -> None:
     grid = plan_grid()
     data_changed(split) >> [plan, grid]
     results = train.partial(split=split, shards=shards).expand_kwargs(grid)
-    gated = register_and_gate(select_candidate(results))
+    candidate = select_candidate(results)
+    candidate = ensemble(candidate, results, split, shards)
+    candidate = fine_tune(candidate, split)
+    gated = register_and_gate(candidate)
     gated >> approval >> [promote(gated), keep_champion(gated), reject(gated)]
     report(results, gated)
+
+
+def _run_tags() -> dict[str, str]:
+    """The Airflow identity of this task instance, as tags of the MLflow runs it starts."""
+    ti = get_current_context()["ti"]
+    return {
+        "airflow_dag_id": ti.dag_id,
+        "airflow_run_id": ti.run_id,
+        "airflow_map_index": str(ti.map_index),
+    }
 
 
 def _decide(gated: dict[str, Any], task_id: str) -> dict[str, Any]:

@@ -66,13 +66,22 @@ def test_training_dag_structure(dagbag: Any) -> None:
     edges = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
     assert edges == {
         "sync_images": ["build_split"],
-        "build_split": ["data_changed", "extract_features", "plan_extraction", "train"],
+        "build_split": [
+            "data_changed",
+            "ensemble",
+            "extract_features",
+            "fine_tune",
+            "plan_extraction",
+            "train",
+        ],
         "data_changed": ["plan_extraction", "plan_grid"],
         "plan_extraction": ["extract_features"],
-        "extract_features": ["train"],
+        "extract_features": ["ensemble", "train"],
         "plan_grid": ["train"],
-        "train": ["report", "select_candidate"],
-        "select_candidate": ["register_and_gate"],
+        "train": ["ensemble", "report", "select_candidate"],
+        "select_candidate": ["ensemble"],
+        "ensemble": ["fine_tune"],
+        "fine_tune": ["register_and_gate"],
         "register_and_gate": ["approval", "keep_champion", "promote", "reject", "report"],
         "approval": ["keep_champion", "promote", "reject"],
         "promote": [],
@@ -86,6 +95,7 @@ def test_training_dag_structure(dagbag: Any) -> None:
     extract = dag.get_task("extract_features")
     assert extract.map_index_template == "{{ shard_label }}"  # mapped over shards of the images
     assert extract.queue == train.queue
+    assert dag.get_task("fine_tune").queue == train.queue  # the heavy optional stage: a GPU worker
     assert dag.get_task("sync_images").retry_exponential_backoff
     assert [o.name for o in dag.get_task("promote").outlets] == ["leukemia_champion"]
     assert not dag.get_task("keep_champion").outlets and not dag.get_task("reject").outlets
