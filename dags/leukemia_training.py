@@ -6,8 +6,13 @@ VGG16 features once (mapped over shards of the images), trains one head per **op
 size × feature variant × head** (mapped tasks, each an MLflow run, each scored by k-fold
 cross-validation over train + validation), selects the best by **mean cross-validated** macro-F1,
 trains that configuration again on train + validation (`refit`), registers the refit as
-`leukemia-classifier` and moves `@champion` to it only when it beats the current champion on the
-same test split.
+`leukemia-classifier` and **gates** it: candidate and
+champion are evaluated on the same test split with MLflow, and `mlflow.validate_evaluation_results`
+checks the clinical thresholds (macro-F1, malignant sensitivity, benign specificity, gain over the
+champion). A candidate that misses one never becomes `@champion`. One that passes waits for a person
+in **Required Actions** when `require_approval` is on (Promote / Keep the champion / Reject; no
+answer in time keeps the champion). Every version gets a model card;
+`python -m leukemia champion history|rollback` shows and reverts the moves.
 
 Tasks share nothing but the object store and MLflow: the manifest, split, feature shards and grid
 report live in the work store (`LEUKEMIA_WORK_URI`, default `s3://<bucket>/work/`), and XCom carries
@@ -36,7 +41,8 @@ from airflow.sdk import (
 )
 from airflow.sdk.exceptions import AirflowFailException
 
-from leukemia.config import HEADS, OPTIMIZERS, PRECISIONS, RUN_DEFAULTS, VARIANTS, env
+from leukemia.config import HEADS, OPTIMIZERS, PRECISIONS, RUN_DEFAULTS, VARIANTS, env, env_flag
+from leukemia.tasks.approval import ReviewOperator
 from leukemia.tasks.assets import champion_asset, raw_images_asset
 from leukemia.tasks.params import s3_params
 
@@ -143,7 +149,52 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
             type="number",
             minimum=0,
             title="Promotion margin",
-            description="Test macro-F1 the candidate must gain over the champion.",
+            description="Gate: test macro-F1 the candidate must gain over the champion (0: not worse).",
+        ),
+        "min_f1_macro": Param(
+            RUN_DEFAULTS.min_f1_macro,
+            type="number",
+            minimum=0,
+            maximum=1,
+            title="Minimum macro-F1",
+            description="Gate: test macro-F1 a candidate must reach to become champion.",
+        ),
+        "min_malignant_sensitivity": Param(
+            RUN_DEFAULTS.min_malignant_sensitivity,
+            type="number",
+            minimum=0,
+            maximum=1,
+            title="Minimum malignant sensitivity",
+            description="Gate: share of Early, Pre and Pro test images the candidate calls malignant.",
+        ),
+        "min_benign_specificity": Param(
+            RUN_DEFAULTS.min_benign_specificity,
+            type="number",
+            minimum=0,
+            maximum=1,
+            title="Minimum benign specificity",
+            description="Gate: share of Benign test images the candidate calls benign.",
+        ),
+        "require_approval": Param(
+            env_flag("LEUKEMIA_REQUIRE_APPROVAL"),
+            type="boolean",
+            title="Require approval",
+            description="A person promotes each candidate that passed the gate, in Required "
+            "Actions. Default: LEUKEMIA_REQUIRE_APPROVAL (on in the compose stack).",
+        ),
+        "approval_respondents": Param(
+            [],
+            type="array",
+            items={"type": "string"},
+            title="Respondents",
+            description="Airflow users who may answer; empty: anyone who may act on this DAG.",
+        ),
+        "approval_timeout_hours": Param(
+            RUN_DEFAULTS.approval_timeout_hours,
+            type="number",
+            exclusiveMinimum=0,
+            title="Approval timeout (hours)",
+            description="With no answer in time the champion stays (the candidate becomes challenger).",
         ),
         "max_failed_fraction": Param(
             RUN_DEFAULTS.max_failed_fraction,
@@ -160,6 +211,42 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
             title="Mask the scale-bar overlay",
             description="Fill the bottom-right scale-bar square inside the model, so that no "
             "model reads the microscope's overlay instead of the cells (part of the feature-cache key).",
+        ),
+        "ensemble_top_k": Param(
+            RUN_DEFAULTS.ensemble_top_k,
+            type="integer",
+            minimum=0,
+            title="Ensemble of the top k",
+            description="Register the mean of the top-k heads' softmax (one trunk, k heads) when it "
+            "beats the best single head on validation macro-F1. 0 or 1: off.",
+        ),
+        "fine_tune": Param(
+            RUN_DEFAULTS.fine_tune,
+            type="boolean",
+            title="Fine-tune the winner",
+            description="Unfreeze the last VGG16 blocks of the selected model and train it from "
+            "pixels with flips and rotations (slow without a GPU; runs on the training queue).",
+        ),
+        "fine_tune_blocks": Param(
+            RUN_DEFAULTS.fine_tune_blocks,
+            type="integer",
+            minimum=1,
+            maximum=5,
+            title="Fine-tuned VGG16 blocks",
+            description="How many of the last conv blocks to unfreeze: 1 = block5.",
+        ),
+        "fine_tune_learning_rate": Param(
+            RUN_DEFAULTS.fine_tune_learning_rate,
+            type="number",
+            exclusiveMinimum=0,
+            title="Fine-tuning learning rate (Adam)",
+        ),
+        "fine_tune_epochs": Param(
+            RUN_DEFAULTS.fine_tune_epochs,
+            type="integer",
+            minimum=1,
+            title="Fine-tuning max epochs",
+            description="Early stopping on validation loss (patience as above) keeps the best epoch.",
         ),
         "force_retrain": Param(
             False,
@@ -236,58 +323,98 @@ def leukemia_training() -> None:
         context["config_label"] = config_label(
             config["optimizer"], config["batch_size"], config["variant"], config.get("head", "mlp")
         )
-        ti = context["ti"]
-        tags = {
-            "airflow_dag_id": ti.dag_id,
-            "airflow_run_id": ti.run_id,
-            "airflow_map_index": str(ti.map_index),
-        }
-        return steps.train_one(config, split, steps.features_of(list(shards)), tags)
+        return steps.train_one(config, split, steps.features_of(list(shards)), _run_tags())
 
-    # a failed configuration must not stop the others from being compared and promoted; the split
-    # and the feature plan are pulled rather than wired in, so that the training tasks are the only
-    # upstream: when none of them succeeded, nothing is selected
-    @task(queue=env("LEUKEMIA_TRAINING_QUEUE"), trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)
-    def refit(results: list[dict[str, Any]]) -> dict[str, Any]:
+    # a failed configuration must not stop the others from being compared and gated; the split
+    # is pulled rather than wired in, so that the training tasks are the only upstream: when none
+    # of them succeeded, nothing is selected
+    @task(trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)
+    def select_candidate(results: list[dict[str, Any]]) -> dict[str, Any]:
         from leukemia.tasks import training_dag as steps
 
-        context = get_current_context()
-        run = steps.RunRequest.from_params(context["params"])
-        ti = context["ti"]
-        split = ti.xcom_pull(task_ids="build_split")
-        features = {"cache_dir": ti.xcom_pull(task_ids="plan_extraction")[0]["cache_dir"]}
-        tags = {
-            "airflow_dag_id": ti.dag_id,
-            "airflow_run_id": ti.run_id,
-            "airflow_task_id": "refit",
-        }
-        candidate = steps.select_candidate(context["run_id"])
-        return steps.refit(candidate, split, features, run.refit, tags)
+        return steps.select_candidate(get_current_context()["run_id"])
 
-    # fails closed: a failed refit leaves nothing to register
-    @task(outlets=[champion_asset()])
-    def select_and_promote(candidate: dict[str, Any]) -> dict[str, Any]:
+    # the selected configuration trained again on train + val (off: the selected run goes on)
+    @task(queue=env("LEUKEMIA_TRAINING_QUEUE"))
+    def refit(
+        candidate: dict[str, Any], split: dict[str, Any], shards: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        from leukemia.tasks import training_dag as steps
+
+        run = steps.RunRequest.from_params(get_current_context()["params"])
+        features = steps.features_of(list(shards))
+        return steps.refit(candidate, split, features, run.refit, _run_tags())
+
+    # optional stages after selection; each returns the candidate dict, with `run_id` naming the
+    # run the gate registers (unchanged when the stage is off or does not beat the candidate)
+    @task(trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)
+    def ensemble(
+        candidate: dict[str, Any],
+        results: list[dict[str, Any]],
+        split: dict[str, Any],
+        shards: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        from leukemia.tasks import training_dag as steps
+
+        run = steps.RunRequest.from_params(get_current_context()["params"])
+        finished = [results[i] for i in range(len(results))]  # a failed configuration has no result
+        features = steps.features_of(list(shards))
+        return steps.ensemble(candidate, finished, split, features, run.ensemble_top_k, _run_tags())
+
+    @task(queue=env("LEUKEMIA_TRAINING_QUEUE"))
+    def fine_tune(candidate: dict[str, Any], split: dict[str, Any]) -> dict[str, Any]:
+        from leukemia.tasks import training_dag as steps
+
+        run = steps.RunRequest.from_params(get_current_context()["params"])
+        return steps.fine_tune(
+            candidate,
+            split,
+            run.fine_tune,
+            run.fine_tune_blocks,
+            run.fine_tune_learning_rate,
+            run.fine_tune_epochs,
+            run.patience,
+            _run_tags(),
+        )
+
+    # registers `selected["run_id"]` (whatever the upstream step chose) and gates it; never moves
+    # an alias, and any error fails the task with @champion unchanged
+    @task
+    def register_and_gate(selected: dict[str, Any]) -> dict[str, Any]:
         from leukemia.tasks import training_dag as steps
 
         context = get_current_context()
         run = steps.RunRequest.from_params(context["params"])
         split = context["ti"].xcom_pull(task_ids="build_split")
-        return steps.promote(
-            split,
-            context["run_id"],
-            run.promotion_margin,
-            run_id=candidate["run_id"],
-            selected_run_id=candidate["selected_run_id"],
-        )
+        return steps.register_and_gate(selected, split, run, context["run_id"])
 
+    # asks a person when the gate passed and require_approval is on; else decides at once
+    approval = ReviewOperator(task_id="approval", gate_task_id="register_and_gate")
+
+    @task(outlets=[champion_asset()])
+    def promote(gated: dict[str, Any]) -> dict[str, Any]:
+        return _decide(gated, "promote")
+
+    @task
+    def keep_champion(gated: dict[str, Any]) -> dict[str, Any]:
+        return _decide(gated, "keep_champion")
+
+    @task
+    def reject(gated: dict[str, Any]) -> dict[str, Any]:
+        return _decide(gated, "reject")
+
+    # the grid and the gate, also when selection or the gate failed, so the trained grid is never
+    # lost from view; it does not wait for the person (the decision is on the version and its card)
     @task(trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)
-    def report(results: list[dict[str, Any]], promotion: dict[str, Any] | None) -> dict[str, Any]:
+    def report(results: list[dict[str, Any]], gated: dict[str, Any] | None) -> dict[str, Any]:
         from leukemia.tasks import training_dag as steps
 
         context = get_current_context()
         run = steps.RunRequest.from_params(context["params"])
         finished = [results[i] for i in range(len(results))]  # a failed configuration has no result
-        return steps.report([r for r in finished if r], promotion, context["run_id"], run.work_uri)
+        return steps.report(
+            [r for r in finished if r], gated, context["run_id"], run.work_uri, run.require_approval
+        )
 
     split = build_split(sync_images())
     plan = plan_extraction(split)
@@ -295,7 +422,32 @@ def leukemia_training() -> None:
     grid = plan_grid()
     data_changed(split) >> [plan, grid]
     results = train.partial(split=split, shards=shards).expand_kwargs(grid)
-    report(results, select_and_promote(refit(results)))
+    candidate = select_candidate(results)
+    candidate = refit(candidate, split, shards)
+    candidate = ensemble(candidate, results, split, shards)
+    candidate = fine_tune(candidate, split)
+    gated = register_and_gate(candidate)
+    gated >> approval >> [promote(gated), keep_champion(gated), reject(gated)]
+    report(results, gated)
+
+
+def _run_tags() -> dict[str, str]:
+    """The Airflow identity of this task instance, as tags of the MLflow runs it starts."""
+    ti = get_current_context()["ti"]
+    return {
+        "airflow_dag_id": ti.dag_id,
+        "airflow_run_id": ti.run_id,
+        "airflow_map_index": str(ti.map_index),
+    }
+
+
+def _decide(gated: dict[str, Any], task_id: str) -> dict[str, Any]:
+    """Apply the reviewer's (or the gate's) decision, which must be this task's."""
+    from leukemia.tasks import training_dag as steps
+
+    ti = get_current_context()["ti"]
+    review = ti.xcom_pull(task_ids="approval", key="review")
+    return steps.decide(gated, review, task_id, f"{ti.dag_id}/{ti.run_id}")
 
 
 leukemia_training()

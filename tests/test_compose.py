@@ -572,6 +572,12 @@ def test_pipeline_settings_are_set_for_airflow() -> None:
     assert env["LEUKEMIA_WORK_URI"] == f"s3://{env['LEUKEMIA_BUCKET']}/{work}"
 
 
+def test_compose_stack_asks_a_person_before_a_model_goes_live() -> None:
+    """The training DAG's require_approval Param defaults to this (off in the demo and tests)."""
+    env = environment(compose()["x-airflow-common"])
+    assert env["LEUKEMIA_REQUIRE_APPROVAL"] == "true"
+
+
 def test_compose_sets_only_settings_the_library_knows() -> None:
     """A misspelt LEUKEMIA_* variable would silently fall back to the library's default."""
     config = pytest.importorskip("leukemia.config")

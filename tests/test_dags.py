@@ -26,7 +26,12 @@ def dagbag() -> Any:
 
 def test_dagbag_imports_without_errors(dagbag: Any) -> None:
     assert dagbag.import_errors == {}
-    assert {"leukemia_training", "leukemia_ingest", "leukemia_scoring"} <= set(dagbag.dags)
+    assert {
+        "leukemia_training",
+        "leukemia_ingest",
+        "leukemia_scoring",
+        "leukemia_champion",
+    } <= set(dagbag.dags)
 
 
 @pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)
@@ -61,14 +66,29 @@ def test_training_dag_structure(dagbag: Any) -> None:
     edges = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
     assert edges == {
         "sync_images": ["build_split"],
-        "build_split": ["data_changed", "extract_features", "plan_extraction", "train"],
+        "build_split": [
+            "data_changed",
+            "ensemble",
+            "extract_features",
+            "fine_tune",
+            "plan_extraction",
+            "refit",
+            "train",
+        ],
         "data_changed": ["plan_extraction", "plan_grid"],
         "plan_extraction": ["extract_features"],
-        "extract_features": ["train"],
+        "extract_features": ["ensemble", "refit", "train"],
         "plan_grid": ["train"],
-        "train": ["refit", "report"],
-        "refit": ["select_and_promote"],
-        "select_and_promote": ["report"],
+        "train": ["ensemble", "report", "select_candidate"],
+        "select_candidate": ["refit"],
+        "refit": ["ensemble"],
+        "ensemble": ["fine_tune"],
+        "fine_tune": ["register_and_gate"],
+        "register_and_gate": ["approval", "keep_champion", "promote", "reject", "report"],
+        "approval": ["keep_champion", "promote", "reject"],
+        "promote": [],
+        "keep_champion": [],
+        "reject": [],
         "report": [],
     }
     train = dag.get_task("train")
@@ -77,13 +97,23 @@ def test_training_dag_structure(dagbag: Any) -> None:
     extract = dag.get_task("extract_features")
     assert extract.map_index_template == "{{ shard_label }}"  # mapped over shards of the images
     assert extract.queue == train.queue
+    assert dag.get_task("fine_tune").queue == train.queue  # the heavy optional stage: a GPU worker
     assert dag.get_task("sync_images").retry_exponential_backoff
-    assert [o.name for o in dag.get_task("select_and_promote").outlets] == ["leukemia_champion"]
-    # the refit waits for every configuration but runs when one succeeded; a failed refit leaves
-    # nothing to promote (fail closed)
-    assert dag.get_task("refit").trigger_rule == "all_done_min_one_success"
+    assert [o.name for o in dag.get_task("promote").outlets] == ["leukemia_champion"]
+    assert not dag.get_task("keep_champion").outlets and not dag.get_task("reject").outlets
+    assert not dag.get_task("register_and_gate").outlets  # the gate never moves the alias
+    approval = dag.get_task("approval")
+    assert approval.options == ["Promote", "Keep the champion", "Reject"]
+    assert approval.defaults == ["Keep the champion"]  # what no answer in time chooses
+    assert approval.options_mapping == {
+        "Promote": "promote",
+        "Keep the champion": "keep_champion",
+        "Reject": "reject",
+    }
+    assert list(approval.params) == ["comment"]
+    # the refit trains on the training queue; an error there fails closed (nothing is gated)
     assert dag.get_task("refit").queue == train.queue
-    assert dag.get_task("select_and_promote").trigger_rule == "all_success"
+    assert dag.get_task("refit").trigger_rule == "all_success"
     assert "AssetOrTimeSchedule" in type(dag.timetable).__name__
     params = dag.params.dump()
     assert params["optimizers"] == ["adam", "sgd", "rmsprop"] and params["batch_sizes"] == [
@@ -105,13 +135,47 @@ def test_training_dag_params_take_defaults_and_choices_from_config(dagbag: Any) 
     for name in ("epochs", "patience", "learning_rate", "input_size", "precision", "cv_folds"):
         assert defaults[name] == getattr(RUN_DEFAULTS, name)
     assert defaults["promotion_margin"] == RUN_DEFAULTS.promotion_margin
+    for name in (
+        "min_f1_macro",
+        "min_malignant_sensitivity",
+        "min_benign_specificity",
+        "approval_timeout_hours",
+    ):
+        assert defaults[name] == getattr(RUN_DEFAULTS, name)
+    assert defaults["min_malignant_sensitivity"] == 0.99
+    assert defaults["require_approval"] is False and defaults["approval_respondents"] == []
     assert defaults["max_failed_fraction"] == RUN_DEFAULTS.max_failed_fraction
     assert defaults["extract_shards"] == RUN_DEFAULTS.extract_shards == 0
+    # the ensemble and fine-tuning stages are off unless asked for
+    assert defaults["ensemble_top_k"] == RUN_DEFAULTS.ensemble_top_k == 0
+    assert defaults["fine_tune"] is RUN_DEFAULTS.fine_tune is False
+    for name in ("fine_tune_blocks", "fine_tune_learning_rate", "fine_tune_epochs"):
+        assert defaults[name] == getattr(RUN_DEFAULTS, name)
     assert params.get_param("optimizers").schema["items"]["enum"] == list(OPTIMIZERS)
     assert params.get_param("variants").schema["items"]["enum"] == list(VARIANTS)
     assert params.get_param("heads").schema["items"]["enum"] == list(HEADS)
     assert defaults["refit"] is RUN_DEFAULTS.refit
     assert params.get_param("precision").schema["enum"] == list(PRECISIONS)
+
+
+def test_require_approval_defaults_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On in the compose stack (LEUKEMIA_REQUIRE_APPROVAL=true), off in the demo and the tests."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("LEUKEMIA_REQUIRE_APPROVAL", "true")
+    bag = DagBag(dag_folder=str(ROOT / "dags" / "leukemia_training.py"))
+    assert bag.dags["leukemia_training"].params.dump()["require_approval"] is True
+
+
+def test_champion_dag_rolls_back_and_emits_the_champion_asset(dagbag: Any) -> None:
+    dag = dagbag.dags["leukemia_champion"]
+    assert type(dag.timetable).__name__ == "NullTimetable"  # only by hand
+    assert {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks} == {
+        "rollback": ["history"],
+        "history": [],
+    }
+    assert [o.name for o in dag.get_task("rollback").outlets] == ["leukemia_champion"]
+    assert set(dag.params.dump()) == {"to_version", "reason"}
 
 
 def test_mlflow_link_plugin_reads_the_task_result() -> None:
@@ -206,8 +270,9 @@ def test_training_dag_end_to_end_with_an_empty_local_folder_for_every_task(
     monkeypatch: pytest.MonkeyPatch,
     worker_per_task: list[str],
 ) -> None:
-    """Full runs with dag.test(), each task on a fresh worker: train and promote, skip on unchanged
-    data, keep a better champion; the hand-offs are in the object store and XCom holds no path."""
+    """Full runs with dag.test(), each task on a fresh worker: train, gate and promote, skip on
+    unchanged data, keep a better champion (the candidate gets @challenger); the hand-offs are in
+    the object store and XCom holds no path."""
     import mlflow
 
     from leukemia import registry, tracking
@@ -231,6 +296,11 @@ def test_training_dag_end_to_end_with_an_empty_local_folder_for_every_task(
         "weights": "none",
         "precision": "float32",
         "extract_shards": 2,
+        # four epochs at 48 px: the gate only reports (its thresholds are tested in test_gate)
+        "min_f1_macro": 0.0,
+        "min_malignant_sensitivity": 0.0,
+        "min_benign_specificity": 0.0,
+        "require_approval": False,
     }
 
     first = dag.test(run_conf=conf)
@@ -238,7 +308,7 @@ def test_training_dag_end_to_end_with_an_empty_local_folder_for_every_task(
     states = _states(dag, first.run_id)
     assert states["train"] == ["success", "success"]
     assert states["extract_features"] == ["success", "success"]
-    assert "extract_features[1]" in worker_per_task and "select_and_promote[-1]" in worker_per_task
+    assert "extract_features[1]" in worker_per_task and "register_and_gate[-1]" in worker_per_task
     experiment_id = tracking.setup()
     runs = tracking.finished_runs(experiment_id, first.run_id)
     assert len(runs) == 2 and {r.data.params["head"] for r in runs} == {"mlp", "linear"}
@@ -253,14 +323,21 @@ def test_training_dag_end_to_end_with_an_empty_local_folder_for_every_task(
     champion = registry.current_champion("leukemia-classifier")
     assert champion is not None and champion.run_id == refit["run_id"] != best.info.run_id
     assert mlflow.get_run(champion.run_id).data.tags["refit_of"] == best.info.run_id
-    assert first_xcoms["select_and_promote"][0]["selected_run_id"] == best.info.run_id
     assert champion.tags["airflow_run_id"] == first.run_id and champion.tags["dataset_digest"]
+    assert champion.tags["gate"] == "passed" and champion.tags["decided_by"] == "the gate"
+    assert states["promote"] == ["success"] and states["reject"] == ["skipped"]
+    # select_candidate chose the best run; the gate registered its refit, the one the XCom names
+    assert first_xcoms["select_candidate"][0]["run_id"] == best.info.run_id
+    assert first_xcoms["ensemble"][0]["run_id"] == champion.run_id  # ensemble off: passed on
     registry.load_keras(registry.resolve_model())  # the registered full model loads, verified
+    assert [m.to_version for m in registry.history()] == [str(champion.version)]
     summary = mlflow.search_runs([experiment_id], "tags.kind = 'summary'", output_format="list")
     assert len(summary) == 1
-    assert "grid_comparison.png" in {
-        a.path for a in mlflow.MlflowClient().list_artifacts(summary[0].info.run_id)
-    }
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(summary[0].info.run_id)}
+    assert {"grid_comparison.png", "gate.md"} <= artifacts
+    report = mlflow.artifacts.load_text(f"runs:/{summary[0].info.run_id}/gate.md")
+    assert "- min_malignant_sensitivity: passed: malignant sensitivity" in report
+    assert "Next: promoted by the gate: passed every threshold; approval not required" in report
 
     # the hand-offs are in the work store, and XCom carries their URIs, never a local path
     work = open_store(f"s3://{bucket}/work/").list()
@@ -278,7 +355,7 @@ def test_training_dag_end_to_end_with_an_empty_local_folder_for_every_task(
     assert str(second.state) == "success"
     states = _states(dag, second.run_id)
     assert states["data_changed"] == ["success"]
-    assert set(states["train"]) == {"skipped"} and states["select_and_promote"] == ["skipped"]
+    assert set(states["train"]) == {"skipped"} and states["register_and_gate"] == ["skipped"]
     assert states["refit"] == ["skipped"]
     assert tracking.finished_runs(experiment_id, second.run_id) == []
 
@@ -292,7 +369,9 @@ def test_training_dag_end_to_end_with_an_empty_local_folder_for_every_task(
         "leukemia-classifier", "challenger"
     )
     assert int(challenger.version) > int(champion.version)
-    assert "champion stays" in challenger.tags["selection"]
+    assert challenger.tags["decision"] == "kept as challenger"
+    assert "does not beat the champion" in challenger.tags["decision_reason"]
+    assert challenger.tags["gate.min_gain_over_champion"].startswith("failed: macro-F1")
 
 
 @pytest.mark.slow
@@ -334,8 +413,10 @@ def test_training_dag_fails_once_without_retries_when_weights_cannot_be_had(
     assert states["plan_extraction"] == ["failed"]
     assert set(states["extract_features"]) <= {"upstream_failed"}
     assert set(states["train"]) <= {"upstream_failed"}
+    assert states["select_candidate"] == ["upstream_failed"]
     assert states["refit"] == ["upstream_failed"]
-    assert states["select_and_promote"] == ["upstream_failed"]
+    assert states["register_and_gate"] == ["upstream_failed"]
+    assert states["promote"] == ["upstream_failed"]
     assert states["report"] == ["upstream_failed"]
     with create_session() as session:
         ti = (

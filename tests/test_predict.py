@@ -32,7 +32,8 @@ CHAMPION_URI = f"models:/{MODEL_NAME}@champion"
 def champion(smear_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A champion trained and promoted the pipeline's way (48 px, no base weights, 2 epochs), in a
     SQLite MLflow of its own; artifacts land in the module's temporary folder."""
-    from leukemia import registry, tracking
+    from leukemia import promotion, tracking
+    from leukemia.gate import Thresholds
     from leukemia.model import ModelConfig
     from leukemia.tracking import train_folder
     from leukemia.training import TrainConfig
@@ -47,8 +48,11 @@ def champion(smear_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             smear_dir, cfg, root, (0.5, 0.25, 0.25), "float32", tags={"airflow_run_id": "manual__p"}
         )
         info = done["split"]
-        promotion = registry.select_and_promote(tracking.setup(), info.path, smear_dir, "manual__p")
-        yield {"root": root, "version": promotion.version}
+        anything = Thresholds(0.0, 0.0, 0.0, 0.0)  # a 2-epoch model: the gate only reports
+        decided = promotion.select_and_promote(
+            tracking.setup(), info.path, smear_dir, "manual__p", anything
+        )
+        yield {"root": root, "version": decided["version"]}
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""The registered model: fail-closed champion lookup, idempotent promotion, verified loading.
+"""The registered model: fail-closed champion lookup, registration, the history of @champion and
+its rollback, verified loading.
 
 The promotion tests run on a local SQLite store; the transient-error test runs against a real
 `mlflow server` process behind a proxy that answers 503 where told to.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import http.server
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -64,76 +64,126 @@ def trained(smear_dir: Path, mlflow_env: Path) -> dict:
     }
 
 
-def test_selection_and_promotion(trained: dict, smear_dir: Path) -> None:
+def _open() -> object:
+    from leukemia.gate import Thresholds
+
+    return Thresholds(0.0, 0.0, 0.0, 0.0)
+
+
+def _promote(trained: dict, smear_dir: Path, airflow_run_id: str) -> dict:
+    from leukemia import promotion, tracking
+
+    info = trained["info"]
+    return promotion.select_and_promote(
+        tracking.setup(), info.path, smear_dir, airflow_run_id, _open()
+    )
+
+
+def test_a_candidate_is_registered_once_with_its_full_model_hash_and_no_alias(
+    trained: dict, smear_dir: Path
+) -> None:
+    """The run id comes from the selection step; a retried task registers nothing new."""
+    from leukemia import promotion, registry, tracking
+
+    selected = promotion.select_candidate(tracking.setup(), "manual__1")
+    assert selected["run_id"] == trained["result"].run_id
+    assert selected["selection"].startswith("best val_f1_macro")
+    args = (trained["info"].path, smear_dir, "manual__1", selected["selection"])
+    first = registry.register_candidate(selected["run_id"], *args)
+    again = registry.register_candidate(selected["run_id"], *args)  # a retried task
+    assert first == again and first.version == "1" and first.run_id == trained["result"].run_id
+    version = registry.client().get_model_version(MODEL, "1")
+    assert version.aliases == [] and registry.current_champion(MODEL) is None
+    assert len(version.tags["model_sha256"]) == 64 and version.tags["airflow_run_id"] == "manual__1"
+    assert version.tags["selection"] == selected["selection"]
+    assert version.tags["dataset_digest"] == trained["info"].digest
+    # the full model was logged for this run only, and it is what the version serves
+    run = registry.client().get_run(selected["run_id"])
+    assert run.data.tags["model_uri"] and registry.load_keras(registry.version_ref(MODEL, "1"))
+    assert registry.champion_digest(MODEL) is None
+
+
+def test_every_move_of_the_champion_is_recorded_and_a_rollback_needs_no_retrain(
+    trained: dict, smear_dir: Path
+) -> None:
+    from leukemia import promotion, registry
+
+    first = _promote(trained, smear_dir, "manual__1")
+    _train_more(trained, smear_dir, "sgd", "manual__2")
+    second = _promote(trained, smear_dir, "manual__2")
+    assert (first["alias"], second["alias"]) == ("champion", "champion")
+    back = promotion.rollback(
+        first["version"], "v2 misses smears from the new scanner", "dr-lee", "cli"
+    )
+    assert str(registry.current_champion(MODEL).version) == first["version"]
+    moves = registry.history(MODEL)
+    assert [(m.from_version, m.to_version, m.kind) for m in moves] == [
+        ("", "1", "promotion"),
+        ("1", "2", "promotion"),
+        ("2", "1", "rollback"),
+    ]
+    assert moves[0].by == "the gate" and moves[0].source == "manual__1"
+    assert moves[2].by == "dr-lee" and moves[2].reason == "v2 misses smears from the new scanner"
+    assert back["to_version"] == "1" and back["from_version"] == "2"
+    assert "2 → v1  rollback by dr-lee (cli)" in moves[2].describe()
+    assert registry.champion_digest(MODEL) == trained["info"].digest
+    with pytest.raises(ValueError, match="already @champion"):
+        registry.rollback(first["version"], "again", "dr-lee", "cli")
+    with pytest.raises(registry.NoChampionError, match="has no version 9"):
+        registry.rollback("9", "a version that does not exist", "dr-lee", "cli")
+    assert len(registry.history(MODEL)) == 3
+
+
+def test_a_rollback_refuses_a_version_whose_model_file_changed(
+    trained: dict, smear_dir: Path
+) -> None:
     import mlflow
 
-    from leukemia import registry, tracking
+    from leukemia import predict, registry
 
-    experiment_id = tracking.setup()
-    info = trained["info"]
-    first = registry.select_and_promote(experiment_id, info.path, smear_dir, "manual__1")
-    assert first.alias == "champion" and first.reason == "no champion yet"
-    # a second, worse-by-margin candidate becomes the challenger and the champion stays
+    first = _promote(trained, smear_dir, "manual__1")
     _train_more(trained, smear_dir, "sgd", "manual__2")
-    second = registry.select_and_promote(
-        experiment_id, info.path, smear_dir, "manual__2", margin=1.0
-    )
-    assert second.alias == "challenger" and "champion stays" in second.reason
-    assert second.champion_before["version"] == first.version
-    client = mlflow.MlflowClient()
-    assert (
-        str(client.get_model_version_by_alias("leukemia-classifier", "champion").version)
-        == first.version
-    )
-    version = client.get_model_version("leukemia-classifier", second.version)
-    assert version.status == "READY" and version.tags["airflow_run_id"] == "manual__2"
-    assert registry.champion_digest("leukemia-classifier") == info.digest
-
-    # the champion's files disappear (a wiped artifact store): it cannot serve, so it is replaced
-
-    shutil.rmtree(
-        mlflow.artifacts.download_artifacts(f"models:/leukemia-classifier/{first.version}")
-    )
-    _train_more(trained, smear_dir, "rmsprop", "manual__3")
-    third = registry.select_and_promote(experiment_id, info.path, smear_dir, "manual__3")
-    assert third.alias == "champion" and "cannot be loaded" in third.reason
-    assert third.champion_before == {
-        "version": first.version,
-        "error": third.champion_before["error"],
-    }
-    assert "No such artifact" in third.champion_before["error"]
-    assert (
-        str(client.get_model_version_by_alias("leukemia-classifier", "champion").version)
-        == third.version
-    )
-    assert client.get_model_version("leukemia-classifier", first.version).status == "READY"
+    _promote(trained, smear_dir, "manual__2")
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/{first['version']}"))
+    with (folder / "data" / "model.keras").open("ab") as fh:
+        fh.write(b"tampered")
+    with pytest.raises(registry.ModelVerificationError, match="differs from"):
+        registry.rollback(first["version"], "go back", "dr-lee", "cli")
+    assert str(registry.current_champion(MODEL).version) == "2"
+    assert len(registry.history(MODEL)) == 2
+    assert predict.load_model().version == "2"
 
 
-def test_a_champion_that_fails_to_load_for_another_reason_is_not_replaced(
+def test_a_move_interrupted_before_the_alias_moved_is_completed_once(
     trained: dict, smear_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A transient failure (store unreachable) raises, so Airflow retries; no alias moves."""
-    import mlflow
+    """Killed after recording the move but before the alias moved: the retry records nothing new."""
+    from leukemia import promotion, registry, tracking
 
-    from leukemia import registry, tracking
+    experiment_id, info = tracking.setup(), trained["info"]
+    real_client = registry.client
 
-    experiment_id = tracking.setup()
-    info = trained["info"]
-    first = registry.select_and_promote(experiment_id, info.path, smear_dir, "manual__1")
+    class AliasFails:
+        def __init__(self) -> None:
+            self.inner = real_client()
 
-    def unreachable(*args: object, **kwargs: object) -> None:
-        raise ConnectionError("artifact store unreachable")
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
 
-    _train_more(trained, smear_dir, "sgd", "manual__2")
-    monkeypatch.setattr(registry, "load_keras", unreachable)
+        def set_registered_model_alias(self, *args: object) -> None:
+            raise ConnectionError("worker lost before the alias moved")
+
+    monkeypatch.setattr(registry, "client", AliasFails)
     with pytest.raises(ConnectionError):
-        registry.select_and_promote(experiment_id, info.path, smear_dir, "manual__2")
-    assert len(registry.client().search_model_versions("name = 'leukemia-classifier'")) == 1
-    client = mlflow.MlflowClient()
-    assert (
-        str(client.get_model_version_by_alias("leukemia-classifier", "champion").version)
-        == first.version
-    )
+        promotion.select_and_promote(experiment_id, info.path, smear_dir, "manual__1", _open())
+    assert registry.current_champion(MODEL) is None and len(registry.history(MODEL)) == 1
+    monkeypatch.setattr(registry, "client", real_client)
+    first = promotion.select_and_promote(experiment_id, info.path, smear_dir, "manual__1", _open())
+    again = promotion.select_and_promote(experiment_id, info.path, smear_dir, "manual__1", _open())
+    versions = registry.client().search_model_versions(f"name = '{MODEL}'")
+    assert [str(v.version) for v in versions] == ["1"]
+    assert first["version"] == again["version"] == "1" and again["alias"] == "champion"
+    assert [(m.from_version, m.to_version) for m in registry.history(MODEL)] == [("", "1")]
 
 
 def test_no_registered_model_and_no_alias_both_mean_no_champion(mlflow_env: Path) -> None:
@@ -141,6 +191,7 @@ def test_no_registered_model_and_no_alias_both_mean_no_champion(mlflow_env: Path
 
     tracking.setup()
     assert registry.current_champion(MODEL) is None  # no registered model at all
+    assert registry.history(MODEL) == []
     registry.client().create_registered_model(MODEL)
     assert registry.current_champion(MODEL) is None  # the model exists, the alias does not
     assert registry.champion_digest(MODEL) is None
@@ -160,40 +211,14 @@ def test_any_registry_error_but_not_found_is_raised_not_read_as_no_champion(
         def get_model_version_by_alias(self, name: str, alias: str) -> None:
             raise MlflowException("the registry answered 503", error_code=code)
 
+        def get_registered_model(self, name: str) -> None:
+            raise MlflowException("the registry answered 503", error_code=code)
+
     monkeypatch.setattr(registry, "client", Failing)
     with pytest.raises(registry.RegistryUnavailable, match="cannot read @champion"):
         registry.current_champion(MODEL)
-
-
-def test_a_retried_promotion_reuses_its_version_and_decision(
-    trained: dict, smear_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Killed after registering but before the alias moved: the retry registers nothing new."""
-    from leukemia import registry, tracking
-
-    experiment_id, info = tracking.setup(), trained["info"]
-    real_client = registry.client
-
-    class AliasFails:
-        def __init__(self) -> None:
-            self.inner = real_client()
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(self.inner, name)
-
-        def set_registered_model_alias(self, *args: object) -> None:
-            raise ConnectionError("worker lost before the alias moved")
-
-    monkeypatch.setattr(registry, "client", AliasFails)
-    with pytest.raises(ConnectionError):
-        registry.select_and_promote(experiment_id, info.path, smear_dir, "manual__1")
-    monkeypatch.setattr(registry, "client", real_client)
-    first = registry.select_and_promote(experiment_id, info.path, smear_dir, "manual__1")
-    again = registry.select_and_promote(experiment_id, info.path, smear_dir, "manual__1")
-    versions = registry.client().search_model_versions(f"name = '{MODEL}'")
-    assert [str(v.version) for v in versions] == ["1"]
-    assert first.version == again.version == "1"
-    assert first.alias == again.alias == "champion" and again.reason == "no champion yet"
+    with pytest.raises(registry.RegistryUnavailable, match="cannot read leukemia-classifier"):
+        registry.history(MODEL)
 
 
 def test_a_promoted_model_changed_afterwards_is_refused_everywhere(
@@ -201,23 +226,24 @@ def test_a_promoted_model_changed_afterwards_is_refused_everywhere(
 ) -> None:
     import mlflow
 
-    from leukemia import predict, registry, tracking
+    from leukemia import predict, registry
 
-    experiment_id, info = tracking.setup(), trained["info"]
-    first = registry.select_and_promote(experiment_id, info.path, smear_dir, "manual__1")
-    version = registry.client().get_model_version(MODEL, first.version)
+    first = _promote(trained, smear_dir, "manual__1")
+    version = registry.client().get_model_version(MODEL, first["version"])
     assert len(version.tags["model_sha256"]) == 64
-    assert predict.load_model().version == first.version  # verified and loaded
-    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/{first.version}"))
+    assert predict.load_model().version == first["version"]  # verified and loaded
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/{first['version']}"))
     with (folder / "data" / "model.keras").open("ab") as fh:
         fh.write(b"tampered")
     with pytest.raises(registry.ModelVerificationError) as err:
         predict.load_model()
     assert "\n" not in str(err.value) and "differs from" in str(err.value)
-    # promotion cannot evaluate a champion it cannot trust: the candidate replaces it
+    # the gate cannot evaluate a champion it cannot trust: the candidate replaces it
     _train_more(trained, smear_dir, "sgd", "manual__2")
-    second = registry.select_and_promote(experiment_id, info.path, smear_dir, "manual__2", margin=1)
-    assert second.alias == "champion" and "differs from" in second.reason
+    second = _promote(trained, smear_dir, "manual__2")
+    assert second["alias"] == "champion"
+    gated = registry.client().get_model_version(MODEL, second["version"]).tags["gate.champion"]
+    assert "differs from" in gated
 
 
 def test_a_version_not_promoted_by_the_pipeline_or_exported_is_never_loaded(
@@ -345,27 +371,31 @@ def flaky_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fl
         log.close()
 
 
-def test_a_503_while_reading_the_champion_fails_promotion_and_moves_nothing(
+def test_a_503_while_reading_the_champion_fails_the_gate_and_moves_nothing(
     flaky_server: FlakyProxy, smear_dir: Path, tmp_path: Path
 ) -> None:
     """The issue's probe: with the alias lookup answering 503, a worse candidate was made champion."""
-    from leukemia import registry, tracking
+    from leukemia import promotion, registry, tracking
 
     _train(smear_dir, tmp_path / "w1", "manual__1")
-    first = registry.select_and_promote(
+    first = promotion.select_and_promote(
         tracking.setup(),
         str(next((tmp_path / "w1" / "splits").glob("*.csv"))),
         smear_dir,
         "manual__1",
+        _open(),
     )
-    assert first.alias == "champion"
+    assert first["alias"] == "champion"
     done = _train(smear_dir, tmp_path / "w2", "manual__2", optimizer="sgd")
     flaky_server.fail_on = "registered-models/alias"
     with pytest.raises(registry.RegistryUnavailable, match="cannot read @champion"):
-        registry.select_and_promote(tracking.setup(), done["split"].path, smear_dir, "manual__2")
+        promotion.select_and_promote(
+            tracking.setup(), done["split"].path, smear_dir, "manual__2", _open()
+        )
     assert flaky_server.failed >= 1
     flaky_server.fail_on = ""
-    assert [
-        str(v.version) for v in registry.client().search_model_versions(f"name = '{MODEL}'")
-    ] == ["1"]
-    assert str(registry.current_champion(MODEL).version) == first.version
+    assert str(registry.current_champion(MODEL).version) == first["version"]
+    candidate = registry.client().get_model_version(MODEL, "2")  # registered, never gated
+    assert "gate" not in candidate.tags and candidate.aliases == []
+    with pytest.raises(registry.ModelVerificationError, match="has not passed the promotion gate"):
+        registry.move_champion("2", "promotion", "by hand", "someone", "test")

@@ -115,3 +115,29 @@ def test_refit_off_hands_the_selected_run_on_unchanged() -> None:
     candidate = {"run_id": "abc", "cv_f1_macro_mean": 0.9}
     out = refit(candidate, {"path": "unused"}, {"cache_dir": "unused"}, enabled=False)
     assert out == {**candidate, "selected_run_id": "abc", "refit": False}
+
+
+def test_run_request_reads_the_gate_and_approval_params(monkeypatch: pytest.MonkeyPatch) -> None:
+    from leukemia.gate import Thresholds
+
+    monkeypatch.delenv("LEUKEMIA_REQUIRE_APPROVAL", raising=False)
+    assert RunRequest.from_params({}).require_approval is False  # the demo, dags test
+    monkeypatch.setenv("LEUKEMIA_REQUIRE_APPROVAL", "true")
+    assert RunRequest.from_params({}).require_approval is True  # the compose stack
+    run = RunRequest.from_params(
+        {
+            "require_approval": False,
+            "approval_respondents": ["dr-lee"],
+            "approval_timeout_hours": "0.5",
+            "min_f1_macro": "0.8",
+            "promotion_margin": 0.01,
+        }
+    )
+    assert run.require_approval is False and run.approval_respondents == ("dr-lee",)
+    assert run.approval_timeout_hours == 0.5
+    assert run.thresholds() == Thresholds(
+        0.8,
+        RUN_DEFAULTS.min_malignant_sensitivity,
+        RUN_DEFAULTS.min_benign_specificity,
+        0.01,
+    )

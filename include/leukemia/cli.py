@@ -100,6 +100,52 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return _predict(args, results)
 
 
+@command
+def cmd_champion(args: argparse.Namespace) -> int:
+    """`champion history`: every move of @champion; `champion rollback`: move it back.
+
+    Rollback exit status: 0 moved and the scoring DAG notified, 1 moved but Airflow not notified
+    (the line says what to do), 2 refused (nothing moved).
+    """
+    from leukemia import registry
+    from leukemia.config import tracking_uri
+
+    registry.check_tracking_server(tracking_uri())  # one line, before MLflow makes an empty store
+    if args.champion_command == "history":
+        moves = registry.history()
+        for move in moves:
+            print(move.describe())
+        current = registry.current_champion()
+        now = f"v{current.version}" if current is not None else "none"
+        if not moves:
+            print(f"no recorded moves of @champion of {registry.model_name()}")
+        elif current is None or moves[-1].to_version != str(current.version):
+            print(f"warning: @champion is {now} now, not v{moves[-1].to_version} as last recorded")
+        print(f"@champion now: {now}")
+        return 0
+    return _rollback(args)
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    import getpass
+    import socket
+
+    from leukemia import airflow_api, promotion
+
+    by = args.by or getpass.getuser()
+    move = promotion.rollback(args.to, args.reason, by, f"command line on {socket.gethostname()}")
+    print(
+        f"@champion moved: v{move['from_version'] or '–'} → v{move['to_version']} ({args.reason})"
+    )
+    try:
+        event = airflow_api.emit_champion_event(move)
+    except airflow_api.NotNotified as exc:
+        print(f"warning: {exc}", file=sys.stderr)
+        return 1
+    print(f"Airflow notified: asset event {event.get('id', '?')} on leukemia_champion")
+    return 0
+
+
 def _predict(args: argparse.Namespace, results: TextIO) -> int:
     from leukemia import predict, registry
 
@@ -257,6 +303,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--conn-id", default=env("LEUKEMIA_AWS_CONN_ID"), help="Airflow connection for s3:// inputs"
     )
+
+    p = sub.add_parser(
+        "champion",
+        help="the history of @champion, and rolling it back",
+        description="history: every move of @champion (when, from which version to which, why, "
+        "by whom). rollback: move @champion back to a version whose model file verifies, record "
+        "the move, and notify Airflow so the scoring DAG re-scores (exit 0 notified, 1 moved but "
+        "not notified, 2 refused).",
+    )
+    champion = p.add_subparsers(dest="champion_command", required=True)
+    champion.add_parser("history", help="every recorded move of @champion, oldest first")
+    r = champion.add_parser("rollback", help="move @champion back to an earlier version")
+    r.add_argument("--to", required=True, metavar="VERSION", help="the registered version number")
+    r.add_argument("--reason", default="no reason given", help="why: recorded with the move")
+    r.add_argument("--by", help="who (default: your login name)")
     return parser
 
 

@@ -62,9 +62,22 @@ class RunDefaults:
     # the model looks at the cells: the scale-bar overlay in the bottom-right corner is filled with
     # a constant colour inside the model (model.build_preprocess), before the VGG16 preprocessing
     mask_overlay: bool = True
+    # after selection: the mean of the top-k heads, when it beats the best one (0 or 1: off)
+    ensemble_top_k: int = 0
+    # after selection: unfreeze the last VGG16 blocks of the candidate and train from pixels (a GPU)
+    fine_tune: bool = False
+    fine_tune_blocks: int = 1  # the last n conv blocks: 1 = block5
+    fine_tune_learning_rate: float = 1e-5
+    fine_tune_epochs: int = 10
     # the run around the grid
     promotion_margin: float = 0.0
     max_failed_fraction: float = 0.0
+    # the promotion gate (`gate.Thresholds`): a candidate below any of these is never champion
+    min_f1_macro: float = 0.90
+    min_malignant_sensitivity: float = 0.99
+    min_benign_specificity: float = 0.90
+    # the reviewer's step (`tasks.approval.ReviewOperator`): no answer in time keeps the champion
+    approval_timeout_hours: float = 72.0
 
 
 #: The one set of run-time defaults.
@@ -105,6 +118,16 @@ ENV_DEFAULTS: dict[str, tuple[str, str]] = {
         "read-only MLflow user of the scoring tasks (empty: MLFLOW_TRACKING_USERNAME)",
     ),
     "LEUKEMIA_SCORING_MLFLOW_PASSWORD": ("", "password of LEUKEMIA_SCORING_MLFLOW_USERNAME"),
+    "LEUKEMIA_REQUIRE_APPROVAL": (
+        "false",
+        "default of the training DAG's require_approval Param: a person approves each new champion",
+    ),
+    "LEUKEMIA_AIRFLOW_API_URL": (
+        "",
+        "Airflow REST API the CLI's champion rollback notifies (e.g. http://localhost:8080)",
+    ),
+    "LEUKEMIA_AIRFLOW_USERNAME": ("", "Airflow login of the CLI's champion rollback"),
+    "LEUKEMIA_AIRFLOW_PASSWORD": ("", "password of LEUKEMIA_AIRFLOW_USERNAME"),
 }
 
 #: MLflow's client reads the login from these on every request.
@@ -116,6 +139,11 @@ def env(name: str) -> str:
     if name not in ENV_DEFAULTS:
         raise KeyError(f"unknown setting {name}: known settings are {', '.join(ENV_DEFAULTS)}")
     return os.environ.get(name) or ENV_DEFAULTS[name][0]
+
+
+def env_flag(name: str) -> bool:
+    """A boolean setting: true for 1, true, yes or on (any case)."""
+    return env(name).strip().lower() in ("1", "true", "yes", "on")
 
 
 def data_dir() -> Path:

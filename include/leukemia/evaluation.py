@@ -62,10 +62,11 @@ def evaluate(y_true: Any, probs: Any) -> dict[str, Any]:
     }
 
 
-def evaluate_on_split(
+def predict_split(
     model: Any, split_path: str | Path, images_dir: str | Path, split: str = "test", batch: int = 32
-) -> dict[str, float]:
-    """Metrics of a full model (raw pixels in) on one split's images, read in batches.
+) -> tuple[Any, Any]:
+    """True class indices and predicted probabilities of a full model (raw pixels in) on one
+    split's images, read in batches.
 
     `images_dir` is a folder or an `s3://` prefix: each image is read from there by its split path.
     """
@@ -77,7 +78,15 @@ def evaluate_on_split(
 
     size = int(model.input_shape[1])
     rows = [r for r in read_split(split_path) if r["split"] == split]
+    if not rows:
+        raise ValueError(f"{split_path} has no {split} images: make the split with more images")
     paths = [join(images_dir, r["path"]) for r in rows]
     probs = [model.predict_on_batch(x) for x in iter_image_batches(paths, size, batch)]
-    probs = probs or [np.zeros((0, len(CLASSES)), dtype="float32")]
-    return evaluate(labels_to_index([r["label"] for r in rows]), np.concatenate(probs))["metrics"]
+    return np.asarray(labels_to_index([r["label"] for r in rows])), np.concatenate(probs)
+
+
+def evaluate_on_split(
+    model: Any, split_path: str | Path, images_dir: str | Path, split: str = "test", batch: int = 32
+) -> dict[str, float]:
+    """Metrics of a full model (raw pixels in) on one split's images, read in batches."""
+    return evaluate(*predict_split(model, split_path, images_dir, split, batch))["metrics"]

@@ -5,8 +5,9 @@ Grad-CAM (Selvaraju et al., 2017) weights each channel of the last convolution, 
 the positive part of the weighted sum. The logged model nests its parts (preprocess → vgg16_trunk →
 pool_<variant> → head), so the conv activations are not one of its outputs: `GradCam` re-wires the
 same layers and weights into a model with two outputs, the activations and the head's last hidden
-layer. For `multiscale` the block3/4 features do not depend on block5_conv3; their contribution
-simply has no gradient there, and the map still shows what block5 contributed.
+layer (of an ensemble: its first, best-ranked head). For `multiscale` the block3/4 features do not
+depend on block5_conv3; their contribution simply has no gradient there, and the map still shows
+what block5 contributed.
 
 Overlays use matplotlib's colormaps (no pyplot); images are written with Pillow.
 """
@@ -45,8 +46,17 @@ class GradCam:
     def __init__(self, model: Any, layer: str = CAM_LAYER) -> None:
         import keras
 
-        pre, trunk, head = (_part(model, n) for n in ("preprocess", "vgg16_trunk", "head"))
+        names = {layer_.name for layer_ in model.layers}
+        # an ensemble (model.build_ensemble) is explained through its first, best-ranked head;
+        # its own probabilities still give the class and the caption
+        member = "head" not in names and "head_1" in names
+        self.full = model if member else None
+        head_name = "head_1" if member else "head"
+        pre, trunk, head = (_part(model, n) for n in ("preprocess", "vgg16_trunk", head_name))
         pools = [layer_ for layer_ in model.layers if layer_.name.startswith("pool_")]
+        if member:
+            width = head.input_shape[-1]
+            pools = [p for p in pools if p.output.shape[-1] == width]
         if len(pools) != 1:
             raise ValueError(
                 f"model {model.name} needs exactly one pool_<variant> layer, found {len(pools)}"
@@ -73,6 +83,8 @@ class GradCam:
             conv, hidden = self.model(x, training=False)
             logits = tf.matmul(hidden, self.last.kernel) + self.last.bias
             probs = tf.nn.softmax(logits)
+            if self.full is not None:  # an ensemble: its mean probabilities, not the member's
+                probs = tf.stop_gradient(self.full(x, training=False))
             target = (
                 tf.argmax(probs, axis=1)
                 if class_index is None

@@ -10,13 +10,15 @@ The full model is three parts, each a Keras model of its own so the pipeline can
 
 The trunk's pooled outputs never change for an image, so `features.py` caches them and training only
 fits the head; `assemble` joins the parts into one model that takes raw pixels, which is what is logged.
+`build_ensemble` joins one trunk to several heads (of either variant) and averages their softmax.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from leukemia.config import CLASSES, HEADS, RUN_DEFAULTS
@@ -240,16 +242,71 @@ def build_head(cfg: ModelConfig, normalization: Any | None = None) -> Any:
     return keras.Model(inputs, outputs, name="head")
 
 
-def assemble(cfg: ModelConfig, trunk: Any, head: Any) -> Any:
-    """One model from raw pixels (0-255) to class probabilities: preprocess → trunk → pool → head."""
+def assemble(cfg: ModelConfig, trunk: Any, head: Any, augment: Sequence[Any] = ()) -> Any:
+    """One model from raw pixels (0-255) to class probabilities: preprocess → trunk → pool → head.
+
+    `augment` (fine-tuning: stock random layers, identity at inference) goes after the preprocessing,
+    so that a flip or rotation never moves the scale-bar overlay out of the masked square.
+    """
     import keras
 
     inputs = keras.Input((cfg.input_size, cfg.input_size, 3), name="pixels")
     x = build_preprocess(cfg.input_size, cfg.mask_overlay)(inputs)
+    for layer in augment:
+        x = layer(x)
     pooled = trunk(x, training=False)
     features = build_pool(cfg.input_size, cfg.variant)(pooled)
     outputs = head(features, training=False)
     return keras.Model(inputs, outputs, name=f"leukemia_vgg16_{cfg.variant}")
+
+
+def shared_trunk(models: Sequence[ModelConfig]) -> ModelConfig:
+    """The configuration the members' trunk is built from; they must agree on what feeds the heads."""
+    if not models:
+        raise ValueError("an ensemble needs at least one member")
+
+    def key(m: ModelConfig) -> tuple[Any, ...]:
+        return (m.input_size, m.weights, m.mask_overlay)
+
+    differ = sorted({key(m) for m in models})
+    if len(differ) > 1:
+        raise ValueError(
+            f"ensemble members differ in (input size, weights, overlay mask): {differ}; one trunk "
+            "serves only members trained on the same features"
+        )
+    return models[0]
+
+
+def build_ensemble(cfg: ModelConfig, heads: Sequence[tuple[str, Any]]) -> Any:
+    """One model from raw pixels to the mean of k heads' class probabilities, with one shared trunk.
+
+    `heads` are (variant, head) pairs; `cfg` gives what they must share (input size, weights,
+    overlay mask). Each variant's pooling is built once; stock layers only, so the saved model loads
+    in Keras' safe mode. One head gives the single model that `assemble` builds.
+    """
+    import keras
+
+    if not heads:
+        raise ValueError("an ensemble needs at least one head")
+    if len(heads) == 1:
+        variant, head = heads[0]
+        return assemble(replace(cfg, variant=variant), build_trunk(cfg), head)
+    inputs = keras.Input((cfg.input_size, cfg.input_size, 3), name="pixels")
+    x = build_preprocess(cfg.input_size, cfg.mask_overlay)(inputs)
+    pooled = build_trunk(cfg)(x, training=False)
+    pools = {v: build_pool(cfg.input_size, v)(pooled) for v in dict.fromkeys(v for v, _ in heads)}
+    outputs = []
+    for i, (variant, head) in enumerate(heads, 1):
+        if head.input_shape[-1] != feature_width(variant):
+            raise ValueError(
+                f"head {i} takes {head.input_shape[-1]} features, not the {feature_width(variant)} "
+                f"of variant {variant}: pair each head with the variant it was trained on"
+            )
+        single = (keras.tree.flatten(head.input)[0], keras.tree.flatten(head.output)[0])
+        named = keras.Model(*single, name=f"head_{i}")  # unique nested names, one tensor out
+        outputs.append(named(pools[variant], training=False))
+    mean = keras.layers.Average(name="ensemble_mean")(outputs)
+    return keras.Model(inputs, mean, name=f"leukemia_vgg16_ensemble{len(heads)}")
 
 
 def build_model(cfg: ModelConfig) -> Any:

@@ -1,6 +1,10 @@
-"""The registered model's one home: champion lookup, promotion, and verified loading.
+"""The registered model's one home: champion lookup, registration, moving `@champion` and its
+history, and verified loading.
 
-Everything that asks "which model is live?" or moves an alias comes here. Two rules hold throughout:
+Everything that asks "which model is live?" or moves an alias comes here; `move_champion` is the one
+place `@champion` moves, and it records each move on the registered model (MLflow keeps no alias
+history), refuses a version that failed the promotion gate (`gate.py`) or that a reviewer rejected,
+and verifies the version's file first. Two rules hold throughout:
 
 - **Fail closed.** Only MLflow's "not found" means "no champion"; any other error while reading the
   registry (a 503, a network failure, a permission error) is raised, so the Airflow task retries and
@@ -17,7 +21,7 @@ import hashlib
 import logging
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -290,10 +294,9 @@ def expected_sha256(ref: ModelRef) -> str | None:
     return recorded
 
 
-def load_keras(ref: ModelRef) -> Any:
-    """The Keras model behind `ref`, loaded with safe_mode after its file passed verification."""
-    import keras
-
+def verified_file(ref: ModelRef) -> Path:
+    """The downloaded `.keras` file of `ref`, after its sha256 matched the one recorded at
+    registration (refused in one line otherwise)."""
     expected = expected_sha256(ref)
     path = keras_file(download_model(ref.pinned_uri), ref.pinned_uri)
     actual = file_sha256(path)
@@ -303,22 +306,20 @@ def load_keras(ref: ModelRef) -> Any:
             "recorded at promotion; the artifact was changed after promotion: do not use it, "
             "promote a model again"
         )
-    return keras.saving.load_model(path, safe_mode=True)
+    return path
 
 
-# --- promotion -----------------------------------------------------------------------------------
+def load_keras(ref: ModelRef) -> Any:
+    """The Keras model behind `ref`, loaded with safe_mode after its file passed verification."""
+    import keras
+
+    return keras.saving.load_model(verified_file(ref), safe_mode=True)
 
 
-@dataclass
-class Promotion:
-    """The outcome of select-and-promote (small: fits in XCom)."""
-
-    run_id: str
-    version: str
-    alias: str
-    reason: str
-    candidate: dict[str, float]
-    champion_before: dict[str, Any] | None
+def version_ref(name: str, version: str) -> ModelRef:
+    """The `ModelRef` of one registered version."""
+    uri = f"models:/{name}/{version}"
+    return ModelRef(uri, uri, name, str(version))
 
 
 def cannot_serve(exc: BaseException) -> bool:
@@ -328,58 +329,27 @@ def cannot_serve(exc: BaseException) -> bool:
     return is_not_found(exc)
 
 
-def compare_with_champion(
-    name: str,
-    candidate: dict[str, float],
-    split_path: str | Path,
-    images_dir: str | Path,
-    margin: float,
-    metric: str,
-) -> tuple[str, str, dict[str, Any] | None]:
-    """The alias a candidate earns, why, and the champion's test metrics re-measured on this split
-    (images read from `images_dir`, a folder or an `s3://` prefix).
+# --- registering a candidate ---------------------------------------------------------------------
 
-    A champion whose files are gone or fail verification cannot serve either, so the candidate
-    replaces it (the old version stays registered); any other failure is raised, so the task retries.
+#: Version tags the promotion writes (the gate adds `gate` and `gate.<check>`; see `gate.py`).
+DECISION_TAG, GATE_TAG = "decision", "gate"
+#: Registered-model tags that record each move of @champion: MLflow keeps no alias history.
+MOVE_TAG_PREFIX = "champion_move."
+
+
+@dataclass
+class Candidate:
+    """A selected training run and the version it is registered as (small: fits in XCom).
+
+    Registered with its sha256 recorded, but no alias: only `move_champion` moves `@champion`.
     """
-    from leukemia.evaluation import evaluate_on_split
 
-    champion = current_champion(name)
-    if champion is None:
-        return CHAMPION, "no champion yet", None
-    version = str(champion.version)
-    ref = ModelRef(f"models:/{name}/{version}", f"models:/{name}/{version}", name, version)
-    try:
-        old = evaluate_on_split(load_keras(ref), split_path, images_dir)
-    except Exception as exc:
-        if not cannot_serve(exc):
-            raise
-        error = first_line(exc)
-        log.warning(
-            "Champion %s v%s cannot serve (%s): the new model replaces it", name, version, error
-        )
-        return (
-            CHAMPION,
-            f"champion v{version} cannot be loaded ({error}): replaced",
-            {
-                "version": version,
-                "error": error,
-            },
-        )
-    before = {"version": version, **{f"test_{k}": v for k, v in old.items()}}
-    new, old_value = candidate[f"test_{metric}"], old[metric]
-    if new >= old_value + margin:
-        return (
-            CHAMPION,
-            f"test {metric} {new:.4f} beats champion v{version} {old_value:.4f} + margin {margin}",
-            before,
-        )
-    return (
-        CHALLENGER,
-        f"test {metric} {new:.4f} does not beat champion v{version} {old_value:.4f} + margin "
-        f"{margin}: champion stays",
-        before,
-    )
+    name: str
+    version: str
+    run_id: str
+    experiment_id: str
+    selection: str
+    metrics: dict[str, float]
 
 
 def version_of_run(name: str, run_id: str) -> Any | None:
@@ -406,73 +376,214 @@ def register_once(name: str, model_uri: str, run_id: str) -> Any:
 
 
 def record_sha256(name: str, version: str) -> str:
-    """Hash the registered version's `.keras` file and record it on the version."""
+    """Hash the registered version's `.keras` file and record it on the version, once: a retry
+    keeps the first hash, so a file changed between attempts is refused rather than blessed."""
+    recorded = client().get_model_version(name, version).tags.get(SHA256_TAG)
+    if recorded:
+        return recorded
     uri = f"models:/{name}/{version}"
     digest = file_sha256(keras_file(download_model(uri), uri))
     client().set_model_version_tag(name, version, SHA256_TAG, digest)
     return digest
 
 
-def select_and_promote(
-    experiment_id: str,
-    split_path: str | Path,
-    images_dir: str | Path,
-    airflow_run_id: str | None = None,
-    name: str | None = None,
-    margin: float = 0.0,
-    metric: str = "f1_macro",
-    run_id: str | None = None,
-) -> Promotion:
-    """Register this DAG run's best-by-validation model (or run `run_id`, e.g. the refit of the
-    selected configuration); make it champion only if it beats the current champion on the same
-    test split by `margin`, else give it the challenger alias.
-
-    `split_path` and `images_dir` are paths or URIs (the work store's split, the `s3://` prefix of
-    the images): the champion is re-measured on test images read from there.
-
-    Idempotent: a retry reuses the version an earlier attempt registered and, once an alias was
-    set on it, returns that decision instead of deciding again.
-    """
-    from leukemia.tracking import best_run, finished_runs, log_full_model
-
-    name = model_name(name)
-    if run_id:
-        run = client().get_run(run_id)
-    else:
-        run = best_run(finished_runs(experiment_id, airflow_run_id))
-    metrics = run.data.metrics
-    candidate = {k: v for k, v in metrics.items() if k.startswith(("val_", "test_"))}
-    earlier = version_of_run(name, run.info.run_id)
-    if earlier is not None and set(earlier.aliases) & {CHAMPION, CHALLENGER}:
-        alias = CHAMPION if CHAMPION in earlier.aliases else CHALLENGER
-        log.info(
-            "Promotion of run %s was already decided: v%s @%s",
-            run.info.run_id,
-            earlier.version,
-            alias,
-        )
-        reason = earlier.tags.get("selection", "decided by an earlier attempt")
-        return Promotion(run.info.run_id, str(earlier.version), alias, reason, candidate, None)
-    alias, reason, before = compare_with_champion(
-        name, candidate, split_path, images_dir, margin, metric
-    )
-    # the full pixels-to-softmax model exists only for the run that is registered (tracking.py)
-    model_uri = log_full_model(run.info.run_id, images_dir, split_path)
-    version = str(register_once(name, model_uri, run.info.run_id).version)
-    tags = {
-        "dataset_digest": run.data.tags.get("dataset_digest", ""),
-        "config": run.data.tags.get("config", ""),
-        "airflow_run_id": airflow_run_id or "",
-        "run_id": run.info.run_id,
-        "selection": reason,
-        **{k: f"{v:.4f}" for k, v in candidate.items()},
-    }
+def tag_version(name: str, version: str, tags: dict[str, str]) -> None:
+    """Set several tags on one model version."""
     mlflow_client = client()
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(name, version, key, value)
-    record_sha256(name, version)
-    mlflow_client.set_registered_model_alias(name, alias, version)  # last: the decision is final
-    log.info(
-        "Registered %s v%s from run %s as @%s: %s", name, version, run.info.run_id, alias, reason
+
+
+def register_candidate(
+    run_id: str,
+    split_path: str | Path,
+    images_dir: str | Path,
+    airflow_run_id: str | None = None,
+    selection: str = "",
+    name: str | None = None,
+) -> Candidate:
+    """Log the full model of the selected training run and register it, without an alias.
+
+    `split_path` and `images_dir` are paths or URIs (the work store's split, the `s3://` prefix of
+    the images): the full model's prediction grid reads test images from there
+    (`tracking.log_full_model`, done only for the run that is registered). The version is tagged
+    with the run's dataset digest, configuration and metrics, and its file's sha256 is recorded.
+    Idempotent: a retry reuses the model an earlier attempt logged and the version it registered.
+    """
+    import mlflow
+
+    from leukemia.tracking import log_full_model, setup
+
+    name = model_name(name)
+    experiment_id = setup()
+    run = mlflow.MlflowClient().get_run(run_id)
+    metrics = {k: v for k, v in run.data.metrics.items() if k.startswith(("val_", "test_"))}
+    model_uri = log_full_model(run_id, images_dir, split_path)
+    version = str(register_once(name, model_uri, run_id).version)
+    selection = selection or f"run {run_id}"
+    tag_version(
+        name,
+        version,
+        {
+            "dataset_digest": run.data.tags.get("dataset_digest", ""),
+            "config": run.data.tags.get("config", ""),
+            "airflow_run_id": airflow_run_id or "",
+            "run_id": run_id,
+            "selection": selection,
+            **{k: f"{v:.4f}" for k, v in metrics.items()},
+        },
     )
-    return Promotion(run.info.run_id, version, alias, reason, candidate, before)
+    record_sha256(name, version)
+    log.info("Registered %s v%s from run %s: %s", name, version, run_id, selection)
+    return Candidate(name, version, run_id, experiment_id, selection, metrics)
+
+
+# --- moving @champion, and its history ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    """One move of `@champion`: when, from which version to which, why, and who or what moved it."""
+
+    at: str
+    from_version: str
+    to_version: str
+    kind: str  # promotion | rollback
+    reason: str
+    by: str
+    source: str  # the Airflow DAG run, or the command line and host
+
+    def describe(self) -> str:
+        """One line: `2026-11-27 12:45  v1 → v2  promotion by dr-lee (source): …`."""
+        start = f"v{self.from_version}" if self.from_version else "–"
+        return (
+            f"{self.at[:19].replace('T', ' ')}  {start} → v{self.to_version}  {self.kind} by "
+            f"{self.by} ({self.source}): {self.reason}"
+        )
+
+
+def history(name: str | None = None) -> list[AliasMove]:
+    """Every recorded move of `@champion`, oldest first (fails closed like the champion lookup)."""
+    import json
+
+    name = model_name(name)
+    try:
+        tags = client().get_registered_model(name).tags
+    except Exception as exc:
+        if is_not_found(exc):
+            return []
+        raise RegistryUnavailable(
+            f"cannot read {name} from MLflow at {tracking_uri()}: {first_line(exc)}"
+        ) from exc
+    moves = [
+        AliasMove(**json.loads(value))
+        for key, value in sorted(tags.items())
+        if key.startswith(MOVE_TAG_PREFIX)
+    ]
+    return sorted(moves, key=lambda m: m.at)
+
+
+def refusal(version: Any, kind: str, name: str) -> str | None:
+    """Why `version` may not become champion by a move of this kind, or None when it may.
+
+    A version that failed the gate or that a reviewer rejected never may; a promotion needs the
+    gate's pass; a rollback needs the gate's pass or an earlier turn as champion.
+    """
+    tags, number = version.tags, str(version.version)
+    if tags.get(GATE_TAG) == "failed":
+        failed = "; ".join(
+            v for k, v in sorted(tags.items()) if k.startswith("gate.") and v.startswith("failed")
+        )
+        return f"{name} v{number} failed the promotion gate ({failed}): it can never be champion"
+    if tags.get(DECISION_TAG) == "rejected":
+        return (
+            f"{name} v{number} was rejected by {tags.get('decided_by', 'a reviewer')}: it can "
+            "never be champion; train and promote a new model"
+        )
+    if tags.get(GATE_TAG) == "passed":
+        return None
+    if kind == "rollback" and any(m.to_version == number for m in history(name)):
+        return None
+    return (
+        f"{name} v{number} has not passed the promotion gate: promote it through the training "
+        "DAG (leukemia_training), or roll back to a version that was champion before"
+    )
+
+
+def move_champion(
+    to_version: str,
+    kind: str,
+    reason: str,
+    by: str,
+    source: str,
+    name: str | None = None,
+) -> AliasMove:
+    """Point `@champion` at `to_version` and record the move: the one place `@champion` moves.
+
+    Fails closed: the version must be allowed (`refusal`) and its model file must match the sha256
+    recorded at registration; any registry error is raised. The move is recorded before the alias
+    moves, so no move goes unrecorded. Idempotent: a retry from the same source completes or
+    returns the move its earlier attempt recorded, without recording it twice.
+    """
+    import json
+    from datetime import UTC, datetime
+
+    name, to_version = model_name(name), str(to_version)
+    mlflow_client = client()
+    try:
+        version = mlflow_client.get_model_version(name, to_version)
+    except Exception as exc:
+        if is_not_found(exc):
+            raise NoChampionError(
+                f"{name} has no version {to_version} in MLflow at {tracking_uri()}: "
+                "`python -m leukemia champion history` lists the versions that were champion"
+            ) from None
+        raise RegistryUnavailable(
+            f"cannot read {name} v{to_version} from MLflow at {tracking_uri()}: {first_line(exc)}"
+        ) from exc
+    reason_refused = refusal(version, kind, name)
+    if reason_refused:
+        raise ModelVerificationError(reason_refused)
+    verified_file(version_ref(name, to_version))
+    current = current_champion(name)
+    from_version = str(current.version) if current is not None else ""
+    recorded = history(name)
+    last = recorded[-1] if recorded else None
+    if last is not None and (last.to_version, last.source, last.reason) != (
+        to_version,
+        source,
+        reason,
+    ):
+        last = None  # the last recorded move is not this one (a retry repeats all three)
+    if from_version == to_version:
+        if last is not None:
+            log.info("@champion already points to v%s (moved by %s)", to_version, source)
+            return last
+        raise ValueError(f"{name} v{to_version} is already @champion: nothing to move")
+    if last is not None and last.from_version == from_version:
+        move = last  # recorded by an attempt that stopped before the alias moved: complete it
+        log.info("Completing the move recorded at %s", move.at)
+    else:
+        now = datetime.now(UTC)
+        move = AliasMove(
+            now.isoformat(timespec="seconds"), from_version, to_version, kind, reason, by, source
+        )
+        key = f"{MOVE_TAG_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%fZ')}"
+        mlflow_client.set_registered_model_tag(name, key, json.dumps(asdict(move)))
+    mlflow_client.set_registered_model_alias(name, CHAMPION, to_version)
+    log.info("@champion of %s: %s", name, move.describe())
+    return move
+
+
+def rollback(
+    to_version: str, reason: str, by: str, source: str, name: str | None = None
+) -> AliasMove:
+    """Move `@champion` back to an earlier version (its file verified), and record why."""
+    if not reason.strip():
+        raise ValueError("a rollback needs a reason: say why the current champion goes")
+    return move_champion(to_version, "rollback", reason, by, source, name)
+
+
+def set_challenger(version: str, name: str | None = None) -> None:
+    """Point `@challenger` at a version that passed the gate but did not become champion."""
+    client().set_registered_model_alias(model_name(name), CHALLENGER, str(version))

@@ -206,13 +206,47 @@ def load_head(run_id: str) -> Any:
     return keras.saving.load_model(path, safe_mode=True)
 
 
-def log_full_model(run_id: str, images_dir: str | Path, split_path: str | Path) -> str:
-    """Assemble the pixels-to-softmax model of a training run and log it with the run; its model URI.
+#: The tag of an ensemble run that lists its members' run ids (JSON), best first.
+ENSEMBLE_MEMBERS_TAG = "ensemble_members"
 
-    Done only for the model that is registered: the trunk is built from the run's configuration (the
-    weights must be those whose features trained the head: same identity), the head is the run's own.
-    A prediction grid of test images (read from `images_dir`, a folder or an `s3://` prefix) and a
-    copy of the split go with it. Idempotent: a run that has its model returns it.
+
+def run_config(run: Any) -> TrainConfig:
+    """The configuration a training run was trained with, checked against this worker's weights."""
+    from leukemia.weights import weights_identity
+
+    cfg = TrainConfig.from_dict(json.loads(run.data.tags["config"]))
+    trained_on, here = run.data.params.get("weights"), weights_identity(cfg.model.weights)
+    if trained_on and trained_on != here:
+        raise ValueError(
+            f"run {run.info.run_id} was trained on features of weights {trained_on}, but "
+            f"{cfg.model.weights} is {here} on this worker: give every worker the same weights file"
+        )
+    return cfg
+
+
+def full_model_of(run: Any) -> Any:
+    """The pixels-to-softmax model of a run: its head on the trunk, or, for an ensemble run, its
+    members' heads on one shared trunk (`model.build_ensemble`)."""
+    import mlflow
+
+    from leukemia.model import assemble, build_ensemble, build_trunk, shared_trunk
+
+    members = json.loads(run.data.tags.get(ENSEMBLE_MEMBERS_TAG) or "[]")
+    if not members:
+        cfg = run_config(run)
+        return assemble(cfg.model, build_trunk(cfg.model), load_head(run.info.run_id))
+    client = mlflow.MlflowClient()
+    configs = [run_config(client.get_run(m)) for m in members]
+    heads = [(c.model.variant, load_head(m)) for c, m in zip(configs, members, strict=True)]
+    return build_ensemble(shared_trunk([c.model for c in configs]), heads)
+
+
+def log_model(run_id: str, full: Any, images_dir: str | Path, split_path: str | Path) -> str:
+    """Log a pixels-to-softmax Keras model with run `run_id` the way the registry expects; its URI.
+
+    The model goes in `model/` (MLflow's Keras flavour, signature, pinned requirements), with a
+    prediction grid of test images (read from `images_dir`, a folder or an `s3://` prefix) and a
+    copy of the split; the run's `model_uri` tag names it.
     """
     import mlflow
     import numpy as np
@@ -221,29 +255,16 @@ def log_full_model(run_id: str, images_dir: str | Path, split_path: str | Path) 
     from leukemia import plots
     from leukemia.dataset import read_split
     from leukemia.features import load_images
-    from leukemia.model import assemble, build_trunk
     from leukemia.objectstore import join, read_location, split_location
-    from leukemia.weights import weights_identity
 
-    setup()
     client = mlflow.MlflowClient()
-    run = client.get_run(run_id)
-    if run.data.tags.get("model_uri"):
-        return run.data.tags["model_uri"]
-    cfg = TrainConfig.from_dict(json.loads(run.data.tags["config"]))
-    trained_on, here = run.data.params.get("weights"), weights_identity(cfg.model.weights)
-    if trained_on and trained_on != here:
-        raise ValueError(
-            f"run {run_id} was trained on features of weights {trained_on}, but "
-            f"{cfg.model.weights} is {here} on this worker: give every worker the same weights file"
-        )
-    full = assemble(cfg.model, build_trunk(cfg.model), load_head(run_id))
+    size = int(full.input_shape[1])
     info = Model.log(
         artifact_path=None,
         name="model",
         flavor=mlflow.keras,
         model=full,
-        signature=model_signature(cfg.model.input_size),
+        signature=model_signature(size),
         pip_requirements=pip_requirements(),
         run_id=run_id,
     )
@@ -254,9 +275,7 @@ def log_full_model(run_id: str, images_dir: str | Path, split_path: str | Path) 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         if sample:
-            pixels = load_images(
-                [join(images_dir, r["path"]) for r in sample], cfg.model.input_size
-            )
+            pixels = load_images([join(images_dir, r["path"]) for r in sample], size)
             probs = np.asarray(full.predict_on_batch(pixels))
             plots.prediction_grid_png(
                 list(pixels),
@@ -273,6 +292,23 @@ def log_full_model(run_id: str, images_dir: str | Path, split_path: str | Path) 
     client.set_tag(run_id, "model_uri", info.model_uri)
     log.info("Logged the full model of run %s: %s", run_id, info.model_uri)
     return info.model_uri
+
+
+def log_full_model(run_id: str, images_dir: str | Path, split_path: str | Path) -> str:
+    """Assemble the pixels-to-softmax model of a run and log it with the run; its model URI.
+
+    Done only for the model that is registered: the trunk is built from the run's configuration (the
+    weights must be those whose features trained the head: same identity), the head is the run's own
+    (an ensemble run: its members' heads). Idempotent: a run that has its model (a fine-tuned run
+    logs its own) returns it.
+    """
+    import mlflow
+
+    setup()
+    run = mlflow.MlflowClient().get_run(run_id)
+    if run.data.tags.get("model_uri"):
+        return run.data.tags["model_uri"]
+    return log_model(run_id, full_model_of(run), images_dir, split_path)
 
 
 def finished_runs(experiment_id: str, airflow_run_id: str | None = None) -> list[Any]:
@@ -547,6 +583,16 @@ GRID_COLUMNS = (
 )
 
 
+def selected_run_of(run_id: str) -> str:
+    """The grid run a registered run stands for: the run it refits (tag `refit_of`), else itself."""
+    import mlflow
+
+    try:
+        return mlflow.MlflowClient().get_run(run_id).data.tags.get(REFIT_OF_TAG) or run_id
+    except Exception:  # the headline must not fail the report
+        return run_id
+
+
 def grid_rows(results: list[dict[str, Any]], selected_run_id: str | None) -> list[dict[str, Any]]:
     """One row per trained configuration (from `TrainResult` dicts), sorted by variant, head,
     optimizer, batch."""
@@ -600,6 +646,8 @@ def log_grid_summary(
 
     setup()
     promotion = promotion or {}
+    if promotion.get("run_id") and not promotion.get("selected_run_id"):
+        promotion = {**promotion, "selected_run_id": selected_run_of(promotion["run_id"])}
     rows = grid_rows(results, promotion.get("selected_run_id") or promotion.get("run_id"))
     table = markdown_table(rows)
     log.info("Grid results:\n%s", table)
@@ -628,7 +676,8 @@ def log_grid_summary(
             + f" → v{promotion.get('version')} "
             f"@{promotion.get('alias')}: {promotion.get('reason')}"
             if promotion
-            else "No model was registered: select_and_promote failed (see its task log)."
+            else "No model was registered or gated: select_candidate or register_and_gate failed "
+            "(see their task logs)."
         )
         (out / "grid_results.md").write_text(f"{headline}\n\n{table}")
         mlflow.log_artifacts(str(out))

@@ -22,6 +22,18 @@ from leukemia.config import RUN_DEFAULTS, env, project_root
 
 log = logging.getLogger(__name__)
 
+#: The demo's promotion: synthetic smears on a random VGG16 say nothing clinical, and a test split
+#: of a few images makes any clinical threshold a coin toss, so the demo's first model always
+#: becomes champion (the gate reports, and still keeps a worse model from replacing the champion),
+#: and nobody is asked to approve, so the demo never waits. Production keeps the defaults of
+#: `config.RUN_DEFAULTS`; a conf given to the demo overrides these.
+DEMO_PROMOTION: dict[str, Any] = {
+    "min_f1_macro": 0.0,
+    "min_malignant_sensitivity": 0.0,
+    "min_benign_specificity": 0.0,
+    "require_approval": False,
+}
+
 #: Input size of the synthetic demo when the VGG16 trunk is randomly initialised (see `demo_size`).
 RANDOM_TRUNK_SIZE = 64
 
@@ -226,7 +238,7 @@ def run_demo(
     from leukemia.dev.synthetic import generate
     from leukemia.storage import upload_folder
 
-    run_conf: dict[str, Any] = dict(conf or {})
+    run_conf: dict[str, Any] = {**DEMO_PROMOTION, **(conf or {})}
     weights, notice = choose_weights(
         str(run_conf.get("weights") or env("LEUKEMIA_WEIGHTS")), synthetic=data is None
     )
@@ -293,13 +305,14 @@ def print_summary(
             "test_benign_specificity",
         ):
             print(f"  {key}: {summary.get(key, '?')}")
-        print(f"why promoted: {summary.get('selection', '')}")
+        print(f"selected: {summary.get('selection', '')}")
+        print(f"gate: {summary.get('gate', 'not run')}; {summary.get('decision_reason', '')}")
         if before is not None and str(before["version"]) == str(summary["version"]):
             print(
                 "This run left the champion as it was: either the images equal those it was "
-                "trained on (training skipped), or the new model did not beat it (the task logs "
-                "above say which). To train anyway: .venv/bin/python -m leukemia demo --conf "
-                "'{\"force_retrain\": true}'"
+                "trained on (training skipped), or the new model did not pass the gate against "
+                "it (the task logs above say which). To train anyway: .venv/bin/python -m "
+                "leukemia demo --conf '{\"force_retrain\": true}'"
             )
     if notice:
         print(f"Notice: {notice}")

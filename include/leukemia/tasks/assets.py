@@ -17,7 +17,8 @@ def raw_images_asset() -> Any:
 
 
 def champion_asset() -> Any:
-    """The registered model's champion alias, updated by select-and-promote."""
+    """The registered model's champion alias, updated when `@champion` moves (the training DAG's
+    `promote`, the `leukemia_champion` DAG's rollback, or the CLI's rollback over the REST API)."""
     from airflow.sdk import Asset
 
     return Asset(

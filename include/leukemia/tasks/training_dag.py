@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from leukemia.config import RUN_DEFAULTS, StorageConfig, env, work_uri
+from leukemia.config import RUN_DEFAULTS, StorageConfig, env, env_flag, work_uri
 from leukemia.objectstore import with_conn
 
 log = logging.getLogger(__name__)
@@ -45,32 +45,65 @@ class RunRequest:
     precision: str = RUN_DEFAULTS.precision
     extract_shards: int = RUN_DEFAULTS.extract_shards
     promotion_margin: float = RUN_DEFAULTS.promotion_margin
+    min_f1_macro: float = RUN_DEFAULTS.min_f1_macro
+    min_malignant_sensitivity: float = RUN_DEFAULTS.min_malignant_sensitivity
+    min_benign_specificity: float = RUN_DEFAULTS.min_benign_specificity
+    require_approval: bool = False
+    approval_respondents: tuple[str, ...] = ()
+    approval_timeout_hours: float = RUN_DEFAULTS.approval_timeout_hours
     max_failed_fraction: float = RUN_DEFAULTS.max_failed_fraction
     mask_overlay: bool = RUN_DEFAULTS.mask_overlay
     cv_folds: int = RUN_DEFAULTS.cv_folds
     refit: bool = RUN_DEFAULTS.refit
+    ensemble_top_k: int = RUN_DEFAULTS.ensemble_top_k
+    fine_tune: bool = RUN_DEFAULTS.fine_tune
+    fine_tune_blocks: int = RUN_DEFAULTS.fine_tune_blocks
+    fine_tune_learning_rate: float = RUN_DEFAULTS.fine_tune_learning_rate
+    fine_tune_epochs: int = RUN_DEFAULTS.fine_tune_epochs
     force_retrain: bool = False
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> RunRequest:
-        """Convert a DAG run's Params (absent keys: defaults; `weights`: LEUKEMIA_WEIGHTS) once."""
-        values: dict[str, Any] = {"weights": env("LEUKEMIA_WEIGHTS")}
+        """Convert a DAG run's Params (absent keys: defaults; `weights`: LEUKEMIA_WEIGHTS,
+        `require_approval`: LEUKEMIA_REQUIRE_APPROVAL) once."""
+        values: dict[str, Any] = {
+            "weights": env("LEUKEMIA_WEIGHTS"),
+            "require_approval": env_flag("LEUKEMIA_REQUIRE_APPROVAL"),
+        }
         for f in fields(cls):
             if f.name not in params or params[f.name] is None:
                 continue
             value = params[f.name]
-            if f.name in ("optimizers", "variants", "heads"):
+            if f.name in ("optimizers", "variants", "heads", "approval_respondents"):
                 value = tuple(str(v) for v in value)
             elif f.name in ("batch_sizes", "head_units"):
                 value = tuple(int(v) for v in value)
             elif f.name == "learning_rate":
                 value = float(value) if value not in ("", 0) else None
-            elif f.name in ("force_retrain", "mask_overlay", "refit"):
+            elif f.name in (
+                "force_retrain",
+                "mask_overlay",
+                "require_approval",
+                "fine_tune",
+                "refit",
+            ):
                 value = bool(value)
             else:
                 value = type(getattr(RUN_DEFAULTS, f.name, f.default))(value)
             values[f.name] = value
         return cls(**values)
+
+    def thresholds(self) -> Any:
+        """The promotion gate's thresholds (`gate.Thresholds`); the margin is the gain over the
+        champion."""
+        from leukemia.gate import Thresholds
+
+        return Thresholds(
+            self.min_f1_macro,
+            self.min_malignant_sensitivity,
+            self.min_benign_specificity,
+            self.promotion_margin,
+        )
 
     @property
     def work_uri(self) -> str:
@@ -309,18 +342,12 @@ def train_one(
 
 
 def select_candidate(airflow_run_id: str | None) -> dict[str, Any]:
-    """The configuration selection picks among this DAG run's finished training runs
-    (`tracking.best_run`: mean CV macro-F1, else validation macro-F1), as `{"run_id": ...}`."""
-    from leukemia import tracking
+    """The best run of this DAG run by mean CV macro-F1 (validation macro-F1 when `cv_folds` is 1):
+    `{"run_id", "selection", "val", "configurations"}`. Registers nothing; what the gate registers
+    is the `run_id` it is given."""
+    from leukemia import promotion, tracking
 
-    experiment_id = tracking.setup()
-    run = tracking.best_run(tracking.finished_runs(experiment_id, airflow_run_id))
-    metrics = run.data.metrics
-    return {
-        "run_id": run.info.run_id,
-        "selected_run_id": run.info.run_id,
-        **{k: metrics[k] for k in ("cv_f1_macro_mean", "val_f1_macro") if k in metrics},
-    }
+    return promotion.select_candidate(tracking.setup(), airflow_run_id)
 
 
 def refit(
@@ -336,6 +363,8 @@ def refit(
     from leukemia.tracking import refit_run
 
     selected = candidate.get("selected_run_id") or candidate["run_id"]
+    if tags and "airflow_run_id" in tags:  # a retry fails this task's earlier run, not the grid's
+        tags = {**tags, "airflow_task_id": "refit"}
     if not enabled:
         log.info("refit is off: the selected run %s itself goes on", selected)
         return {**candidate, "selected_run_id": selected, "refit": False}
@@ -358,47 +387,136 @@ def refit(
     }
 
 
-def promote(
+def ensemble(
+    candidate: dict[str, Any],
+    results: list[dict[str, Any]],
     split_info: dict[str, Any],
-    airflow_run_id: str | None,
-    margin: float = 0.0,
-    run_id: str | None = None,
-    selected_run_id: str | None = None,
+    features_info: dict[str, Any],
+    top_k: int,
+    tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Register run `run_id` (the refit, or the selected run), else the best-by-validation run of
-    this DAG run, and move the aliases; `selected_run_id` (the grid run selection picked, when
-    `run_id` is its refit) goes into the result so the grid report marks it."""
-    from leukemia import registry, tracking
+    """The candidate, or an ensemble run of the top-k heads when it beats the best single head on
+    validation macro-F1 (`top_k` below 2: off). Same shape as `candidate`: `run_id` names the run a
+    gate registers; `ensemble` says what was compared."""
+    from leukemia.ensemble import ENSEMBLE, select_ensemble
 
-    experiment_id = tracking.setup()
-    outcome = registry.select_and_promote(
-        experiment_id,
+    if top_k < 2:
+        return candidate
+    if tags and "airflow_run_id" in tags:  # a retry fails this task's earlier run, not the grid's
+        tags = {**tags, "airflow_task_id": "ensemble"}
+    choice = select_ensemble(
+        [r for r in results if r],
         split_info["path"],
-        split_info["images_uri"],
-        airflow_run_id,
-        margin=margin,
-        run_id=run_id,
+        features_info["cache_dir"],
+        top_k,
+        split_info.get("digest", ""),
+        tags,
     )
-    return {**asdict(outcome), "selected_run_id": selected_run_id or outcome.run_id}
+    summary = {k: v for k, v in choice.items() if k != "member_f1_macro"}
+    if choice["choice"] != ENSEMBLE:
+        return {**candidate, "ensemble": summary}
+    return {**candidate, "run_id": choice["run_id"], "ensemble": summary}
+
+
+def fine_tune(
+    candidate: dict[str, Any],
+    split_info: dict[str, Any],
+    enabled: bool,
+    blocks: int = RUN_DEFAULTS.fine_tune_blocks,
+    learning_rate: float = RUN_DEFAULTS.fine_tune_learning_rate,
+    epochs: int = RUN_DEFAULTS.fine_tune_epochs,
+    patience: int = RUN_DEFAULTS.patience,
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The candidate, or its fine-tuned run (`finetune.fine_tune_run`) when that scores a higher
+    validation macro-F1 than the candidate's run (a tie keeps the candidate). Off unless `enabled`;
+    an ensemble candidate is kept as it is. Same shape as `candidate`, with `fine_tune` describing
+    the run that was trained."""
+    import mlflow
+
+    from leukemia import tracking
+    from leukemia.finetune import FineTuneConfig, fine_tune_run
+
+    if not enabled:
+        return candidate
+    tracking.setup()
+    source = mlflow.MlflowClient().get_run(candidate["run_id"])
+    if source.data.tags.get(tracking.ENSEMBLE_MEMBERS_TAG):
+        log.info("The candidate %s is an ensemble: not fine-tuned", candidate["run_id"])
+        return candidate
+    if tags and "airflow_run_id" in tags:  # a retry fails this task's earlier run, not the grid's
+        tags = {**tags, "airflow_task_id": "fine_tune"}
+    ft = FineTuneConfig(
+        blocks=blocks, learning_rate=learning_rate, epochs=epochs, patience=patience
+    )
+    outcome = fine_tune_run(
+        candidate["run_id"], split_info["path"], split_info["images_uri"], ft, tags
+    )
+    before = outcome["source_val_f1_macro"]
+    chosen = before is None or outcome["val_f1_macro"] > before
+    log.info(
+        "Fine-tuned val macro-F1 %.4f vs the candidate's %s: %s",
+        outcome["val_f1_macro"],
+        "unknown" if before is None else f"{before:.4f}",
+        "the fine-tuned model goes on" if chosen else "the candidate stays",
+    )
+    summary = {**outcome, "chosen": chosen}
+    return {
+        **candidate,
+        "run_id": outcome["run_id"] if chosen else candidate["run_id"],
+        "fine_tune": summary,
+    }
+
+
+def register_and_gate(
+    selected: dict[str, Any],
+    split_info: dict[str, Any],
+    request: RunRequest,
+    airflow_run_id: str | None,
+) -> dict[str, Any]:
+    """Log the full model of `selected["run_id"]`, register it without an alias, evaluate it and
+    the champion on the split's test images with MLflow and check the thresholds; write its card.
+
+    Never moves an alias: any error fails the task with `@champion` unchanged.
+    """
+    from leukemia import promotion
+
+    return promotion.register_and_gate(selected, split_info, request.thresholds(), airflow_run_id)
+
+
+def decide(
+    gated: dict[str, Any], review: dict[str, Any] | None, task_id: str, source: str
+) -> dict[str, Any]:
+    """A decision task (`promote`, `keep_champion`, `reject`): apply the approval task's review,
+    which must have chosen this task; `@champion` moves only in `promote`, through the registry."""
+    from leukemia import promotion
+
+    return promotion.decide_step(gated, review, task_id, source)
 
 
 def report(
     results: list[dict[str, Any]],
-    promotion: dict[str, Any] | None,
+    gated: dict[str, Any] | None,
     airflow_run_id: str | None = None,
     work: str | None = None,
+    require_approval: bool = False,
 ) -> dict[str, Any]:
-    """The grid's summary MLflow run (also made when selection failed), and its table as
+    """The grid's summary MLflow run (also made when the gate failed) with the gate's report
+    (`gate.md`, one line per threshold), and its table as
     `reports/<airflow run id>/grid_results.json` in the work store."""
+    from leukemia import promotion as decisions
     from leukemia.objectstore import open_store
     from leukemia.tracking import grid_rows, log_grid_summary
 
+    promotion = decisions.summary_of(gated, require_approval)
     summary = log_grid_summary(results, promotion, airflow_run_id)
+    decisions.annotate_summary(summary["summary_run_id"], gated, require_approval)
     if work:
         chosen = promotion or {}
         table = {
-            "rows": grid_rows(results, chosen.get("selected_run_id") or chosen.get("run_id")),
+            "rows": grid_rows(results, summary.get("selected_run_id") or chosen.get("run_id")),
             "promotion": promotion,
+            "gate": decisions.report_markdown(gated, require_approval).splitlines(),
         }
         name = f"reports/{airflow_run_id or summary['summary_run_id']}/grid_results.json"
         summary["report_uri"] = open_store(work).write_bytes(

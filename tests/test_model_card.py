@@ -1,0 +1,163 @@
+"""The model card: what a laboratory reads about a version, made from what was logged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from leukemia.config import CLASSES
+from leukemia.model_card import DESCRIPTION_LIMIT, CardFacts, description, render
+
+
+def _evaluation(version: str, f1: float, matrix: list[list[int]]) -> dict[str, Any]:
+    from leukemia.gate import REPORTED
+
+    return {
+        "version": version,
+        "run_id": f"eval{version}",
+        "metrics": {m: f1 for m in REPORTED},
+        "intervals": {m: [f1 - 0.05, min(f1 + 0.03, 1.0)] for m in REPORTED},
+        "confusion_matrix": matrix,
+        "examples": sum(map(sum, matrix)),
+        "url": f"http://mlflow:5000/#/experiments/1/runs/eval{version}",
+    }
+
+
+def _facts(**tags: str) -> CardFacts:
+    matrix = [[20, 1, 0, 0], [0, 30, 2, 0], [0, 1, 28, 0], [0, 0, 0, 0]]
+    gate = {
+        "version": "7",
+        "passed": True,
+        "champion_note": "champion v6 re-evaluated on the same test split",
+        "checks": [
+            {
+                "name": "min_f1_macro",
+                "status": "passed",
+                "line": "min_f1_macro: passed: macro-F1 0.9500 vs minimum 0.9",
+            },
+            {
+                "name": "min_malignant_sensitivity",
+                "status": "passed",
+                "line": "min_malignant_sensitivity: passed: malignant sensitivity 1.0000 vs minimum 0.99",
+            },
+        ],
+        "candidate": _evaluation("7", 0.95, matrix),
+        "champion": _evaluation("6", 0.91, matrix),
+        "provenance": {
+            "source": "s3://leukemia-images/raw/",
+            "digest": "ab" * 32,
+            "images": 3242,
+            "counts": {"train": dict.fromkeys(CLASSES, 500), "test": dict.fromkeys(CLASSES, 100)},
+            "duplicate_groups": 40,
+            "conflicts": 1,
+        },
+    }
+    return CardFacts(
+        name="leukemia-classifier",
+        version="7",
+        run_id="run7",
+        tags={
+            "selection": "best val_f1_macro 0.9600 of 9 configuration(s)",
+            "config": "{}",
+            **tags,
+        },
+        params={"weights": "imagenet", "variant": "seed", "optimizer": "adam", "batch_size": "16"},
+        gate=gate,
+        card_url="http://mlflow:5000/#/experiments/1/runs/run7/artifacts/model_card.md",
+    )
+
+
+def test_card_has_every_section_a_laboratory_asks_for() -> None:
+    card = render(_facts())
+    for heading in (
+        "Intended use",
+        "Data",
+        "Model",
+        "Test metrics",
+        "Confusion matrix",
+        "Selection, gate and decision",
+        "Known limits",
+    ):
+        assert f"\n## {heading}\n" in card
+    assert "**Not a diagnosis**" in card and "Decision support for research" in card
+    assert "| source | s3://leukemia-images/raw/ |" in card
+    assert "| images per class | Benign 600 · Early 600 · Pre 600 · Pro 600 |" in card
+    assert "| duplicate groups | 40 " in card and "| label conflicts | 1 " in card
+    assert "| weights | imagenet |" in card and "ImageNet" in card
+    assert "No patient identifiers: the split is per image" in card
+    assert "One source hospital" in card
+
+
+def test_card_shows_both_models_with_95_percent_intervals_and_the_confusion_matrix() -> None:
+    card = render(_facts())
+    assert "| metric | v7 | champion v6 |" in card
+    assert "| macro-F1 | 0.950 (0.900–0.980) | 0.910 (0.860–0.940) |" in card
+    assert "| malignant sensitivity | 0.950 (0.900–0.980) |" in card
+    assert "| recall Pro | – (no test images) |" in card  # no Pro image in this test split
+    assert "| Early | 0 | 30 | 2 | 0 |" in card
+    assert (
+        "[champion v6](http://mlflow:5000/#/experiments/1/runs/eval6/artifacts/confusion_matrix.png)"
+        in card
+    )
+
+
+def test_card_says_where_the_version_stands() -> None:
+    assert "**gate passed**: awaiting the decision" in render(_facts(gate="passed"))
+    decided = render(
+        _facts(
+            gate="passed",
+            decision="rejected",
+            decided_by="dr-lee",
+            decided_at="2026-11-27",
+            review_comment="misses blasts",
+        )
+    )
+    assert "Status: **rejected** by dr-lee" in decided and "(misses blasts)" in decided
+    champion = _facts(decision="promoted", decided_by="dr-lee")
+    champion.aliases = ["champion"]
+    assert "Status: **@champion** (decided by dr-lee)" in render(champion)
+
+
+def test_a_long_card_becomes_a_description_within_mlflows_limit_with_a_link() -> None:
+    card = render(_facts())
+    assert len(card) <= DESCRIPTION_LIMIT and description(card, "url") == card
+    long = card + "x" * DESCRIPTION_LIMIT
+    short = description(long, "http://mlflow/card")
+    assert len(short) <= DESCRIPTION_LIMIT and short.endswith("the full card: http://mlflow/card\n")
+    assert short.startswith("# leukemia-classifier v7: model card")
+
+
+@pytest.mark.slow
+def test_every_registered_version_gets_its_card_as_artifact_and_description(
+    smear_dir: Path, mlflow_env: Path
+) -> None:
+    import mlflow
+
+    from leukemia import promotion, registry, tracking
+    from leukemia.gate import Thresholds
+    from leukemia.model import ModelConfig
+    from leukemia.tracking import train_folder
+    from leukemia.training import TrainConfig
+
+    cfg = TrainConfig(optimizer="adam", batch_size=8, epochs=2, model=ModelConfig(48, "none"))
+    done = train_folder(
+        smear_dir,
+        cfg,
+        mlflow_env,
+        (0.5, 0.25, 0.25),
+        "float32",
+        tags={"airflow_run_id": "manual__1"},
+    )
+    decided = promotion.select_and_promote(
+        tracking.setup(), done["split"].path, smear_dir, "manual__1", Thresholds(0.0, 0.0, 0.0, 0.0)
+    )
+    version = registry.client().get_model_version("leukemia-classifier", decided["version"])
+    card = mlflow.artifacts.load_text(f"runs:/{version.run_id}/model_card.md")
+    assert version.description == card
+    assert card.startswith(f"# leukemia-classifier v{decided['version']}: model card")
+    assert "Status: **@champion** (decided by the gate)" in card
+    assert "| weights | none |" in card and "randomly initialised" in card
+    assert "- **Decision**: promoted by the gate" in card
+    assert decided["card_url"].endswith(f"/runs/{version.run_id}/artifacts/model_card.md")
