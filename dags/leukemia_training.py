@@ -102,7 +102,8 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
             type="boolean",
             title="Refit the winner on train + validation",
             description="Train the selected configuration again on train + validation for the "
-            "epochs early stopping found; that run is gated and registered.",
+            "epochs early stopping found (scaled to the larger set); that run is gated and "
+            "registered.",
         ),
         "epochs": Param(
             RUN_DEFAULTS.epochs,
