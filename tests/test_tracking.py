@@ -241,6 +241,7 @@ def test_every_run_logs_its_cv_folds_and_their_mean(trained: dict) -> None:
 def test_refit_trains_on_train_and_val_is_tagged_linked_and_registers(
     trained: dict, smear_dir: Path
 ) -> None:
+    import keras
     import mlflow
 
     from leukemia import registry, tracking
@@ -264,13 +265,13 @@ def test_refit_trains_on_train_and_val_is_tagged_linked_and_registers(
     # a refit is never a grid candidate, but it can be registered
     experiment_id = tracking.setup()
     assert [r.info.run_id for r in tracking.finished_runs(experiment_id)] == [selected]
-    promotion = registry.select_and_promote(
-        experiment_id, trained["info"].path, smear_dir, "r1", run_id=refit.run_id
-    )
-    assert promotion.run_id == refit.run_id
-    champion = registry.current_champion()
-    assert champion.run_id == refit.run_id and str(champion.version) == promotion.version
-    model = registry.load_keras(registry.resolve_model())  # safe_mode, after its sha256 matched
+    candidate = registry.register_candidate(refit.run_id, trained["info"].path, smear_dir, "r1")
+    version = registry.client().get_model_version(candidate.name, candidate.version)
+    assert version.run_id == refit.run_id and version.tags["run_id"] == refit.run_id
+    uri = f"models:/{candidate.name}/{candidate.version}"
+    path = registry.keras_file(registry.download_model(uri), uri)
+    assert registry.file_sha256(path) == version.tags[registry.SHA256_TAG]
+    model = keras.saving.load_model(path, safe_mode=True)
     test_rows = [r for r in trained["rows"] if r["split"] == "test"]
     probs = model.predict(load_images([smear_dir / r["path"] for r in test_rows], SIZE), verbose=0)
     from leukemia.evaluation import evaluate
