@@ -429,8 +429,9 @@ def fine_tune(
     tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The candidate, or its fine-tuned run (`finetune.fine_tune_run`) when that scores a higher
-    validation macro-F1 than the candidate's run (a tie keeps the candidate). Off unless `enabled`;
-    an ensemble candidate is kept as it is. Same shape as `candidate`, with `fine_tune` describing
+    validation macro-F1 than the candidate's run (a tie keeps the candidate). A refit candidate is
+    compared through the run it refits (`selected_run_id`): that run is fine-tuned, and replaces the
+    refit only when it beats that run on validation. Off unless `enabled`; an ensemble candidate is kept. Same shape as `candidate`, with `fine_tune` describing
     the run that was trained."""
     import mlflow
 
@@ -440,7 +441,10 @@ def fine_tune(
     if not enabled:
         return candidate
     tracking.setup()
-    source = mlflow.MlflowClient().get_run(candidate["run_id"])
+    # a refit run has no validation split to compare on: fine-tune the run it refits (trained on
+    # the train split, with validation metrics) and compare with that
+    source_id = candidate.get("selected_run_id") or candidate["run_id"]
+    source = mlflow.MlflowClient().get_run(source_id)
     if source.data.tags.get(tracking.ENSEMBLE_MEMBERS_TAG):
         log.info("The candidate %s is an ensemble: not fine-tuned", candidate["run_id"])
         return candidate
@@ -449,9 +453,7 @@ def fine_tune(
     ft = FineTuneConfig(
         blocks=blocks, learning_rate=learning_rate, epochs=epochs, patience=patience
     )
-    outcome = fine_tune_run(
-        candidate["run_id"], split_info["path"], split_info["images_uri"], ft, tags
-    )
+    outcome = fine_tune_run(source_id, split_info["path"], split_info["images_uri"], ft, tags)
     before = outcome["source_val_f1_macro"]
     chosen = before is None or outcome["val_f1_macro"] > before
     log.info(
