@@ -1,0 +1,166 @@
+"""What the training grid costs on the real images: the grid before issue 16 against the default grid
+(cross-validated selection, two heads, refit of the winner), side by side in one run.
+
+Both grids run on the same cached frozen features of ../shared/data/leukemia-dev (224 px, overlay
+masked, offline weights; bench/quality.py's cache, extracted here if missing) and the same split.
+Each configuration is timed the way a training task computes it: the train→val fit, its predictions,
+and, with CV, the k fold fits; then one refit of the selected configuration on train + val. The
+extraction every grid needs first is timed on a sample of images and scaled to the data set, so
+that the last column is the whole run's compute, the part the grid's settings change and the part
+they do not.
+
+    python bench/grid_cost.py [--sample 48] [--grids before,default]
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import OUT, machine, parse_real_data_args, real_data_parser, table  # noqa: E402
+
+
+def grids() -> dict[str, dict]:
+    """The grids compared: before issue 16, today's defaults, and today's defaults on both variants."""
+    from leukemia.config import RUN_DEFAULTS
+
+    default = {
+        "variants": list(RUN_DEFAULTS.variants),
+        "heads": list(RUN_DEFAULTS.heads),
+        "cv_folds": RUN_DEFAULTS.cv_folds,
+        "refit": RUN_DEFAULTS.refit,
+    }
+    return {
+        "before": {
+            "variants": ["seed", "multiscale"],
+            "heads": ["mlp"],
+            "cv_folds": 1,
+            "refit": False,
+        },
+        "default": default,
+        "default-both-variants": {**default, "variants": ["seed", "multiscale"]},
+    }
+
+
+def run_grid(name: str, spec: dict, rows: list, cache_dir: str) -> dict:  # noqa: ANN001
+    """Train every configuration of one grid as the training tasks do; time it."""
+    from leukemia.config import RUN_DEFAULTS
+    from leukemia.evaluation import evaluate
+    from leukemia.tracking import refit_epochs
+    from leukemia.training import (
+        TrainConfig,
+        best_epoch,
+        cross_validate,
+        fit_head,
+        grid,
+        split_arrays,
+    )
+
+    base = TrainConfig(cv_folds=spec["cv_folds"])
+    configs = grid(
+        list(RUN_DEFAULTS.optimizers),
+        list(RUN_DEFAULTS.batch_sizes),
+        spec["variants"],
+        base,
+        spec["heads"],
+    )
+    scored, fits = [], 0
+    started = time.perf_counter()
+    for cfg in configs:
+        data = split_arrays(rows, cache_dir, cfg.model.variant)
+        head, history = fit_head(cfg, *data["train"][:2], *data["val"][:2])
+        fits += 1
+        val = evaluate(data["val"][1], head.predict(data["val"][0], verbose=0))["metrics"]
+        score = (val["f1_macro"], -val["log_loss"])
+        fit_images, epoch = len(data["train"][1]), best_epoch(history)
+        if cfg.cv_folds > 1:
+            import numpy as np
+
+            x = np.concatenate([data["train"][0], data["val"][0]])
+            y = np.concatenate([data["train"][1], data["val"][1]])
+            groups = [r["sha256"] for r in data["train"][2] + data["val"][2]]
+            cv = cross_validate(cfg, x, y, groups)
+            fits += cfg.cv_folds
+            score = (cv["f1_macro_mean"], -cv["log_loss_mean"])
+            fit_images, epoch = len(y) * (cfg.cv_folds - 1) / cfg.cv_folds, cv["best_epoch_mean"]
+        scored.append((score, cfg, data, fit_images, epoch, head))
+        print(f"  {name}: {cfg.name} {time.perf_counter() - started:.0f} s", flush=True)
+    grid_s = time.perf_counter() - started
+    score, cfg, data, fit_images, epoch, head = max(scored, key=lambda s: s[0])
+    refit_s = 0.0
+    if spec["refit"]:
+        import numpy as np
+
+        t = time.perf_counter()
+        x = np.concatenate([data["train"][0], data["val"][0]])
+        y = np.concatenate([data["train"][1], data["val"][1]])
+        epochs = refit_epochs({"best_epoch": epoch}, fit_images, len(y))
+        head, _ = fit_head(replace(cfg, epochs=epochs, cv_folds=1), x, y)
+        fits += 1
+        refit_s = time.perf_counter() - t
+    test = evaluate(data["test"][1], head.predict(data["test"][0], verbose=0))["metrics"]
+    return {
+        "grid": name,
+        "configurations": len(configs),
+        "head fits": fits,
+        "grid s": grid_s,
+        "refit s": refit_s,
+        "selected": cfg.name,
+        "test acc": test["accuracy"],
+    }
+
+
+def main() -> None:
+    parser = real_data_parser(__doc__)
+    parser.add_argument(
+        "--sample", type=int, default=48, help="images timed for the extraction rate"
+    )
+    parser.add_argument(
+        "--grids", default="before,default", help="comma-separated: " + ", ".join(grids())
+    )
+    args = parse_real_data_args(parser)
+
+    from leukemia.dataset import make_split, read_split
+    from leukemia.features import extract_features
+    from leukemia.model import ModelConfig
+
+    work = OUT / "quality"  # bench/quality.py's split and feature cache
+    info = make_split(args.data, work / "splits")
+    rows = read_split(info.path)
+    model_cfg = ModelConfig(input_size=224, weights=str(args.weights))
+    paths = [args.data / r["path"] for r in rows]
+    shas = [r["sha256"] for r in rows]
+    ex = extract_features(paths, shas, model_cfg, work / "features", precision="auto")
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        sample = extract_features(
+            paths[: args.sample], shas[: args.sample], model_cfg, tmp, precision="auto"
+        )
+        per_image = (time.perf_counter() - t) / max(sample.computed, 1)
+    extraction_s = per_image * len(set(shas))
+    print(
+        f"{machine()}\n{len(rows)} images ({len(set(shas))} distinct); extraction ({sample.precision}) "
+        f"{1 / per_image:.2f} images/s on {sample.computed} images → {extraction_s:.0f} s for the data set\n"
+    )
+    results = []
+    specs = grids()
+    for name in args.grids.split(","):
+        results.append(run_grid(name, specs[name], rows, ex.cache_dir))
+    before = next((r for r in results if r["grid"] == "before"), results[0])
+    for r in results:
+        r["extraction s"] = extraction_s
+        r["total s"] = extraction_s + r["grid s"] + r["refit s"]
+        r["training × before"] = (r["grid s"] + r["refit s"]) / (
+            before["grid s"] + before["refit s"]
+        )
+        r["total × before"] = r["total s"] / before["total s"]
+    print("\nTraining compute of each grid (one process; the DAG spreads it over its workers):")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
