@@ -4,6 +4,9 @@ that a masked model ignores swapped overlays."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -220,3 +223,52 @@ def test_masked_model_ignores_swapped_overlays_and_unmasked_one_does_not(
     before = unmasked.predict(pixels, verbose=0).argmax(axis=1)
     after = unmasked.predict(changed, verbose=0).argmax(axis=1)
     assert (before != after).mean() >= 0.5  # the same swap moves the shortcut model
+
+
+# --- the DAG's audit step on a logged, head-only training run --------------------------------------
+
+
+@pytest.mark.slow
+def test_audit_step_logs_metrics_artifacts_and_the_warning_tag_to_the_candidate_run(
+    smear_dir: Path, mlflow_env: Path
+) -> None:
+    import mlflow
+
+    from leukemia import tracking
+    from leukemia.model import ModelConfig
+    from leukemia.tasks import training_dag as steps
+    from leukemia.training import TrainConfig
+
+    cfg = TrainConfig(batch_size=8, epochs=2, model=ModelConfig(48, "none"))
+    tags = {"airflow_run_id": "manual__1"}
+    done = tracking.train_folder(smear_dir, cfg, mlflow_env, (0.5, 0.25, 0.25), "float32", tags)
+    run_id = done["result"].run_id
+    candidate = steps.select_candidate("manual__1")
+    assert candidate["run_id"] == run_id
+    split = {"path": str(done["split"].path), "images_uri": str(smear_dir)}
+
+    out = steps.audit(candidate, split, images=5)
+    assert out["run_id"] == run_id and len(json.dumps(out)) < 3000  # small: fits in XCom
+    metrics = out["audit"]["metrics"]
+    assert metrics["test_images"] == 5 and metrics["train_images"] == 5
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["audit_corner_swap_changed"] == pytest.approx(
+        metrics["corner_swap_changed"], abs=1e-4
+    )
+    assert run.data.tags["shortcut_warnings"] == "\n".join(out["audit"]["warnings"])
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "audit")}
+    assert logged == {"audit/shortcut_audit.md", "audit/shortcut_audit.json", "audit/gradcam.png"}
+    # a retried task returns what was logged instead of auditing again
+    again = steps.audit(candidate, split, images=5)
+    assert again["audit"]["warnings"] == out["audit"]["warnings"]
+    assert again["audit"]["metrics"]["corner_swap_changed"] == metrics["corner_swap_changed"]
+    assert steps.audit(candidate, split, images=0) == {**candidate, "audit": None}
+
+
+def test_the_mask_is_found_inside_the_nested_model() -> None:
+    from leukemia.audit import masks_overlay
+    from leukemia.model import ModelConfig, build_model
+
+    assert masks_overlay(build_model(ModelConfig(32, "none", mask_overlay=True)))
+    assert not masks_overlay(build_model(ModelConfig(32, "none", mask_overlay=False)))

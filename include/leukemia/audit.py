@@ -343,6 +343,14 @@ def shortcut_warnings(metrics: dict[str, float], settings: AuditConfig) -> list[
     return lines
 
 
+def masks_overlay(model: Any) -> bool:
+    """True when the model (or a model nested in it) fills the overlay square (`overlay_fill`)."""
+    for layer in model.layers:
+        if layer.name == "overlay_fill" or (hasattr(layer, "layers") and masks_overlay(layer)):
+            return True
+    return False
+
+
 # --- the audit --------------------------------------------------------------------------------
 
 
