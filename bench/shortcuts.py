@@ -15,13 +15,14 @@ variants; a swap the model cannot see (the masked square) is not run (checked pi
 Before that, pixels only: does per-image colour standardisation (Reinhard-style: each image's channel
 means and spreads moved to the data set's) or grey levels remove the background square's cue?
 
-    python bench/shortcuts.py [--epochs 60] [--gradcam-images 16]
+    python bench/shortcuts.py [--epochs 60] [--gradcam-images 16] [--cached-only]
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,12 +68,31 @@ def load_all(rows, data: Path):  # noqa: ANN001, ANN201
     return feats, colour, np.stack(test_pixels)
 
 
+def cached_rows(rows, weights: str):  # noqa: ANN001, ANN201
+    """The rows whose features are cached with the mask on and with it off."""
+    from leukemia.features import cache_dir_for, cache_index
+    from leukemia.model import ModelConfig
+    from leukemia.objectstore import open_store
+
+    found = [
+        set(cache_index(open_store(cache_dir_for(OUT / "quality" / "features", cfg, "float32"))))
+        for cfg in (ModelConfig(224, weights, mask_overlay=m) for m in (True, False))
+    ]
+    return [r for r in rows if r["sha256"] in found[0] & found[1]]
+
+
 def main() -> None:
     parser = real_data_parser(__doc__)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--patience", type=int, default=8)
     parser.add_argument("--gradcam-images", type=int, default=16)
     parser.add_argument("--variants", default="seed,multiscale")
+    parser.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="no extraction: only the images whose features both mask settings have cached "
+        "(a busy machine's partial extraction: a subset of every split, by sha256)",
+    )
     args = parse_real_data_args(parser)
 
     import numpy as np
@@ -103,7 +123,10 @@ def main() -> None:
     info = make_split(args.data, OUT / "shortcuts" / "splits")
     rows = read_split(info.path)
     counts = {s: sum(c.values()) for s, c in info.counts.items()}
-    print(f"{machine()}\n{info.images} images; split {counts}\n", flush=True)
+    print(f"{machine()}\n{info.images} images; split {counts}", flush=True)
+    if args.cached_only:
+        rows = cached_rows(rows, str(args.weights))
+    print(f"used: {dict(Counter(r['split'] for r in rows))}\n", flush=True)
 
     started = time.perf_counter()
     regions, colour, test_pixels = load_all(rows, args.data)
@@ -141,7 +164,7 @@ def main() -> None:
     for mask in (True, False):
         model_cfg = ModelConfig(input_size=224, weights=str(args.weights), mask_overlay=mask)
         started = time.perf_counter()
-        ex = extract_features(
+        ex = extract_features(  # with --cached-only: every image is cached, nothing is computed
             [args.data / r["path"] for r in rows],
             [r["sha256"] for r in rows],
             model_cfg,
