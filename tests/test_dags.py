@@ -67,8 +67,8 @@ def test_training_dag_structure(dagbag: Any) -> None:
     assert edges == {
         "sync_images": ["build_split"],
         "build_split": [
-            "data_changed",
             "audit",
+            "data_changed",
             "ensemble",
             "extract_features",
             "fine_tune",
