@@ -134,6 +134,9 @@ def test_each_check_over_its_limit_gives_one_warning_line() -> None:
     )
     assert lines[1].startswith("corner swap") and "3.0%" in lines[1] and "2.0%" in lines[1]
     assert lines[2].startswith("Grad-CAM") and "30.0%" in lines[2]
+    # a masked model reads nothing in the square: heat there is not a warning
+    masked = shortcut_warnings({**loud, "overlay_masked": 1.0}, settings)
+    assert len(masked) == 2 and not any(w.startswith("Grad-CAM") for w in masked)
 
 
 def test_audit_settings_are_checked() -> None:
