@@ -249,6 +249,14 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
             title="Fine-tuning max epochs",
             description="Early stopping on validation loss (patience as above) keeps the best epoch.",
         ),
+        "audit_images": Param(
+            RUN_DEFAULTS.audit_images,
+            type="integer",
+            minimum=0,
+            title="Shortcut audit: images",
+            description="Test images (and as many train images) the candidate's shortcut audit "
+            "reads: overlay and background classifiers, patch swaps, Grad-CAM. 0: no audit.",
+        ),
         "force_retrain": Param(
             False,
             type="boolean",
@@ -378,6 +386,15 @@ def leukemia_training() -> None:
             _run_tags(),
         )
 
+    # the shortcut audit of the run the gate registers: warnings on the run and its version, not a
+    # gate (its failure fails the DAG run before anything is registered)
+    @task(queue=env("LEUKEMIA_TRAINING_QUEUE"))
+    def audit(candidate: dict[str, Any], split: dict[str, Any]) -> dict[str, Any]:
+        from leukemia.tasks import training_dag as steps
+
+        run = steps.RunRequest.from_params(get_current_context()["params"])
+        return steps.audit(candidate, split, run.audit_images)
+
     # registers `selected["run_id"]` (whatever the upstream step chose) and gates it; never moves
     # an alias, and any error fails the task with @champion unchanged
     @task
@@ -427,6 +444,7 @@ def leukemia_training() -> None:
     candidate = refit(candidate, split, shards)
     candidate = ensemble(candidate, results, split, shards)
     candidate = fine_tune(candidate, split)
+    candidate = audit(candidate, split)
     gated = register_and_gate(candidate)
     gated >> approval >> [promote(gated), keep_champion(gated), reject(gated)]
     report(results, gated)

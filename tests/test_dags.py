@@ -67,6 +67,7 @@ def test_training_dag_structure(dagbag: Any) -> None:
     assert edges == {
         "sync_images": ["build_split"],
         "build_split": [
+            "audit",
             "data_changed",
             "ensemble",
             "extract_features",
@@ -83,7 +84,8 @@ def test_training_dag_structure(dagbag: Any) -> None:
         "select_candidate": ["refit"],
         "refit": ["ensemble"],
         "ensemble": ["fine_tune"],
-        "fine_tune": ["register_and_gate"],
+        "fine_tune": ["audit"],
+        "audit": ["register_and_gate"],
         "register_and_gate": ["approval", "keep_champion", "promote", "reject", "report"],
         "approval": ["keep_champion", "promote", "reject"],
         "promote": [],
@@ -146,6 +148,7 @@ def test_training_dag_params_take_defaults_and_choices_from_config(dagbag: Any) 
     assert defaults["require_approval"] is False and defaults["approval_respondents"] == []
     assert defaults["max_failed_fraction"] == RUN_DEFAULTS.max_failed_fraction
     assert defaults["extract_shards"] == RUN_DEFAULTS.extract_shards == 0
+    assert defaults["audit_images"] == RUN_DEFAULTS.audit_images > 0
     # the ensemble and fine-tuning stages are off unless asked for
     assert defaults["ensemble_top_k"] == RUN_DEFAULTS.ensemble_top_k == 0
     assert defaults["fine_tune"] is RUN_DEFAULTS.fine_tune is False
@@ -325,6 +328,14 @@ def test_training_dag_end_to_end_with_an_empty_local_folder_for_every_task(
     assert mlflow.get_run(champion.run_id).data.tags["refit_of"] == best.info.run_id
     assert champion.tags["airflow_run_id"] == first.run_id and champion.tags["dataset_digest"]
     assert champion.tags["gate"] == "passed" and champion.tags["decided_by"] == "the gate"
+    # the audited run's shortcut warnings and numbers go with the registered version
+    assert states["audit"] == ["success"]
+    audited = mlflow.get_run(champion.run_id)  # the refit: the run the gate registered
+    assert champion.tags["shortcut_warnings"] == audited.data.tags["shortcut_warnings"]
+    assert float(champion.tags["audit_test_images"]) == sum(counts["test"].values())  # all of it
+    assert "audit/shortcut_audit.md" in {
+        a.path for a in mlflow.MlflowClient().list_artifacts(champion.run_id, "audit")
+    }
     assert states["promote"] == ["success"] and states["reject"] == ["skipped"]
     # select_candidate chose the best run; the gate registered its refit, the one the XCom names
     assert first_xcoms["select_candidate"][0]["run_id"] == best.info.run_id
@@ -357,6 +368,7 @@ def test_training_dag_end_to_end_with_an_empty_local_folder_for_every_task(
     assert states["data_changed"] == ["success"]
     assert set(states["train"]) == {"skipped"} and states["register_and_gate"] == ["skipped"]
     assert states["refit"] == ["skipped"]
+    assert states["audit"] == ["skipped"]
     assert tracking.finished_runs(experiment_id, second.run_id) == []
 
     third = dag.test(run_conf={**conf, "force_retrain": True, "promotion_margin": 1.0})
@@ -416,6 +428,7 @@ def test_training_dag_fails_once_without_retries_when_weights_cannot_be_had(
     assert states["select_candidate"] == ["upstream_failed"]
     assert states["refit"] == ["upstream_failed"]
     assert states["register_and_gate"] == ["upstream_failed"]
+    assert states["audit"] == ["upstream_failed"]
     assert states["promote"] == ["upstream_failed"]
     assert states["report"] == ["upstream_failed"]
     with create_session() as session:

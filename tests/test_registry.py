@@ -103,6 +103,30 @@ def test_a_candidate_is_registered_once_with_its_full_model_hash_and_no_alias(
     assert registry.champion_digest(MODEL) is None
 
 
+def test_the_registered_version_carries_its_runs_shortcut_warnings_and_audit_numbers(
+    trained: dict, smear_dir: Path
+) -> None:
+    from leukemia import registry, tracking
+    from leukemia.audit import AuditResult
+
+    tracking.setup()
+    info, run_id = trained["info"], trained["result"].run_id
+    # never audited: the version says so, rather than looking clean
+    first = registry.register_candidate(run_id, info.path, smear_dir, "manual__1")
+    tags = registry.client().get_model_version(MODEL, first.version).tags
+    assert tags["shortcut_warnings"] == registry.NOT_AUDITED
+    assert not [k for k in tags if k.startswith("audit_")]
+    # audited: the warnings (one a line) and the numbers are copied
+    _train_more(trained, smear_dir, "sgd", "manual__2")
+    second = tracking.best_run(tracking.finished_runs(tracking.setup(), "manual__2"))
+    warnings = ["corner swap: pasting ...", "Grad-CAM: ..."]
+    tracking.log_audit(second.info.run_id, AuditResult({"corner_swap_changed": 0.125}, warnings))
+    version = registry.register_candidate(second.info.run_id, info.path, smear_dir, "manual__2")
+    tags = registry.client().get_model_version(MODEL, version.version).tags
+    assert tags["shortcut_warnings"] == "\n".join(warnings)
+    assert tags["audit_corner_swap_changed"] == "0.1250"
+
+
 def test_every_move_of_the_champion_is_recorded_and_a_rollback_needs_no_retrain(
     trained: dict, smear_dir: Path
 ) -> None:

@@ -110,6 +110,58 @@ def test_mean_colour_does_not_give_the_class_away(tmp_path: Path) -> None:
     assert accuracy <= 0.6, f"mean RGB alone classifies {accuracy:.0%} of smears"
 
 
+@pytest.mark.parametrize("size", [64, 224])
+def test_overlays_differ_by_class_and_stay_inside_the_masked_square(size: int) -> None:
+    from leukemia.dev.synthetic import OVERLAY_STYLES, stamp_overlay
+    from leukemia.model import overlay_start
+
+    start = overlay_start(size)
+    smear = render_smear("Pre", np.random.default_rng(0), size=size)
+    plain = np.asarray(smear, dtype=int)
+    stamped = {c: np.asarray(stamp_overlay(smear, s), dtype=int) for c, s in OVERLAY_STYLES.items()}
+    assert set(OVERLAY_STYLES) == set(CLASSES) and len(set(OVERLAY_STYLES.values())) == 4
+    for label, pixels in stamped.items():
+        changed = np.abs(pixels - plain).sum(axis=2) > 0
+        assert not changed[:start].any() and not changed[:, :start].any(), label
+        assert changed[start:, start:].mean() > 0.05, label
+    corners = [p[start:, start:] for p in stamped.values()]
+    assert all(np.abs(a - b).mean() > 10 for i, a in enumerate(corners) for b in corners[i + 1 :])
+
+
+def test_overlay_only_smears_carry_the_label_in_the_overlay_alone(tmp_path: Path) -> None:
+    plain = generate(tmp_path / "plain", 4, size=64, seed=2)
+    again = generate(tmp_path / "again", 4, size=64, seed=2, informative_cells=True)
+    mixed = generate(tmp_path / "mixed", 4, size=64, seed=2, overlay=True, informative_cells=False)
+    assert [p.read_bytes() for p in plain] == [p.read_bytes() for p in again]  # default unchanged
+    assert [p.relative_to(tmp_path / "mixed") for p in mixed] == [
+        p.relative_to(tmp_path / "plain") for p in plain
+    ]
+    # the corner square of every image of a class holds that class's overlay
+    corners = {
+        c: np.stack([_pixels(p)[54:, 54:] for p in mixed if p.parent.name == c]).astype(float)
+        for c in CLASSES
+    }
+    spread_within = max(float(np.abs(v - v.mean(axis=0)).mean()) for v in corners.values())
+    means = [v.mean(axis=0) for v in corners.values()]
+    spread_between = min(
+        float(np.abs(a - b).mean()) for i, a in enumerate(means) for b in means[i + 1 :]
+    )
+    assert spread_between > 2 * spread_within
+
+
+def test_background_tint_shifts_each_class_by_its_own_colour(tmp_path: Path) -> None:
+    from leukemia.dev.synthetic import TINTS
+
+    plain = generate(tmp_path / "plain", 2, size=64, seed=3)
+    tinted = generate(tmp_path / "tinted", 2, size=64, seed=3, background_tint=True)
+    for a, b in zip(plain, tinted, strict=True):
+        shift = _pixels(b).astype(float).mean(axis=(0, 1)) - _pixels(a).astype(float).mean(
+            axis=(0, 1)
+        )
+        # JPEG and clipping blur the shift a little; each class moves by its own tint
+        np.testing.assert_allclose(shift, TINTS[a.parent.name], atol=3.0)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -69,6 +69,12 @@ class RunDefaults:
     fine_tune_blocks: int = 1  # the last n conv blocks: 1 = block5
     fine_tune_learning_rate: float = 1e-5
     fine_tune_epochs: int = 10
+    # the shortcut audit of the candidate (audit.py): one warning line per check over its limit
+    audit_images: int = 200  # test images (and as many train images) audited; 0: no audit
+    audit_gradcam_images: int = 16  # of those, explained with Grad-CAM (the costly part on CPU)
+    audit_region_margin: float = 0.10  # region classifier accuracy above chance
+    audit_max_flip_rate: float = 0.01  # share of test predictions a patch swap may change
+    audit_max_overlay_heat: float = 0.04  # Grad-CAM heat in the overlay square (2 % of the image)
     # the run around the grid
     promotion_margin: float = 0.0
     max_failed_fraction: float = 0.0

@@ -35,6 +35,10 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 #: Where `mlflow.keras.log_model` keeps the Keras file inside a logged model's folder.
 MODEL_FILE = "data/model.keras"
 SHA256_TAG = "model_sha256"
+#: The registered version's `shortcut_warnings` when its run was never audited.
+NOT_AUDITED = (
+    "not audited: the run has no shortcut audit (audit_images 0, or the audit task failed)"
+)
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?/?$")
 
 
@@ -412,7 +416,7 @@ def register_candidate(
     """
     import mlflow
 
-    from leukemia.tracking import log_full_model, setup
+    from leukemia.tracking import SHORTCUT_TAG, log_full_model, setup
 
     name = model_name(name)
     experiment_id = setup()
@@ -431,6 +435,9 @@ def register_candidate(
             "run_id": run_id,
             "selection": selection,
             **{k: f"{v:.4f}" for k, v in metrics.items()},
+            # the shortcut audit goes with the model: its warnings ("" none) and numbers
+            SHORTCUT_TAG: run.data.tags.get(SHORTCUT_TAG, NOT_AUDITED),
+            **{k: f"{v:.4f}" for k, v in run.data.metrics.items() if k.startswith("audit_")},
         },
     )
     record_sha256(name, version)

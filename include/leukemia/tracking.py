@@ -21,10 +21,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from leukemia.config import CLASSES, env, mlflow_ui_url, tracking_uri
 from leukemia.training import TrainConfig
+
+if TYPE_CHECKING:
+    from leukemia.audit import AuditResult
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +312,39 @@ def log_full_model(run_id: str, images_dir: str | Path, split_path: str | Path) 
     if run.data.tags.get("model_uri"):
         return run.data.tags["model_uri"]
     return log_model(run_id, full_model_of(run), images_dir, split_path)
+
+
+#: The tag that holds a run's shortcut warnings, one a line ("" when no check exceeded its limit).
+SHORTCUT_TAG = "shortcut_warnings"
+#: Where the audit's report, numbers and picture go in the run's artifacts.
+AUDIT_ARTIFACTS = "audit"
+
+
+def log_audit(run_id: str, result: AuditResult) -> None:
+    """Log a shortcut audit to a (finished) run: `audit_*` metrics, `audit/shortcut_audit.md` and
+    `.json`, a contact sheet of Grad-CAM overlays, and the `shortcut_warnings` tag."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    from leukemia.plots import contact_sheet_png
+
+    client = mlflow.MlflowClient()
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"audit_{k}", float(v), now, 0) for k, v in result.metrics.items()]
+    client.log_batch(run_id, metrics=metrics)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        (out / "shortcut_audit.md").write_text(result.to_markdown())
+        (out / "shortcut_audit.json").write_text(result.to_json())
+        if result.overlays:
+            contact_sheet_png(
+                result.overlays,
+                result.captions,
+                out / "gradcam.png",
+                title="Grad-CAM of test images (label · prediction)",
+            )
+        client.log_artifacts(run_id, str(out), artifact_path=AUDIT_ARTIFACTS)
+    client.set_tag(run_id, SHORTCUT_TAG, "\n".join(result.warnings))
 
 
 def finished_runs(experiment_id: str, airflow_run_id: str | None = None) -> list[Any]:

@@ -11,7 +11,11 @@ cells' morphology, loosely after the public ALL blood-smear data set:
 - Pro: the largest blasts, irregular nucleus with 1-3 pale nucleoli, deeper-blue cytoplasm.
 
 Stain strength, background tint, blur and noise are drawn the same way for every class, so no
-global colour gives the label away. Fields are drawn at twice the size and downsampled, which
+global colour gives the label away. For the shortcut audit's tests, `generate(overlay=True)` stamps a
+class-correlated scale-bar overlay in the bottom-right corner (as the public images have), and
+`informative_cells=False` draws each image's white cells from a random class, so that only the
+overlay tells the label; `background_tint=True` shifts each class's colours a little (`TINTS`), as
+one acquisition session's stain and camera do. Fields are drawn at twice the size and downsampled, which
 anti-aliases the edges; every length is a fraction of the image side, so any size >= 32 works.
 """
 
@@ -27,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from leukemia.config import CLASSES
+from leukemia.model import overlay_start
 
 log = logging.getLogger(__name__)
 
@@ -362,6 +367,59 @@ def render_smear(label: str, rng: np.random.Generator, size: int = 224) -> Image
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="RGB")
 
 
+#: The overlay `generate(overlay=True)` stamps on each class's images, after the public images'
+#: styles: a large white box with a black bar, a red bar, a small white box, a dark box.
+OVERLAY_STYLES: dict[str, str] = {
+    "Benign": "large_box",
+    "Early": "red_bar",
+    "Pre": "small_box",
+    "Pro": "dark_box",
+}
+
+
+def stamp_overlay(image: Image.Image, style: str) -> Image.Image:
+    """A copy of `image` with a scale-bar overlay of `style` drawn inside the bottom-right overlay
+    square (`model.overlay_start`: the square the model's mask fills)."""
+    size = image.size[0]
+    s = overlay_start(size)
+    side = size - s
+    a, b = s + max(1, side // 8), size - 1  # first and last pixel drawn, inside the square
+    mid = (a + b) // 2
+    out = image.copy()
+    draw = ImageDraw.Draw(out)
+    if style == "large_box":
+        draw.rectangle((a, a, b, b), fill=(255, 255, 255))
+        draw.rectangle((a + 1, mid, b, mid + max(1, side // 6)), fill=(0, 0, 0))
+    elif style == "red_bar":
+        draw.rectangle((a, mid - 1, b, mid + 1), fill=(220, 20, 30))
+        draw.rectangle((a, a, a + 1, b), fill=(220, 20, 30))
+    elif style == "small_box":
+        draw.rectangle((mid - 1, mid - 1, b, b), fill=(255, 255, 255))
+        draw.rectangle((mid, mid + 1, b - 1, mid + 2), fill=(30, 30, 30))
+    elif style == "dark_box":
+        draw.rectangle((a, a, b, b), fill=(20, 20, 20))
+    else:
+        raise ValueError(
+            f"unknown overlay style {style!r}: expected one of {sorted(set(OVERLAY_STYLES.values()))}"
+        )
+    return out
+
+
+#: The colour shift `generate(background_tint=True)` gives each class's images (RGB, added).
+TINTS: dict[str, tuple[float, float, float]] = {
+    "Benign": (12.0, 0.0, -12.0),
+    "Early": (-12.0, 0.0, 12.0),
+    "Pre": (0.0, 12.0, -6.0),
+    "Pro": (0.0, -12.0, 6.0),
+}
+
+
+def tint(image: Image.Image, label: str) -> Image.Image:
+    """A copy of `image` with the class's `TINTS` shift added to every pixel."""
+    arr = np.asarray(image, dtype=np.float32) + np.asarray(TINTS[label], dtype=np.float32)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="RGB")
+
+
 def _image_rng(seed: int, label: str, index: int) -> np.random.Generator:
     """One stream per (seed, class, index): a class's images do not depend on the other classes."""
     return np.random.default_rng([seed, list(_LOOKS).index(label), index])
@@ -374,9 +432,18 @@ def generate(
     seed: int = 0,
     classes: Sequence[str] = CLASSES,
     quality: int = 90,
+    overlay: bool = False,
+    informative_cells: bool = True,
+    background_tint: bool = False,
 ) -> list[Path]:
     """Write n_per_class JPEGs per class as out_dir/<Class>/synthetic-<class>-<NNNN>.jpg (the
-    public data set's layout); return the paths, sorted."""
+    public data set's layout); return the paths, sorted.
+
+    `overlay`: stamp the class's `OVERLAY_STYLES` overlay in the bottom-right corner.
+    `informative_cells=False`: draw each image's white cells from a random class (seeded), so the
+    cells say nothing of the label (with `overlay`, only the overlay does).
+    `background_tint`: shift the class's colours by its `TINTS` (before the overlay is stamped).
+    """
     if isinstance(classes, str):
         classes = [classes]
     if int(n_per_class) != n_per_class or n_per_class < 1:
@@ -400,7 +467,13 @@ def generate(
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(int(n_per_class)):
             path = folder / f"synthetic-{label.lower()}-{i:04d}.jpg"
-            image = render_smear(label, _image_rng(seed, label, i), size)
+            rng = _image_rng(seed, label, i)
+            cells = label if informative_cells else str(rng.choice(list(_LOOKS)))
+            image = render_smear(cells, rng, size)
+            if background_tint:
+                image = tint(image, label)
+            if overlay:
+                image = stamp_overlay(image, OVERLAY_STYLES[label])
             image.save(path, "JPEG", quality=quality)
             paths.append(path)
     log.info(

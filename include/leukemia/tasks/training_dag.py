@@ -60,6 +60,7 @@ class RunRequest:
     fine_tune_blocks: int = RUN_DEFAULTS.fine_tune_blocks
     fine_tune_learning_rate: float = RUN_DEFAULTS.fine_tune_learning_rate
     fine_tune_epochs: int = RUN_DEFAULTS.fine_tune_epochs
+    audit_images: int = RUN_DEFAULTS.audit_images
     force_retrain: bool = False
 
     @classmethod
@@ -468,6 +469,54 @@ def fine_tune(
         "run_id": outcome["run_id"] if chosen else candidate["run_id"],
         "fine_tune": summary,
     }
+
+
+def audit(
+    candidate: dict[str, Any],
+    split_info: dict[str, Any],
+    images: int = RUN_DEFAULTS.audit_images,
+) -> dict[str, Any]:
+    """The shortcut audit of the run the gate will register (`candidate["run_id"]`): its
+    pixels-to-softmax model (the one the run logged, e.g. fine-tuned, else built as
+    `tracking.log_full_model` builds it), audited on at most `images` test (and train) images of the
+    split read from the images store, and logged to that run (`audit_*` metrics, `audit/` artifacts,
+    the `shortcut_warnings` tag, which registration copies to the version). Returns the candidate
+    with `audit`, a small summary (None when `images` is 0). A retry returns what was logged."""
+    import mlflow
+
+    from leukemia import tracking
+    from leukemia.audit import AuditConfig, audit_model, masks_overlay
+    from leukemia.dataset import read_split
+    from leukemia.registry import ModelRef, load_keras
+
+    if images <= 0:
+        log.info("audit_images is 0: the candidate is not audited for shortcuts")
+        return {**candidate, "audit": None}
+    tracking.setup()
+    run = mlflow.MlflowClient().get_run(candidate["run_id"])
+    if tracking.SHORTCUT_TAG in run.data.tags:
+        log.info("Run %s was audited by an earlier attempt", candidate["run_id"])
+        warnings = run.data.tags[tracking.SHORTCUT_TAG]
+        metrics = {
+            k.removeprefix("audit_"): round(v, 4)
+            for k, v in run.data.metrics.items()
+            if k.startswith("audit_")
+        }
+        return {
+            **candidate,
+            "audit": {"metrics": metrics, "warnings": warnings.splitlines() if warnings else []},
+        }
+    logged = run.data.tags.get("model_uri")
+    model = load_keras(ModelRef(logged, logged)) if logged else tracking.full_model_of(run)
+    result = audit_model(
+        model,
+        read_split(split_info["path"]),
+        split_info["images_uri"],
+        masks_overlay(model),
+        AuditConfig(images=images),
+    )
+    tracking.log_audit(candidate["run_id"], result)
+    return {**candidate, "audit": result.summary()}
 
 
 def register_and_gate(
