@@ -90,6 +90,26 @@ def test_card_has_every_section_a_laboratory_asks_for() -> None:
     assert "One source hospital" in card
 
 
+def test_card_shows_the_shortcut_audit_numbers_and_each_warning_of_the_version() -> None:
+    card = render(
+        _facts(
+            shortcut_warnings="background patch: a forest reads 0.818 (chance 0.316)",
+            audit_overlay_region_accuracy="0.2880",
+            audit_background_region_accuracy="0.8180",
+            audit_chance="0.3160",
+            audit_overlay_swap_changed="0.0000",
+        )
+    )
+    audit = card[card.index("## Shortcut audit") : card.index("## Known limits")]
+    assert "| classifier on the overlay corner only | 0.2880 |" in audit
+    assert "| chance (majority class) | 0.3160 |" in audit
+    assert "| predictions changed by pasting another class's overlay corner | 0.0000 |" in audit
+    assert "- ⚠ background patch: a forest reads 0.818 (chance 0.316)" in audit
+    clean = render(_facts(shortcut_warnings=""))
+    assert "- No warning." in clean and "⚠" not in clean
+    assert "Not recorded for this version." in render(_facts())
+
+
 def test_card_shows_both_models_with_95_percent_intervals_and_the_confusion_matrix() -> None:
     card = render(_facts())
     assert "| metric | v7 | champion v6 |" in card

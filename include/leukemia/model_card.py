@@ -171,6 +171,37 @@ def _decisions(facts: CardFacts) -> list[str]:
     return lines
 
 
+#: The audit's numbers on a version (tags copied from its run by `registry.register_candidate`).
+AUDIT_LINES = (
+    ("audit_overlay_region_accuracy", "classifier on the overlay corner only"),
+    ("audit_background_region_accuracy", "classifier on a background patch only"),
+    ("audit_chance", "chance (majority class)"),
+    ("audit_overlay_swap_changed", "predictions changed by pasting another class's overlay corner"),
+    ("audit_overlay_swap_to_donor", "… of which to the donor's class"),
+    ("audit_background_swap_changed", "predictions changed by pasting another class's background"),
+    ("audit_background_swap_to_donor", "… of which to the donor's class"),
+    ("audit_overlay_heat_share", "share of the Grad-CAM heat in the overlay square"),
+)
+
+
+def _audit(tags: dict[str, str]) -> list[str]:
+    """The shortcut audit of the version's run: its numbers and warnings (`audit.py`)."""
+    from leukemia.tracking import SHORTCUT_TAG
+
+    warnings = tags.get(SHORTCUT_TAG)
+    if warnings is None:
+        return ["Not recorded for this version."]
+    rows = [(label, tags[key]) for key, label in AUDIT_LINES if key in tags]
+    lines = [
+        "| check | value |",
+        "|---|---:|",
+        *(f"| {label} | {value} |" for label, value in rows),
+    ]
+    found = [w for w in warnings.splitlines() if w.strip()]
+    lines += ["", *(f"- ⚠ {w}" for w in found)] if found else ["", "- No warning."]
+    return lines
+
+
 def _limits(params: dict[str, str], gate: dict[str, Any] | None) -> list[str]:
     weights = params.get("weights", "?")
     if weights == "none":
@@ -233,6 +264,10 @@ def render(facts: CardFacts) -> str:
         "## Selection, gate and decision",
         "",
         *_decisions(facts),
+        "",
+        "## Shortcut audit",
+        "",
+        *_audit(facts.tags),
         "",
         "## Known limits",
         "",
