@@ -99,7 +99,7 @@ def run_grid(name: str, spec: dict, rows: list, cache_dir: str) -> dict:  # noqa
         x = np.concatenate([data["train"][0], data["val"][0]])
         y = np.concatenate([data["train"][1], data["val"][1]])
         epochs = refit_epochs({"best_epoch": epoch}, fit_images, len(y))
-        head, _ = fit_head(replace(cfg, epochs=epochs, cv_folds=1), x, y)
+        head, _ = fit_head(replace(cfg, epochs=epochs, cv_folds=1), x, y, None, None)
         fits += 1
         refit_s = time.perf_counter() - t
     test = evaluate(data["test"][1], head.predict(data["test"][0], verbose=0))["metrics"]

@@ -5,7 +5,10 @@ Syncs new blood-smear images from S3, splits them (identical images kept togethe
 VGG16 features once (mapped over shards of the images), trains one head per **optimizer × batch
 size × feature variant × head** (mapped tasks, each an MLflow run, each scored by k-fold
 cross-validation over train + validation), selects the best by **mean cross-validated** macro-F1,
-trains that configuration again on train + validation (`refit`), registers the refit as
+trains that configuration again on train + validation (`refit`), optionally replaces it by an
+ensemble of the top heads or a fine-tuned model (`ensemble_top_k`, `fine_tune`: off by default),
+runs the **shortcut audit** on it (region classifiers, overlay and background patch swaps, Grad-CAM
+heat in the overlay square: warnings on the run and the version), registers it as
 `leukemia-classifier` and **gates** it: candidate and
 champion are evaluated on the same test split with MLflow, and `mlflow.validate_evaluation_results`
 checks the clinical thresholds (macro-F1, malignant sensitivity, benign specificity, gain over the
