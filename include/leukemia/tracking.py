@@ -149,7 +149,8 @@ def log_outcome(
     epochs_run: int,
     dataset_digest: str = "",
 ) -> str:
-    """Metrics, figures, report, dataset input and the head of the active run; returns the head's URI.
+    """Metrics, figures, report, dataset input, the head and the `head_uri` / `config` tags of the
+    active run; returns the head's URI.
 
     The split itself is named (tag `split_uri`), not copied: the registered run gets a copy.
     """
@@ -187,8 +188,15 @@ def log_outcome(
     name = f"leukemia-{dataset_digest[:12]}" if dataset_digest else "leukemia"
     dataset = mlflow.data.from_pandas(pd.DataFrame(rows), source=str(images_dir), name=name)
     mlflow.log_input(dataset, context="training")
-    mlflow.set_tag("split_uri", str(split_path))
-    return f"runs:/{mlflow.active_run().info.run_id}/{HEAD_ARTIFACT}"
+    head_uri = f"runs:/{mlflow.active_run().info.run_id}/{HEAD_ARTIFACT}"
+    mlflow.set_tags(
+        {
+            "split_uri": str(split_path),
+            "head_uri": head_uri,
+            "config": json.dumps(cfg.to_dict(), sort_keys=True),
+        }
+    )
+    return head_uri
 
 
 def load_head(run_id: str) -> Any:
@@ -475,7 +483,6 @@ def train_run(
         head_uri = log_outcome(
             cfg, head, history, results, rows, images_dir, split_path, epochs_run, dataset_digest
         )
-        mlflow.set_tags({"head_uri": head_uri, "config": json.dumps(cfg.to_dict(), sort_keys=True)})
     result = TrainResult(
         run_id=run.info.run_id,
         head_uri=head_uri,
@@ -576,7 +583,6 @@ def refit_run(
         head_uri = log_outcome(
             cfg, head, history, {"test": test}, rows, images_dir, split_path, epochs, digest
         )
-        mlflow.set_tags({"head_uri": head_uri, "config": json.dumps(cfg.to_dict(), sort_keys=True)})
     result = TrainResult(
         run_id=run.info.run_id,
         head_uri=head_uri,
