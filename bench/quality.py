@@ -14,7 +14,11 @@ trains its model:
     cv            mlp grid, selected by mean CV macro-F1 (ties: CV log-loss), train-only head
     cv+refit      the cv selection refitted on train + val (epochs: the folds' mean kept epoch)
     linear        linear grid, CV selection, refit
-    mlp+linear    both heads, CV selection, refit (the pipeline's default)
+    mlp+linear    both heads, CV selection, refit (same epochs)
+    default       both heads, CV selection, refit with scaled epochs: the pipeline's defaults
+    default+ensemble3  the default with `ensemble_top_k` 3: the mean softmax of the top 3 heads by
+                  CV (train-only heads), chosen only when its out-of-fold macro-F1 beats the best
+                  member's, else the default's refit
 
 Prints, per method, accuracy, macro-F1, malignant sensitivity and benign specificity on the test
 images with bootstrap 95 % intervals (percentile, over test images), the errors, and the training
@@ -34,6 +38,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, machine, parse_real_data_args, real_data_parser, table  # noqa: E402
 
+from leukemia.config import RUN_DEFAULTS  # noqa: E402
+
 METRICS = ("accuracy", "f1_macro", "malignant_sensitivity", "benign_specificity")
 #: method → (heads in its grid, selection, refit epochs: None (train-only), "fixed" or "scaled")
 METHODS: dict[str, tuple[tuple[str, ...], str, str | None]] = {
@@ -45,7 +51,11 @@ METHODS: dict[str, tuple[tuple[str, ...], str, str | None]] = {
     "cv+refit×n": (("mlp",), "cv", "scaled"),
     "linear": (("linear",), "cv", "fixed"),
     "mlp+linear": (("mlp", "linear"), "cv", "fixed"),
+    "default": (("mlp", "linear"), "cv", "scaled"),  # what the pipeline does with its defaults
 }
+#: The default pipeline with `ensemble_top_k` 3 (see `ensemble_method`).
+ENSEMBLE = "default+ensemble3"
+ENSEMBLE_TOP_K = 3
 
 
 def scores(y: Any, pred: Any) -> dict[str, float]:
@@ -118,7 +128,7 @@ def evaluate_split(rows: list[dict[str, str]], cache_dir: str, args: Any) -> dic
         head, history = fit_head(cfg, *d["train"][:2], *d["val"][:2])
         fit_s = time.perf_counter() - t
         val = evaluate(d["val"][1], np.asarray(head(d["val"][0], training=False)))["metrics"]
-        test_pred = np.asarray(head(d["test"][0], training=False)).argmax(1)
+        test_prob = np.asarray(head(d["test"][0], training=False))
         t = time.perf_counter()
         cv = cross_validate(cfg, *train_val_arrays(d)) if args.cv_folds > 1 else {}
         cv_s = time.perf_counter() - t
@@ -129,7 +139,9 @@ def evaluate_split(rows: list[dict[str, str]], cache_dir: str, args: Any) -> dic
                 "cv": (cv.get("f1_macro_mean", 0.0), -cv.get("log_loss_mean", 0.0)),
                 "best_epoch": best_epoch(history),
                 "cv_best_epoch": cv.get("best_epoch_mean", best_epoch(history)),
-                "test_pred": test_pred,
+                "test_pred": test_prob.argmax(1),
+                "test_prob": test_prob,
+                "oof": cv.get("oof"),
                 "fit_s": fit_s,
                 "cv_s": cv_s,
             }
@@ -169,7 +181,33 @@ def evaluate_split(rows: list[dict[str, str]], cache_dir: str, args: Any) -> dic
             seconds += refit_s
             label += f" → refit {epochs} ep"
         out[method] = {"pred": pred, "y": d["test"][1], "selected": label, "seconds": seconds}
+    if args.cv_folds > 1:
+        y_cv = train_val_arrays(data[configs[0].model.variant])[1]
+        out[ENSEMBLE] = ensemble_method(fitted, y_cv, out["default"])
     return out
+
+
+def ensemble_method(fitted: list[dict[str, Any]], y_cv: Any, default: dict[str, Any]) -> dict:
+    """The pipeline's ensemble stage on top of the default: the mean softmax of the top-k train-only
+    heads by mean CV macro-F1 (`ensemble.select_ensemble` builds it from the same heads), chosen
+    only when its out-of-fold macro-F1 beats the best member's (`ensemble.choose`); else the
+    default's refit stays."""
+    import numpy as np
+
+    from leukemia.ensemble import ENSEMBLE as CHOSEN
+    from leukemia.ensemble import choose
+
+    top = sorted(fitted, key=lambda f: f["cv"], reverse=True)[:ENSEMBLE_TOP_K]
+    choice = choose({f["cfg"].name: f["oof"] for f in top}, y_cv, "cv")
+    if choice["choice"] != CHOSEN:
+        return {
+            **default,
+            "selected": f"single (OOF F1 {choice['ensemble_f1_macro']:.4f} ≤ "
+            f"{choice['single_f1_macro']:.4f}): {default['selected']}",
+        }
+    pred = np.mean([f["test_prob"] for f in top], axis=0).argmax(1)
+    label = " + ".join(f["cfg"].name for f in top)
+    return {**default, "pred": pred, "selected": f"ensemble of {label}"}
 
 
 def main() -> None:
@@ -180,7 +218,7 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=5, help="the pipeline's default")
     parser.add_argument("--optimizers", nargs="+", default=["adam", "sgd", "rmsprop"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[16, 32, 64])
-    parser.add_argument("--variants", nargs="+", default=["seed", "multiscale"])
+    parser.add_argument("--variants", nargs="+", default=list(RUN_DEFAULTS.variants))
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--precision", default="auto")
     parser.add_argument(
@@ -230,7 +268,7 @@ def report(per_split: list[dict[str, Any]], resamples: int) -> None:
 
     def block(title: str, results: list[dict[str, Any]]) -> None:
         rows = []
-        for method in METHODS:
+        for method in [m for m in (*METHODS, ENSEMBLE) if m in results[0]]:
             y = np.concatenate([r[method]["y"] for r in results])
             pred = np.concatenate([r[method]["pred"] for r in results])
             seconds = float(np.mean([r[method]["seconds"] for r in results]))
@@ -248,7 +286,8 @@ def report(per_split: list[dict[str, Any]], resamples: int) -> None:
     print("\nSelected configuration per split:")
     selections = [
         {"method": m, **{f"seed {i}": r[m]["selected"] for i, r in enumerate(per_split)}}
-        for m in METHODS
+        for m in (*METHODS, ENSEMBLE)
+        if m in per_split[0]
     ]
     print(table(selections), flush=True)
 

@@ -29,6 +29,7 @@ only wires it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -335,7 +336,7 @@ def leukemia_training() -> None:
         context["config_label"] = config_label(
             config["optimizer"], config["batch_size"], config["variant"], config.get("head", "mlp")
         )
-        return steps.train_one(config, split, steps.features_of(list(shards)), _run_tags())
+        return steps.train_one(config, split, steps.features_of(_items(shards)), _run_tags())
 
     # a failed configuration must not stop the others from being compared and gated; the split
     # is pulled rather than wired in, so that the training tasks are the only upstream: when none
@@ -354,7 +355,7 @@ def leukemia_training() -> None:
         from leukemia.tasks import training_dag as steps
 
         run = steps.RunRequest.from_params(get_current_context()["params"])
-        features = steps.features_of(list(shards))
+        features = steps.features_of(_items(shards))
         return steps.refit(candidate, split, features, run.refit, _run_tags())
 
     # optional stages after selection; each returns the candidate dict, with `run_id` naming the
@@ -369,8 +370,8 @@ def leukemia_training() -> None:
         from leukemia.tasks import training_dag as steps
 
         run = steps.RunRequest.from_params(get_current_context()["params"])
-        finished = [results[i] for i in range(len(results))]  # a failed configuration has no result
-        features = steps.features_of(list(shards))
+        finished = _items(results)  # a failed configuration has no result
+        features = steps.features_of(_items(shards))
         return steps.ensemble(candidate, finished, split, features, run.ensemble_top_k, _run_tags())
 
     @task(queue=env("LEUKEMIA_TRAINING_QUEUE"))
@@ -432,7 +433,7 @@ def leukemia_training() -> None:
 
         context = get_current_context()
         run = steps.RunRequest.from_params(context["params"])
-        finished = [results[i] for i in range(len(results))]  # a failed configuration has no result
+        finished = _items(results)  # a failed configuration has no result
         return steps.report(
             [r for r in finished if r], gated, context["run_id"], run.work_uri, run.require_approval
         )
@@ -451,6 +452,12 @@ def leukemia_training() -> None:
     gated = register_and_gate(candidate)
     gated >> approval >> [promote(gated), keep_champion(gated), reject(gated)]
     report(results, gated)
+
+
+def _items(values: Sequence[Any]) -> list[Any]:
+    """The values of a mapped task's results, read by index after one count (iterating the lazy
+    sequence reads until a missing offset, which the task log shows as an 'XCom not found' error)."""
+    return [values[i] for i in range(len(values))]
 
 
 def _run_tags() -> dict[str, str]:
