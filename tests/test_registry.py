@@ -87,7 +87,9 @@ def test_a_candidate_is_registered_once_with_its_full_model_hash_and_no_alias(
 
     selected = promotion.select_candidate(tracking.setup(), "manual__1")
     assert selected["run_id"] == trained["result"].run_id
-    assert selected["selection"].startswith("best val_f1_macro")
+    assert selected["selection"].startswith(
+        "best cv_f1_macro_mean"
+    )  # every run was cross-validated
     args = (trained["info"].path, smear_dir, "manual__1", selected["selection"])
     first = registry.register_candidate(selected["run_id"], *args)
     again = registry.register_candidate(selected["run_id"], *args)  # a retried task
