@@ -97,7 +97,7 @@ def test_card_shows_the_shortcut_audit_numbers_and_each_warning_of_the_version()
             audit_overlay_region_accuracy="0.2880",
             audit_background_region_accuracy="0.8180",
             audit_chance="0.3160",
-            audit_overlay_swap_changed="0.0000",
+            audit_corner_swap_changed="0.0000",
         )
     )
     audit = card[card.index("## Shortcut audit") : card.index("## Known limits")]
@@ -181,3 +181,14 @@ def test_every_registered_version_gets_its_card_as_artifact_and_description(
     assert "| weights | none |" in card and "randomly initialised" in card
     assert "- **Decision**: promoted by the gate" in card
     assert decided["card_url"].endswith(f"/runs/{version.run_id}/artifacts/model_card.md")
+
+
+def test_card_audit_rows_name_metrics_the_audit_logs() -> None:
+    """A renamed audit metric must not silently vanish from the card."""
+    from leukemia.audit import REGIONS, SWAPS
+    from leukemia.model_card import AUDIT_LINES
+
+    logged = {"chance", "overlay_heat_share"}
+    logged |= {f"{r}_region_accuracy" for r in REGIONS}
+    logged |= {f"{s}_swap_{k}" for s in SWAPS for k in ("changed", "to_donor")}
+    assert {key.removeprefix("audit_") for key, _ in AUDIT_LINES} <= logged
