@@ -360,19 +360,15 @@ def leukemia_training() -> None:
 
     # optional stages after selection; each returns the candidate dict, with `run_id` naming the
     # run the gate registers (unchanged when the stage is off or does not beat the candidate)
-    @task(trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)
+    @task
     def ensemble(
-        candidate: dict[str, Any],
-        results: list[dict[str, Any]],
-        split: dict[str, Any],
-        shards: list[dict[str, Any]],
+        candidate: dict[str, Any], split: dict[str, Any], shards: list[dict[str, Any]]
     ) -> dict[str, Any]:
         from leukemia.tasks import training_dag as steps
 
         run = steps.RunRequest.from_params(get_current_context()["params"])
-        finished = _items(results)  # a failed configuration has no result
         features = steps.features_of(_items(shards))
-        return steps.ensemble(candidate, finished, split, features, run.ensemble_top_k, _run_tags())
+        return steps.ensemble(candidate, split, features, run.ensemble_top_k, _run_tags())
 
     @task(queue=env("LEUKEMIA_TRAINING_QUEUE"))
     def fine_tune(candidate: dict[str, Any], split: dict[str, Any]) -> dict[str, Any]:
@@ -446,7 +442,7 @@ def leukemia_training() -> None:
     results = train.partial(split=split, shards=shards).expand_kwargs(grid)
     candidate = select_candidate(results)
     candidate = refit(candidate, split, shards)
-    candidate = ensemble(candidate, results, split, shards)
+    candidate = ensemble(candidate, split, shards)
     candidate = fine_tune(candidate, split)
     candidate = audit(candidate, split)
     gated = register_and_gate(candidate)

@@ -212,8 +212,8 @@ def test_ensemble_task_returns_the_candidate_unless_the_ensemble_wins(two_runs: 
     split_info = {"path": info.path, "digest": info.digest}
     features = {"cache_dir": two_runs["cache"]}
     candidate = {"run_id": runs[0]["run_id"]}
-    assert ensemble(candidate, runs, split_info, features, top_k=0) == candidate  # off
-    out = ensemble(candidate, runs, split_info, features, top_k=2)
+    assert ensemble(candidate, split_info, features, top_k=0) == candidate  # off
+    out = ensemble(candidate, split_info, features, top_k=2)  # the grid is read from MLflow
     choice = out["ensemble"]
     assert set(choice["members"]) == {r["run_id"] for r in runs}
     if choice["ensemble_f1_macro"] > choice["single_f1_macro"]:

@@ -141,6 +141,8 @@ def test_tiny_conf_shards_extraction_only_where_the_dag_has_the_param() -> None:
     conf = tiny_conf({"optimizers", "extract_shards"}, shards=2)
     assert conf["extract_shards"] == 2 and conf["weights"] == "none"
     assert len(conf["optimizers"]) * len(conf["batch_sizes"]) * len(conf["variants"]) == 4
+    grid = tiny_conf({"optimizers", "heads", "cv_folds"})
+    assert grid["heads"] == ["mlp"] and grid["cv_folds"] == 2  # still 4 trainings, still CV
     # the stack's compose environment asks a person by default: its tiny run never waits for one
     gated = tiny_conf({"optimizers", "require_approval"})
     assert gated["require_approval"] is False and gated["min_malignant_sensitivity"] == 0.0

@@ -384,6 +384,25 @@ def best_run(runs: list[Any]) -> Any:
     return max(runs, key=lambda r: selection_key(r, cross_validated))
 
 
+def grid_results(experiment_id: str, airflow_run_id: str | None = None) -> list[dict[str, Any]]:
+    """The finished training runs of one DAG run as small dicts (`run_id`, `config`, and `val`:
+    the macro-F1 and log-loss selection ranks them by, the CV means when every run has them), so
+    later steps read the grid from MLflow rather than from the training tasks' XComs."""
+    runs = finished_runs(experiment_id, airflow_run_id)
+    cross_validated = all(CV_SELECTION_METRIC in r.data.metrics for r in runs)
+    out = []
+    for run in runs:
+        f1, neg_loss = selection_key(run, cross_validated)
+        out.append(
+            {
+                "run_id": run.info.run_id,
+                "config": json.loads(run.data.tags["config"]),
+                "val": {"f1_macro": f1, "log_loss": -neg_loss},
+            }
+        )
+    return out
+
+
 @dataclass
 class TrainResult:
     """What one configuration produced (small: fits in XCom)."""
@@ -424,10 +443,27 @@ def log_cross_validation(cfg: TrainConfig, data: dict[str, Any]) -> dict[str, fl
     import mlflow
     import numpy as np
 
-    from leukemia.training import cross_validate
+    from leukemia.training import cross_validate, usable_folds
 
     x, y, shas = train_val_arrays(data)
-    cv = cross_validate(cfg, x, y, shas)
+    k = usable_folds(y, shas, cfg.cv_folds)
+    mlflow.log_param("cv_folds_used", k)
+    if k < 2:
+        log.warning(
+            "%s: a class has a single image in train + val, too few for cross-validation: "
+            "selection uses the validation split",
+            cfg.name,
+        )
+        return {}
+    if k < cfg.cv_folds:
+        log.warning(
+            "%s: %d-fold cross-validation, not %d: a class has only %d distinct images in train + val",
+            cfg.name,
+            k,
+            cfg.cv_folds,
+            k,
+        )
+    cv = cross_validate(cfg, x, y, shas, k)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(OOF_ARTIFACT).name
         np.savez(path, sha256=np.asarray(shas), probabilities=cv["oof"])
@@ -561,7 +597,8 @@ def refit_run(
     rows = read_split(split_path)
     data = split_arrays(rows, cache_dir, cfg.model.variant)
     x, y, _ = train_val_arrays(data)
-    n_train, k = len(data["train"][1]), cfg.cv_folds
+    n_train = len(data["train"][1])
+    k = int(selected.data.params.get("cv_folds_used", cfg.cv_folds))
     fit_images = len(y) * (k - 1) / k if "cv_best_epoch_mean" in selected.data.metrics else n_train
     epochs = refit_epochs(selected.data.metrics, fit_images, len(y), scaled)
     cfg = replace(cfg, epochs=epochs, cv_folds=1)

@@ -966,6 +966,10 @@ def tiny_conf(params: set[str], size: int = 48, shards: int = 2) -> dict[str, An
     }
     if "extract_shards" in params:
         conf["extract_shards"] = shards
+    if "heads" in params:  # one head keeps the grid at 4 trainings; 2-fold CV keeps it cheap
+        conf["heads"] = ["mlp"]
+    if "cv_folds" in params:
+        conf["cv_folds"] = 2
     if "require_approval" in params:  # a tiny model: the gate only reports, and nobody is asked
         from leukemia.dev.demo import DEMO_PROMOTION
 

@@ -390,23 +390,25 @@ def refit(
 
 def ensemble(
     candidate: dict[str, Any],
-    results: list[dict[str, Any]],
     split_info: dict[str, Any],
     features_info: dict[str, Any],
     top_k: int,
     tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The candidate, or an ensemble run of the top-k heads when it beats the best single head on
-    validation macro-F1 (`top_k` below 2: off). Same shape as `candidate`: `run_id` names the run a
-    gate registers; `ensemble` says what was compared."""
+    """The candidate, or an ensemble run of the top-k heads of this DAG run's grid (ranked as
+    selection ranks them, read from MLflow) when it beats the best single head on held-out macro-F1
+    (`top_k` below 2: off). Same shape as `candidate`: `run_id` names the run a gate registers;
+    `ensemble` says what was compared."""
+    from leukemia import tracking
     from leukemia.ensemble import ENSEMBLE, select_ensemble
 
     if top_k < 2:
         return candidate
-    if tags and "airflow_run_id" in tags:  # a retry fails this task's earlier run, not the grid's
-        tags = {**tags, "airflow_task_id": "ensemble"}
+    airflow_run_id = (tags or {}).get("airflow_run_id")
+    if airflow_run_id:  # a retry fails this task's earlier run, not the grid's
+        tags = {**(tags or {}), "airflow_task_id": "ensemble"}
     choice = select_ensemble(
-        [r for r in results if r],
+        tracking.grid_results(tracking.setup(), airflow_run_id),
         split_info["path"],
         features_info["cache_dir"],
         top_k,
