@@ -126,8 +126,8 @@ def test_failed_demo_ends_with_a_short_diagnosis(offline: dict[str, str], tmp_pa
         f"  plan_extraction: AirflowFailException: cannot load VGG16 weights from {bad}"
     )
     assert tail[2] == (
-        "  not run because of them: approval, extract_features, keep_champion, promote, "
-        "register_and_gate, reject, report, select_candidate, train"
+        "  not run because of them: approval, audit, ensemble, extract_features, fine_tune, "
+        "keep_champion, promote, refit, register_and_gate, reject, report, select_candidate, train"
     )
     assert tail[3] == f"Full output with the task logs: {workdir / 'last_run.log'}"
     assert "Task failed with exception" in (workdir / "last_run.log").read_text()

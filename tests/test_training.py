@@ -248,12 +248,10 @@ def test_cross_validation_reports_every_fold_and_their_mean(learn_set: dict) -> 
     assert all(1 <= f["best_epoch"] <= 40 for f in cv["folds"])
 
 
-def test_usable_folds_is_capped_by_the_class_with_fewest_distinct_images() -> None:
+def test_usable_folds_is_capped_by_the_largest_class_count_of_distinct_images() -> None:
     from leukemia.training import usable_folds
 
-    y = [0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2]
-    groups = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "i", "j"]  # class 2: 2 distinct images
-    assert usable_folds(y, groups, 5) == 2
-    assert usable_folds(y[:8], groups[:8], 5) == 3
-    assert usable_folds(y[:8], groups[:8], 2) == 2
-    assert usable_folds([0, 0, 1], ["a", "a", "b"], 5) == 1  # one distinct image: no CV
+    assert usable_folds([0, 0, 0, 1, 1, 1], list("abcdef"), 5) == 3
+    assert usable_folds([0, 0, 0, 1, 1, 1], list("abcdef"), 2) == 2
+    assert usable_folds([0, 0, 0, 0, 1], list("aabbc"), 5) == 2  # identical images count once
+    assert usable_folds([0, 0, 1], list("aab"), 5) == 1  # one distinct image per class: no CV

@@ -450,18 +450,17 @@ def log_cross_validation(cfg: TrainConfig, data: dict[str, Any]) -> dict[str, fl
     mlflow.log_param("cv_folds_used", k)
     if k < 2:
         log.warning(
-            "%s: a class has a single image in train + val, too few for cross-validation: "
-            "selection uses the validation split",
+            "%s: no class has two distinct images in train + val, too few for "
+            "cross-validation: selection uses the validation split",
             cfg.name,
         )
         return {}
     if k < cfg.cv_folds:
         log.warning(
-            "%s: %d-fold cross-validation, not %d: a class has only %d distinct images in train + val",
+            "%s: %d-fold cross-validation, not %d: no class has more distinct images in train + val",
             cfg.name,
             k,
             cfg.cv_folds,
-            k,
         )
     cv = cross_validate(cfg, x, y, shas, k)
     with tempfile.TemporaryDirectory() as tmp:

@@ -236,12 +236,13 @@ def cv_folds(
 
 
 def usable_folds(y: Any, groups: list[str], k: int) -> int:
-    """The folds k-fold CV can have on these images: `k`, or fewer when a class has fewer distinct
-    images than `k` (every fold holds out at least one image of every class); 1: no CV."""
+    """The folds k-fold CV can have on these images: `k`, or fewer when no class has `k` distinct
+    images (a stratified split needs one that has; a smaller class then sits out some folds, as
+    scikit-learn warns); 1: no CV."""
     per_class: dict[Any, set[str]] = {}
     for label, group in zip(list(y), groups, strict=True):
         per_class.setdefault(label, set()).add(group)
-    return max(1, min([k, *(len(g) for g in per_class.values())]))
+    return max(1, min(k, max((len(g) for g in per_class.values()), default=1)))
 
 
 #: Per-fold metrics `cross_validate` reports (and `tracking.train_run` logs as `cv_<name>_mean/_std`).
