@@ -50,7 +50,7 @@ def run_grid(name: str, spec: dict, rows: list, cache_dir: str) -> dict:  # noqa
     """Train every configuration of one grid as the training tasks do; time it."""
     from leukemia.config import RUN_DEFAULTS
     from leukemia.evaluation import evaluate
-    from leukemia.tracking import refit_epochs
+    from leukemia.tracking import refit_epochs, train_val_arrays
     from leukemia.training import (
         TrainConfig,
         best_epoch,
@@ -78,11 +78,7 @@ def run_grid(name: str, spec: dict, rows: list, cache_dir: str) -> dict:  # noqa
         score = (val["f1_macro"], -val["log_loss"])
         fit_images, epoch = len(data["train"][1]), best_epoch(history)
         if cfg.cv_folds > 1:
-            import numpy as np
-
-            x = np.concatenate([data["train"][0], data["val"][0]])
-            y = np.concatenate([data["train"][1], data["val"][1]])
-            groups = [r["sha256"] for r in data["train"][2] + data["val"][2]]
+            x, y, groups = train_val_arrays(data)
             cv = cross_validate(cfg, x, y, groups)
             fits += cfg.cv_folds
             score = (cv["f1_macro_mean"], -cv["log_loss_mean"])
@@ -93,11 +89,8 @@ def run_grid(name: str, spec: dict, rows: list, cache_dir: str) -> dict:  # noqa
     score, cfg, data, fit_images, epoch, head = max(scored, key=lambda s: s[0])
     refit_s = 0.0
     if spec["refit"]:
-        import numpy as np
-
         t = time.perf_counter()
-        x = np.concatenate([data["train"][0], data["val"][0]])
-        y = np.concatenate([data["train"][1], data["val"][1]])
+        x, y, _ = train_val_arrays(data)
         epochs = refit_epochs({"best_epoch": epoch}, fit_images, len(y))
         head, _ = fit_head(replace(cfg, epochs=epochs, cv_folds=1), x, y, None, None)
         fits += 1
