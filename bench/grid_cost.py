@@ -1,13 +1,15 @@
 """What the training grid costs on the real images: the grid before issue 16 against the default grid
-(cross-validated selection, two heads, refit of the winner), side by side in one run.
+(cross-validated selection, two heads, refit of the winner, and since issue 17 two augmented copies
+of each train and val image), side by side in one run.
 
 Both grids run on the same cached frozen features of ../shared/data/leukemia-dev (224 px, overlay
 masked, offline weights; bench/quality.py's cache, extracted here if missing) and the same split.
 Each configuration is timed the way a training task computes it: the train→val fit, its predictions,
 and, with CV, the k fold fits; then one refit of the selected configuration on train + val. The
-extraction every grid needs first is timed on a sample of images and scaled to the data set, so
-that the last column is the whole run's compute, the part the grid's settings change and the part
-they do not.
+extraction every grid needs first is timed on a sample of images and scaled to the data set (and to
+the augmented copies of the train and val images a grid asks for; the copies themselves come from
+the cache `bench/shortcuts.py` fills, extracted here if missing), so that the last column is the
+whole run's compute, the part the grid's settings change and the part they do not.
 
     python bench/grid_cost.py [--sample 48] [--grids before,default]
 """
@@ -33,6 +35,7 @@ def grids() -> dict[str, dict]:
         "heads": list(RUN_DEFAULTS.heads),
         "cv_folds": RUN_DEFAULTS.cv_folds,
         "refit": RUN_DEFAULTS.refit,
+        "augment_copies": RUN_DEFAULTS.augment_copies,
     }
     return {
         "before": {
@@ -40,8 +43,10 @@ def grids() -> dict[str, dict]:
             "heads": ["mlp"],
             "cv_folds": 1,
             "refit": False,
+            "augment_copies": 0,
         },
         "default": default,
+        "default-without-augmentation": {**default, "augment_copies": 0},
         "default-both-variants": {**default, "variants": ["seed", "multiscale"]},
     }
 
@@ -50,17 +55,19 @@ def run_grid(name: str, spec: dict, rows: list, cache_dir: str) -> dict:  # noqa
     """Train every configuration of one grid as the training tasks do; time it."""
     from leukemia.config import RUN_DEFAULTS
     from leukemia.evaluation import evaluate
-    from leukemia.tracking import refit_epochs, train_val_arrays
+    from leukemia.tracking import refit_epochs, train_val_arrays, train_val_copies
     from leukemia.training import (
         TrainConfig,
         best_epoch,
+        copy_arrays,
         cross_validate,
         fit_head,
         grid,
         split_arrays,
+        with_copies,
     )
 
-    base = TrainConfig(cv_folds=spec["cv_folds"])
+    base = TrainConfig(cv_folds=spec["cv_folds"], augment_copies=spec["augment_copies"])
     configs = grid(
         list(RUN_DEFAULTS.optimizers),
         list(RUN_DEFAULTS.batch_sizes),
@@ -72,32 +79,36 @@ def run_grid(name: str, spec: dict, rows: list, cache_dir: str) -> dict:  # noqa
     started = time.perf_counter()
     for cfg in configs:
         data = split_arrays(rows, cache_dir, cfg.model.variant)
-        head, history = fit_head(cfg, *data["train"][:2], *data["val"][:2])
+        copies = copy_arrays(data, cache_dir, cfg.model.variant, cfg.augment_copies)
+        train = with_copies(*data["train"][:2], copies["train"])
+        head, history = fit_head(cfg, *train, *data["val"][:2])
         fits += 1
         val = evaluate(data["val"][1], head.predict(data["val"][0], verbose=0))["metrics"]
         score = (val["f1_macro"], -val["log_loss"])
         fit_images, epoch = len(data["train"][1]), best_epoch(history)
         if cfg.cv_folds > 1:
             x, y, groups = train_val_arrays(data)
-            cv = cross_validate(cfg, x, y, groups)
+            cv = cross_validate(cfg, x, y, groups, copies=train_val_copies(copies))
             fits += cfg.cv_folds
             score = (cv["f1_macro_mean"], -cv["log_loss_mean"])
             fit_images, epoch = len(y) * (cfg.cv_folds - 1) / cfg.cv_folds, cv["best_epoch_mean"]
-        scored.append((score, cfg, data, fit_images, epoch, head))
+        scored.append((score, cfg, data, copies, fit_images, epoch, head))
         print(f"  {name}: {cfg.name} {time.perf_counter() - started:.0f} s", flush=True)
     grid_s = time.perf_counter() - started
-    score, cfg, data, fit_images, epoch, head = max(scored, key=lambda s: s[0])
+    score, cfg, data, copies, fit_images, epoch, head = max(scored, key=lambda s: s[0])
     refit_s = 0.0
     if spec["refit"]:
         t = time.perf_counter()
         x, y, _ = train_val_arrays(data)
         epochs = refit_epochs({"best_epoch": epoch}, fit_images, len(y))
+        x, y = with_copies(x, y, train_val_copies(copies))
         head, _ = fit_head(replace(cfg, epochs=epochs, cv_folds=1), x, y, None, None)
         fits += 1
         refit_s = time.perf_counter() - t
     test = evaluate(data["test"][1], head.predict(data["test"][0], verbose=0))["metrics"]
     return {
         "grid": name,
+        "augmented copies": spec["augment_copies"],
         "configurations": len(configs),
         "head fits": fits,
         "grid s": grid_s,
@@ -127,7 +138,11 @@ def main() -> None:
     model_cfg = ModelConfig(input_size=224, weights=str(args.weights))
     paths = [args.data / r["path"] for r in rows]
     shas = [r["sha256"] for r in rows]
-    ex = extract_features(paths, shas, model_cfg, work / "features", precision="auto")
+    train_val = [r["sha256"] for r in rows if r["split"] in ("train", "val")]
+    copies = max(spec["augment_copies"] for spec in grids().values())
+    ex = extract_features(
+        paths, shas, model_cfg, work / "features", "auto", augment=train_val, copies=copies
+    )
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         sample = extract_features(
@@ -145,8 +160,11 @@ def main() -> None:
         results.append(run_grid(name, specs[name], rows, ex.cache_dir))
     before = next((r for r in results if r["grid"] == "before"), results[0])
     for r in results:
-        r["extraction s"] = extraction_s
-        r["total s"] = extraction_s + r["grid s"] + r["refit s"]
+        # the copies are extracted as the originals are: the same images/s
+        r["extraction s"] = extraction_s * (
+            1 + r["augmented copies"] * len(set(train_val)) / len(set(shas))
+        )
+        r["total s"] = r["extraction s"] + r["grid s"] + r["refit s"]
         r["training × before"] = (r["grid s"] + r["refit s"]) / (
             before["grid s"] + before["refit s"]
         )

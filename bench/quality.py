@@ -16,6 +16,9 @@ trains its model:
     linear        linear grid, CV selection, refit
     mlp+linear    both heads, CV selection, refit (same epochs)
     default       both heads, CV selection, refit with scaled epochs: the pipeline's defaults
+                  without the augmented copies of issue 17 (`augment_copies` 0: every resplit
+                  would need copies of every image; bench/shortcuts.py measures the copies on the
+                  project's split)
     default+ensemble3  the default with `ensemble_top_k` 3: the mean softmax of the top 3 heads by
                   CV (train-only heads), chosen only when its out-of-fold macro-F1 beats the best
                   member's, else the default's refit

@@ -3,8 +3,10 @@
 Uses all of ../shared/data/leukemia-dev with the project's split (identical images grouped,
 70/15/15) and the offline VGG16 weights, float32. Features come from `bench/out/quality/features`
 (the cache `bench/quality.py` fills; the unmasked folder is extracted here once). For each mask
-setting and feature variant, the default head (adam, batch 32) is trained on the cached features and
-measured on the whole test split: accuracy, malignant sensitivity, benign specificity, and the
+setting, augmentation setting (`augment_copies` 0 and the default, issue 17's stain and background
+robustness: the copies of the train and val images are extracted into the same cache), feature
+variant and head, one head (adam, batch 32) is trained on the cached features and measured on the
+whole test split: accuracy, malignant sensitivity, benign specificity, and the
 audit's checks (`leukemia.audit`): region classifiers on the whole train → test split beside
 chance, overlay-square and background-patch swap flip rates, Grad-CAM heat in the overlay square.
 
@@ -15,7 +17,8 @@ variants; a swap the model cannot see (the masked square) is not run (checked pi
 Before that, pixels only: does per-image colour standardisation (Reinhard-style: each image's channel
 means and spreads moved to the data set's) or grey levels remove the background square's cue?
 
-    python bench/shortcuts.py [--epochs 60] [--gradcam-images 16] [--cached-only]
+    python bench/shortcuts.py [--epochs 60] [--gradcam-images 16] [--heads mlp,linear]
+                              [--variants multiscale] [--copies 2] [--cached-only]
 """
 
 from __future__ import annotations
@@ -82,11 +85,21 @@ def cached_rows(rows, weights: str):  # noqa: ANN001, ANN201
 
 
 def main() -> None:
+    from leukemia.config import RUN_DEFAULTS
+
     parser = real_data_parser(__doc__)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--patience", type=int, default=8)
     parser.add_argument("--gradcam-images", type=int, default=16)
-    parser.add_argument("--variants", default="seed,multiscale")
+    parser.add_argument("--variants", default=",".join(RUN_DEFAULTS.variants))
+    parser.add_argument("--heads", default=",".join(RUN_DEFAULTS.heads))
+    parser.add_argument("--masks", default="on,off", help="overlay mask settings to run")
+    parser.add_argument(
+        "--copies",
+        type=int,
+        default=RUN_DEFAULTS.augment_copies,
+        help="augmented copies per train and val image of the robustness rows (0: none)",
+    )
     parser.add_argument(
         "--cached-only",
         action="store_true",
@@ -118,7 +131,7 @@ def main() -> None:
     )
     from leukemia.gradcam import GradCam
     from leukemia.model import ModelConfig, assemble, build_trunk
-    from leukemia.training import TrainConfig, fit_head, split_arrays
+    from leukemia.training import TrainConfig, copy_arrays, fit_head, split_arrays, with_copies
 
     info = make_split(args.data, OUT / "shortcuts" / "splits")
     rows = read_split(info.path)
@@ -161,7 +174,7 @@ def main() -> None:
     y_test = labels_to_index([r["label"] for r in test_rows])
     donors = pick_donors(y_test, seed=0)
     results = []
-    for mask in (True, False):
+    for mask in [m == "on" for m in args.masks.split(",")]:
         model_cfg = ModelConfig(input_size=224, weights=str(args.weights), mask_overlay=mask)
         started = time.perf_counter()
         ex = extract_features(  # with --cached-only: every image is cached, nothing is computed
@@ -170,9 +183,12 @@ def main() -> None:
             model_cfg,
             OUT / "quality" / "features",
             precision="float32",
+            augment=[r["sha256"] for r in rows if r["split"] in ("train", "val")],
+            copies=args.copies,
         )
         print(
             f"mask {mask}: extraction {ex.computed} computed, {ex.cached} cached, "
+            f"{ex.augmented} augmented copies computed, "
             f"{time.perf_counter() - started:.0f} s",
             flush=True,
         )
@@ -195,22 +211,37 @@ def main() -> None:
             )
         swap_seconds = time.perf_counter() - started
         trunk = build_trunk(model_cfg)
-        for variant in args.variants.split(","):
+        settings = [
+            (copies, variant, head)
+            for copies in sorted({0, args.copies})
+            for variant in args.variants.split(",")
+            for head in args.heads.split(",")
+        ]
+        for copies, variant, head in settings:
             cfg = TrainConfig(
                 epochs=args.epochs,
                 patience=args.patience,
-                model=ModelConfig(224, str(args.weights), variant=variant, mask_overlay=mask),
+                augment_copies=copies,
+                model=ModelConfig(
+                    224, str(args.weights), variant=variant, mask_overlay=mask, head=head
+                ),
             )
             data = split_arrays(rows, ex.cache_dir, variant)
-            head, _ = fit_head(cfg, *data["train"][:2], *data["val"][:2])
-            quality = evaluate(data["test"][1], head.predict(data["test"][0], verbose=0))["metrics"]
-            before = head.predict(select_variant(cached_test, variant), verbose=0).argmax(axis=1)
+            extra = copy_arrays(data, ex.cache_dir, variant, copies)
+            head_model, _ = fit_head(
+                cfg, *with_copies(*data["train"][:2], extra["train"]), *data["val"][:2]
+            )
+            quality = evaluate(data["test"][1], head_model.predict(data["test"][0], verbose=0))[
+                "metrics"
+            ]
+            before = head_model.predict(select_variant(cached_test, variant), verbose=0)
+            before = before.argmax(axis=1)
             flips = {}
             for swap in SWAPS:
-                after = head.predict(select_variant(swapped_rows[swap], variant), verbose=0)
+                after = head_model.predict(select_variant(swapped_rows[swap], variant), verbose=0)
                 flips[swap] = flip_rates(before, after.argmax(axis=1), y_test[donors])
             started = time.perf_counter()
-            cam = GradCam(assemble(cfg.model, trunk, head))
+            cam = GradCam(assemble(cfg.model, trunk, head_model))
             heat = np.concatenate(
                 [
                     cam(test_pixels[i : min(i + 8, args.gradcam_images)])[0]
@@ -220,8 +251,11 @@ def main() -> None:
             results.append(
                 {
                     "mask": "on" if mask else "off",
+                    "augmented copies": copies,
                     "variant": variant,
+                    "head": head,
                     "test acc": quality["accuracy"],
+                    "errors": int(round((1 - quality["accuracy"]) * len(y_test))),
                     "malignant sens.": quality["malignant_sensitivity"],
                     "benign spec.": quality["benign_specificity"],
                     "overlay RF": accuracy[mask, "overlay"],

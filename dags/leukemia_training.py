@@ -217,6 +217,15 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
             description="Fill the bottom-right scale-bar square inside the model, so that no "
             "model reads the microscope's overlay instead of the cells (part of the feature-cache key).",
         ),
+        "augment_copies": Param(
+            RUN_DEFAULTS.augment_copies,
+            type="integer",
+            minimum=0,
+            title="Augmented copies per training image",
+            description="Stain and background robustness: each train and validation image also "
+            "trains the heads as this many copies with HED stain jitter, background patches of "
+            "other images and lighting changes (extracted once, cached). 0: none.",
+        ),
         "ensemble_top_k": Param(
             RUN_DEFAULTS.ensemble_top_k,
             type="integer",

@@ -135,7 +135,15 @@ def test_training_dag_params_take_defaults_and_choices_from_config(dagbag: Any) 
     defaults = params.dump()
     for name in ("optimizers", "batch_sizes", "variants", "heads"):
         assert defaults[name] == list(getattr(RUN_DEFAULTS, name))
-    for name in ("epochs", "patience", "learning_rate", "input_size", "precision", "cv_folds"):
+    for name in (
+        "epochs",
+        "patience",
+        "learning_rate",
+        "input_size",
+        "precision",
+        "cv_folds",
+        "augment_copies",
+    ):
         assert defaults[name] == getattr(RUN_DEFAULTS, name)
     assert defaults["promotion_margin"] == RUN_DEFAULTS.promotion_margin
     for name in (
@@ -355,7 +363,17 @@ def test_training_dag_end_to_end_with_an_empty_local_folder_for_every_task(
     work = open_store(f"s3://{bucket}/work/").list()
     assert f"sync/{bucket}/raw/sync_manifest.json" in work
     assert sum(k.startswith("splits/split-") for k in work) == 1
-    assert sum(k.startswith("features/") and k.endswith(".npz") for k in work) == 2  # 2 shards
+    parts = [k for k in work if k.startswith("features/") and k.endswith(".npz")]
+    assert sum("/augmented-" not in k for k in parts) == 2  # 2 shards
+    # and the augmented copies (2 by default) of the train and val images, by the same 2 shards
+    assert sum("/augmented-v1-0/" in k for k in parts) == sum(
+        "/augmented-v1-1/" in k for k in parts
+    )
+    assert sum("/augmented-" in k for k in parts) == 4
+    train_val = sum(counts["train"].values()) + sum(counts["val"].values())
+    assert sum(x["augmented"] for x in first_xcoms["extract_features"]) == 2 * train_val
+    assert {r.data.params["augment_copies"] for r in runs} == {"2"}
+    assert {r.data.params["augment_version"] for r in runs} == {"v1"}
     assert f"reports/{first.run_id}/grid_results.json" in work
     xcoms = _xcoms(dag, first.run_id)
     strings = [s for values in xcoms.values() for s in _strings(values)]
@@ -375,7 +393,10 @@ def test_training_dag_end_to_end_with_an_empty_local_folder_for_every_task(
     third = dag.test(run_conf={**conf, "force_retrain": True, "promotion_margin": 1.0})
     assert str(third.state) == "success"
     extracted = _xcoms(dag, third.run_id)["extract_features"]
-    assert [(x["computed"], x["parts_written"]) for x in extracted] == [(0, 0), (0, 0)]
+    assert [(x["computed"], x["augmented"], x["parts_written"]) for x in extracted] == [
+        (0, 0, 0),
+        (0, 0, 0),
+    ]
     assert sum(x["cached"] for x in extracted) == 48
     assert registry.current_champion("leukemia-classifier").version == champion.version
     challenger = mlflow.MlflowClient().get_model_version_by_alias(

@@ -188,3 +188,30 @@ def test_precision_values() -> None:
     assert resolve_precision("auto") in ("float32", "bfloat16")
     with pytest.raises(ValueError, match="auto, float32 or bfloat16"):
         resolve_precision("fp8")
+
+
+def test_augmented_copies_are_extracted_for_the_named_images_only_and_once(
+    cached: dict, tmp_path: Path
+) -> None:
+    from leukemia.features import augmented_dir, load_copies
+
+    cfg = ModelConfig(input_size=SIZE, weights="none")
+    shas, augment = cached["shas"], sorted(set(cached["shas"]))[:5]
+    first = extract_features(
+        cached["paths"], shas, cfg, tmp_path, "float32", augment=augment, copies=2
+    )
+    assert first.copies == 2 and first.augmented == 2 * len(augment)
+    for copy in range(2):
+        index = cache_index(open_store(augmented_dir(first.cache_dir, copy)))
+        assert sorted(index) == augment  # the test images (not named) get no copy
+    assert set(cache_index(open_store(first.cache_dir))) == set(shas)  # originals unchanged
+    again = extract_features(
+        cached["paths"], shas, cfg, tmp_path, "float32", augment=augment, copies=2
+    )
+    assert again.computed == 0 and again.augmented == 0 and again.parts_written == 0
+    copies = load_copies(first.cache_dir, augment, "seed", 2)
+    originals = load_features(first.cache_dir, augment, "seed")
+    assert copies.shape == (2, len(augment), 512)
+    assert not np.allclose(copies[0], originals) and not np.allclose(copies[0], copies[1])
+    with pytest.raises(FileNotFoundError, match=r"augment_copies \(3\)"):
+        load_copies(first.cache_dir, augment, "seed", 3)

@@ -169,12 +169,14 @@ def test_candidate_and_champion_are_evaluated_on_the_same_split_with_mlflow(
         assert run.data.metrics["f1_score"] == pytest.approx(evaluation["metrics"]["f1_score"])
         low, high = evaluation["intervals"]["f1_score"]
         assert low <= evaluation["metrics"]["f1_score"] <= high
-    assert version.tags["gate"] == "passed"
     assert (
         version.tags["gate.champion"]
         == f"champion v{first['version']} re-evaluated on the same test split"
     )
-    assert version.tags["gate.min_gain_over_champion"].startswith(("passed", "failed"))
+    # open thresholds: only the gain over the re-evaluated champion can fail (two-epoch models)
+    gain = version.tags["gate.min_gain_over_champion"]
+    assert gain.startswith(("passed", "failed"))
+    assert version.tags["gate"] == ("passed" if gain.startswith("passed") else "failed")
 
 
 @pytest.mark.slow

@@ -63,7 +63,15 @@ def _facts(**tags: str) -> CardFacts:
             "config": "{}",
             **tags,
         },
-        params={"weights": "imagenet", "variant": "seed", "optimizer": "adam", "batch_size": "16"},
+        params={
+            "weights": "imagenet",
+            "variant": "seed",
+            "optimizer": "adam",
+            "batch_size": "16",
+            "mask_overlay": "True",
+            "augment_copies": "2",
+            "augment_version": "v1",
+        },
         gate=gate,
         card_url="http://mlflow:5000/#/experiments/1/runs/run7/artifacts/model_card.md",
     )
@@ -86,6 +94,9 @@ def test_card_has_every_section_a_laboratory_asks_for() -> None:
     assert "| images per class | Benign 600 · Early 600 · Pre 600 · Pro 600 |" in card
     assert "| duplicate groups | 40 " in card and "| label conflicts | 1 " in card
     assert "| weights | imagenet |" in card and "ImageNet" in card
+    # what the model was protected by: the overlay mask and the stain/background augmentation
+    assert "| mask_overlay | True |" in card and "| augment_copies | 2 |" in card
+    assert "| augment_version | v1 |" in card
     assert "No patient identifiers: the split is per image" in card
     assert "One source hospital" in card
 

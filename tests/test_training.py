@@ -255,3 +255,36 @@ def test_usable_folds_is_capped_by_the_largest_class_count_of_distinct_images() 
     assert usable_folds([0, 0, 0, 1, 1, 1], list("abcdef"), 2) == 2
     assert usable_folds([0, 0, 0, 0, 1], list("aabbc"), 5) == 2  # identical images count once
     assert usable_folds([0, 0, 1], list("aab"), 5) == 1  # one distinct image per class: no CV
+
+
+def test_augmented_copies_join_the_training_folds_only_with_their_images_labels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import leukemia.training as training
+
+    x = np.arange(24, dtype="float32").reshape(12, 2)
+    y = np.array([0, 1, 2, 3] * 3)
+    copies = np.stack([x + 1000, x + 2000])  # copy c of image i: x[i] + 1000 * (c + 1)
+    seen = []
+
+    def fake_fit(cfg, x_train, y_train, x_val, y_val, on_epoch=None):  # noqa: ANN001, ANN202
+        seen.append((x_train, y_train, x_val))
+        head = lambda rows, training=False: np.full((len(rows), 4), 0.25)  # noqa: E731
+        return head, {"loss": [1.0], "val_loss": [1.0]}
+
+    monkeypatch.setattr(training, "fit_head", fake_fit)
+    training.cross_validate(TrainConfig(), x, y, [str(i) for i in range(12)], 3, copies)
+    assert len(seen) == 3
+    for x_train, y_train, x_val in seen:
+        originals = x_train[x_train[:, 0] < 1000]
+        assert len(x_train) == 3 * len(originals) == 3 * 8
+        for c in (1, 2):  # each training image's copies, none of a held-out image's
+            np.testing.assert_array_equal(
+                x_train[(x_train[:, 0] // 1000) == c] - 1000 * c, originals
+            )
+        assert (x_val < 1000).all()  # held-out images are scored as they are
+        rows = {tuple(r % 1000): label for r, label in zip(x_train, y_train, strict=True)}
+        assert all(rows[tuple(r)] == y[int(r[0]) // 2] for r in originals)
+    x2, y2 = training.with_copies(x, y, copies)
+    assert x2.shape == (36, 2) and list(y2) == list(y) * 3
+    assert training.with_copies(x, y, None)[0] is x

@@ -65,6 +65,10 @@ class RunDefaults:
     # the model looks at the cells: the scale-bar overlay in the bottom-right corner is filled with
     # a constant colour inside the model (model.build_preprocess), before the VGG16 preprocessing
     mask_overlay: bool = True
+    # stain and background robustness: each train and val image also trains the heads as this many
+    # augmented copies (augment.py: HED stain jitter, background patches of other images, lighting),
+    # extracted once with the originals and cached beside them; 0: none
+    augment_copies: int = 2
     # after selection: the mean of the top-k heads, when it beats the best one (0 or 1: off)
     ensemble_top_k: int = 0
     # after selection: unfreeze the last VGG16 blocks of the candidate and train from pixels (a GPU)

@@ -6,6 +6,11 @@ whole by one extraction shard: the sha256 of its images and one array per pooled
 `model.POOLED_KEYS`, so every feature variant comes out of the same single pass. A later run, or a
 retried shard, computes only images that no shard file holds yet; a reader fetches only the arrays
 its variant needs (ranged reads on S3).
+
+With `augment_copies` n, the train and val images also get n augmented copies (`augment.py`: stain
+jitter, background patches from other images, lighting), extracted by the same shards and cached in
+the sub-folders `augmented-<version>-<copy>/` of the same cache folder, keyed by the original
+image's sha256 (`augmented_dir`, `load_copies`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from leukemia.augment import AUGMENT_VERSION
 from leukemia.config import CLASSES, PRECISIONS
 from leukemia.model import POOL_WIDTHS, POOLED_KEYS, VARIANTS, ModelConfig
 from leukemia.objectstore import Store, join, open_store, read_all
@@ -83,6 +89,11 @@ def cache_dir_for(root: str | Path, cfg: ModelConfig, precision: str) -> str:
     """
     masked = "-masked" if cfg.mask_overlay else ""
     return join(root, f"{weights_identity(cfg.weights)}-{cfg.input_size}px-{precision}{masked}")
+
+
+def augmented_dir(cache_dir: str | Path, copy: int) -> str:
+    """Where augmented copy number `copy` of the images of a cache folder is cached."""
+    return join(cache_dir, f"augmented-{AUGMENT_VERSION}-{copy}")
 
 
 def shard_count(images: int, requested: int = 0) -> int:
@@ -227,6 +238,42 @@ class ExtractResult:
     shard: int = 0
     shards: int = 1
     parts_written: int = 0
+    copies: int = 0  # augmented copies of each train and val image
+    augmented: int = 0  # augmented rows computed by this call
+
+
+def _extract_into(
+    store: Store,
+    todo: Sequence[str],
+    source: dict[str, str | Path],
+    extractor: Any,
+    size: int,
+    batch_size: int,
+    transform: Any = None,
+) -> int:
+    """Features of the `todo` images (sha256s), `transform(pixels, shas)` applied to each batch
+    first when given, written as shard files of `IMAGES_PER_SHARD` rows; returns the files written."""
+    import numpy as np
+
+    started, written = time.monotonic(), 0
+    for first in range(0, len(todo), IMAGES_PER_SHARD):
+        part = todo[first : first + IMAGES_PER_SHARD]
+        rows = np.empty((len(part), CACHE_WIDTH), dtype="float32")
+        batches = iter_image_batches([source[s] for s in part], size, batch_size)
+        for i, batch in enumerate(batches):
+            start = i * batch_size
+            if transform is not None:
+                batch = transform(batch, part[start : start + len(batch)])
+            rows[start : start + len(batch)] = np.asarray(
+                extractor.predict_on_batch(batch), dtype="float32"
+            )
+            done = first + start + len(batch)
+            if done % PROGRESS_EVERY < batch_size or done == len(todo):
+                rate = done / max(time.monotonic() - started, 1e-9)
+                log.info("Extracted %d/%d images (%.1f images/s)", done, len(todo), rate)
+        write_part(store, part, rows)
+        written += 1
+    return written
 
 
 def extract_features(
@@ -238,15 +285,23 @@ def extract_features(
     batch_size: int = 32,
     shard: int = 0,
     shards: int = 1,
+    augment: Sequence[str] = (),
+    copies: int = 0,
 ) -> ExtractResult:
     """Compute and cache the pooled features of shard `shard` of `shards` of the images.
 
     `paths` are local paths or `s3://` URIs, one per sha256; the shard reads only its own images and
     only those no shard file holds yet, and writes a shard file every `IMAGES_PER_SHARD` images (so a
-    killed shard resumes from its last file). Run again, it computes nothing.
+    killed shard resumes from its last file). Then, for each of `copies` augmented copies, the same
+    for its images named in `augment` (the train and val images), into `augmented_dir`. Run again,
+    it computes nothing.
     """
-    import numpy as np
+    from functools import partial
 
+    from leukemia.augment import augment_batch
+
+    if copies < 0:
+        raise ValueError(f"augment_copies must be 0 (no augmentation) or more, got {copies}")
     precision = resolve_precision(precision)
     cache = cache_dir_for(cache_root, cfg, precision)
     store = open_store(cache)
@@ -254,10 +309,16 @@ def extract_features(
     for path, sha in zip(paths, shas, strict=True):
         source.setdefault(sha, path)
     mine = shard_of(list(source), shard, shards)
-    cached = cache_index(store)
-    todo = [sha for sha in mine if sha not in cached]
+    todo = [sha for sha in mine if sha not in cache_index(store)]
+    wanted = set(augment)
+    augmented = [sha for sha in mine if sha in wanted]
+    copy_todo = {}
+    for copy in range(copies):
+        done = cache_index(open_store(augmented_dir(cache, copy)))
+        copy_todo[copy] = [sha for sha in augmented if sha not in done]
     log.info(
-        "Features of shard %d/%d (%d images) in %s: %d cached, %d to compute (%s)",
+        "Features of shard %d/%d (%d images) in %s: %d cached, %d to compute (%s); "
+        "%d augmented copies of its %d train and val images: %d to compute",
         shard + 1,
         shards,
         len(mine),
@@ -265,38 +326,42 @@ def extract_features(
         len(mine) - len(todo),
         len(todo),
         precision,
+        copies,
+        len(augmented),
+        sum(len(t) for t in copy_todo.values()),
     )
     started, written = time.monotonic(), 0
-    if todo:
+    if todo or any(copy_todo.values()):
         extractor = build_extractor(cfg, precision)
         started = time.monotonic()  # the rate is the extraction's, not the model build's
-        for first in range(0, len(todo), IMAGES_PER_SHARD):
-            part = todo[first : first + IMAGES_PER_SHARD]
-            rows = np.empty((len(part), CACHE_WIDTH), dtype="float32")
-            batches = iter_image_batches([source[s] for s in part], cfg.input_size, batch_size)
-            for i, batch in enumerate(batches):
-                start = i * batch_size
-                rows[start : start + len(batch)] = np.asarray(
-                    extractor.predict_on_batch(batch), dtype="float32"
-                )
-                done = first + start + len(batch)
-                if done % PROGRESS_EVERY < batch_size or done == len(todo):
-                    rate = done / max(time.monotonic() - started, 1e-9)
-                    log.info("Extracted %d/%d images (%.1f images/s)", done, len(todo), rate)
-            write_part(store, part, rows)
-            written += 1
+        written = _extract_into(store, todo, source, extractor, cfg.input_size, batch_size)
+        for copy, pending in copy_todo.items():
+            if pending:
+                log.info("Augmented copy %d/%d of %d images", copy + 1, copies, len(pending))
+            written += _extract_into(
+                open_store(augmented_dir(cache, copy)),
+                pending,
+                source,
+                extractor,
+                cfg.input_size,
+                batch_size,
+                partial(augment_batch, copy=copy),
+            )
     seconds = time.monotonic() - started
+    computed = len(todo) + sum(len(t) for t in copy_todo.values())
     return ExtractResult(
         cache_dir=cache,
         images=len(mine),
         computed=len(todo),
         cached=len(mine) - len(todo),
         seconds=round(seconds, 3),
-        images_per_s=round(len(todo) / seconds, 2) if todo and seconds > 0 else 0.0,
+        images_per_s=round(computed / seconds, 2) if computed and seconds > 0 else 0.0,
         precision=precision,
         shard=shard,
         shards=shards,
         parts_written=written,
+        copies=copies,
+        augmented=computed - len(todo),
     )
 
 
@@ -338,6 +403,25 @@ def load_features(cache_dir: str | Path, shas: Sequence[str], variant: str) -> A
         name, row = index[sha]
         out[i] = blocks[name][row]
     return out
+
+
+def load_copies(cache_dir: str | Path, shas: Sequence[str], variant: str, copies: int) -> Any:
+    """The augmented copies' features of the given images: (copies, n, feature_width(variant))."""
+    import numpy as np
+
+    from leukemia.model import feature_width
+
+    if not copies or not shas:
+        return np.zeros((copies, len(shas), feature_width(variant)), dtype="float32")
+    try:
+        return np.stack(
+            [load_features(augmented_dir(cache_dir, c), shas, variant) for c in range(copies)]
+        )
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"augmented copies missing: {exc}; extract with the same augment_copies "
+            f"({copies}) as training uses"
+        ) from None
 
 
 def labels_to_index(labels: Sequence[str]) -> Any:

@@ -7,7 +7,8 @@ rate on the training split's images, read from the images store (a folder or an 
 with flips and small rotations as augmentation, early stopping on the validation loss (best epoch
 kept). The augmentation is stock Keras layers inside the model (`model.assemble(augment=...)`),
 after the overlay mask, and does nothing at inference, so the model that is logged takes raw pixels
-and loads in Keras' safe mode like every other.
+and loads in Keras' safe mode like every other. The stain and background copies of the cached-feature
+grid (`augment.py`, `augment_copies`) are not used here: they exist as features, not as images.
 
 It trains the whole VGG16 forward and the top blocks backward on every image of every epoch: meant
 for a worker with a GPU (the `training` queue), and off by default (Param `fine_tune`).

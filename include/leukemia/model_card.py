@@ -101,6 +101,9 @@ def _model(params: dict[str, str], tags: dict[str, str]) -> list[str]:
         "epochs_run",
         "head_units",
         "dropout",
+        "mask_overlay",
+        "augment_copies",
+        "augment_version",
         "seed",
     )
     rows = [f"| {k} | {params[k]} |" for k in keys if k in params]

@@ -94,6 +94,7 @@ def log_config(cfg: TrainConfig, dataset_digest: str) -> None:
     """Params of one configuration (everything needed to reproduce it)."""
     import mlflow
 
+    from leukemia.augment import AUGMENT_VERSION
     from leukemia.model import feature_width
     from leukemia.weights import weights_identity
 
@@ -104,6 +105,7 @@ def log_config(cfg: TrainConfig, dataset_digest: str) -> None:
             "head_units": ",".join(str(u) for u in cfg.model.head_units),
             "weights": weights_identity(cfg.model.weights),
             "feature_width": feature_width(cfg.model.variant),
+            "augment_version": AUGMENT_VERSION if cfg.augment_copies else "none",
             "dataset_digest": dataset_digest,
         }
     )
@@ -436,10 +438,20 @@ def train_val_arrays(
 OOF_ARTIFACT = "cv/oof_probabilities.npz"
 
 
-def log_cross_validation(cfg: TrainConfig, data: dict[str, Any]) -> dict[str, float]:
+def train_val_copies(copies: dict[str, Any]) -> Any:
+    """The augmented copies of train + val together, in `train_val_arrays`' order (c, n, width)."""
+    import numpy as np
+
+    return np.concatenate([copies["train"], copies["val"]], axis=1)
+
+
+def log_cross_validation(
+    cfg: TrainConfig, data: dict[str, Any], copies: dict[str, Any] | None = None
+) -> dict[str, float]:
     """k-fold CV of the configuration over train + val, logged to the active run: per fold
     `cv_fold<i>_val_<metric>` (and the epoch kept), `cv_<metric>_mean` / `_std`, and every image's
-    out-of-fold probabilities as `OOF_ARTIFACT` (what an ensemble of runs can be judged on)."""
+    out-of-fold probabilities as `OOF_ARTIFACT` (what an ensemble of runs can be judged on).
+    `copies` (`training.copy_arrays`): augmented copies, added to the training folds only."""
     import mlflow
     import numpy as np
 
@@ -462,7 +474,7 @@ def log_cross_validation(cfg: TrainConfig, data: dict[str, Any]) -> dict[str, fl
             k,
             cfg.cv_folds,
         )
-    cv = cross_validate(cfg, x, y, shas, k)
+    cv = cross_validate(cfg, x, y, shas, k, train_val_copies(copies) if copies else None)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(OOF_ARTIFACT).name
         np.savez(path, sha256=np.asarray(shas), probabilities=cv["oof"])
@@ -492,11 +504,12 @@ def train_run(
 
     from leukemia.dataset import read_split
     from leukemia.evaluation import evaluate
-    from leukemia.training import best_epoch, fit_head, split_arrays
+    from leukemia.training import best_epoch, copy_arrays, fit_head, split_arrays, with_copies
 
     started = time.monotonic()
     rows = read_split(split_path)
     data = split_arrays(rows, cache_dir, cfg.model.variant)
+    copies = copy_arrays(data, cache_dir, cfg.model.variant, cfg.augment_copies)
     setup()
     run_tags = {"kind": "training", "dataset_digest": dataset_digest, **(tags or {})}
     fail_stale_runs(run_tags)
@@ -504,7 +517,7 @@ def train_run(
         log_config(cfg, dataset_digest)
         head, history = fit_head(
             cfg,
-            *data["train"][:2],
+            *with_copies(*data["train"][:2], copies["train"]),
             *data["val"][:2],
             on_epoch=lambda epoch, logs: mlflow.log_metrics(logs, step=epoch),
         )
@@ -514,7 +527,7 @@ def train_run(
         epochs_run = len(history.get("loss", []))
         kept = best_epoch(history)
         mlflow.log_metric("best_epoch", kept)
-        cv = log_cross_validation(cfg, data) if cfg.cv_folds > 1 else {}
+        cv = log_cross_validation(cfg, data, copies) if cfg.cv_folds > 1 else {}
         head_uri = log_outcome(
             cfg, head, history, results, rows, images_dir, split_path, epochs_run, dataset_digest
         )
@@ -587,7 +600,7 @@ def refit_run(
 
     from leukemia.dataset import read_split
     from leukemia.evaluation import evaluate
-    from leukemia.training import fit_head, split_arrays
+    from leukemia.training import copy_arrays, fit_head, split_arrays, with_copies
 
     started = time.monotonic()
     setup()
@@ -596,6 +609,7 @@ def refit_run(
     rows = read_split(split_path)
     data = split_arrays(rows, cache_dir, cfg.model.variant)
     x, y, _ = train_val_arrays(data)
+    copies = train_val_copies(copy_arrays(data, cache_dir, cfg.model.variant, cfg.augment_copies))
     n_train = len(data["train"][1])
     k = int(selected.data.params.get("cv_folds_used", cfg.cv_folds))
     fit_images = len(y) * (k - 1) / k if "cv_best_epoch_mean" in selected.data.metrics else n_train
@@ -615,7 +629,11 @@ def refit_run(
         log_config(cfg, digest)
         mlflow.log_params({"refit_of": selected_run_id, "train_images": len(y)})
         head, history = fit_head(
-            cfg, x, y, None, None, on_epoch=lambda e, logs: mlflow.log_metrics(logs, step=e)
+            cfg,
+            *with_copies(x, y, copies),
+            None,
+            None,
+            on_epoch=lambda e, logs: mlflow.log_metrics(logs, step=e),
         )
         test = evaluate(data["test"][1], head.predict(data["test"][0], verbose=0))
         head_uri = log_outcome(
@@ -779,7 +797,8 @@ def train_folder(
     precision: str = "auto",
     tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Split → extract → train one configuration on a local `<Class>/<name>` folder (no Airflow).
+    """Split → extract (with `cfg.augment_copies` copies of the train and val images) → train one
+    configuration on a local `<Class>/<name>` folder (no Airflow).
 
     For the CLI, benchmarks and tests; returns the split info, extraction and training results.
     """
@@ -795,6 +814,8 @@ def train_folder(
         cfg.model,
         workdir / "features",
         precision=precision,
+        augment=[r["sha256"] for r in rows if r["split"] in ("train", "val")],
+        copies=cfg.augment_copies,
     )
     result = train_run(
         cfg, info.path, images_dir, extracted.cache_dir, tags=tags, dataset_digest=info.digest

@@ -34,6 +34,7 @@ class TrainConfig:
     patience: int = RUN_DEFAULTS.patience
     seed: int = RUN_DEFAULTS.seed
     cv_folds: int = RUN_DEFAULTS.cv_folds  # k-fold CV over train + val for selection; 1: none
+    augment_copies: int = RUN_DEFAULTS.augment_copies  # augmented copies per training image
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
@@ -46,6 +47,8 @@ class TrainConfig:
                 "batch_size, epochs and cv_folds must be >= 1, got "
                 f"{self.batch_size}, {self.epochs}, {self.cv_folds}"
             )
+        if self.augment_copies < 0:
+            raise ValueError(f"augment_copies must be >= 0, got {self.augment_copies}")
 
     @property
     def lr(self) -> float:
@@ -249,11 +252,31 @@ def usable_folds(y: Any, groups: list[str], k: int) -> int:
 CV_METRICS = ("f1_macro", "log_loss", "accuracy", "best_epoch")
 
 
+def with_copies(x: Any, y: Any, copies: Any | None) -> tuple[Any, Any]:
+    """Training rows and labels with their augmented copies (`copies`: (c, n, width) rows of the
+    same images, or None) appended, each copy with its image's label."""
+    import numpy as np
+
+    if copies is None or not len(copies):
+        return x, y
+    width = np.shape(x)[1]
+    return (
+        np.concatenate([np.asarray(x), np.asarray(copies).reshape(-1, width)]),
+        np.tile(np.asarray(y), len(copies) + 1),
+    )
+
+
 def cross_validate(
-    cfg: TrainConfig, x: Any, y: Any, groups: list[str], k: int | None = None
+    cfg: TrainConfig,
+    x: Any,
+    y: Any,
+    groups: list[str],
+    k: int | None = None,
+    copies: Any | None = None,
 ) -> dict[str, Any]:
     """Fit the configuration on each of k folds of (x, y) (train + val) and score it on the held-out
-    fold, early stopping on that fold as the single split does.
+    fold, early stopping on that fold as the single split does. `copies` (c, n, width): the images'
+    augmented copies, added to the training folds only (a held-out image is scored as it is).
 
     Returns `folds` (one metrics dict per fold: f1_macro, log_loss, accuracy, best_epoch, images),
     `<metric>_mean` / `<metric>_std` over the folds, and `oof`: every image's probabilities from the
@@ -267,7 +290,10 @@ def cross_validate(
     folds = []
     oof = np.zeros((len(y), len(CLASSES)), dtype="float32")
     for train_idx, val_idx in cv_folds(y, groups, k or cfg.cv_folds, cfg.seed):
-        head, history = fit_head(cfg, x[train_idx], y[train_idx], x[val_idx], y[val_idx])
+        fold_copies = None if copies is None else np.asarray(copies)[:, train_idx]
+        head, history = fit_head(
+            cfg, *with_copies(x[train_idx], y[train_idx], fold_copies), x[val_idx], y[val_idx]
+        )
         oof[val_idx] = np.asarray(head(x[val_idx], training=False))
         metrics = evaluate(y[val_idx], oof[val_idx])["metrics"]
         folds.append(
@@ -308,6 +334,22 @@ def split_arrays(
         )
         start += len(part)
     return out
+
+
+def copy_arrays(
+    data: dict[str, tuple[Any, Any, list[dict[str, str]]]],
+    cache_dir: str | Path,
+    variant: str,
+    copies: int,
+) -> dict[str, Any]:
+    """The augmented copies of the train and val images (`split_arrays`' order): split →
+    (copies, n, width); the test split is never augmented."""
+    from leukemia.features import load_copies
+
+    return {
+        s: load_copies(cache_dir, [r["sha256"] for r in data[s][2]], variant, copies)
+        for s in ("train", "val")
+    }
 
 
 def grid(

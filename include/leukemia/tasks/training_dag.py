@@ -53,6 +53,7 @@ class RunRequest:
     approval_timeout_hours: float = RUN_DEFAULTS.approval_timeout_hours
     max_failed_fraction: float = RUN_DEFAULTS.max_failed_fraction
     mask_overlay: bool = RUN_DEFAULTS.mask_overlay
+    augment_copies: int = RUN_DEFAULTS.augment_copies
     cv_folds: int = RUN_DEFAULTS.cv_folds
     refit: bool = RUN_DEFAULTS.refit
     ensemble_top_k: int = RUN_DEFAULTS.ensemble_top_k
@@ -240,13 +241,15 @@ def plan_extraction(split_info: dict[str, Any], request: RunRequest) -> list[dic
         "input_size": request.input_size,
         "mask_overlay": request.mask_overlay,
         "precision": precision,
+        "augment_copies": request.augment_copies,
     }
     return [{"shard": i, "shards": shards, **where} for i in range(shards)]
 
 
 def extract(split_info: dict[str, Any], shard: dict[str, Any]) -> dict[str, Any]:
     """One extraction shard (a `plan_extraction` item): its images read from S3, those not cached
-    computed, a shard file per 500 of them in the work store."""
+    computed, a shard file per 500 of them in the work store; then the augmented copies of its
+    train and val images (`augment_copies`), the same way."""
     from leukemia.dataset import read_split
     from leukemia.features import extract_features
     from leukemia.model import ModelConfig
@@ -266,6 +269,8 @@ def extract(split_info: dict[str, Any], shard: dict[str, Any]) -> dict[str, Any]
         precision=shard["precision"],
         shard=shard["shard"],
         shards=shard["shards"],
+        augment=[r["sha256"] for r in rows if r["split"] in ("train", "val")],
+        copies=int(shard.get("augment_copies", 0)),
     )
     if result.cache_dir != shard["cache_dir"]:
         raise ValueError(
@@ -303,6 +308,7 @@ def plan(request: RunRequest) -> list[dict[str, Any]]:
             "head_units": request.head_units,
             "dropout": request.dropout,
             "mask_overlay": request.mask_overlay,
+            "augment_copies": request.augment_copies,
             "cv_folds": request.cv_folds,
         }
     )
