@@ -121,6 +121,8 @@ def training(
         "optimizers": ["adam"],
         "batch_sizes": [8],
         "variants": ["seed"],
+        "heads": ["mlp"],  # one head and 2-fold CV: the reviewer's step is tested, not selection
+        "cv_folds": 2,
         "epochs": 2,
         "input_size": 48,
         "weights": "none",
