@@ -128,7 +128,7 @@ def main() -> None:
     )
     args = parse_real_data_args(parser)
 
-    from leukemia.dataset import make_split, read_split
+    from leukemia.dataset import make_split, read_split, training_shas
     from leukemia.features import extract_features
     from leukemia.model import ModelConfig
 
@@ -138,7 +138,7 @@ def main() -> None:
     model_cfg = ModelConfig(input_size=224, weights=str(args.weights))
     paths = [args.data / r["path"] for r in rows]
     shas = [r["sha256"] for r in rows]
-    train_val = [r["sha256"] for r in rows if r["split"] in ("train", "val")]
+    train_val = training_shas(rows)
     copies = max(spec["augment_copies"] for spec in grids().values())
     ex = extract_features(
         paths, shas, model_cfg, work / "features", "auto", augment=train_val, copies=copies

@@ -120,7 +120,7 @@ def main() -> None:
         region_accuracy,
         swapped,
     )
-    from leukemia.dataset import make_split, read_split
+    from leukemia.dataset import make_split, read_split, training_shas
     from leukemia.evaluation import evaluate
     from leukemia.features import (
         build_extractor,
@@ -183,7 +183,7 @@ def main() -> None:
             model_cfg,
             OUT / "quality" / "features",
             precision="float32",
-            augment=[r["sha256"] for r in rows if r["split"] in ("train", "val")],
+            augment=training_shas(rows),
             copies=args.copies,
         )
         print(

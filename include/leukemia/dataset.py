@@ -27,6 +27,8 @@ from leukemia.storage import MANIFEST_NAME, dataset_digest
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+#: The splits heads train on (train; val too in CV and the refit): the images that get augmented copies.
+TRAINING_SPLITS = SPLITS[:2]
 SPLIT_FIELDS = ("path", "label", "sha256", "split")
 
 
@@ -150,6 +152,11 @@ def write_split_csv(rows: Iterable[dict[str, str]], location: str | Path) -> str
 def read_split(location: str | Path) -> list[dict[str, str]]:
     """Rows of a split CSV written by `make_split` (a path or a URI)."""
     return list(csv.DictReader(io.StringIO(read_location(location).decode(), newline="")))
+
+
+def training_shas(rows: Iterable[dict[str, str]]) -> list[str]:
+    """The sha256 of the split rows heads train on (`TRAINING_SPLITS`), in row order."""
+    return [r["sha256"] for r in rows if r["split"] in TRAINING_SPLITS]
 
 
 def make_split(

@@ -119,17 +119,19 @@ def select_candidate(experiment_id: str, airflow_run_id: str | None = None) -> d
     """The best finished training run of one DAG run by validation macro-F1 (ties: lower
     validation log-loss), as a small dict: `run_id`, `selection` (why, in words), its validation
     metrics and how many configurations were compared. Registers nothing."""
-    from leukemia.tracking import CV_SELECTION_METRIC, SELECTION_METRIC, best_run, finished_runs
+    from leukemia.tracking import (
+        CV_SELECTION_METRIC,
+        SELECTION_METRIC,
+        best_run,
+        cross_validated,
+        finished_runs,
+    )
 
     runs = finished_runs(experiment_id, airflow_run_id)
     run = best_run(runs)
     val = {k: v for k, v in run.data.metrics.items() if k.startswith("val_")}
     # best_run ranks by the CV mean when every run was cross-validated: say which one decided
-    metric = (
-        CV_SELECTION_METRIC
-        if all(CV_SELECTION_METRIC in r.data.metrics for r in runs)
-        else SELECTION_METRIC
-    )
+    metric = CV_SELECTION_METRIC if cross_validated(runs) else SELECTION_METRIC
     selection = (
         f"best {metric} {run.data.metrics.get(metric, float('nan')):.4f} of "
         f"{len(runs)} configuration(s) trained by {airflow_run_id or 'this experiment'}"

@@ -376,14 +376,19 @@ def selection_key(run: Any, cross_validated: bool = True) -> tuple[float, float]
     return m.get(SELECTION_METRIC, -1.0), -m.get("val_log_loss", 1e9)
 
 
+def cross_validated(runs: list[Any]) -> bool:
+    """True when every run was cross-validated: selection then ranks by the CV means."""
+    return all(CV_SELECTION_METRIC in r.data.metrics for r in runs)
+
+
 def best_run(runs: list[Any]) -> Any:
     """Highest mean cross-validated macro-F1, ties to the lower mean CV log-loss, when every run was
     cross-validated (cv_folds > 1); else highest validation macro-F1, ties to the lower validation
     log-loss (of the kept weights). Test metrics never decide."""
     if not runs:
         raise ValueError("no finished training runs to choose from: did every training task fail?")
-    cross_validated = all(CV_SELECTION_METRIC in r.data.metrics for r in runs)
-    return max(runs, key=lambda r: selection_key(r, cross_validated))
+    by_cv = cross_validated(runs)
+    return max(runs, key=lambda r: selection_key(r, by_cv))
 
 
 def grid_results(experiment_id: str, airflow_run_id: str | None = None) -> list[dict[str, Any]]:
@@ -391,10 +396,10 @@ def grid_results(experiment_id: str, airflow_run_id: str | None = None) -> list[
     the macro-F1 and log-loss selection ranks them by, the CV means when every run has them), so
     later steps read the grid from MLflow rather than from the training tasks' XComs."""
     runs = finished_runs(experiment_id, airflow_run_id)
-    cross_validated = all(CV_SELECTION_METRIC in r.data.metrics for r in runs)
+    by_cv = cross_validated(runs)
     out = []
     for run in runs:
-        f1, neg_loss = selection_key(run, cross_validated)
+        f1, neg_loss = selection_key(run, by_cv)
         out.append(
             {
                 "run_id": run.info.run_id,
@@ -802,7 +807,7 @@ def train_folder(
 
     For the CLI, benchmarks and tests; returns the split info, extraction and training results.
     """
-    from leukemia.dataset import make_split, read_split
+    from leukemia.dataset import make_split, read_split, training_shas
     from leukemia.features import extract_features
 
     images_dir, workdir = Path(images_dir), Path(workdir)
@@ -814,7 +819,7 @@ def train_folder(
         cfg.model,
         workdir / "features",
         precision=precision,
-        augment=[r["sha256"] for r in rows if r["split"] in ("train", "val")],
+        augment=training_shas(rows),
         copies=cfg.augment_copies,
     )
     result = train_run(

@@ -343,13 +343,14 @@ def copy_arrays(
     copies: int,
 ) -> dict[str, Any]:
     """The augmented copies of the train and val images (`split_arrays`' order): split →
-    (copies, n, width); the test split is never augmented."""
+    (copies, n, width), read in one pass per copy; the test split is never augmented."""
+    from leukemia.dataset import TRAINING_SPLITS
     from leukemia.features import load_copies
 
-    return {
-        s: load_copies(cache_dir, [r["sha256"] for r in data[s][2]], variant, copies)
-        for s in ("train", "val")
-    }
+    shas = [r["sha256"] for s in TRAINING_SPLITS for r in data[s][2]]
+    both = load_copies(cache_dir, shas, variant, copies)
+    n_train = len(data["train"][2])
+    return {"train": both[:, :n_train], "val": both[:, n_train:]}
 
 
 def grid(

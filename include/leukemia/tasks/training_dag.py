@@ -250,7 +250,7 @@ def extract(split_info: dict[str, Any], shard: dict[str, Any]) -> dict[str, Any]
     """One extraction shard (a `plan_extraction` item): its images read from S3, those not cached
     computed, a shard file per 500 of them in the work store; then the augmented copies of its
     train and val images (`augment_copies`), the same way."""
-    from leukemia.dataset import read_split
+    from leukemia.dataset import read_split, training_shas
     from leukemia.features import extract_features
     from leukemia.model import ModelConfig
     from leukemia.objectstore import join
@@ -269,7 +269,7 @@ def extract(split_info: dict[str, Any], shard: dict[str, Any]) -> dict[str, Any]
         precision=shard["precision"],
         shard=shard["shard"],
         shards=shard["shards"],
-        augment=[r["sha256"] for r in rows if r["split"] in ("train", "val")],
+        augment=training_shas(rows),
         copies=int(shard.get("augment_copies", 0)),
     )
     if result.cache_dir != shard["cache_dir"]:
@@ -412,7 +412,7 @@ def ensemble(
         return candidate
     airflow_run_id = (tags or {}).get("airflow_run_id")
     if airflow_run_id:  # a retry fails this task's earlier run, not the grid's
-        tags = {**(tags or {}), "airflow_task_id": "ensemble"}
+        tags = {**tags, "airflow_task_id": "ensemble"}
     choice = select_ensemble(
         tracking.grid_results(tracking.setup(), airflow_run_id),
         split_info["path"],
