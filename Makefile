@@ -21,7 +21,9 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 demo: venv
 	$(BIN)/python -m leukemia demo $(if $(DATA),--data $(DATA),)
 
+# tools/test-services.sh installs PostgreSQL and Redis for the stack test when they are missing.
 test: venv
+	bash tools/test-services.sh
 	$(BIN)/python -m pytest
 
 test-fast: venv
@@ -30,6 +32,7 @@ test-fast: venv
 # The training DAG on the production stack (PostgreSQL, Redis, two Celery workers with no shared
 # disk, MLflow server, moto), started on loopback by the test; needs postgresql and redis-server.
 stack-test: venv
+	bash tools/test-services.sh
 	$(BIN)/python -m pytest -m stack
 
 lint: venv

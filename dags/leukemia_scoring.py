@@ -42,7 +42,9 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
             "",
             type="string",
             title="Model URI",
-            description="Empty: models:/<LEUKEMIA_MODEL_NAME>@champion. Any MLflow model URI of the pipeline's model.",
+            description="Empty: models:/<LEUKEMIA_MODEL_NAME>@champion. Else a registered "
+            "version of that model that passed the promotion gate: models:/<name>@challenger or "
+            "models:/<name>/<version>. Other URIs are refused (use `leukemia predict`).",
         ),
         "batch_size": Param(
             32,

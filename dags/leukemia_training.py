@@ -13,8 +13,10 @@ heat in the overlay square: warnings on the run and the version), registers it a
 champion are evaluated on the same test split with MLflow, and `mlflow.validate_evaluation_results`
 checks the clinical thresholds (macro-F1, malignant sensitivity, benign specificity, gain over the
 champion). A candidate that misses one never becomes `@champion`. One that passes waits for a person
-in **Required Actions** when `require_approval` is on (Promote / Keep the champion / Reject; no
-answer in time keeps the champion). Every version gets a model card;
+in **Required Actions** when approval is required (Promote / Keep the champion / Reject; no answer
+in time keeps the champion). The thresholds and the approval requirement are the deployment's
+policy (`LEUKEMIA_MIN_*`, `LEUKEMIA_PROMOTION_MARGIN`, `LEUKEMIA_REQUIRE_APPROVAL`,
+`LEUKEMIA_APPROVAL_RESPONDENTS`): a run's Params may tighten them, never loosen them. Every version gets a model card;
 `python -m leukemia champion history|rollback` shows and reverts the moves.
 
 Tasks share nothing but the object store and MLflow: the manifest, split, feature shards and grid
@@ -45,10 +47,10 @@ from airflow.sdk import (
 )
 from airflow.sdk.exceptions import AirflowFailException
 
-from leukemia.config import HEADS, OPTIMIZERS, PRECISIONS, RUN_DEFAULTS, VARIANTS, env, env_flag
+from leukemia.config import HEADS, OPTIMIZERS, PRECISIONS, RUN_DEFAULTS, VARIANTS, env
 from leukemia.tasks.approval import ReviewOperator
 from leukemia.tasks.assets import champion_asset, raw_images_asset
-from leukemia.tasks.params import s3_params
+from leukemia.tasks.params import policy_params, s3_params
 
 IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": True}
 
@@ -149,51 +151,7 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
             description="Mapped extraction tasks, each on its own slice of the images. "
             "0: one per 500 images (at most 64).",
         ),
-        "promotion_margin": Param(
-            RUN_DEFAULTS.promotion_margin,
-            type="number",
-            minimum=0,
-            title="Promotion margin",
-            description="Gate: test macro-F1 the candidate must gain over the champion (0: not worse).",
-        ),
-        "min_f1_macro": Param(
-            RUN_DEFAULTS.min_f1_macro,
-            type="number",
-            minimum=0,
-            maximum=1,
-            title="Minimum macro-F1",
-            description="Gate: test macro-F1 a candidate must reach to become champion.",
-        ),
-        "min_malignant_sensitivity": Param(
-            RUN_DEFAULTS.min_malignant_sensitivity,
-            type="number",
-            minimum=0,
-            maximum=1,
-            title="Minimum malignant sensitivity",
-            description="Gate: share of Early, Pre and Pro test images the candidate calls malignant.",
-        ),
-        "min_benign_specificity": Param(
-            RUN_DEFAULTS.min_benign_specificity,
-            type="number",
-            minimum=0,
-            maximum=1,
-            title="Minimum benign specificity",
-            description="Gate: share of Benign test images the candidate calls benign.",
-        ),
-        "require_approval": Param(
-            env_flag("LEUKEMIA_REQUIRE_APPROVAL"),
-            type="boolean",
-            title="Require approval",
-            description="A person promotes each candidate that passed the gate, in Required "
-            "Actions. Default: LEUKEMIA_REQUIRE_APPROVAL (on in the compose stack).",
-        ),
-        "approval_respondents": Param(
-            [],
-            type="array",
-            items={"type": "string"},
-            title="Respondents",
-            description="Airflow users who may answer; empty: anyone who may act on this DAG.",
-        ),
+        **policy_params(),  # the gate and approval: deployment policy, a run may only tighten
         "approval_timeout_hours": Param(
             RUN_DEFAULTS.approval_timeout_hours,
             type="number",
@@ -283,7 +241,7 @@ def leukemia_training() -> None:
     def sync_images() -> dict[str, Any]:
         from leukemia.tasks import training_dag as steps
 
-        run = steps.RunRequest.from_params(get_current_context()["params"])
+        run = _request()
         return steps.sync(
             run.bucket, run.prefix, run.conn_id, run.max_failed_fraction, run.work_uri
         )
@@ -298,7 +256,7 @@ def leukemia_training() -> None:
     def data_changed(split: dict[str, Any]) -> bool:
         from leukemia.tasks import training_dag as steps
 
-        run = steps.RunRequest.from_params(get_current_context()["params"])
+        run = _request()
         return steps.needs_training(split["digest"], run.force_retrain)
 
     @task
@@ -306,7 +264,7 @@ def leukemia_training() -> None:
         from leukemia.tasks import training_dag as steps
         from leukemia.weights import WeightsUnavailable
 
-        run = steps.RunRequest.from_params(get_current_context()["params"])
+        run = _request()
         try:
             return steps.plan_extraction(split, run)
         except WeightsUnavailable as exc:  # a retry cannot fix a setting: fail at once, one line
@@ -327,7 +285,7 @@ def leukemia_training() -> None:
     def plan_grid() -> list[dict[str, Any]]:
         from leukemia.tasks import training_dag as steps
 
-        run = steps.RunRequest.from_params(get_current_context()["params"])
+        run = _request()
         return [{"config": c} for c in steps.plan(run)]
 
     @task(
@@ -363,7 +321,7 @@ def leukemia_training() -> None:
     ) -> dict[str, Any]:
         from leukemia.tasks import training_dag as steps
 
-        run = steps.RunRequest.from_params(get_current_context()["params"])
+        run = _request()
         features = steps.features_of(_items(shards))
         return steps.refit(candidate, split, features, run.refit, _run_tags())
 
@@ -375,7 +333,7 @@ def leukemia_training() -> None:
     ) -> dict[str, Any]:
         from leukemia.tasks import training_dag as steps
 
-        run = steps.RunRequest.from_params(get_current_context()["params"])
+        run = _request()
         features = steps.features_of(_items(shards))
         return steps.ensemble(candidate, split, features, run.ensemble_top_k, _run_tags())
 
@@ -383,7 +341,7 @@ def leukemia_training() -> None:
     def fine_tune(candidate: dict[str, Any], split: dict[str, Any]) -> dict[str, Any]:
         from leukemia.tasks import training_dag as steps
 
-        run = steps.RunRequest.from_params(get_current_context()["params"])
+        run = _request()
         return steps.fine_tune(
             candidate,
             split,
@@ -401,7 +359,7 @@ def leukemia_training() -> None:
     def audit(candidate: dict[str, Any], split: dict[str, Any]) -> dict[str, Any]:
         from leukemia.tasks import training_dag as steps
 
-        run = steps.RunRequest.from_params(get_current_context()["params"])
+        run = _request()
         return steps.audit(candidate, split, run.audit_images)
 
     # registers `selected["run_id"]` (whatever the upstream step chose) and gates it; never moves
@@ -411,7 +369,7 @@ def leukemia_training() -> None:
         from leukemia.tasks import training_dag as steps
 
         context = get_current_context()
-        run = steps.RunRequest.from_params(context["params"])
+        run = _request()
         split = context["ti"].xcom_pull(task_ids="build_split")
         return steps.register_and_gate(selected, split, run, context["run_id"])
 
@@ -437,7 +395,7 @@ def leukemia_training() -> None:
         from leukemia.tasks import training_dag as steps
 
         context = get_current_context()
-        run = steps.RunRequest.from_params(context["params"])
+        run = _request()
         finished = _items(results)  # a failed configuration has no result
         return steps.report(
             [r for r in finished if r], gated, context["run_id"], run.work_uri, run.require_approval
@@ -463,6 +421,18 @@ def _items(values: Sequence[Any]) -> list[Any]:
     """The values of a mapped task's results, read by index after one count (iterating the lazy
     sequence reads until a missing offset, which the task log shows as an 'XCom not found' error)."""
     return [values[i] for i in range(len(values))]
+
+
+def _request() -> Any:
+    """This run's `RunRequest`; a conf that loosens the deployment's policy fails the task at once,
+    without retries (it would fail the same way again)."""
+    from leukemia.policy import PolicyViolation
+    from leukemia.tasks import training_dag as steps
+
+    try:
+        return steps.RunRequest.from_params(get_current_context()["params"])
+    except PolicyViolation as exc:
+        raise AirflowFailException(str(exc)) from None
 
 
 def _run_tags() -> dict[str, str]:

@@ -13,19 +13,28 @@ import base64
 import configparser
 import copy
 import fnmatch
+import importlib.util
 import inspect
 import json
 import os
 import posixpath
+import pwd
 import re
 import secrets
 import shlex
 import shutil
+import socket
+import stat
 import subprocess
+import sys
+import tempfile
+import textwrap
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -38,6 +47,7 @@ INSTALL_COMMAND = "pip install -r requirements.txt -c constraints.txt"
 
 REQUIRED_SERVICES = {
     "preflight",
+    "volume-init",
     "airflow-apiserver",
     "airflow-scheduler",
     "airflow-dag-processor",
@@ -51,9 +61,10 @@ REQUIRED_SERVICES = {
     "mlflow",
     "mlflow-init",
 }
-ONE_SHOT_SERVICES = {"preflight", "airflow-init", "minio-init", "mlflow-init"}
+ONE_SHOT_SERVICES = {"preflight", "volume-init", "airflow-init", "minio-init", "mlflow-init"}
 NON_AIRFLOW_SERVICES = {
     "preflight",
+    "volume-init",
     "postgres",
     "redis",
     "minio",
@@ -180,9 +191,13 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
 
 
 def mounts(service: dict[str, Any]) -> dict[str, str]:
-    """Target → source of a service's short-syntax volumes; an anonymous volume's source is ""."""
+    """Target → source of a service's volumes (short or long syntax); an anonymous volume's
+    source is ""."""
     out = {}
     for volume in service.get("volumes") or []:
+        if isinstance(volume, dict):
+            out[volume["target"]] = volume.get("source", "")
+            continue
         parts = str(volume).split(":")
         source, target = ("", parts[0]) if len(parts) == 1 else (parts[0], parts[1])
         out[target] = source
@@ -242,8 +257,7 @@ def published_ports(service: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 def host_path(service: dict[str, Any], container_path: str) -> Path:
     """The file of this repository that the service's bind mounts put at `container_path`."""
-    for volume in service.get("volumes") or []:
-        source, target = volume.split(":")[:2]
+    for target, source in mounts(service).items():
         if source.startswith("./") and (
             container_path == target or container_path.startswith(target.rstrip("/") + "/")
         ):
@@ -522,22 +536,28 @@ def test_airflow_services_share_the_common_configuration() -> None:
     assert "/opt/airflow/include" in common_env["PYTHONPATH"].split(":")
 
 
-def test_postgres_creates_the_mlflow_database() -> None:
-    services = compose()["services"]
-    postgres = services["postgres"]
-    mounts = dict(v.split(":")[:2] for v in postgres["volumes"])
-    init_dir = next(src for src, dst in mounts.items() if dst == "/docker-entrypoint-initdb.d")
+def postgres_init_scripts(postgres: dict[str, Any]) -> list[Path]:
+    init_dir = mounts(postgres)["/docker-entrypoint-initdb.d"]
     scripts = sorted((ROOT / init_dir).glob("*"))
     assert scripts, f"{init_dir} holds no init script"
+    return scripts
+
+
+def test_postgres_creates_the_airflow_and_mlflow_databases() -> None:
+    doc = compose()
+    postgres = doc["services"]["postgres"]
+    scripts = postgres_init_scripts(postgres)
     text = "\n".join(s.read_text() for s in scripts)
     assert "CREATE DATABASE" in text.upper()
     env = environment(postgres)
-    for var in variables_in(text) - {"POSTGRES_USER", "POSTGRES_DB", "POSTGRES_PASSWORD"}:
+    read = {name for name in variables_in(text) if name.isupper()}  # lower case: the script's own
+    for var in read - {"POSTGRES_USER", "POSTGRES_DB", "POSTGRES_PASSWORD"}:
         assert env.get(var), f"init script reads ${var}, which the postgres service does not set"
-    backend = command_args(services["mlflow"])
-    uri = backend[backend.index("--backend-store-uri") + 1]
+    uri = environment(doc["services"]["mlflow"])["MLFLOW_BACKEND_STORE_URI"]
     assert uri.startswith("postgresql://") and "@postgres:5432/" in uri
     assert uri.rsplit("/", 1)[1] == env["MLFLOW_DB_NAME"]
+    airflow = environment(doc["x-airflow-common"])["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    assert airflow.rsplit("/", 1)[1] == env["AIRFLOW_DB_NAME"]
     for script in scripts:
         assert script.suffix in (".sql", ".sh", ".gz", ".xz", ".zst"), script.name
 
@@ -572,10 +592,18 @@ def test_pipeline_settings_are_set_for_airflow() -> None:
     assert env["LEUKEMIA_WORK_URI"] == f"s3://{env['LEUKEMIA_BUCKET']}/{work}"
 
 
-def test_compose_stack_asks_a_person_before_a_model_goes_live() -> None:
-    """The training DAG's require_approval Param defaults to this (off in the demo and tests)."""
+def test_compose_stack_sets_the_promotion_policy_and_the_training_login_for_every_worker() -> None:
+    """Policy (the gate, a person's approval) and whose versions load are deployment settings."""
     env = environment(compose()["x-airflow-common"])
-    assert env["LEUKEMIA_REQUIRE_APPROVAL"] == "true"
+    assert env["LEUKEMIA_REQUIRE_APPROVAL"] == "true"  # not a ${...}: .env cannot switch it off
+    assert (env["LEUKEMIA_MIN_F1_MACRO"], env["LEUKEMIA_MIN_MALIGNANT_SENSITIVITY"]) == (
+        "0.9",
+        "0.99",
+    )  # the documented defaults, from .env where set
+    assert env["LEUKEMIA_TRAINING_MLFLOW_USERNAME"] == env["MLFLOW_TRACKING_USERNAME"]
+    init = environment(compose()["services"]["mlflow-init"])
+    assert init["LEUKEMIA_MODEL_NAME"] == env["LEUKEMIA_MODEL_NAME"]
+    assert init["LEUKEMIA_EXPERIMENT"] == env["LEUKEMIA_EXPERIMENT"]
 
 
 def test_compose_sets_only_settings_the_library_knows() -> None:
@@ -814,7 +842,9 @@ def test_flower_requires_a_login() -> None:
     assert flower["profiles"] == ["flower"]
     user, _, password = environment(flower)["AIRFLOW__CELERY__FLOWER_BASIC_AUTH"].partition(":")
     assert user and password == read_env_file(ENV_EXAMPLE)["FLOWER_PASSWORD"]
-    assert "--user" in " ".join(flower["healthcheck"]["test"]), "the health check must log in"
+    check = " ".join(flower["healthcheck"]["test"])
+    # The health check logs in, with the login on curl's stdin (`-K -`), not in its arguments.
+    assert "user = " in check and "-K -" in check and "--user" not in check
 
 
 def test_mlflow_server_command_uses_basic_auth() -> None:
@@ -833,8 +863,7 @@ def test_mlflow_server_command_uses_basic_auth() -> None:
     database = auth["database_uri"]
     assert database.startswith("sqlite:////")
     folder = posixpath.dirname(database.removeprefix("sqlite:///"))
-    mounts = {v.split(":")[1]: v.split(":")[0] for v in mlflow["volumes"]}
-    assert mounts.get(folder) in doc["volumes"], f"{folder} is not on a named volume"
+    assert mounts(mlflow).get(folder) in doc["volumes"], f"{folder} is not on a named volume"
     raw = environment(raw_compose()["services"]["mlflow"])
     assert variables_in(raw["MLFLOW_AUTH_ADMIN_PASSWORD"]) == {"MLFLOW_ADMIN_PASSWORD"}
     assert variables_in(raw["MLFLOW_FLASK_SERVER_SECRET_KEY"]) == {"MLFLOW_FLASK_SECRET_KEY"}
@@ -1150,6 +1179,454 @@ def test_minio_init_refuses_a_prefix_without_a_slash(tmp_path: Path) -> None:
     run = run_minio_init(doc, tmp_path)
     assert run.returncode == 1 and "WORK_PREFIX" in run.stderr
     assert not run.calls, "nothing may be created before the settings are checked"
+
+
+# --- (h) exposures: command lines, who holds which secret, generated passwords, root ----------
+
+NEW_SECRETS = ("AIRFLOW_ADMIN_PASSWORD", "AIRFLOW_DB_PASSWORD", "REDIS_PASSWORD")
+
+
+def holders(doc: dict[str, Any], variable: str) -> set[str]:
+    """The services whose environment interpolates `variable` (the raw compose file)."""
+    return {
+        name
+        for name, service in doc["services"].items()
+        if any(variable in variables_in(value) for value in environment(service).values())
+    }
+
+
+def service_user(service: dict[str, Any]) -> str | None:
+    """Whom a service runs as: its `user`, else the last USER of the Dockerfile it is built from;
+    None when neither says (the image's own user, root for minio and mlflow upstream)."""
+    if service.get("user"):
+        return str(service["user"])
+    build = service.get("build")
+    if isinstance(build, dict):
+        dockerfile = ROOT / build.get("context", ".") / build.get("dockerfile", "Dockerfile")
+        users = re.findall(r"^USER\s+(\S+)", dockerfile.read_text(), re.M)
+        return users[-1] if users else None
+    return None
+
+
+def test_no_secret_is_interpolated_into_a_command_line() -> None:
+    """`ps` on the host lists every container's processes with their arguments, and `docker
+    inspect` their commands: a secret reaches a process through its environment or stdin."""
+    doc = raw_compose()
+    secret_names = set(secret_variables())
+    services = dict(doc["services"], **{"x-airflow-common": doc["x-airflow-common"]})
+    for name, service in services.items():
+        for key in ("command", "entrypoint", "healthcheck"):
+            for text in strings(service.get(key)):
+                leaked = variables_in(text) & secret_names
+                assert not leaked, f"{name}'s {key} puts {sorted(leaked)} on a command line"
+
+
+def test_mlflow_reads_its_database_password_from_the_environment() -> None:
+    mlflow = compose()["services"]["mlflow"]
+    assert "--backend-store-uri" not in command_args(mlflow)
+    uri = urlsplit(environment(mlflow)["MLFLOW_BACKEND_STORE_URI"])
+    example = read_env_file(ENV_EXAMPLE)
+    assert (uri.username, uri.password) == (
+        example["MLFLOW_DB_USER"],
+        example["MLFLOW_DB_PASSWORD"],
+    )
+    cli = pytest.importorskip("mlflow.cli")
+    option = next(p for p in cli.server.params if p.name == "backend_store_uri")
+    assert option.envvar == "MLFLOW_BACKEND_STORE_URI", "mlflow server no longer reads it there"
+
+
+def test_airflow_containers_hold_only_the_airflow_database_role() -> None:
+    """The superuser could write MLflow's database (runs, registry, @champion): it stays in the
+    postgres container; Airflow logs in as a role that owns the airflow database only."""
+    raw = raw_compose()
+    others = {"POSTGRES_USER", "POSTGRES_PASSWORD", "MLFLOW_DB_USER", "MLFLOW_DB_PASSWORD"}
+    for name, service in airflow_services(raw).items():
+        for key, value in environment(service).items():
+            held = variables_in(value) & others
+            assert not held, (
+                f"{name}: {key} holds {sorted(held)}; Airflow logs in as AIRFLOW_DB_USER"
+            )
+    assert holders(raw, "POSTGRES_PASSWORD") == {"postgres", "preflight"}
+    assert holders(raw, "MLFLOW_DB_PASSWORD") == {"postgres", "preflight", "mlflow"}
+    doc = compose()
+    postgres = environment(doc["services"]["postgres"])
+    airflow = environment(doc["x-airflow-common"])
+    for key in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CELERY__RESULT_BACKEND"):
+        url = urlsplit(airflow[key])
+        assert (url.username, url.password, url.path) == (
+            postgres["AIRFLOW_DB_USER"],
+            postgres["AIRFLOW_DB_PASSWORD"],
+            "/" + postgres["AIRFLOW_DB_NAME"],
+        ), key
+    mlflow = urlsplit(environment(doc["services"]["mlflow"])["MLFLOW_BACKEND_STORE_URI"])
+    assert mlflow.username == postgres["MLFLOW_DB_USER"]
+    roles = {postgres["POSTGRES_USER"], postgres["AIRFLOW_DB_USER"], postgres["MLFLOW_DB_USER"]}
+    assert len(roles) == 3, "the superuser, Airflow and MLflow need three roles"
+    script = "\n".join(s.read_text() for s in postgres_init_scripts(doc["services"]["postgres"]))
+    assert "NOSUPERUSER" in script and "REVOKE ALL ON DATABASE" in script
+
+
+@pytest.mark.slow
+def test_postgres_init_gives_each_database_a_role_of_its_own() -> None:
+    """docker/postgres-init/ on a real PostgreSQL: each role owns its database, may create tables
+    there, is no superuser and cannot connect to the other database; a second run changes nothing."""
+    import psycopg2
+
+    stack = pytest.importorskip("leukemia.dev.stack")
+    try:
+        binaries, user = stack.postgres_bin(), stack.postgres_user()
+    except stack.StackError as exc:
+        pytest.skip(str(exc))
+    if not (binaries / "pg_ctl").is_file() or not shutil.which("psql"):
+        pytest.skip("pg_ctl or psql not found")
+    doc = resolved(raw_compose(), real_looking_env())
+    postgres = doc["services"]["postgres"]
+    env = environment(postgres)
+    folder = Path(tempfile.mkdtemp(prefix="leukemia-pg-init-"))  # reachable by `user`
+    as_user: dict[str, Any] = {}
+    if user:
+        entry = pwd.getpwnam(user)
+        os.chown(folder, entry.pw_uid, entry.pw_gid)
+        as_user = {"user": user, "group": user, "extra_groups": []}
+    port = stack.free_port()
+    run_env = {
+        "PATH": f"{binaries}:{os.environ['PATH']}",
+        "LC_ALL": "C",
+        "HOME": str(folder),
+        "PGHOST": str(folder),
+        "PGPORT": str(port),
+    }
+
+    def run(*cmd: str, extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            cmd,
+            env={**run_env, **(extra or {})},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=folder,
+            **as_user,
+        )
+
+    data = str(folder / "data")
+    init = run(
+        "initdb",
+        "-D",
+        data,
+        "-U",
+        env["POSTGRES_USER"],
+        "--auth-local=trust",
+        "--auth-host=scram-sha-256",
+        "--no-sync",
+    )
+    assert init.returncode == 0, init.stderr
+    options = f"-k {folder} -p {port} -c listen_addresses=127.0.0.1 -c fsync=off"
+    started = run("pg_ctl", "-D", data, "-o", options, "-l", str(folder / "log"), "-w", "start")
+    assert started.returncode == 0, started.stderr
+    try:
+        # Twice: the scripts are idempotent (an upgrade, a changed password).
+        for script in 2 * [s for s in postgres_init_scripts(postgres) if s.suffix == ".sh"]:
+            done = run("bash", str(script), extra=env)
+            assert done.returncode == 0, done.stderr
+
+        def connect(role: str, database: str) -> Any:
+            return psycopg2.connect(
+                host="127.0.0.1",
+                port=port,
+                dbname=database,
+                connect_timeout=5,
+                user=env[f"{role}_DB_USER"],
+                password=env[f"{role}_DB_PASSWORD"],
+            )
+
+        for role, other in (("AIRFLOW", "MLFLOW"), ("MLFLOW", "AIRFLOW")):
+            db = connect(role, env[f"{role}_DB_NAME"])
+            try:
+                with db, db.cursor() as cur:
+                    cur.execute("CREATE TABLE probe (id serial PRIMARY KEY)")
+                    cur.execute(
+                        "SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles "
+                        "WHERE rolname = current_user"
+                    )
+                    assert cur.fetchone() == (False, False, False), role
+            finally:
+                db.close()
+            with pytest.raises(psycopg2.OperationalError, match="CONNECT"):
+                connect(role, env[f"{other}_DB_NAME"])
+    finally:
+        run("pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_redis_requires_the_password_that_the_broker_url_carries() -> None:
+    doc = compose()
+    redis = doc["services"]["redis"]
+    password = read_env_file(ENV_EXAMPLE)["REDIS_PASSWORD"]
+    assert environment(redis)["REDIS_PASSWORD"] == password
+    script = " ".join([*redis["entrypoint"], *command_args(redis)])
+    assert "requirepass $REDIS_PASSWORD" in script, "the password must reach redis-server"
+    assert "redis-server -" in script and "--requirepass" not in script, "on stdin, not argv"
+    broker = urlsplit(environment(doc["x-airflow-common"])["AIRFLOW__CELERY__BROKER_URL"])
+    assert (broker.scheme, broker.hostname, broker.password) == ("redis", "redis", password)
+    assert "REDISCLI_AUTH" in " ".join(redis["healthcheck"]["test"]), "the check must log in"
+    assert holders(raw_compose(), "REDIS_PASSWORD") == {"redis", "preflight"} | set(
+        airflow_services(raw_compose())
+    )
+
+
+@pytest.mark.slow
+def test_redis_starts_with_the_password_off_its_command_line() -> None:
+    """The redis service's own command and health check, run with a local redis-server."""
+    if not shutil.which("redis-server") or not shutil.which("redis-cli"):
+        pytest.skip("redis-server not installed (apt-get install redis-server)")
+    password = secrets.token_hex(24)
+    redis = resolved(raw_compose(), {**real_looking_env(), "REDIS_PASSWORD": password})
+    redis = redis["services"]["redis"]
+    shell, flag, script = [*redis["entrypoint"], *command_args(redis)]
+    assert (shell, flag) == ("/bin/sh", "-c")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    local = f"redis-server --port {port} --bind 127.0.0.1 --save '' -"
+    env = {"PATH": os.environ["PATH"], **environment(redis)}
+    server = subprocess.Popen(
+        [shell, flag, script.replace("redis-server -", local)],
+        env=env,
+        cwd=tempfile.gettempdir(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    check = redis["healthcheck"]["test"][1].replace("redis-cli", f"redis-cli -p {port}")
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run(["/bin/sh", "-c", check], env=env, timeout=10).returncode != 0:
+            assert server.poll() is None and time.monotonic() < deadline, "redis did not start"
+            time.sleep(0.2)
+        cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes().decode()
+        assert cmdline.startswith("redis-server") and password not in cmdline
+        anonymous = subprocess.run(
+            ["redis-cli", "-p", str(port), "set", "k", "v"], capture_output=True, text=True
+        )
+        assert "NOAUTH" in anonymous.stdout + anonymous.stderr
+        wrong = subprocess.run(["/bin/sh", "-c", check], env={**env, "REDIS_PASSWORD": "x" * 16})
+        assert wrong.returncode != 0, "the health check passes without the password"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_minio_and_mlflow_run_as_users_that_own_their_volumes() -> None:
+    doc = compose()
+    services = doc["services"]
+    init = services["volume-init"]
+    assert service_user(init) == "0:0", "volume-init must run as root to hand volumes over"
+    args = command_args(init)
+    assert len(args) % 2 == 0, "volume-init takes FOLDER UID:GID pairs"
+    handed = dict(zip(args[::2], args[1::2], strict=True))
+    init_mounts = mounts(init)
+    for name in ("minio", "mlflow", "mlflow-init", "redis"):
+        user = service_user(services[name])
+        assert user and user.split(":")[0] not in ("0", "root"), f"{name} runs as root"
+    for name in ("minio", "mlflow"):
+        service = services[name]
+        user = service_user(service)
+        assert re.fullmatch(r"[1-9]\d*:[1-9]\d*", user or ""), f"{name}: give a numeric UID:GID"
+        assert service["depends_on"]["volume-init"]["condition"] == "service_completed_successfully"
+        for volume in service["volumes"]:
+            if isinstance(volume, str):
+                assert volume.split(":")[0] not in doc["volumes"], (
+                    f"{name}: mount {volume} with nocopy (long syntax): on an empty volume Docker "
+                    "copies the image folder's owner over volume-init's"
+                )
+                continue
+            if volume["type"] != "volume":
+                continue
+            assert volume.get("volume", {}).get("nocopy") is True, f"{name}: {volume['target']}"
+            folder = next((t for t, s in init_mounts.items() if s == volume["source"]), None)
+            assert folder, f"volume-init does not mount {volume['source']}"
+            assert handed.get(folder) == user, f"volume-init gives {folder} to another user"
+
+
+def run_own_volumes(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """volume-init's script with a `chown` that records its arguments instead."""
+    service = compose()["services"]["volume-init"]
+    shell, script = service["entrypoint"]
+    fake = tmp_path / "bin" / "chown"
+    fake.parent.mkdir(exist_ok=True)
+    record = tmp_path / "chown-calls"
+    record.write_text("")
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >>"{record}"\n')
+    fake.chmod(0o755)
+    result = subprocess.run(
+        [shell, str(host_path(service, script)), *args],
+        env={"PATH": f"{fake.parent}:{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return result, record.read_text().splitlines()
+
+
+def test_volume_init_hands_over_only_what_another_user_owns(tmp_path: Path) -> None:
+    volume = tmp_path / "volume"
+    (volume / "bucket").mkdir(parents=True)
+    (volume / "bucket" / "object").write_text("x")
+    mine = f"{os.getuid()}:{os.getgid()}"
+    other = f"{os.getuid() + 1}:{os.getgid() + 1}"
+    result, calls = run_own_volumes(tmp_path, str(volume), other)
+    assert result.returncode == 0, result.stderr
+    assert calls[:2] == ["-h", other]
+    assert set(calls[2:]) == {
+        str(volume),
+        str(volume / "bucket"),
+        str(volume / "bucket" / "object"),
+    }
+    assert stat.S_IMODE(volume.stat().st_mode) == 0o700, "other users must not read the volume"
+    if os.getuid() != 0:
+        result, calls = run_own_volumes(tmp_path, str(volume), mine)
+        assert result.returncode == 0 and calls == [], "files that are right stay untouched"
+    for bad in ("0:0", "10001", "root:root"):
+        result, calls = run_own_volumes(tmp_path, str(volume), bad)
+        assert result.returncode == 1 and not calls, bad
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def run_passwords_script(
+    tmp_path: Path, env_values: dict[str, str], extra: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess, Path, dict[str, str]]:
+    """The api-server's entrypoint with its compose environment, the passwords file in tmp_path,
+    and a stand-in for Airflow that says whether it sees a password variable."""
+    api = resolved(raw_compose(), env_values)["services"]["airflow-apiserver"]
+    script = host_path(api, api["entrypoint"][3])
+    target = tmp_path / "run" / "passwords.json"
+    env = {
+        **environment(api),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(target),
+        "PATH": os.environ["PATH"],
+        **(extra or {}),
+    }
+    probe = (
+        "import os; print('airflow starts', sorted(k for k in os.environ"
+        " if k == 'AIRFLOW_ADMIN_PASSWORD' or k.startswith('AIRFLOW_PASSWORD_')))"
+    )
+    result = subprocess.run(
+        [sys.executable, str(script), sys.executable, "-c", probe],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return result, target, env
+
+
+def test_airflow_admin_password_comes_from_env_and_stays_out_of_config() -> None:
+    """Airflow's simple auth manager generates a missing user's password, prints it to the log
+    and keeps it in plain text in its passwords file: the api-server supplies the file instead,
+    from .env, on a tmpfs of its own rather than in the bind-mounted ./config."""
+    doc = compose()
+    api = doc["services"]["airflow-apiserver"]
+    env = environment(api)
+    target = env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]
+    for name, service in airflow_services(doc).items():
+        for folder, source in mounts(service).items():
+            inside = target == folder or target.startswith(folder.rstrip("/") + "/")
+            assert not inside, f"{name} puts the passwords file on {source or 'a volume'}"
+    tmpfs = api.get("tmpfs") or []
+    tmpfs = [tmpfs] if isinstance(tmpfs, str) else tmpfs
+    assert any(target.startswith(t.split(":")[0].rstrip("/") + "/") for t in tmpfs), (
+        f"{target} is not on the api-server's tmpfs"
+    )
+    entrypoint = api["entrypoint"]
+    assert entrypoint[:3] == ["/usr/bin/dumb-init", "--", "python"]
+    assert host_path(api, entrypoint[3]).name == "passwords.py"
+    assert entrypoint[4:] == ["/entrypoint"] and command_args(api) == ["api-server"]
+    users = env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"]
+    assert users == f"{env['AIRFLOW_ADMIN_USERNAME']}:admin"
+    raw = raw_compose()
+    raw_api = environment(raw["services"]["airflow-apiserver"])
+    assert variables_in(raw_api["AIRFLOW_ADMIN_PASSWORD"]) == {"AIRFLOW_ADMIN_PASSWORD"}
+    assert holders(raw, "AIRFLOW_ADMIN_PASSWORD") == {"airflow-apiserver", "preflight"}
+
+
+def test_api_server_writes_the_passwords_file_that_airflow_reads_without_printing(
+    tmp_path: Path,
+) -> None:
+    env_values = real_looking_env()
+    password = env_values["AIRFLOW_ADMIN_PASSWORD"]
+    result, target, env = run_passwords_script(tmp_path, env_values)
+    assert result.returncode == 0, result.stderr
+    assert "airflow starts []" in result.stdout, "Airflow must start without the password variables"
+    assert password not in result.stdout + result.stderr
+    assert json.loads(target.read_text()) == {env_values["AIRFLOW_ADMIN_USERNAME"]: password}
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    if importlib.util.find_spec("airflow") is None:
+        pytest.skip("Airflow is not installed")
+    # Airflow's own auth manager on that file: it takes the password and prints none. Then, as a
+    # control, on a missing file: it generates one and prints it (what the file prevents).
+    probe = textwrap.dedent(
+        """
+        import json, os
+        from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+        SimpleAuthManager().init()
+        print("PASSWORDS", json.dumps(SimpleAuthManager.get_passwords()), flush=True)
+        os.environ["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"] = "MISSING"
+        SimpleAuthManager().init()
+        """
+    )
+    keep = ("AIRFLOW__CORE__AUTH_MANAGER", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS")
+    airflow_env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(target),
+        **{key: env[key] for key in keep},
+    }
+    before = target.read_text()
+    run = subprocess.run(
+        [sys.executable, "-c", probe.replace("MISSING", str(tmp_path / "generated.json"))],
+        env=airflow_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    ours, _, control = run.stdout.partition("PASSWORDS")
+    passwords_line = control.splitlines()[0]
+    assert json.loads(passwords_line) == {env_values["AIRFLOW_ADMIN_USERNAME"]: password}
+    assert "Password for user" not in ours + passwords_line and password not in run.stderr
+    assert target.read_text() == before, "Airflow rewrote the passwords file"
+    assert "Password for user" in control, "the control run should print a generated password"
+
+
+def test_api_server_refuses_a_user_without_a_password(tmp_path: Path) -> None:
+    env_values = real_looking_env()
+    users = f"{env_values['AIRFLOW_ADMIN_USERNAME']}:admin,jane.doe:viewer"
+    extra = {"AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": users}
+    result, target, _ = run_passwords_script(tmp_path, env_values, extra)
+    assert result.returncode == 1 and "airflow starts" not in result.stdout
+    assert "AIRFLOW_PASSWORD_JANE_DOE" in result.stderr and not target.exists()
+    for bad, hint in (("changeme-jane-doe-password", "placeholder"), ("short", "shorter than")):
+        result, target, _ = run_passwords_script(
+            tmp_path, env_values, {**extra, "AIRFLOW_PASSWORD_JANE_DOE": bad}
+        )
+        assert result.returncode == 1 and hint in result.stderr, result.stderr
+    jane = secrets.token_hex(24)
+    result, target, _ = run_passwords_script(
+        tmp_path, env_values, {**extra, "AIRFLOW_PASSWORD_JANE_DOE": jane}
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(target.read_text())["jane.doe"] == jane
+
+
+@pytest.mark.parametrize("name", NEW_SECRETS)
+def test_preflight_rejects_a_placeholder_or_short_value_of_each_new_secret(name: str) -> None:
+    example = read_env_file(ENV_EXAMPLE)
+    assert example[name].startswith("changeme-"), f".env.example: {name} needs a placeholder"
+    assert name in command_args(compose()["services"]["preflight"])
+    assert_rejected(run_preflight({**real_looking_env(), name: example[name]}), name, "placeholder")
+    short = run_preflight({**real_looking_env(), name: "s3cret"})
+    assert_rejected(short, name, "shorter than 16")
 
 
 # --- a real Compose implementation, where one is installed -----------------------------------

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from leukemia.dev.demo import DEMO_POLICY
+
 ROOT = Path(__file__).resolve().parents[1]
 DAG_FILES = sorted((ROOT / "dags").glob("*.py"))
 
@@ -145,16 +147,14 @@ def test_training_dag_params_take_defaults_and_choices_from_config(dagbag: Any) 
         "augment_copies",
     ):
         assert defaults[name] == getattr(RUN_DEFAULTS, name)
-    assert defaults["promotion_margin"] == RUN_DEFAULTS.promotion_margin
-    for name in (
-        "min_f1_macro",
-        "min_malignant_sensitivity",
-        "min_benign_specificity",
-        "approval_timeout_hours",
-    ):
-        assert defaults[name] == getattr(RUN_DEFAULTS, name)
-    assert defaults["min_malignant_sensitivity"] == 0.99
-    assert defaults["require_approval"] is False and defaults["approval_respondents"] == []
+    # the gate and approval are the deployment's policy: empty by default, floored by its schema
+    for name in ("min_f1_macro", "min_malignant_sensitivity", "min_benign_specificity"):
+        assert defaults[name] is None
+        assert params.get_param(name).schema["minimum"] == getattr(RUN_DEFAULTS, name)
+    assert params.get_param("min_malignant_sensitivity").schema["minimum"] == 0.99
+    assert defaults["promotion_margin"] is None and defaults["require_approval"] is None
+    assert defaults["approval_respondents"] == []
+    assert defaults["approval_timeout_hours"] == RUN_DEFAULTS.approval_timeout_hours
     assert defaults["max_failed_fraction"] == RUN_DEFAULTS.max_failed_fraction
     assert defaults["extract_shards"] == RUN_DEFAULTS.extract_shards == 0
     assert defaults["audit_images"] == RUN_DEFAULTS.audit_images > 0
@@ -170,13 +170,16 @@ def test_training_dag_params_take_defaults_and_choices_from_config(dagbag: Any) 
     assert params.get_param("precision").schema["enum"] == list(PRECISIONS)
 
 
-def test_require_approval_defaults_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_require_approval_param_cannot_switch_off_the_environments_policy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """On in the compose stack (LEUKEMIA_REQUIRE_APPROVAL=true), off in the demo and the tests."""
     from airflow.dag_processing.dagbag import DagBag
 
     monkeypatch.setenv("LEUKEMIA_REQUIRE_APPROVAL", "true")
     bag = DagBag(dag_folder=str(ROOT / "dags" / "leukemia_training.py"))
-    assert bag.dags["leukemia_training"].params.dump()["require_approval"] is True
+    schema = bag.dags["leukemia_training"].params.get_param("require_approval").schema
+    assert schema["enum"] == [None, True]
 
 
 def test_champion_dag_rolls_back_and_emits_the_champion_asset(dagbag: Any) -> None:
@@ -308,12 +311,11 @@ def test_training_dag_end_to_end_with_an_empty_local_folder_for_every_task(
         "weights": "none",
         "precision": "float32",
         "extract_shards": 2,
-        # four epochs at 48 px: the gate only reports (its thresholds are tested in test_gate)
-        "min_f1_macro": 0.0,
-        "min_malignant_sensitivity": 0.0,
-        "min_benign_specificity": 0.0,
-        "require_approval": False,
     }
+    # four epochs at 48 px: the gate only reports (its thresholds are tested in test_gate); the
+    # loose policy comes from the environment, as a deployment's does
+    for name, value in DEMO_POLICY.items():
+        monkeypatch.setenv(name, value)
 
     first = dag.test(run_conf=conf)
     assert str(first.state) == "success"

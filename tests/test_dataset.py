@@ -77,6 +77,24 @@ def test_label_conflict_is_reported_and_left_out() -> None:
     assert len(rows) == len(records) - 1
 
 
+def test_label_conflict_leaves_out_every_copy_including_the_majority_and_names_it() -> None:
+    records = _records(5)
+    sha = records[0].sha256  # Benign/0.jpg, copied three times under Pro
+    copies = [ImageRecord(f"Pro/copy{i}.jpg", "Pro", sha) for i in range(3)]
+
+    rows, conflicts, _ = split_records(records + copies, seed=0)
+
+    assert conflicts == [
+        {
+            "sha256": sha,
+            "labels": ["Benign", "Pro"],
+            "paths": ["Benign/0.jpg", "Pro/copy0.jpg", "Pro/copy1.jpg", "Pro/copy2.jpg"],
+            "majority": "Pro",
+        }
+    ]
+    assert len(rows) == len(records) - 1 and sha not in {r["sha256"] for r in rows}
+
+
 def test_bad_fractions_raise() -> None:
     with pytest.raises(ValueError, match="sum"):
         split_records(_records(2), fractions=(0.5, 0.5, 0.5))

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from leukemia.config import BENIGN, CLASSES, RUN_DEFAULTS
+from leukemia.config import BENIGN, CLASSES
 from leukemia.gate import (
     FAILED,
     NOT_APPLICABLE,
@@ -60,17 +60,17 @@ def test_bootstrap_intervals_hold_the_estimate_repeat_and_narrow_with_more_image
     assert perfect["malignant_sensitivity"] == [1.0, 1.0]  # collapses: the card says so
 
 
-def test_thresholds_come_from_params_with_the_margin_as_the_gain_over_the_champion() -> None:
-    assert Thresholds() == Thresholds(
-        RUN_DEFAULTS.min_f1_macro,
-        RUN_DEFAULTS.min_malignant_sensitivity,
-        RUN_DEFAULTS.min_benign_specificity,
-        RUN_DEFAULTS.promotion_margin,
-    )
-    assert RUN_DEFAULTS.min_malignant_sensitivity == 0.99
-    given = Thresholds.from_params({"min_f1_macro": 0.5, "promotion_margin": 0.02})
+def test_thresholds_come_from_the_policy_with_the_margin_as_the_gain_over_the_champion(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from leukemia.policy import Policy
+
+    monkeypatch.setenv("LEUKEMIA_MIN_F1_MACRO", "0.5")
+    monkeypatch.setenv("LEUKEMIA_PROMOTION_MARGIN", "0.02")
+    monkeypatch.delenv("LEUKEMIA_MIN_MALIGNANT_SENSITIVITY", raising=False)
+    given = Policy.from_env().thresholds()
     assert given.min_f1_macro == 0.5 and given.min_gain_over_champion == 0.02
-    assert given.min_malignant_sensitivity == RUN_DEFAULTS.min_malignant_sensitivity
+    assert given.min_malignant_sensitivity == 0.99  # the documented default
 
 
 def test_every_missed_threshold_fails_on_its_own_line() -> None:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -58,11 +59,20 @@ def free_port() -> int:
 
 
 def server_command(tmp: Path, port: int) -> list[str]:
-    """The compose file's `mlflow server` command with local stores, host and port."""
-    args = command_args(compose()["services"]["mlflow"])
+    """The compose file's `mlflow server` command with local stores, host and port.
+
+    The compose file gives the backend store (and its password) in the environment,
+    MLFLOW_BACKEND_STORE_URI, which `mlflow server` reads like its flag; the fixture's environment
+    holds no MLFLOW_* variable, so the local SQLite store is passed as the flag here.
+    """
+    from test_compose import environment
+
+    service = compose()["services"]["mlflow"]
+    args = command_args(service)
     assert args[:2] == ["mlflow", "server"]
+    assert "--backend-store-uri" not in args, "the database password would show in `ps`"
+    assert environment(service)["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
     local = {
-        "--backend-store-uri": f"sqlite:///{tmp / 'mlflow.db'}",
         "--artifacts-destination": str(tmp / "artifacts"),
         "--host": "127.0.0.1",
         "--port": str(port),
@@ -70,7 +80,8 @@ def server_command(tmp: Path, port: int) -> list[str]:
     for flag, value in local.items():
         args[args.index(flag) + 1] = value
     mlflow = Path(sys.executable).with_name("mlflow")
-    return [str(mlflow), *args[1:], "--workers", "1"]
+    backend = ["--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}"]
+    return [str(mlflow), *args[1:], *backend, "--workers", "1"]
 
 
 def run_setup(env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -176,6 +187,7 @@ def login_as(
 def champion(auth_server: AuthServer) -> dict[str, str]:
     """A run and a registered version with @champion, made by the training user."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     username, password = auth_server.logins["training"]
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
@@ -187,7 +199,9 @@ def champion(auth_server: AuthServer) -> dict[str, str]:
         with mlflow.start_run(experiment_id=experiment_id) as run:
             mlflow.log_metric("val_macro_f1", 0.9)
             mlflow.log_text("weights", "model/model.keras")
-        client.create_registered_model(MODEL)
+        # mlflow-init created the model as the training user: creating it again is refused
+        with pytest.raises(MlflowException, match="RESOURCE_ALREADY_EXISTS|already exists"):
+            client.create_registered_model(MODEL)
         version = client.create_model_version(
             MODEL, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id
         ).version
@@ -267,7 +281,10 @@ def test_scoring_user_reads_the_champion_but_cannot_change_anything(
     scoring = auth_server.logins["scoring"]
     for what, (method, path, body) in write_requests(champion).items():
         if what == "register a model":
-            continue  # MLflow lets every user create models of their own (docs/security.md)
+            # MLflow lets every user create models of its own (no grant can forbid it without
+            # also hiding the pipeline's model); the pipeline loads only LEUKEMIA_MODEL_NAME,
+            # owned by the training user (test_init_job_makes_the_training_user_own_...)
+            continue
         code = status(method, auth_server.url + path, body, scoring)
         assert code == 403, f"the scoring user may {what} (HTTP {code})"
 
@@ -327,3 +344,73 @@ def test_setup_users_is_idempotent_and_says_what_to_fix(auth_server: AuthServer)
     same = auth_server.setup_env(MLFLOW_SCORING_USERNAME=training[0])
     result = run_setup(same)
     assert result.returncode == 1 and "three different users" in result.stderr
+
+
+def test_init_job_makes_the_training_user_own_the_pipelines_experiment_and_model(
+    auth_server: AuthServer,
+) -> None:
+    """Issue 22 #1: on a fresh server the scoring user could create the model first and own it.
+
+    A fresh deployment is a model name nobody created yet: the init job creates it, owned by the
+    training user, before the scoring user can."""
+    url, scoring = auth_server.url, auth_server.logins["scoring"]
+    admin, fresh = auth_server.logins["admin"], "fresh-classifier"
+    result = run_setup(
+        auth_server.setup_env(LEUKEMIA_MODEL_NAME=fresh, LEUKEMIA_EXPERIMENT="fresh")
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"registered model {fresh} created" in result.stdout
+    for login, expected in ((scoring, "READ"), (auth_server.logins["training"], "MANAGE")):
+        query = urllib.parse.urlencode(
+            {"username": login[0], "resource_type": "registered_model", "resource_id": fresh}
+        )
+        got = get_json(f"{url}/api/3.0/mlflow/users/permissions/get?{query}", admin)
+        assert got["permission"] == expected, (login[0], got)
+    takeovers = {
+        "create the pipeline's model": (
+            "POST",
+            "/api/2.0/mlflow/registered-models/create",
+            {"name": fresh},
+        ),
+        "tag the pipeline's model": (
+            "POST",
+            "/api/2.0/mlflow/registered-models/set-tag",
+            {"name": fresh, "key": "owner", "value": "scoring"},
+        ),
+        "add a version from a path": (
+            "POST",
+            "/api/2.0/mlflow/model-versions/create",
+            {"name": fresh, "source": "/tmp/evil"},
+        ),
+    }
+    for what, (method, path, body) in takeovers.items():
+        code = status(method, url + path, body, scoring)
+        assert code in (400, 403), f"the scoring user may {what} (HTTP {code})"
+    # idempotent: a second run keeps the owner and the grants, and says so
+    result = run_setup(
+        auth_server.setup_env(LEUKEMIA_MODEL_NAME=fresh, LEUKEMIA_EXPERIMENT="fresh")
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"registered model {fresh} exists" in result.stdout
+
+
+def test_scoring_login_cannot_move_champion_through_the_registry(
+    login_as, champion: dict[str, str], auth_server: AuthServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attack of issue 22 #1 through the project's own code: refused at the server."""
+    from leukemia import registry
+
+    login_as("scoring")
+    monkeypatch.setenv("LEUKEMIA_MODEL_NAME", MODEL)
+    with pytest.raises(registry.ModelError):
+        registry.move_champion(champion["version"], "rollback", "take over", "scoring", "test")
+    with pytest.raises(Exception, match="403|PERMISSION_DENIED"):
+        registry.client().set_model_version_tag(MODEL, champion["version"], "gate", "passed")
+
+
+def get_json(url: str, login: tuple[str, str]) -> dict[str, Any]:
+    """The JSON body of one authenticated GET."""
+    token = base64.b64encode(":".join(login).encode()).decode()
+    req = urllib.request.Request(url, headers={"Authorization": f"Basic {token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read().decode())

@@ -395,8 +395,10 @@ def test_wrong_input_shape_exits_2(
     code, out, err = run_cli(capsys, "predict", str(images["folder"]), "--model", uri)
     assert code == 2 and out == ""
     assert err.strip().splitlines() == [
+        f"warning: {uri} is not a registered version of leukemia-classifier: its file is "
+        "unverified (no recorded sha256, no gate); use it for ad-hoc checks only",
         f"error: model {uri} maps (None, 8) to (None, 4): expected square RGB images (None, S, S, 3) in "
-        "and 4 class probabilities (Benign, Early, Pre, Pro) out; pass a leukemia-classifier model URI"
+        "and 4 class probabilities (Benign, Early, Pre, Pro) out; pass a leukemia-classifier model URI",
     ]
 
 

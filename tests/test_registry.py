@@ -305,6 +305,9 @@ def test_a_version_not_promoted_by_the_pipeline_or_exported_is_never_loaded(
     uri = log_full_model(trained["result"].run_id, smear_dir, trained["info"].path)
     version = mlflow.register_model(uri, MODEL)
     registry.client().set_registered_model_alias(MODEL, "champion", version.version)
+    with pytest.raises(registry.ModelVerificationError, match="without a registered_by tag"):
+        predict.load_model()
+    registry.tag_version(MODEL, version.version, {registry.REGISTERED_BY_TAG: "local"})
     with pytest.raises(registry.ModelVerificationError, match="no recorded model_sha256"):
         predict.load_model()
     folder = Path(mlflow.artifacts.download_artifacts(uri))

@@ -82,10 +82,11 @@ def champion(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
                 signature=tracking.model_signature(SIZE),
                 pip_requirements=tracking.pip_requirements(),
             )
-        version = mlflow.register_model(info.model_uri, MODEL_NAME).version
-        registry.record_sha256(MODEL_NAME, str(version))  # as promotion does: loads are verified
-        mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", version)
-        yield {"version": str(version)}
+        version = str(mlflow.register_model(info.model_uri, MODEL_NAME).version)
+        registry.record_sha256(MODEL_NAME, version)  # as promotion does: loads are verified
+        registry.tag_version(MODEL_NAME, version, {registry.GATE_TAG: "passed"})
+        registry.move_champion(version, "promotion", "fixture", "pytest", "test_scoring")
+        yield {"version": version, "model_uri": info.model_uri, "run_id": info.run_id}
 
 
 def _upload(client: Any, bucket: str, paths: list[Path], prefix: str = "incoming/") -> list[str]:
@@ -211,3 +212,96 @@ def test_scoring_dag_scores_new_images_once(
     later = [k for k in _csvs(client, bucket, champion["version"]) if k not in csvs]
     assert len(later) == 1
     assert [r["key"] for r in _rows(client, bucket, later[0])] == new_key
+
+
+def _register_again(champion: dict[str, Any], tags: dict[str, str]) -> str:
+    """Another version of the champion's model, registered (and hashed) as the pipeline does."""
+    import mlflow
+
+    from leukemia import registry
+
+    version = str(mlflow.register_model(champion["model_uri"], MODEL_NAME).version)
+    registry.record_sha256(MODEL_NAME, version)
+    registry.tag_version(MODEL_NAME, version, tags)
+    return version
+
+
+@pytest.mark.slow
+def test_scoring_refuses_unregistered_uris_and_ungated_versions_and_writes_nothing(
+    champion: dict[str, Any], bucket: str, smear_dir: Path
+) -> None:
+    """Issue 22 #2: a `runs:/` or `models:/m-…` URI had no hash to check, and a rejected version
+    scored into predictions/."""
+    from leukemia import registry
+    from leukemia.scoring import score_incoming
+    from leukemia.storage import s3_client
+    from leukemia.tasks.scoring_dag import champion_or_none
+
+    client = s3_client("aws_default")
+    _upload(client, bucket, [sorted((smear_dir / "Pro").iterdir())[0]])
+    failed = _register_again(champion, {registry.GATE_TAG: "failed"})
+    rejected = _register_again(champion, {registry.GATE_TAG: "passed", "decision": "rejected"})
+    ungated = _register_again(champion, {})
+    refused = {
+        champion["model_uri"]: "not models:/m-",
+        f"runs:/{champion['run_id']}/model": "not runs:/",
+        f"models:/{MODEL_NAME}/{failed}": "failed the promotion gate",
+        f"models:/{MODEL_NAME}/{rejected}": "was rejected",
+        f"models:/{MODEL_NAME}/{ungated}": "has not passed the promotion gate",
+        "models:/another-model/1": "not models:/another-model",
+    }
+    for uri, why in refused.items():
+        with pytest.raises(registry.ModelVerificationError, match=why.replace("/", "/")):
+            champion_or_none(uri)
+        with pytest.raises(registry.ModelVerificationError):
+            score_incoming(bucket, "incoming", model_uri=uri)
+    listing = client.list_objects_v2(Bucket=bucket, Prefix="predictions/")
+    assert listing.get("KeyCount", 0) == 0  # nothing reached the shared prediction store
+    assert champion_or_none(f"models:/{MODEL_NAME}@champion")["version"] == champion["version"]
+
+
+@pytest.mark.slow
+def test_a_version_registered_by_another_login_is_never_loaded_or_promoted(
+    champion: dict[str, Any],
+) -> None:
+    """Issue 22 #1: only the training login's versions load, whatever their tags claim."""
+    from leukemia import registry
+
+    forged = _register_again(champion, {registry.GATE_TAG: "passed"})
+    registry.tag_version(MODEL_NAME, forged, {registry.REGISTERED_BY_TAG: "leukemia-scoring"})
+    ref = registry.version_ref(MODEL_NAME, forged)
+    with pytest.raises(
+        registry.ModelVerificationError,
+        match="registered by leukemia-scoring, not by the training login 'local'",
+    ):
+        registry.load_keras(ref)
+    with pytest.raises(registry.ModelVerificationError, match="registered by leukemia-scoring"):
+        registry.move_champion(forged, "promotion", "forged", "mallory", "test")
+    registry.client().delete_model_version_tag(MODEL_NAME, forged, registry.REGISTERED_BY_TAG)
+    with pytest.raises(registry.ModelVerificationError, match="without a registered_by tag"):
+        registry.load_keras(ref)
+    assert str(registry.current_champion(MODEL_NAME).version) == champion["version"]
+
+
+@pytest.mark.slow
+def test_a_deleted_champion_alias_stops_every_reader_until_it_is_rolled_back(
+    champion: dict[str, Any],
+) -> None:
+    """Issue 22 #4: a deleted @champion read as "no champion yet" made scoring skip silently."""
+    from leukemia import registry
+    from leukemia.tasks.scoring_dag import champion_or_none
+
+    version = champion["version"]
+    registry.client().delete_registered_model_alias(MODEL_NAME, "champion")
+    try:
+        expected = f"records v{version} as champion.*champion rollback --to {version}"
+        with pytest.raises(registry.ChampionMissing, match=expected):
+            champion_or_none()  # scoring: fails, does not skip
+        with pytest.raises(registry.ChampionMissing):
+            registry.current_champion(MODEL_NAME)  # what the gate and the promotion read
+        with pytest.raises(registry.ChampionMissing):
+            registry.resolve_model(None)  # what predict and the CLI read
+    finally:
+        registry.rollback(version, "restored after deletion", "pytest", "test_scoring")
+    assert champion_or_none()["version"] == version
+    assert registry.history(MODEL_NAME)[-1].reason == "restored after deletion"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -143,9 +144,22 @@ def test_tiny_conf_shards_extraction_only_where_the_dag_has_the_param() -> None:
     assert len(conf["optimizers"]) * len(conf["batch_sizes"]) * len(conf["variants"]) == 4
     grid = tiny_conf({"optimizers", "heads", "cv_folds"})
     assert grid["heads"] == ["mlp"] and grid["cv_folds"] == 2  # still 4 trainings, still CV
-    # the stack's compose environment asks a person by default: its tiny run never waits for one
-    gated = tiny_conf({"optimizers", "require_approval"})
-    assert gated["require_approval"] is False and gated["min_malignant_sensitivity"] == 0.0
+    # the gate's thresholds and approval are policy: never in the run's conf, even for a tiny run
+    from leukemia.policy import POLICY_PARAMS
+
+    assert not set(POLICY_PARAMS) & set(tiny_conf({"optimizers", *POLICY_PARAMS}))
+
+
+def test_the_stacks_tiny_run_gets_its_loose_policy_from_the_airflow_environment(
+    tmp_path: Path,
+) -> None:
+    from leukemia.dev.stack import Stack
+
+    stack = Stack(tmp_path)
+    stack.ports.update(api=1, mlflow=2, s3=3, postgres=4, redis=5)  # not started: ports only named
+    environ = stack.airflow_env()
+    assert environ["LEUKEMIA_REQUIRE_APPROVAL"] == "false"
+    assert environ["LEUKEMIA_MIN_MALIGNANT_SENSITIVITY"] == "0"
 
 
 def test_a_missing_redis_server_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -602,6 +602,154 @@ def test_image_replaced_by_a_corrupt_version_leaves_the_data_set(
     )
 
 
+# --- every key left out of the data set is named in the report ---------------------------------
+
+
+def wide_tiff(samples: np.ndarray) -> bytes:
+    """A TIFF of `samples` as they are (16-bit, 32-bit float), written by tifffile."""
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, samples)
+    return buf.getvalue()
+
+
+def grey16_png(samples: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(samples).save(buf, "PNG")  # uint16 → a 16-bit grey PNG
+    return buf.getvalue()
+
+
+def test_16bit_images_land_and_wide_images_that_cannot_be_converted_are_quarantined_with_the_reason(
+    aws_env: S3Server, bucket: str, client: Any, images_dir: Path
+) -> None:
+    gradient = np.tile(np.rint(np.linspace(0, 65535, 64)).astype(np.uint16), (48, 1))
+    nan = (gradient / 65535.0).astype(np.float32)
+    nan[10, 10] = np.nan
+    wide = {
+        "raw/Pro/grey16.png": grey16_png(gradient),
+        "raw/Early/grey16.tif": wide_tiff(gradient),
+        "raw/Pre/float-0-1.tif": wide_tiff((gradient / 65535.0).astype(np.float32)),
+    }
+    unconvertible = {
+        "raw/Benign/nan.tif": (wide_tiff(nan), "NaN or infinite values in 1 of 3,072 pixels"),
+        "raw/Pro/1e6.tif": (
+            wide_tiff((gradient * 15.0).astype(np.float32)),
+            "values span 0 to 983025",
+        ),
+    }
+    good = good_set(4)
+    put_all(client, bucket, {**good, **wide, **{k: b for k, (b, _) in unconvertible.items()}})
+    cfg = StorageConfig(bucket=bucket, local_dir=images_dir)
+
+    result = sync_images(cfg)
+
+    assert (result.stored, result.images, result.failed) == (7, 7, [])
+    for key, body in {**good, **wide}.items():
+        assert local_path(images_dir, key).read_bytes() == body
+    reasons = {s["key"]: s["reason"] for s in result.skipped}
+    assert set(reasons) == set(unconvertible)
+    for key, (body, why) in unconvertible.items():
+        assert reasons[key].startswith("cannot convert a 32-bit float image to 8-bit faithfully")
+        assert why in reasons[key], reasons[key]
+        rel = local_path(images_dir, key).relative_to(images_dir)
+        assert (images_dir / "quarantine" / rel).read_bytes() == body  # kept, byte-identical
+        assert not (images_dir / rel).exists()
+    manifest = json.loads((images_dir / MANIFEST_NAME).read_text())
+    assert set(manifest["images"]) == {*good, *wide}
+    report = json.loads((images_dir / REPORT_NAME).read_text())
+    assert {s["key"]: s["reason"] for s in report["skipped"]} == reasons
+    aws_env.requests.reset()
+
+    again = sync_images(cfg)
+
+    assert aws_env.requests.counts == {"LIST": 1}  # rejects are remembered, not fetched again
+    assert {s["key"]: s["reason"] for s in again.skipped} == reasons
+
+
+def test_folder_marker_is_named_in_the_report_as_a_folder_marker(
+    bucket: str, client: Any, images_dir: Path
+) -> None:
+    good = good_set(4)
+    put_all(client, bucket, {**good, "raw/Benign/": b""})
+
+    result = sync_images(StorageConfig(bucket=bucket, local_dir=images_dir))
+
+    marker = [{"key": "raw/Benign/", "reason": "folder marker (0-byte key ending in /)"}]
+    assert (result.listed, result.images, result.failed) == (5, 4, [])
+    assert result.skipped == marker
+    assert json.loads((images_dir / REPORT_NAME).read_text())["skipped"] == marker
+    assert result.summary()["skipped"] == 1
+
+
+def test_identical_content_under_two_classes_names_every_copy_with_the_majority_class(
+    bucket: str, client: Any, images_dir: Path
+) -> None:
+    from leukemia.dataset import build_manifest, split_records
+
+    same = jpeg(777)
+    copies = {
+        "raw/Pro/a.jpg": same,
+        "raw/Pro/b.jpg": same,
+        "raw/Pro/c.jpg": same,
+        "raw/Benign/d.jpg": same,
+    }
+    good = good_set(8)
+    put_all(client, bucket, {**good, **copies})
+    cfg = StorageConfig(bucket=bucket, local_dir=images_dir)
+
+    result = sync_images(cfg)
+
+    sha = hashlib.sha256(same).hexdigest()
+    reason = (
+        f"label conflict: identical content (sha256 {sha[:12]}) under Benign x1, Pro x3; "
+        "majority Pro (3 of 4 copies); every copy is left out of the data set: delete or move "
+        "the wrong copies"
+    )
+    assert result.skipped == [{"key": key, "reason": reason} for key in sorted(copies)]
+    report = json.loads((images_dir / REPORT_NAME).read_text())
+    assert {s["key"]: s["reason"] for s in report["skipped"]} == dict.fromkeys(copies, reason)
+    assert result.images == 12 and result.failed == []  # stored, so nothing is lost
+    assert all(local_path(images_dir, key).read_bytes() == same for key in copies)
+
+    rows, conflicts, _ = split_records(build_manifest(images_dir))
+
+    assert len(rows) == 8 and {r["sha256"] for r in rows}.isdisjoint({sha})
+    assert conflicts == [
+        {
+            "sha256": sha,
+            "labels": ["Benign", "Pro"],
+            "paths": ["Benign/d.jpg", "Pro/a.jpg", "Pro/b.jpg", "Pro/c.jpg"],
+            "majority": "Pro",
+        }
+    ]
+    again = sync_images(cfg)  # reported on every sync while the copies are there
+    assert again.skipped == result.skipped and again.unchanged == 12
+
+
+def test_label_conflict_tie_names_the_tied_classes_and_has_no_majority() -> None:
+    entries = [
+        ("raw/Early/a.jpg", "Early", "s1"),
+        ("raw/Pre/b.jpg", "Pre", "s1"),
+        ("raw/Pro/c.jpg", "Pro", "s1"),
+        ("raw/Pro/d.jpg", "Pro", "s1"),
+        ("raw/Early/e.jpg", "Early", "s1"),
+        ("raw/Pro/only.jpg", "Pro", "s2"),
+    ]
+
+    [conflict] = storage.label_conflicts(entries)
+
+    assert conflict.majority is None
+    assert conflict.copies == {
+        "Early": ["raw/Early/a.jpg", "raw/Early/e.jpg"],
+        "Pre": ["raw/Pre/b.jpg"],
+        "Pro": ["raw/Pro/c.jpg", "raw/Pro/d.jpg"],
+    }
+    assert "under Early x2, Pre x1, Pro x2; a tie between Early and Pro (2 copies each)" in (
+        conflict.reason
+    )
+
+
 # --- one object never stops the sync ---------------------------------------------------------
 
 

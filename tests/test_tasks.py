@@ -117,27 +117,60 @@ def test_refit_off_hands_the_selected_run_on_unchanged() -> None:
     assert out == {**candidate, "selected_run_id": "abc", "refit": False}
 
 
-def test_run_request_reads_the_gate_and_approval_params(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_request_takes_the_gate_and_approval_from_the_policy_and_tightens_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from leukemia.gate import Thresholds
 
-    monkeypatch.delenv("LEUKEMIA_REQUIRE_APPROVAL", raising=False)
+    for name in ("LEUKEMIA_REQUIRE_APPROVAL", "LEUKEMIA_MIN_F1_MACRO", "LEUKEMIA_PROMOTION_MARGIN"):
+        monkeypatch.delenv(name, raising=False)
     assert RunRequest.from_params({}).require_approval is False  # the demo, dags test
     monkeypatch.setenv("LEUKEMIA_REQUIRE_APPROVAL", "true")
     assert RunRequest.from_params({}).require_approval is True  # the compose stack
+    monkeypatch.setenv("LEUKEMIA_MIN_F1_MACRO", "0.8")
+    assert RunRequest.from_params({"min_f1_macro": None}).min_f1_macro == 0.8  # empty: policy
     run = RunRequest.from_params(
         {
-            "require_approval": False,
+            "require_approval": True,
             "approval_respondents": ["dr-lee"],
             "approval_timeout_hours": "0.5",
-            "min_f1_macro": "0.8",
+            "min_f1_macro": "0.85",
             "promotion_margin": 0.01,
         }
     )
-    assert run.require_approval is False and run.approval_respondents == ("dr-lee",)
+    assert run.require_approval is True and run.approval_respondents == ("dr-lee",)
     assert run.approval_timeout_hours == 0.5
     assert run.thresholds() == Thresholds(
-        0.8,
+        0.85,
         RUN_DEFAULTS.min_malignant_sensitivity,
         RUN_DEFAULTS.min_benign_specificity,
         0.01,
     )
+
+
+def test_run_request_refuses_a_conf_that_switches_the_gate_and_approval_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 22 #3: the conf that promoted a macro-F1 0.31 model 'by the gate'."""
+    from leukemia.policy import PolicyViolation
+
+    monkeypatch.setenv("LEUKEMIA_REQUIRE_APPROVAL", "true")
+    for name in ("MIN_F1_MACRO", "MIN_MALIGNANT_SENSITIVITY", "MIN_BENIGN_SPECIFICITY"):
+        monkeypatch.delenv(f"LEUKEMIA_{name}", raising=False)
+    bypass = {
+        "require_approval": False,
+        "min_f1_macro": 0,
+        "min_malignant_sensitivity": 0,
+        "min_benign_specificity": 0,
+    }
+    with pytest.raises(PolicyViolation) as refused:
+        RunRequest.from_params(bypass)
+    message = str(refused.value)
+    assert "\n" not in message
+    for part in (
+        "min_f1_macro 0 < 0.9 (LEUKEMIA_MIN_F1_MACRO)",
+        "min_malignant_sensitivity 0 < 0.99 (LEUKEMIA_MIN_MALIGNANT_SENSITIVITY)",
+        "min_benign_specificity 0 < 0.9 (LEUKEMIA_MIN_BENIGN_SPECIFICITY)",
+        "require_approval false while LEUKEMIA_REQUIRE_APPROVAL is true",
+    ):
+        assert part in message

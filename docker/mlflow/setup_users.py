@@ -1,14 +1,21 @@
-"""Create the pipeline's MLflow users and their grants (the compose stack's `mlflow-init` job).
+"""Create the pipeline's MLflow users, its experiment and registered model, and the grants (the
+compose stack's `mlflow-init` job).
 
 The MLflow server runs MLflow's basic-auth app with `default_permission = NO_PERMISSIONS`
 (docker/mlflow/basic_auth.ini), so a user sees only what it is granted. Logged in as the admin,
-this makes two users and grants them every experiment and registered model (`*`):
+this makes two users; logged in as the training user, it creates the pipeline's experiment
+(`LEUKEMIA_EXPERIMENT`) and registered model (`LEUKEMIA_MODEL_NAME`), so that the training user
+owns them (MLflow gives the creator MANAGE) before anyone else can create them:
 
-    MLFLOW_TRAINING_USERNAME   EDIT: create runs, log artifacts, register versions, move aliases
-    MLFLOW_SCORING_USERNAME    READ: resolve @champion and download the model, nothing else
+    MLFLOW_TRAINING_USERNAME   EDIT on every experiment and model, MANAGE on the pipeline's two:
+                               create runs, log artifacts, register versions, move aliases
+    MLFLOW_SCORING_USERNAME    READ on the pipeline's experiment and model and nothing else:
+                               resolve @champion and download it (a grant on every experiment
+                               or model that an earlier version of this job made is revoked)
 
 Idempotent: an existing user gets the password from the environment, a grant at another level is
-replaced. Standard library only, so it runs in any image with Python 3.9+.
+replaced, an existing experiment or model is kept (its grants are set as above whoever created
+it). Standard library only, so it runs in any image with Python 3.9+.
 """
 
 from __future__ import annotations
@@ -23,10 +30,15 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+#: Grants on every resource of a type (`*`) per role.
 GRANTS = {
     "training": (("experiment", "EDIT"), ("registered_model", "EDIT")),
-    "scoring": (("experiment", "READ"), ("registered_model", "READ")),
+    "scoring": (),
 }
+#: Grants on the pipeline's own experiment and registered model per role.
+OWN_GRANTS = {"training": "MANAGE", "scoring": "READ"}
+DEFAULT_EXPERIMENT = "leukemia-vgg16"
+DEFAULT_MODEL = "leukemia-classifier"
 
 
 class SetupError(Exception):
@@ -130,9 +142,45 @@ def ensure_user(admin: MlflowAdmin, username: str, password: str) -> str:
     return "password updated"
 
 
-def ensure_grant(admin: MlflowAdmin, username: str, resource_type: str, permission: str) -> None:
-    """Give `username` exactly `permission` on every resource of `resource_type`."""
-    grant = {"username": username, "resource_type": resource_type, "resource_id": "*"}
+def ensure_resources(session: MlflowAdmin, experiment: str, model: str) -> tuple[str, list[str]]:
+    """Create the pipeline's experiment and registered model as `session`'s user (the training
+    user, who then owns them), or find them; returns the experiment id and what was done."""
+    done = []
+    status, payload = session.call(
+        "GET", "/api/2.0/mlflow/experiments/get-by-name", {"experiment_name": experiment}
+    )
+    if status == 200:
+        experiment_id = str(payload["experiment"]["experiment_id"])
+        done.append(f"experiment {experiment} exists")
+    elif payload.get("error_code") == "RESOURCE_DOES_NOT_EXIST":
+        created = session.check("POST", "/api/2.0/mlflow/experiments/create", {"name": experiment})
+        experiment_id = str(created["experiment_id"])
+        done.append(f"experiment {experiment} created")
+    else:
+        raise SetupError(
+            f"cannot read experiment {experiment!r} as the training user: HTTP {status}: "
+            f"{message(payload)}"
+        )
+    status, payload = session.call(
+        "POST", "/api/2.0/mlflow/registered-models/create", {"name": model}
+    )
+    if status == 200:
+        done.append(f"registered model {model} created")
+    elif payload.get("error_code") == "RESOURCE_ALREADY_EXISTS":
+        done.append(f"registered model {model} exists")
+    else:
+        raise SetupError(
+            f"cannot create registered model {model!r} as the training user: HTTP {status}: "
+            f"{message(payload)}"
+        )
+    return experiment_id, done
+
+
+def ensure_grant(
+    admin: MlflowAdmin, username: str, resource_type: str, permission: str, resource_id: str = "*"
+) -> None:
+    """Give `username` exactly `permission` on one resource, or on every one of its type (`*`)."""
+    grant = {"username": username, "resource_type": resource_type, "resource_id": resource_id}
     status, payload = admin.call(
         "POST", "/api/3.0/mlflow/users/permissions/grant", {**grant, "permission": permission}
     )
@@ -140,7 +188,8 @@ def ensure_grant(admin: MlflowAdmin, username: str, resource_type: str, permissi
         return
     if payload.get("error_code") != "RESOURCE_ALREADY_EXISTS":
         raise SetupError(
-            f"cannot grant {permission} on {resource_type} * to {username!r}: HTTP {status}: "
+            f"cannot grant {permission} on {resource_type} {resource_id} to {username!r}: "
+            f"HTTP {status}: "
             f"{message(payload)}"
         )
     current = admin.check("GET", "/api/3.0/mlflow/users/permissions/get", grant)
@@ -150,6 +199,19 @@ def ensure_grant(admin: MlflowAdmin, username: str, resource_type: str, permissi
     admin.check(
         "POST", "/api/3.0/mlflow/users/permissions/grant", {**grant, "permission": permission}
     )
+
+
+def revoke_grant(
+    admin: MlflowAdmin, username: str, resource_type: str, resource_id: str = "*"
+) -> None:
+    """Remove `username`'s grant on a resource (or on every one of its type), if it has one."""
+    grant = {"username": username, "resource_type": resource_type, "resource_id": resource_id}
+    status, payload = admin.call("POST", "/api/3.0/mlflow/users/permissions/revoke", grant)
+    if status != 200 and payload.get("error_code") != "RESOURCE_DOES_NOT_EXIST":
+        raise SetupError(
+            f"cannot revoke {username!r}'s grant on {resource_type} {resource_id}: HTTP {status}: "
+            f"{message(payload)}"
+        )
 
 
 def required(name: str, environ: dict[str, str]) -> str:
@@ -179,13 +241,28 @@ def setup(environ: dict[str, str]) -> list[str]:
     admin = MlflowAdmin(url, admin_name, required("MLFLOW_ADMIN_PASSWORD", environ))
     wait_until_up(admin, float(environ.get("MLFLOW_WAIT_S", "120")))
     check_admin(admin, admin_name)
-    done = []
-    for role, (username, password) in users.items():
-        action = ensure_user(admin, username, password)
+    actions = {
+        role: ensure_user(admin, username, password) for role, (username, password) in users.items()
+    }
+    ensure_grant(admin, users["training"][0], "experiment", "EDIT")
+    experiment = environ.get("LEUKEMIA_EXPERIMENT") or DEFAULT_EXPERIMENT
+    model = environ.get("LEUKEMIA_MODEL_NAME") or DEFAULT_MODEL
+    training = MlflowAdmin(url, *users["training"])
+    experiment_id, done = ensure_resources(training, experiment, model)
+    for role, (username, _) in users.items():
         for resource_type, permission in GRANTS[role]:
             ensure_grant(admin, username, resource_type, permission)
-        grants = ", ".join(f"{p} on every {t}" for t, p in GRANTS[role])
-        done.append(f"{role} user {username}: {action}; {grants}")
+        granted = {t for t, _ in GRANTS[role]}
+        for resource_type in {"experiment", "registered_model"} - granted:
+            revoke_grant(admin, username, resource_type)
+        own = OWN_GRANTS[role]
+        ensure_grant(admin, username, "experiment", own, experiment_id)
+        ensure_grant(admin, username, "registered_model", own, model)
+        grants = ", ".join(f"{p} on every {t}" for t, p in GRANTS[role]) or "nothing else"
+        done.append(
+            f"{role} user {username}: {actions[role]}; {own} on experiment {experiment} and "
+            f"model {model}; {grants}"
+        )
     return done
 
 

@@ -150,6 +150,12 @@ def _predict(args: argparse.Namespace, results: TextIO) -> int:
     from leukemia import predict, registry
 
     ref = registry.resolve_model(args.model)  # fails fast, before TensorFlow is imported
+    if not ref.version:
+        print(
+            f"warning: {ref.uri} is not a registered version of {registry.model_name()}: its file "
+            "is unverified (no recorded sha256, no gate); use it for ad-hoc checks only",
+            file=sys.stderr,
+        )
     sources, skipped = predict.collect_inputs(args.inputs, args.conn_id)
     loaded = predict.load_model(ref)
     explainer = None

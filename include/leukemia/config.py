@@ -131,9 +131,37 @@ ENV_DEFAULTS: dict[str, tuple[str, str]] = {
         "read-only MLflow user of the scoring tasks (empty: MLFLOW_TRACKING_USERNAME)",
     ),
     "LEUKEMIA_SCORING_MLFLOW_PASSWORD": ("", "password of LEUKEMIA_SCORING_MLFLOW_USERNAME"),
+    # the promotion policy (policy.py): set by the deployment; a run's conf may only tighten it
+    "LEUKEMIA_MIN_F1_MACRO": (
+        str(RUN_DEFAULTS.min_f1_macro),
+        "promotion policy: test macro-F1 a candidate must reach to become champion",
+    ),
+    "LEUKEMIA_MIN_MALIGNANT_SENSITIVITY": (
+        str(RUN_DEFAULTS.min_malignant_sensitivity),
+        "promotion policy: share of malignant (Early, Pre, Pro) test images called malignant",
+    ),
+    "LEUKEMIA_MIN_BENIGN_SPECIFICITY": (
+        str(RUN_DEFAULTS.min_benign_specificity),
+        "promotion policy: share of Benign test images called benign",
+    ),
+    "LEUKEMIA_PROMOTION_MARGIN": (
+        str(RUN_DEFAULTS.promotion_margin),
+        "promotion policy: test macro-F1 a candidate must gain over the champion",
+    ),
     "LEUKEMIA_REQUIRE_APPROVAL": (
         "false",
-        "default of the training DAG's require_approval Param: a person approves each new champion",
+        "promotion policy: a person approves each candidate that passed the gate",
+    ),
+    "LEUKEMIA_APPROVAL_RESPONDENTS": (
+        "",
+        "promotion policy: Airflow users who may approve, comma-separated (empty: any user who "
+        "may act on the training DAG)",
+    ),
+    "LEUKEMIA_TRAINING_MLFLOW_USERNAME": (
+        "",
+        "the MLflow login that registers and promotes models; versions registered by any other "
+        "login are never loaded or promoted (empty: MLFLOW_TRACKING_USERNAME outside the scoring "
+        "login; 'local' on a store without logins)",
     ),
     "LEUKEMIA_AIRFLOW_API_URL": (
         "",
@@ -145,6 +173,7 @@ ENV_DEFAULTS: dict[str, tuple[str, str]] = {
 
 #: MLflow's client reads the login from these on every request.
 MLFLOW_LOGIN_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+TRAINING_LOGIN = "LEUKEMIA_TRAINING_MLFLOW_USERNAME"
 
 
 def env(name: str) -> str:
@@ -232,6 +261,17 @@ def mlflow_ui_url() -> str:
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
 
 
+def mlflow_identity() -> str:
+    """The MLflow login this process talks as (MLFLOW_TRACKING_USERNAME), 'local' without one."""
+    return os.environ.get("MLFLOW_TRACKING_USERNAME") or "local"
+
+
+def training_identity() -> str:
+    """The MLflow login that registers and promotes models: LEUKEMIA_TRAINING_MLFLOW_USERNAME,
+    else this process's login outside `scoring_mlflow_login` ('local' on a store without logins)."""
+    return env("LEUKEMIA_TRAINING_MLFLOW_USERNAME") or mlflow_identity()
+
+
 @contextmanager
 def scoring_mlflow_login() -> Iterator[None]:
     """Inside the block, talk to MLflow as the read-only scoring user, when one is configured.
@@ -252,7 +292,8 @@ def scoring_mlflow_login() -> Iterator[None]:
             "set both (the compose stack takes them from MLFLOW_SCORING_USERNAME/PASSWORD in .env) "
             "or neither"
         )
-    saved = {name: os.environ.get(name) for name in MLFLOW_LOGIN_VARIABLES}
+    saved = {name: os.environ.get(name) for name in (*MLFLOW_LOGIN_VARIABLES, TRAINING_LOGIN)}
+    os.environ[TRAINING_LOGIN] = training_identity()  # whose versions may be loaded: unchanged
     os.environ.update(dict(zip(MLFLOW_LOGIN_VARIABLES, (username, password), strict=True)))
     try:
         yield

@@ -22,7 +22,7 @@ from typing import Any
 from leukemia.config import CLASSES
 from leukemia.images import iter_image_files
 from leukemia.objectstore import join, read_location, write_location
-from leukemia.storage import MANIFEST_NAME, dataset_digest
+from leukemia.storage import MANIFEST_NAME, dataset_digest, label_conflicts
 
 log = logging.getLogger(__name__)
 
@@ -103,27 +103,35 @@ def assign_split(sha256: str, seed: int, fractions: Sequence[float]) -> str:
 def split_records(
     records: Iterable[ImageRecord], seed: int = 0, fractions: Sequence[float] = (0.7, 0.15, 0.15)
 ) -> tuple[list[dict[str, str]], list[dict[str, object]], int]:
-    """Rows with a `split` column, the label conflicts left out, and the number of duplicate groups."""
+    """Rows with a `split` column, the label conflicts left out, and the number of duplicate groups.
+
+    Content under more than one class is left out entirely (`storage.LabelConflict`); each conflict
+    is {sha256, labels, paths, majority} (majority None on a tie).
+    """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise ValueError(
             f"split fractions must be three non-negative numbers summing to 1, got {fractions}"
         )
+    records = list(records)
     by_hash: dict[str, list[ImageRecord]] = defaultdict(list)
     for rec in records:
         by_hash[rec.sha256].append(rec)
     rows: list[dict[str, str]] = []
     conflicts: list[dict[str, object]] = []
+    for conflict in label_conflicts((r.path, r.label, r.sha256) for r in records):
+        paths = sorted(p for names in conflict.copies.values() for p in names)
+        conflicts.append(
+            {
+                "sha256": conflict.sha256,
+                "labels": list(conflict.copies),
+                "paths": paths,
+                "majority": conflict.majority,
+            }
+        )
+        log.warning("%s (%s)", conflict.reason, ", ".join(paths))
+        del by_hash[conflict.sha256]
     duplicate_groups = 0
     for sha, group in sorted(by_hash.items()):
-        labels = sorted({r.label for r in group})
-        if len(labels) > 1:
-            conflicts.append(
-                {"sha256": sha, "labels": labels, "paths": sorted(r.path for r in group)}
-            )
-            log.warning(
-                "Label conflict: identical image under %s (%s); left out", labels, group[0].path
-            )
-            continue
         duplicate_groups += len(group) > 1
         split = assign_split(sha, seed, fractions)
         rows.extend(

@@ -47,29 +47,16 @@ REPORTED: dict[str, str] = {
 
 @dataclass(frozen=True)
 class Thresholds:
-    """What a candidate must reach to become champion (the training DAG's Params)."""
+    """What a candidate must reach to become champion.
+
+    Production reads them from the deployment's policy (`policy.Policy.from_env().thresholds()`,
+    tightened by a run's Params); these defaults are the policy's documented defaults.
+    """
 
     min_f1_macro: float = RUN_DEFAULTS.min_f1_macro
     min_malignant_sensitivity: float = RUN_DEFAULTS.min_malignant_sensitivity
     min_benign_specificity: float = RUN_DEFAULTS.min_benign_specificity
     min_gain_over_champion: float = RUN_DEFAULTS.promotion_margin
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> Thresholds:
-        """From DAG Params (`promotion_margin` is the gain over the champion); missing ones default."""
-        defaults = cls()
-        return cls(
-            min_f1_macro=float(params.get("min_f1_macro", defaults.min_f1_macro)),
-            min_malignant_sensitivity=float(
-                params.get("min_malignant_sensitivity", defaults.min_malignant_sensitivity)
-            ),
-            min_benign_specificity=float(
-                params.get("min_benign_specificity", defaults.min_benign_specificity)
-            ),
-            min_gain_over_champion=float(
-                params.get("promotion_margin", defaults.min_gain_over_champion)
-            ),
-        )
 
 
 #: Each check: the threshold's field in `Thresholds`, the MLflow metric it reads, its words.

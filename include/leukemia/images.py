@@ -1,8 +1,23 @@
 """Reading images, in one place: which names are images, the images of a folder, checks, decoding.
 
-The sync, feature extraction, prediction and the plots all read images through here, so an image is
-checked, converted to RGB and resized the same way everywhere (cached features and the saved model
-depend on it). numpy and Pillow are imported inside the functions that need them.
+The sync, feature extraction, prediction (and batch scoring, through it) and the plots all read
+images through here, so an image is checked, converted to RGB and resized the same way everywhere
+(cached features and the saved model depend on it). numpy and Pillow are imported inside the
+functions that need them.
+
+Images wider than 8 bits a sample are scaled to 8 bits by `to_rgb`, never clipped:
+
+- 16-bit integer (Pillow modes I;16, I;16L, I;16B, as 16-bit grey PNG and TIFF open): value / 257,
+  rounded, so 0..65535 maps onto 0..255. The scale is the bit depth, not the image's own range, so the
+  same value always gives the same pixel. 16-bit RGB(A) PNG and TIFF are scaled by Pillow itself as
+  it reads them (to the high byte, within 1 of value / 257).
+- 32-bit integer (mode I) and 32-bit float (mode F) have no known full scale, so the range of the
+  data decides: float within 0..1 is multiplied by 255; values within 0..255 are kept; values within
+  0..65535 are scaled as 16-bit. The choice is per image (a 16-bit-range image whose brightest pixel
+  is below 256 is taken as 8-bit data).
+- Anything else (negative values, values above 65535, NaN or infinity) cannot be converted
+  faithfully: ImageRejected, with the range found. TIFFs Pillow cannot open (floating-point colour,
+  64-bit samples) are rejected too.
 """
 
 from __future__ import annotations
@@ -131,6 +146,54 @@ def open_image(
         yield img
 
 
+#: The largest value of a sample in each data range `to_rgb` knows the scale of, and that scale.
+_KNOWN_RANGES = ((1.0, 255.0), (255.0, 1.0), (65535.0, 1 / 257))
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
+
+
+def _is_wide(mode: str) -> bool:
+    """True for Pillow modes with samples wider than 8 bits (I;16*, I, F)."""
+    return mode in ("I", "F") or mode.startswith("I;")
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """A wide single-band image (I;16*, I, F) as 8-bit grey, scaled by the module's rule."""
+    import numpy as np
+    from PIL import Image
+
+    arr = np.asarray(img)
+    if arr.dtype == np.uint16:  # a known bit depth: its full range, whatever the image holds
+        scale = 1 / 257
+    else:
+        kind = "32-bit float" if arr.dtype.kind == "f" else f"{arr.dtype.itemsize * 8}-bit integer"
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            raise ImageRejected(
+                f"cannot convert a {kind} image to 8-bit faithfully: NaN or infinite values in "
+                f"{bad:,} of {arr.size:,} pixels; save it as an 8- or 16-bit image"
+            )
+        low, high = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        ranges = _KNOWN_RANGES if arr.dtype.kind == "f" else _KNOWN_RANGES[1:]
+        scale = next((s for top, s in ranges if high <= top), None)
+        if low < 0 or scale is None:
+            known = ", ".join(f"0-{top:g}" for top, _ in ranges)
+            raise ImageRejected(
+                f"cannot convert a {kind} image to 8-bit faithfully: values span {low:g} to "
+                f"{high:g}, outside the ranges with a known scale ({known}); save it as an 8- or "
+                "16-bit image"
+            )
+    pixels = np.rint(arr.astype("float32") * np.float32(scale))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype("uint8"))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """`img` as 8-bit RGB: wide samples scaled by the module's rule, never clipped.
+
+    Raises ImageRejected when the samples cannot be converted faithfully.
+    """
+    return (_eight_bit(img) if _is_wide(img.mode) else img).convert("RGB")
+
+
 def validate_image(data: bytes, limits: ImageLimits | None = None) -> tuple[int, int]:
     """Decode `data` fully; return (width, height) or raise ImageRejected with the reason."""
     from PIL import Image, UnidentifiedImageError
@@ -145,9 +208,16 @@ def validate_image(data: bytes, limits: ImageLimits | None = None) -> tuple[int,
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             width, height = img.size
+            if _is_wide(img.mode):
+                _eight_bit(img)  # raises ImageRejected when it cannot be converted faithfully
     except ImageRejected:
         raise
     except UnidentifiedImageError:
+        if data.startswith(_TIFF_MAGIC):
+            raise ImageRejected(
+                "not an image Pillow can read: a TIFF whose sample format it does not support "
+                "(e.g. floating-point colour or 64-bit samples); save it as 8- or 16-bit RGB"
+            ) from None
         raise ImageRejected("not an image: Pillow cannot identify it") from None
     except Image.DecompressionBombError as exc:  # not an OSError: would abort the whole sync
         raise ImageRejected(f"image too large: {exc}") from None
@@ -161,7 +231,8 @@ def validate_image(data: bytes, limits: ImageLimits | None = None) -> tuple[int,
 def load_image(
     source: str | Path | BinaryIO, size: int, limits: ImageLimits | None = None
 ) -> np.ndarray:
-    """An RGB image as float32 pixels 0-255 of shape (size, size, 3), resized bilinearly if needed.
+    """An image as float32 RGB pixels 0-255 of shape (size, size, 3) (`to_rgb`), resized bilinearly
+    if needed.
 
     The one conversion every model input goes through: training features, prediction, Grad-CAM.
     """
@@ -169,7 +240,7 @@ def load_image(
     from PIL import Image
 
     with open_image(source, limits) as img:
-        img = img.convert("RGB")
+        img = to_rgb(img)
         if img.size != (size, size):
             img = img.resize((size, size), Image.Resampling.BILINEAR)
         return np.asarray(img, dtype="float32")
@@ -192,7 +263,7 @@ def fit_in_box(image: np.ndarray | str | Path, box: int) -> np.ndarray:
 
     if isinstance(image, (str, Path)):
         with open_image(image) as im:
-            pil = im.convert("RGB")
+            pil = to_rgb(im)
     else:
         arr = np.asarray(image)
         if arr.ndim == 3 and arr.shape[2] == 1:

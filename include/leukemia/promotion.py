@@ -358,10 +358,14 @@ def select_and_promote(
     thresholds: Any = None,
     source: str = "",
 ) -> dict[str, Any]:
-    """Select, register, gate and decide without a person (approval off): the steps of the
-    training DAG for benchmarks and tests. Returns the decision."""
-    from leukemia import gate
+    """Select, register, gate and decide without a person: the steps of the training DAG for
+    benchmarks and tests. The gate's thresholds default to the deployment's policy; where the
+    policy requires approval, a candidate that passed keeps the champion (nobody was asked).
+    Returns the decision."""
     from leukemia.dataset import read_split, split_counts
+    from leukemia.policy import Policy
+
+    policy = Policy.from_env()
 
     selected = select_candidate(experiment_id, airflow_run_id)
     rows = read_split(split_path)
@@ -372,10 +376,10 @@ def select_and_promote(
         "counts": split_counts(rows),
         "digest": "",
     }
-    gated = register_and_gate(selected, split, thresholds or gate.Thresholds(), airflow_run_id)
-    review = automatic_choice(gated, require_approval=False) or Review(
-        KEEP, "the gate", "automatic", "no decision could be taken without a person"
-    )  # automatic_choice always decides when approval is off; keeping the champion is the safe side
+    gated = register_and_gate(selected, split, thresholds or policy.thresholds(), airflow_run_id)
+    review = automatic_choice(gated, policy.require_approval) or Review(
+        KEEP, "the gate", "automatic", "approval required by the policy, and nobody was asked"
+    )  # keeping the champion is the safe side
     return decide(gated, review, source or airflow_run_id or "select_and_promote")
 
 

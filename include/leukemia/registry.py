@@ -21,12 +21,12 @@ import hashlib
 import logging
 import re
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from leukemia.config import env, tracking_uri
+from leukemia.config import env, mlflow_identity, tracking_uri, training_identity
 from leukemia.errors import first_line
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 #: Where `mlflow.keras.log_model` keeps the Keras file inside a logged model's folder.
 MODEL_FILE = "data/model.keras"
 SHA256_TAG = "model_sha256"
+#: The MLflow login that registered the version (`config.mlflow_identity`), checked on every load.
+REGISTERED_BY_TAG = "registered_by"
 #: The registered version's `shortcut_warnings` when its run was never audited.
 NOT_AUDITED = (
     "not audited: the run has no shortcut audit (audit_images 0, or the audit task failed)"
@@ -59,6 +61,10 @@ class RegistryUnavailable(ModelError):
 
 class ModelVerificationError(ModelError):
     """A model's files are not what was promoted, or not a plain `.keras` model."""
+
+
+class ChampionMissing(ModelError):
+    """`@champion` is gone although the alias history records one: deleted, never "no champion"."""
 
 
 def model_name(name: str | None = None) -> str:
@@ -108,8 +114,37 @@ def _by_alias(name: str, alias: str) -> Any | None:
 
 
 def current_champion(name: str | None = None) -> Any | None:
-    """The model version `@champion` points to; None only when there is none (fails closed)."""
-    return _by_alias(model_name(name), CHAMPION)
+    """The model version `@champion` points to; None only when there never was one (fails closed).
+
+    When the alias is gone but its history records a champion, the alias was deleted (or a move
+    stopped half-way): `ChampionMissing`, never "no champion yet", so scoring, the gate and
+    `predict` stop instead of skipping or gating against nothing.
+    """
+    name = model_name(name)
+    version = _by_alias(name, CHAMPION)
+    if version is None:
+        missing = champion_missing(name)
+        if missing is not None:
+            raise missing
+    return version
+
+
+def champion_missing(name: str) -> ChampionMissing | None:
+    """The error for a `@champion` that the history says should exist, or None when none was."""
+    moves = history(name)
+    if not moves:
+        return None
+    last = moves[-1]
+    # a move recorded but not completed left the alias where it was: on the version it came from
+    expected = last.to_version if last.completed else last.from_version
+    if not expected:
+        return None  # the first promotion stopped before the alias moved: never a champion
+    return ChampionMissing(
+        f"@champion of {name} is gone, but its history records v{expected} as champion "
+        f"(moved {last.at} by {last.by}): the alias was deleted outside the pipeline. Nothing "
+        "is scored or gated until it is restored: `python -m leukemia champion rollback --to "
+        f"{expected} --reason '...'` (after checking who removed it)"
+    )
 
 
 def champion_digest(name: str | None = None) -> str | None:
@@ -218,6 +253,31 @@ def resolve_model(model_uri: str | None = None) -> ModelRef:
     )
 
 
+def resolve_served(model_uri: str | None = None) -> ModelRef:
+    """What may write to the shared prediction store: a registered version of the pipeline's model
+    (`@alias` or a version number) that passed the promotion gate, or was champion before; default
+    the champion. Any other URI (`runs:/`, `models:/m-…`, a path, another model, a rejected or
+    ungated version) is refused in one line; loading the version then checks who registered it and
+    its sha256 (`load_keras`)."""
+    name = model_name()
+    uri = model_uri or default_model_uri(name)
+    match = _MODELS_URI.match(uri)
+    registered = match is not None and match["name"] == name
+    if not registered or (match["alias"] is None and not str(match["version"]).isdigit()):
+        raise ModelVerificationError(
+            f"scoring writes predictions only from registered versions of {name} that passed "
+            f"the promotion gate (models:/{name}@champion, @challenger or /<version>), not "
+            f"{uri}: try other models with `python -m leukemia predict --model {uri}`, which "
+            "never writes to the shared prediction store"
+        )
+    ref = resolve_model(uri)
+    version = registered_version(ref)
+    refused = refusal(version, "rollback", name)  # passed the gate, or champion before
+    if refused:
+        raise ModelVerificationError(f"not scored with it: {refused}")
+    return ref
+
+
 def _resolve_error(
     exc: Exception, name: str, alias: str | None, version: str | None, uri: str, server: str
 ) -> ModelError:
@@ -229,6 +289,9 @@ def _resolve_error(
             f"registered model {name} does not exist in MLflow at {server}: run the training "
             "DAG (leukemia_training) first, or pass --model with another model URI"
         )
+    missing = champion_missing(name) if is_not_found(exc) and alias == CHAMPION else None
+    if missing is not None:
+        return missing
     if is_not_found(exc):
         what = f"has alias {alias}" if alias is not None else f"is version {version}"
         return NoChampionError(
@@ -279,16 +342,22 @@ def download_model(uri: str) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
 
 
-def expected_sha256(ref: ModelRef) -> str | None:
-    """The sha256 recorded on a registered version; None for URIs outside the registry."""
-    if not ref.version:
-        return None
+def registered_version(ref: ModelRef) -> Any:
+    """The MLflow model version `ref` names (with its tags); RegistryUnavailable when unreadable."""
     try:
-        version = client().get_model_version(ref.name, ref.version)
+        return client().get_model_version(ref.name, ref.version)
     except Exception as exc:
         raise RegistryUnavailable(
             f"cannot read {ref.name} v{ref.version} from MLflow: {first_line(exc)}"
         ) from exc
+
+
+def expected_sha256(ref: ModelRef) -> str | None:
+    """The sha256 recorded on a registered version; None for URIs outside the registry."""
+    if not ref.version:
+        return None
+    version = registered_version(ref)
+    check_registered_by(version, ref.name)
     recorded = version.tags.get(SHA256_TAG)
     if not recorded:
         raise ModelVerificationError(
@@ -296,6 +365,24 @@ def expected_sha256(ref: ModelRef) -> str | None:
             "the training DAG's promotion, so it is not loaded; promote a model with the DAG"
         )
     return recorded
+
+
+def check_registered_by(version: Any, name: str) -> None:
+    """Refuse, in one line, a version that the training login did not register.
+
+    The training DAG's registration records its MLflow login on the version (`registered_by`,
+    `record_sha256`); only logins that may edit the registered model (the training user and the
+    admin, docker/mlflow/setup_users.py) can write that tag, so a version added by anyone else,
+    or by hand, is never loaded or promoted.
+    """
+    who, expected = version.tags.get(REGISTERED_BY_TAG, ""), training_identity()
+    if who != expected:
+        by = f"by {who}" if who else f"without a {REGISTERED_BY_TAG} tag (by hand, or before it)"
+        raise ModelVerificationError(
+            f"{name} v{version.version} was registered {by}, not by the training login "
+            f"{expected!r} (LEUKEMIA_TRAINING_MLFLOW_USERNAME): it is never loaded or promoted; "
+            "register and promote models only through the training DAG"
+        )
 
 
 def verified_file(ref: ModelRef) -> Path:
@@ -380,9 +467,13 @@ def register_once(name: str, model_uri: str, run_id: str) -> Any:
 
 
 def record_sha256(name: str, version: str) -> str:
-    """Hash the registered version's `.keras` file and record it on the version, once: a retry
-    keeps the first hash, so a file changed between attempts is refused rather than blessed."""
-    recorded = client().get_model_version(name, version).tags.get(SHA256_TAG)
+    """Hash the registered version's `.keras` file and record it on the version with the MLflow
+    login that registered it (`registered_by`), once: a retry keeps the first hash, so a file
+    changed between attempts is refused rather than blessed."""
+    tags = client().get_model_version(name, version).tags
+    if not tags.get(REGISTERED_BY_TAG):
+        client().set_model_version_tag(name, version, REGISTERED_BY_TAG, mlflow_identity())
+    recorded = tags.get(SHA256_TAG)
     if recorded:
         return recorded
     uri = f"models:/{name}/{version}"
@@ -459,6 +550,8 @@ class AliasMove:
     reason: str
     by: str
     source: str  # the Airflow DAG run, or the command line and host
+    #: False from recording the move until the alias has moved (records before this field: moved)
+    completed: bool = True
 
     def describe(self) -> str:
         """One line: `2026-11-27 12:45  v1 → v2  promotion by dr-lee (source): …`."""
@@ -471,9 +564,13 @@ class AliasMove:
 
 def history(name: str | None = None) -> list[AliasMove]:
     """Every recorded move of `@champion`, oldest first (fails closed like the champion lookup)."""
+    return [move for _, move in _recorded_moves(model_name(name))]
+
+
+def _recorded_moves(name: str) -> list[tuple[str, AliasMove]]:
+    """(tag key, move) of every recorded move of `@champion`, oldest first."""
     import json
 
-    name = model_name(name)
     try:
         tags = client().get_registered_model(name).tags
     except Exception as exc:
@@ -483,11 +580,11 @@ def history(name: str | None = None) -> list[AliasMove]:
             f"cannot read {name} from MLflow at {tracking_uri()}: {first_line(exc)}"
         ) from exc
     moves = [
-        AliasMove(**json.loads(value))
+        (key, AliasMove(**json.loads(value)))
         for key, value in sorted(tags.items())
         if key.startswith(MOVE_TAG_PREFIX)
     ]
-    return sorted(moves, key=lambda m: m.at)
+    return sorted(moves, key=lambda item: item[1].at)
 
 
 def refusal(version: Any, kind: str, name: str) -> str | None:
@@ -552,10 +649,10 @@ def move_champion(
     if reason_refused:
         raise ModelVerificationError(reason_refused)
     verified_file(version_ref(name, to_version))
-    current = current_champion(name)
+    current = _by_alias(name, CHAMPION)  # a deleted alias is restored by this move
     from_version = str(current.version) if current is not None else ""
-    recorded = history(name)
-    last = recorded[-1] if recorded else None
+    recorded = _recorded_moves(name)
+    last_key, last = recorded[-1] if recorded else ("", None)
     if last is not None and (last.to_version, last.source, last.reason) != (
         to_version,
         source,
@@ -565,21 +662,40 @@ def move_champion(
     if from_version == to_version:
         if last is not None:
             log.info("@champion already points to v%s (moved by %s)", to_version, source)
-            return last
+            return _complete(mlflow_client, name, last_key, last)
         raise ValueError(f"{name} v{to_version} is already @champion: nothing to move")
     if last is not None and last.from_version == from_version:
-        move = last  # recorded by an attempt that stopped before the alias moved: complete it
+        move, key = last, last_key  # recorded by an attempt stopped before the alias moved
         log.info("Completing the move recorded at %s", move.at)
     else:
         now = datetime.now(UTC)
         move = AliasMove(
-            now.isoformat(timespec="seconds"), from_version, to_version, kind, reason, by, source
+            now.isoformat(timespec="seconds"),
+            from_version,
+            to_version,
+            kind,
+            reason,
+            by,
+            source,
+            completed=False,
         )
         key = f"{MOVE_TAG_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%fZ')}"
         mlflow_client.set_registered_model_tag(name, key, json.dumps(asdict(move)))
     mlflow_client.set_registered_model_alias(name, CHAMPION, to_version)
+    move = _complete(mlflow_client, name, key, move)
     log.info("@champion of %s: %s", name, move.describe())
     return move
+
+
+def _complete(mlflow_client: Any, name: str, key: str, move: AliasMove) -> AliasMove:
+    """Mark a recorded move as done once the alias points where it says (a no-op when it is)."""
+    import json
+
+    if move.completed:
+        return move
+    done = replace(move, completed=True)
+    mlflow_client.set_registered_model_tag(name, key, json.dumps(asdict(done)))
+    return done
 
 
 def rollback(

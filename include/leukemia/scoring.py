@@ -122,13 +122,14 @@ def score_incoming(
     stays bounded however many images are pending. The ledger is updated last, with a condition
     that keeps the entries of a scoring run that overlapped this one.
     """
-    from leukemia import predict
+    from leukemia import predict, registry
     from leukemia.storage import s3_client
 
     started = time.monotonic()
     prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
     client = client or s3_client(conn_id)
-    model = predict.load_model(model_uri)
+    # the shared prediction store gets only gated, registered versions (checked and verified)
+    model = predict.load_model(registry.resolve_served(model_uri))
     result = ScoringResult(model_uri=model.ref.pinned_uri, model_version=model.version)
     ledger_at = ledger_key(model.version, predictions_prefix)
     result.ledger_uri = f"s3://{bucket}/{ledger_at}"

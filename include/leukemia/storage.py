@@ -48,6 +48,7 @@ PROGRESS_EVERY = 200
 #: Longest local file name (UTF-8 bytes) a key may map to: file systems allow 255, and the name must
 #: also fit in `quarantine/` and `trash/` on any of them.
 MAX_NAME_BYTES = 200
+FOLDER_MARKER = "folder marker (0-byte key ending in /)"
 
 
 class SyncLocked(RuntimeError):
@@ -60,7 +61,12 @@ class SyncIncomplete(RuntimeError):
 
 @dataclass
 class SyncResult:
-    """What one sync did; `digest` identifies the local image set."""
+    """What one sync did; `digest` identifies the local image set.
+
+    `skipped` names every listed key that is not in the data set, with the reason: objects that were
+    never stored (not images, too large, quarantined, folder markers) and images that are stored and
+    counted in `images` but that the split leaves out (label conflicts, see `LabelConflict`).
+    """
 
     listed: int = 0
     downloaded: int = 0
@@ -132,6 +138,50 @@ def classify_key(key: str, prefix: str) -> tuple[str, str] | str:
     if (n := len(parts[1].encode("utf-8", "surrogatepass"))) > MAX_NAME_BYTES:
         return f"file name too long: {n} bytes, at most {MAX_NAME_BYTES} bytes; rename the object"
     return label, parts[1]
+
+
+@dataclass(frozen=True)
+class LabelConflict:
+    """Identical content under more than one class. Every copy is left out of the data set (the
+    split drops them, the sync reports them): which copies are right is for a person to decide."""
+
+    sha256: str
+    copies: dict[str, list[str]]  # class -> the names (keys or paths) of its copies, sorted
+
+    @property
+    def majority(self) -> str | None:
+        """The class that holds the most copies, or None when two or more classes tie."""
+        most = max(len(names) for names in self.copies.values())
+        top = [label for label, names in self.copies.items() if len(names) == most]
+        return top[0] if len(top) == 1 else None
+
+    @property
+    def reason(self) -> str:
+        """One line for the sync report: the classes, the majority (or the tie), what happens."""
+        counts = {label: len(names) for label, names in self.copies.items()}
+        under = ", ".join(f"{label} x{n}" for label, n in counts.items())
+        total, most = sum(counts.values()), max(counts.values())
+        if (majority := self.majority) is not None:
+            verdict = f"majority {majority} ({most} of {total} copies)"
+        else:
+            tied = " and ".join(label for label, n in counts.items() if n == most)
+            verdict = f"a tie between {tied} ({most} copies each)"
+        return (
+            f"label conflict: identical content (sha256 {self.sha256[:12]}) under {under}; "
+            f"{verdict}; every copy is left out of the data set: delete or move the wrong copies"
+        )
+
+
+def label_conflicts(entries: Iterable[tuple[str, str, str]]) -> list[LabelConflict]:
+    """The contents found under more than one class, from (name, class, sha256) entries."""
+    by_sha: dict[str, dict[str, list[str]]] = {}
+    for name, label, sha in entries:
+        by_sha.setdefault(sha, {}).setdefault(label, []).append(name)
+    return [
+        LabelConflict(sha, {label: sorted(copies[label]) for label in sorted(copies)})
+        for sha, copies in sorted(by_sha.items())
+        if len(copies) > 1
+    ]
 
 
 def dataset_digest(entries: Iterable[tuple[str, str]]) -> str:
@@ -396,8 +446,9 @@ def _plan(run: _Sync, listing: dict[str, dict[str, Any]]) -> list[_Download]:
     owners = {e["path"]: k for k, e in run.images.items()}
     todo: list[_Download] = []
     for key, obj in sorted(listing.items()):
-        if key.endswith("/") and int(obj["Size"]) == 0:
-            continue  # a "folder" marker made by consoles
+        if key.endswith("/") and int(obj["Size"]) == 0:  # made by consoles' "create folder"
+            run.skip(key, FOLDER_MARKER)
+            continue
         ident = _identity(obj)
         if _same(run.images.get(key), ident):
             run.result.unchanged += 1
@@ -551,8 +602,19 @@ def _reconcile(run: _Sync) -> None:
             log.warning("Moved %s to trash/: no object recorded in the manifest owns it", rel)
 
 
+def _report_conflicts(run: _Sync) -> None:
+    """Name every stored copy of content found under two classes in the report (they stay stored)."""
+    entries = ((key, e["label"], e["sha256"]) for key, e in run.images.items())
+    for conflict in label_conflicts(entries):
+        keys = [key for names in conflict.copies.values() for key in names]
+        log.warning("%s: %s", conflict.reason, ", ".join(keys))
+        for key in keys:
+            run.skip(key, conflict.reason)
+
+
 def _finish(run: _Sync, started: float) -> SyncResult:
     """Write the final manifest (with the digest) and the report; log the tally."""
+    _report_conflicts(run)
     result, root = run.result, run.root
     result.images = len(run.images)
     result.digest = dataset_digest((e["label"], e["sha256"]) for e in run.images.values())

@@ -22,16 +22,17 @@ from leukemia.config import RUN_DEFAULTS, env, project_root
 
 log = logging.getLogger(__name__)
 
-#: The demo's promotion: synthetic smears on a random VGG16 say nothing clinical, and a test split
-#: of a few images makes any clinical threshold a coin toss, so the demo's first model always
-#: becomes champion (the gate reports, and still keeps a worse model from replacing the champion),
-#: and nobody is asked to approve, so the demo never waits. Production keeps the defaults of
-#: `config.RUN_DEFAULTS`; a conf given to the demo overrides these.
-DEMO_PROMOTION: dict[str, Any] = {
-    "min_f1_macro": 0.0,
-    "min_malignant_sensitivity": 0.0,
-    "min_benign_specificity": 0.0,
-    "require_approval": False,
+#: The demo's promotion policy, set in its environment like a deployment's (`policy.py`): synthetic
+#: smears on a random VGG16 say nothing clinical, and a test split of a few images makes any
+#: clinical threshold a coin toss, so the demo's first model always becomes champion (the gate
+#: reports, and still keeps a worse model from replacing the champion), and nobody is asked to
+#: approve, so the demo never waits. A value already in the caller's environment wins; a run's conf
+#: can only tighten it.
+DEMO_POLICY: dict[str, str] = {
+    "LEUKEMIA_MIN_F1_MACRO": "0",
+    "LEUKEMIA_MIN_MALIGNANT_SENSITIVITY": "0",
+    "LEUKEMIA_MIN_BENIGN_SPECIFICITY": "0",
+    "LEUKEMIA_REQUIRE_APPROVAL": "false",
 }
 
 #: Input size of the synthetic demo when the VGG16 trunk is randomly initialised (see `demo_size`).
@@ -65,6 +66,7 @@ def embedded_env(workdir: Path, endpoint_url: str) -> dict[str, str]:
     given = os.environ.get("NO_PROXY") or os.environ.get("no_proxy") or ""
     no_proxy = ",".join(filter(None, [given, "127.0.0.1", "localhost"]))
     return {
+        **DEMO_POLICY,
         **os.environ,
         **hermetic_env(workdir),
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
@@ -238,7 +240,7 @@ def run_demo(
     from leukemia.dev.synthetic import generate
     from leukemia.storage import upload_folder
 
-    run_conf: dict[str, Any] = {**DEMO_PROMOTION, **(conf or {})}
+    run_conf: dict[str, Any] = dict(conf or {})
     weights, notice = choose_weights(
         str(run_conf.get("weights") or env("LEUKEMIA_WEIGHTS")), synthetic=data is None
     )

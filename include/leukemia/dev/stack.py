@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from leukemia.config import CLASSES, env, project_root
+from leukemia.dev.demo import DEMO_POLICY
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,9 @@ def redis_server() -> str:
     """Path of `redis-server`."""
     found = shutil.which("redis-server")
     if not found:
-        raise StackError("redis-server not found: apt-get install redis-server (.ci/run does this)")
+        raise StackError(
+            "redis-server not found: apt-get install redis-server (make test does this as root)"
+        )
     return found
 
 
@@ -656,6 +659,9 @@ class Stack:
             "LEUKEMIA_TRAINING_SLOTS": str(self.training_slots),
             "MLFLOW_TRACKING_URI": self.mlflow_url,
             "PYTHONPATH": str(root / "include"),
+            # a tiny model: the gate only reports and nobody is asked; policy, as in production,
+            # comes from the deployment's environment, never from the run's conf
+            **DEMO_POLICY,
         }
         return {**self._base_env(), **settings, **self.extra_env}
 
@@ -970,10 +976,6 @@ def tiny_conf(params: set[str], size: int = 48, shards: int = 2) -> dict[str, An
         conf["heads"] = ["mlp"]
     if "cv_folds" in params:
         conf["cv_folds"] = 2
-    if "require_approval" in params:  # a tiny model: the gate only reports, and nobody is asked
-        from leukemia.dev.demo import DEMO_PROMOTION
-
-        conf.update(DEMO_PROMOTION)
     return conf
 
 

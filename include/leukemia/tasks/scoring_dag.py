@@ -16,12 +16,16 @@ LISTED_SKIPPED = 20
 
 def champion_or_none(model_uri: str | None = None) -> dict[str, str] | None:
     """The model to score with, pinned to one version; None when no champion exists yet (the
-    scoring DAG then skips: the champion asset triggers it again once training promotes one)."""
+    scoring DAG then skips: the champion asset triggers it again once training promotes one).
+
+    Only a registered version of the pipeline's model that passed the gate may score
+    (`registry.resolve_served`); a deleted `@champion` fails the task (`registry.ChampionMissing`).
+    """
     from leukemia import registry
 
     try:
         with scoring_mlflow_login():
-            ref = registry.resolve_model(model_uri or None)
+            ref = registry.resolve_served(model_uri or None)
     except registry.NoChampionError as exc:
         if model_uri:
             raise

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from leukemia.config import RUN_DEFAULTS, StorageConfig, env, env_flag, work_uri
+from leukemia.config import RUN_DEFAULTS, StorageConfig, env, work_uri
 from leukemia.objectstore import with_conn
 
 log = logging.getLogger(__name__)
@@ -66,29 +66,30 @@ class RunRequest:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> RunRequest:
-        """Convert a DAG run's Params (absent keys: defaults; `weights`: LEUKEMIA_WEIGHTS,
-        `require_approval`: LEUKEMIA_REQUIRE_APPROVAL) once."""
+        """Convert a DAG run's Params once (absent keys: defaults; `weights`: LEUKEMIA_WEIGHTS).
+
+        The gate's thresholds and the approval settings are the deployment's policy
+        (`policy.Policy.from_env`) tightened by the Params; a looser Param raises
+        `policy.PolicyViolation` (one line), so no task of such a run does anything.
+        """
+        from leukemia.policy import POLICY_PARAMS, Policy
+
+        policy = Policy.from_env().tightened(params)
         values: dict[str, Any] = {
             "weights": env("LEUKEMIA_WEIGHTS"),
-            "require_approval": env_flag("LEUKEMIA_REQUIRE_APPROVAL"),
+            **{name: getattr(policy, name) for name in POLICY_PARAMS},
         }
         for f in fields(cls):
-            if f.name not in params or params[f.name] is None:
+            if f.name not in params or params[f.name] is None or f.name in POLICY_PARAMS:
                 continue
             value = params[f.name]
-            if f.name in ("optimizers", "variants", "heads", "approval_respondents"):
+            if f.name in ("optimizers", "variants", "heads"):
                 value = tuple(str(v) for v in value)
             elif f.name in ("batch_sizes", "head_units"):
                 value = tuple(int(v) for v in value)
             elif f.name == "learning_rate":
                 value = float(value) if value not in ("", 0) else None
-            elif f.name in (
-                "force_retrain",
-                "mask_overlay",
-                "require_approval",
-                "fine_tune",
-                "refit",
-            ):
+            elif f.name in ("force_retrain", "mask_overlay", "fine_tune", "refit"):
                 value = bool(value)
             else:
                 value = type(getattr(RUN_DEFAULTS, f.name, f.default))(value)
