@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import io
+import os
+import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from leukemia.dev.demo import choose_weights, demo_size, task_errors
+from leukemia.dev.demo import airflow, choose_weights, demo_size, task_errors
+from leukemia.dev.progress import DagTestProgress
 from leukemia.weights import WeightsUnavailable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +38,120 @@ KeyError: 'second attempt'
 2026-11-27T11:35:44.686677Z [info     ] [DAG TEST] starting task_id=report map_index=-1 [x]
 ValueError: printed by a task that succeeded
 """
+
+
+_STAMP = "2026-11-27T11:30:{:06.3f}Z [info     ] "
+_API = "[airflow.api_fastapi.execution_api.routes.task_instances] loc=task_instances.py:485"
+
+
+def _instance(
+    task_id: str, index: int, start_s: float, end_s: float, state: str, *between: str
+) -> list[str]:
+    """What `airflow dags test` prints for one task instance, Airflow's own lines in between."""
+    return [
+        _STAMP.format(start_s) + f"[DAG TEST] starting task_id={task_id} map_index={index} [x]",
+        *between,
+        _STAMP.format(end_s - 0.5) + f"Task instance state updated {_API} new_state={state}",
+        _STAMP.format(end_s) + f"[DAG TEST] end task task_id={task_id} map_index={index} [x]",
+    ]
+
+
+#: `airflow dags test` output as it streams: two shards of extraction, a grid of two trainings
+#: (train[0] fails once and is retried), and the lines of Airflow's own that come between.
+STREAM = [
+    *_instance("sync_images", -1, 0.1, 5.3, "success", _STAMP.format(1) + "Task started  [x]"),
+    *_instance(
+        "extract_features", 0, 5.4, 15.4, "success", "WARNING: All log messages before absl"
+    ),
+    *_instance("extract_features", 1, 15.5, 27.5, "success"),
+    *_instance(
+        "train",
+        0,
+        27.6,
+        28.6,
+        "up_for_retry",
+        _STAMP.format(28) + "Task failed with exception     [task] loc=task_runner.py:1",
+        "ValueError: first attempt",
+    ),
+    *_instance("train", 0, 29.6, 33.6, "success"),
+    *_instance("train", 1, 33.7, 39.7, "failed"),
+]
+#: What the demo prints for STREAM (times in UTC): one line per finished task instance.
+PROGRESS = [
+    "sync_images              success         5.2 s   11:30:00 → 11:30:05",
+    "extract_features[0]      success        10.0 s   11:30:05 → 11:30:15   extraction 1/2 done, "
+    "ETA 10 s",
+    "extract_features[1]      success        12.0 s   11:30:15 → 11:30:27   extraction 2/2 done",
+    "train[0]                 up_for_retry    1.0 s   11:30:27 → 11:30:28   grid 0/2 done",
+    "train[0]                 success         4.0 s   11:30:29 → 11:30:33   grid 1/2 done, ETA 4 s",
+    "train[1]                 failed          6.0 s   11:30:33 → 11:30:39   grid 2/2 done",
+]
+
+
+@pytest.fixture()
+def utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Local time is UTC, so that the clock times printed are those of the log."""
+    import time
+
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_progress_prints_one_line_per_task_with_seconds_and_k_of_n_done(
+    utc: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    asked: list[str] = []
+
+    def total(task_id: str) -> int | None:
+        asked.append(task_id)
+        return 2
+
+    with DagTestProgress(live=False, total=total) as progress:
+        for line in STREAM:
+            progress.feed(line + "\n")
+    out = capsys.readouterr().out
+    assert out.splitlines() == PROGRESS
+    assert asked == ["extract_features", "train"]  # once per mapped task, when it first starts
+
+
+def test_progress_without_the_instance_count_still_counts_what_is_done(utc: None) -> None:
+    out = io.StringIO()
+    with DagTestProgress(out, live=False) as progress:
+        for line in STREAM[4:11]:  # the two shards of extraction
+            progress.feed(line)
+    assert [line.split("   ")[-1] for line in out.getvalue().splitlines()] == [
+        "extraction 1/? done",
+        "extraction 2/? done",
+    ]
+
+
+def test_progress_on_a_terminal_prints_the_same_lines_above_its_bar(utc: None) -> None:
+    out = io.StringIO()
+    with DagTestProgress(out, live=True, total=lambda task_id: 2) as progress:
+        for line in STREAM:
+            progress.feed(line)
+    printed = [line.rstrip() for line in out.getvalue().splitlines() if "→" in line]
+    assert printed == PROGRESS
+
+
+def test_airflows_own_lines_go_to_the_log_file_and_only_progress_to_stdout(
+    utc: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recorded = tmp_path / "recorded.log"
+    recorded.write_text("\n".join(STREAM) + "\n")
+    fake = tmp_path / "bin" / "airflow"  # the `airflow` beside the interpreter: prints the log
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\ncat {recorded}\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake.parent / "python"))
+    log_file = tmp_path / "last_run.log"
+    with DagTestProgress(live=False, total=lambda task_id: 2) as progress:
+        airflow(["dags", "test"], dict(os.environ), log_file=log_file, on_line=progress.feed)
+    assert capsys.readouterr().out.splitlines() == PROGRESS
+    assert log_file.read_text() == recorded.read_text()
 
 
 def _demo(environ: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -87,6 +206,12 @@ def test_offline_demo_falls_back_registers_a_champion_and_writes_only_its_workdi
     assert "could not be downloaded" in notices[0] and "weights=none" in notices[0]
     assert "=== Champion ===" in proc.stdout
     assert "leukemia-classifier v1" in proc.stdout
+    # progress, not Airflow's log: one line per task, the grid's k of n; the log in its file
+    assert len(proc.stdout.splitlines()) <= 60, proc.stdout
+    assert "[DAG TEST]" not in proc.stdout and "Task instance state updated" not in proc.stdout
+    assert re.search(r"^sync_images +success +\d+\.\d s ", proc.stdout, re.MULTILINE)
+    assert re.search(r"^train\[\d\] +success .* grid 4/(4|\?) done$", proc.stdout, re.MULTILINE)
+    assert "[DAG TEST] starting task_id=train" in (workdir / "last_run.log").read_text()
     assert '"weights": "none"' in proc.stdout
     assert list(Path(offline["HOME"]).iterdir()) == []  # no ~/airflow, ~/.keras, ~/.config
     assert list(cwd.iterdir()) == []  # no ./mlruns
@@ -130,5 +255,8 @@ def test_failed_demo_ends_with_a_short_diagnosis(offline: dict[str, str], tmp_pa
         "keep_champion, promote, refit, register_and_gate, reject, report, select_candidate, train"
     )
     assert tail[3] == f"Full output with the task logs: {workdir / 'last_run.log'}"
-    assert "Task failed with exception" in (workdir / "last_run.log").read_text()
-    assert proc.stdout.count("[DAG TEST] starting task_id=plan_extraction") == 1  # no retry
+    log = (workdir / "last_run.log").read_text()
+    assert "Task failed with exception" in log
+    assert log.count("[DAG TEST] starting task_id=plan_extraction") == 1  # no retry
+    assert re.search(r"^plan_extraction +failed +\d+\.\d s ", proc.stdout, re.MULTILINE)
+    assert "Task failed with exception" not in proc.stdout  # Airflow's lines stay in the log

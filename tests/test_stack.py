@@ -33,6 +33,7 @@ from leukemia.dev.stack import (
     tiny_conf,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 PER_CLASS = 12
 RUN_TIMEOUT_S = 600
 
@@ -160,6 +161,59 @@ def test_the_stacks_tiny_run_gets_its_loose_policy_from_the_airflow_environment(
     environ = stack.airflow_env()
     assert environ["LEUKEMIA_REQUIRE_APPROVAL"] == "false"
     assert environ["LEUKEMIA_MIN_MALIGNANT_SENSITIVITY"] == "0"
+
+
+def _compose_airflow_common() -> dict[str, str]:
+    """docker-compose.yaml's x-airflow-common environment, read here without the stack's help."""
+    import yaml
+
+    doc = yaml.safe_load((ROOT / "docker-compose.yaml").read_text())
+    return {k: str(v) for k, v in doc["x-airflow-common"]["environment"].items()}
+
+
+def test_the_stack_and_docker_compose_agree_on_every_airflow_setting_they_share(
+    tmp_path: Path,
+) -> None:
+    import re
+
+    from leukemia.dev.airflow_settings import SHARED
+    from leukemia.dev.demo import DEMO_POLICY
+
+    stack = Stack(tmp_path)
+    stack.ports.update(api=1, mlflow=2, s3=3, postgres=4, redis=5)  # not started: ports only named
+    local, compose = stack.airflow_env(), _compose_airflow_common()
+    assert {"AIRFLOW__CORE__EXECUTOR", "AIRFLOW__CORE__AUTH_MANAGER"} <= set(SHARED)
+    for name in SHARED:  # ${VAR:-default} means the default, as compose reads it without .env
+        expected = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", compose[name])
+        assert local[name] == expected, name
+    # a plain value in compose (no ${...}, no path, no URL) that the stack sets too means the same
+    # thing locally; only the demo's loose promotion policy may differ
+    plain = {
+        k: v
+        for k, v in compose.items()
+        if "${" not in v and "/" not in v and k in local and k not in DEMO_POLICY
+    }
+    assert set(plain) >= {"AIRFLOW__CORE__EXECUTOR", "AIRFLOW__CORE__LOAD_EXAMPLES"}
+    assert {k: local[k] for k in plain} == plain
+    assert local["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+
+
+def test_a_shared_setting_missing_from_docker_compose_stops_the_stack(tmp_path: Path) -> None:
+    from leukemia.dev.airflow_settings import shared_settings
+
+    compose = tmp_path / "docker-compose.yaml"
+    compose.write_text(
+        "x-airflow-common:\n  environment:\n    AIRFLOW__CORE__EXECUTOR: LocalExecutor\n"
+    )
+    with pytest.raises(StackError, match="no longer sets AIRFLOW__CORE__AUTH_MANAGER"):
+        shared_settings(compose)
+    compose.write_text(
+        (ROOT / "docker-compose.yaml")
+        .read_text()
+        .replace("${AIRFLOW_ADMIN_USERNAME:-admin}", "${AIRFLOW_ADMIN_USERNAME}")
+    )
+    with pytest.raises(StackError, match="SIMPLE_AUTH_MANAGER_USERS .*needs"):
+        shared_settings(compose)
 
 
 def test_a_missing_redis_server_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:

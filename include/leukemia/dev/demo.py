@@ -15,10 +15,14 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 from leukemia.config import RUN_DEFAULTS, env, project_root
+from leukemia.dev.airflow_rest import task_label
+from leukemia.dev.progress import STARTING
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +120,16 @@ def demo_size(size: int | None, weights: str) -> int:
 
 
 def airflow(
-    args: list[str], environ: dict[str, str], quiet: bool = False, log_file: Path | None = None
+    args: list[str],
+    environ: dict[str, str],
+    quiet: bool = False,
+    log_file: Path | None = None,
+    on_line: Callable[[str], None] | None = None,
 ) -> None:
     """Run the `airflow` CLI of this interpreter's environment; raise with its output on failure.
 
-    With `log_file`, the output is shown as it comes and also kept in that file.
+    With `log_file`, the output is kept in that file and, as it comes, handed to `on_line` (shown
+    as it is when there is no `on_line`).
     """
     cmd = [str(Path(sys.executable).with_name("airflow")), *args]
     if log_file is None:
@@ -136,8 +145,12 @@ def airflow(
             ) as proc,
         ):
             for line in proc.stdout or ():
-                sys.stdout.write(line)
                 out.write(line)
+                if on_line is None:
+                    sys.stdout.write(line)
+                else:
+                    out.flush()  # the diagnosis may read it the moment the run fails
+                    on_line(line)
         returncode, detail = proc.returncode, ""
     if returncode != 0:
         raise RuntimeError(
@@ -174,10 +187,31 @@ def failed_tasks(airflow_home: Path, dag_id: str) -> tuple[str, list[tuple[str, 
             "ORDER BY start_date IS NULL, start_date, task_id, map_index",
             (dag_id, row[0]),
         ).fetchall()
-    return row[0], [(t if m < 0 else f"{t}[{m}]", state) for t, m, state in tis]
+    return row[0], [(task_label(t, m), state) for t, m, state in tis]
 
 
-_STARTING = re.compile(r"\[DAG TEST\] starting task_id=(\S+) map_index=(-?\d+)")
+def mapped_instances(airflow_home: Path, dag_id: str, task_id: str) -> int | None:
+    """How many instances mapped `task_id` has in the latest run of `dag_id`; None while unknown.
+
+    Read while `airflow dags test` writes the database: a locked database is "not known yet".
+    """
+    import sqlite3
+
+    try:
+        with closing(
+            sqlite3.connect(f"file:{airflow_home / 'airflow.db'}?mode=ro", uri=True, timeout=2)
+        ) as db:
+            row = db.execute(
+                "SELECT count(*) FROM task_instance WHERE dag_id = ? AND task_id = ? "
+                "AND map_index >= 0 AND run_id = "
+                "(SELECT run_id FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1)",
+                (dag_id, task_id, dag_id),
+            ).fetchone()
+    except sqlite3.Error:
+        return None
+    return int(row[0]) or None
+
+
 _STAMPED = re.compile(r"^\d{4}-\d\d-\d\dT")
 _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Unavailable)\b.*?: ")
 
@@ -191,9 +225,8 @@ def task_errors(log_text: str) -> dict[str, str]:
             if in_traceback and task and last:
                 errors[task] = last
             in_traceback, last = "Task failed with exception" in line, ""
-            if started := _STARTING.search(line):
-                name, index = started.group(1), int(started.group(2))
-                task = name if index < 0 else f"{name}[{index}]"
+            if started := STARTING.search(line):
+                task = task_label(started.group(1), int(started.group(2)))
         elif in_traceback and _EXCEPTION.match(line):
             last = re.sub(r"^[\w.]+\.(\w+:)", r"\1", line.strip())  # without the module path
     return errors
@@ -270,11 +303,7 @@ def run_demo(
             flush=True,
         )
         try:
-            airflow(
-                ["dags", "test", "leukemia_training", "--conf", json.dumps(run_conf)],
-                environ,
-                log_file=workdir / "last_run.log",
-            )
+            run_dag_test(run_conf, environ, workdir / "last_run.log")
         except RuntimeError:
             print("\n=== The pipeline failed ===")
             print("\n".join(diagnosis(Path(environ["AIRFLOW_HOME"]), workdir / "last_run.log")))
@@ -284,6 +313,22 @@ def run_demo(
     summary = champion_summary(environ)
     print_summary(summary, before, environ, notice)
     return summary
+
+
+def run_dag_test(conf: dict[str, Any], environ: dict[str, str], log_file: Path) -> None:
+    """`airflow dags test leukemia_training`: Airflow's output to `log_file`, progress to stdout."""
+    from leukemia.dev.progress import DagTestProgress
+
+    dag_id = "leukemia_training"
+    home = Path(environ["AIRFLOW_HOME"])
+    print(f"Airflow's own output: {log_file}", flush=True)
+    with DagTestProgress(total=lambda task_id: mapped_instances(home, dag_id, task_id)) as progress:
+        airflow(
+            ["dags", "test", dag_id, "--conf", json.dumps(conf)],
+            environ,
+            log_file=log_file,
+            on_line=progress.feed,
+        )
 
 
 def print_summary(
@@ -296,7 +341,9 @@ def print_summary(
     uri = environ["MLFLOW_TRACKING_URI"]
     print("\n=== Champion ===")
     if summary is None:
-        print("No champion was registered: see the task logs above.")
+        print(
+            f"No champion was registered: see the task logs in {environ['LEUKEMIA_DATA_DIR']}/last_run.log."
+        )
     else:
         print(f"leukemia-classifier v{summary['version']} (run {summary['run_id']})")
         print(f"configuration: {summary.get('config', '')}")
