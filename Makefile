@@ -22,9 +22,10 @@ demo: venv
 	$(BIN)/python -m leukemia demo $(if $(DATA),--data $(DATA),)
 
 # tools/test-services.sh installs PostgreSQL and Redis for the stack test when they are missing.
+# Two pytest workers, one test file each at a time (module fixtures stay in one process).
 test: venv
 	bash tools/test-services.sh
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow"

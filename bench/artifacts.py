@@ -6,7 +6,7 @@ its head), a prediction grid and a copy of the split. After, a configuration's r
 that is registered (`tracking.log_full_model`, called by promotion).
 
 Everything below is measured on the files MLflow wrote: the DAG's default grid (3 optimizers × 3
-batch sizes × 2 variants = 18 configurations) is trained with `tracking.train_run` on real images;
+batch sizes × 2 variants = 18 configurations) is trained with `runs.train_run` on real images;
 for one run of each variant the full model is assembled and logged as promotion does. "Before" per
 configuration is then that run's files minus its head plus the full model, grid and split that the
 old `log_outcome` logged for every configuration (the same files, measured here).
@@ -68,7 +68,8 @@ def main() -> None:
     from leukemia.dataset import make_split, read_split
     from leukemia.features import extract_features
     from leukemia.model import ModelConfig
-    from leukemia.tracking import HEAD_ARTIFACT, log_full_model, train_run
+    from leukemia.runs import train_run
+    from leukemia.tracking import HEAD_ARTIFACT, log_full_model
     from leukemia.training import TrainConfig, grid
 
     images = sample_folder(args.data, work / "images", args.images)

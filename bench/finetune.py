@@ -69,7 +69,7 @@ def main() -> None:
 
     from leukemia.finetune import FineTuneConfig, fine_tune_run
     from leukemia.model import ModelConfig
-    from leukemia.tracking import train_folder
+    from leukemia.runs import train_folder
     from leukemia.training import TrainConfig
 
     cfg = TrainConfig(

@@ -55,7 +55,7 @@ def run_grid(name: str, spec: dict, rows: list, cache_dir: str) -> dict:  # noqa
     """Train every configuration of one grid as the training tasks do; time it."""
     from leukemia.config import RUN_DEFAULTS
     from leukemia.evaluation import evaluate
-    from leukemia.tracking import refit_epochs, train_val_arrays, train_val_copies
+    from leukemia.runs import refit_epochs, train_val_arrays, train_val_copies
     from leukemia.training import (
         TrainConfig,
         best_epoch,

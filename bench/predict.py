@@ -44,7 +44,8 @@ def register(work: Path, size: int, name: str, alias: str | None) -> str:
 
     from leukemia.dev.synthetic import generate
     from leukemia.model import ModelConfig
-    from leukemia.tracking import log_full_model, train_folder
+    from leukemia.runs import train_folder
+    from leukemia.tracking import log_full_model
     from leukemia.training import TrainConfig
 
     images = work / f"train-{size}"

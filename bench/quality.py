@@ -106,7 +106,7 @@ def evaluate_split(rows: list[dict[str, str]], cache_dir: str, args: Any) -> dic
 
     from leukemia.evaluation import evaluate
     from leukemia.model import ModelConfig
-    from leukemia.tracking import train_val_arrays
+    from leukemia.runs import train_val_arrays
     from leukemia.training import (
         TrainConfig,
         best_epoch,

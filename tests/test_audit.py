@@ -237,14 +237,14 @@ def test_audit_step_logs_metrics_artifacts_and_the_warning_tag_to_the_candidate_
 ) -> None:
     import mlflow
 
-    from leukemia import tracking
+    from leukemia import runs
     from leukemia.model import ModelConfig
     from leukemia.tasks import training_dag as steps
     from leukemia.training import TrainConfig
 
     cfg = TrainConfig(batch_size=8, epochs=2, model=ModelConfig(48, "none"))
     tags = {"airflow_run_id": "manual__1"}
-    done = tracking.train_folder(smear_dir, cfg, mlflow_env, (0.5, 0.25, 0.25), "float32", tags)
+    done = runs.train_folder(smear_dir, cfg, mlflow_env, (0.5, 0.25, 0.25), "float32", tags)
     run_id = done["result"].run_id
     candidate = steps.select_candidate("manual__1")
     assert candidate["run_id"] == run_id

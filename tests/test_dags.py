@@ -130,44 +130,53 @@ def test_training_dag_structure(dagbag: Any) -> None:
     assert params["heads"] == ["mlp", "linear"] and params["cv_folds"] == 5 and params["refit"]
 
 
-def test_training_dag_params_take_defaults_and_choices_from_config(dagbag: Any) -> None:
-    from leukemia.config import HEADS, OPTIMIZERS, PRECISIONS, RUN_DEFAULTS, VARIANTS
+def test_training_dag_params_are_the_declared_settings_and_round_trip_to_the_defaults(
+    dagbag: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One declaration (config.RunDefaults) makes the Params, their schema and the typed request."""
+    from dataclasses import replace
 
+    from leukemia.config import OPTIMIZERS, PRECISIONS, RUN_DEFAULTS, RunDefaults
+    from leukemia.tasks.training_dag import RunRequest
+
+    for name in ("LEUKEMIA_WEIGHTS", "LEUKEMIA_REQUIRE_APPROVAL", "LEUKEMIA_MIN_F1_MACRO"):
+        monkeypatch.delenv(name, raising=False)
     params = dagbag.dags["leukemia_training"].params
-    defaults = params.dump()
-    for name in ("optimizers", "batch_sizes", "variants", "heads"):
-        assert defaults[name] == list(getattr(RUN_DEFAULTS, name))
-    for name in (
-        "epochs",
-        "patience",
-        "learning_rate",
-        "input_size",
-        "precision",
-        "cv_folds",
-        "augment_copies",
-    ):
-        assert defaults[name] == getattr(RUN_DEFAULTS, name)
+    declared = RunDefaults.params()
+    assert set(params) == {"bucket", "prefix", "conn_id", *declared}
+    for name, spec in declared.items():
+        assert params.get_param(name).schema["title"] == spec["title"]
+    # the Params' defaults convert back to exactly the declared defaults, typed
+    request = RunRequest.from_params(params.dump())
+    expected = replace(RUN_DEFAULTS, bucket="", prefix="", conn_id="")
+    assert {f: getattr(request, f) for f in declared} == {f: getattr(expected, f) for f in declared}
+    assert isinstance(request.batch_sizes, tuple) and isinstance(request.batch_sizes[0], int)
+    # types and bounds come from the declaration
+    schema = {name: params.get_param(name).schema for name in declared}
+    assert schema["optimizers"]["items"] == {"type": "string", "enum": list(OPTIMIZERS)}
+    assert schema["batch_sizes"]["items"] == {"type": "integer", "minimum": 1}
+    assert schema["learning_rate"]["type"] == ["null", "number"]
+    assert schema["precision"] == {
+        **schema["precision"],
+        "type": "string",
+        "enum": list(PRECISIONS),
+    }
+    assert schema["fine_tune_blocks"]["maximum"] == 5 and schema["refit"]["type"] == "boolean"
     # the gate and approval are the deployment's policy: empty by default, floored by its schema
     for name in ("min_f1_macro", "min_malignant_sensitivity", "min_benign_specificity"):
-        assert defaults[name] is None
-        assert params.get_param(name).schema["minimum"] == getattr(RUN_DEFAULTS, name)
-    assert params.get_param("min_malignant_sensitivity").schema["minimum"] == 0.99
-    assert defaults["promotion_margin"] is None and defaults["require_approval"] is None
-    assert defaults["approval_respondents"] == []
-    assert defaults["approval_timeout_hours"] == RUN_DEFAULTS.approval_timeout_hours
-    assert defaults["max_failed_fraction"] == RUN_DEFAULTS.max_failed_fraction
-    assert defaults["extract_shards"] == RUN_DEFAULTS.extract_shards == 0
-    assert defaults["audit_images"] == RUN_DEFAULTS.audit_images > 0
-    # the ensemble and fine-tuning stages are off unless asked for
-    assert defaults["ensemble_top_k"] == RUN_DEFAULTS.ensemble_top_k == 0
-    assert defaults["fine_tune"] is RUN_DEFAULTS.fine_tune is False
-    for name in ("fine_tune_blocks", "fine_tune_learning_rate", "fine_tune_epochs"):
-        assert defaults[name] == getattr(RUN_DEFAULTS, name)
-    assert params.get_param("optimizers").schema["items"]["enum"] == list(OPTIMIZERS)
-    assert params.get_param("variants").schema["items"]["enum"] == list(VARIANTS)
-    assert params.get_param("heads").schema["items"]["enum"] == list(HEADS)
-    assert defaults["refit"] is RUN_DEFAULTS.refit
-    assert params.get_param("precision").schema["enum"] == list(PRECISIONS)
+        assert params[name] is None
+        assert schema[name]["minimum"] == getattr(RUN_DEFAULTS, name)
+
+
+def test_a_conf_value_is_converted_to_its_declared_type() -> None:
+    from leukemia.tasks.training_dag import RunRequest
+
+    run = RunRequest.from_params(
+        {"batch_sizes": ["8", 16.0], "epochs": "3", "learning_rate": "0.01", "refit": 0}
+    )
+    assert run.batch_sizes == (8, 16) and run.epochs == 3 and run.refit is False
+    assert run.learning_rate == 0.01
+    assert RunRequest.from_params({"learning_rate": ""}).learning_rate is None
 
 
 def test_require_approval_param_cannot_switch_off_the_environments_policy(
@@ -290,7 +299,7 @@ def test_training_dag_end_to_end_with_an_empty_local_folder_for_every_task(
     the object store and XCom holds no path."""
     import mlflow
 
-    from leukemia import registry, tracking
+    from leukemia import registry, selection, tracking
     from leukemia.dev.synthetic import generate
     from leukemia.objectstore import open_store
     from leukemia.storage import upload_folder
@@ -324,10 +333,10 @@ def test_training_dag_end_to_end_with_an_empty_local_folder_for_every_task(
     assert states["extract_features"] == ["success", "success"]
     assert "extract_features[1]" in worker_per_task and "register_and_gate[-1]" in worker_per_task
     experiment_id = tracking.setup()
-    runs = tracking.finished_runs(experiment_id, first.run_id)
+    runs = selection.finished_runs(experiment_id, first.run_id)
     assert len(runs) == 2 and {r.data.params["head"] for r in runs} == {"mlp", "linear"}
     assert all("cv_fold3_val_f1_macro" in r.data.metrics for r in runs)
-    best = tracking.best_run(runs)
+    best = selection.best_run(runs)
     # the registered model is the selected configuration trained again on train + val
     first_xcoms = _xcoms(dag, first.run_id)
     refit = first_xcoms["refit"][0]
@@ -390,7 +399,7 @@ def test_training_dag_end_to_end_with_an_empty_local_folder_for_every_task(
     assert set(states["train"]) == {"skipped"} and states["register_and_gate"] == ["skipped"]
     assert states["refit"] == ["skipped"]
     assert states["audit"] == ["skipped"]
-    assert tracking.finished_runs(experiment_id, second.run_id) == []
+    assert selection.finished_runs(experiment_id, second.run_id) == []
 
     third = dag.test(run_conf={**conf, "force_retrain": True, "promotion_margin": 1.0})
     assert str(third.state) == "success"
@@ -423,7 +432,7 @@ def test_training_dag_fails_once_without_retries_when_weights_cannot_be_had(
     from airflow.models.taskinstance import TaskInstance
     from airflow.utils.session import create_session
 
-    from leukemia import registry, tracking
+    from leukemia import registry, selection, tracking
     from leukemia.dev.synthetic import generate
     from leukemia.storage import upload_folder
 
@@ -462,5 +471,5 @@ def test_training_dag_fails_once_without_retries_when_weights_cannot_be_had(
             .one()
         )
         assert ti.try_number == 1  # AirflowFailException: no retry for a setting
-    assert tracking.finished_runs(tracking.setup(), run.run_id) == []
+    assert selection.finished_runs(tracking.setup(), run.run_id) == []
     assert registry.current_champion("leukemia-classifier") is None

@@ -62,7 +62,7 @@ def test_an_ensemble_worse_than_its_best_head_is_not_chosen() -> None:
 
 
 def test_top_runs_rank_by_validation_f1_then_log_loss() -> None:
-    from leukemia.ensemble import top_runs
+    from leukemia.selection import top_runs
 
     results = [
         {"run_id": "a", "val": {"f1_macro": 0.90, "log_loss": 0.1}},
@@ -136,7 +136,7 @@ def two_runs(smear_dir: Path, mlflow_env: Path) -> dict:
     """A seed and a multiscale configuration trained on the same split and feature cache."""
     from dataclasses import asdict
 
-    from leukemia.tracking import train_folder, train_run
+    from leukemia.runs import train_folder, train_run
     from leukemia.training import TrainConfig
 
     base = TrainConfig(
@@ -243,7 +243,8 @@ def test_out_of_fold_probabilities_decide_when_every_member_has_them(
     import mlflow
 
     from leukemia.config import CLASSES
-    from leukemia.ensemble import OOF_ARTIFACT, oof_probabilities, select_ensemble
+    from leukemia.ensemble import oof_probabilities, select_ensemble
+    from leukemia.tracking import OOF_ARTIFACT
 
     runs, rows = two_runs["results"], two_runs["rows"]
     pool = [r for r in rows if r["split"] in ("train", "val")]

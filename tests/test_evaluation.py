@@ -41,3 +41,37 @@ def test_report_lists_every_class_even_when_absent() -> None:
     for name in ("Benign", "Early", "Pre", "Pro"):
         assert name in out["report"]
     assert out["report_dict"]["Pro"]["support"] == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_clinical_pair_is_one_definition_every_caller_agrees_on(seed: int) -> None:
+    """`evaluate`, the gate's MLflow metrics and its bootstrap all call `clinical_rates`: the same
+    predictions give the same sensitivity and specificity everywhere (seed 1: no malignant image,
+    the sensitivity is 0, not a division by zero)."""
+    import pandas as pd
+    from sklearn.metrics import confusion_matrix
+
+    from leukemia.config import CLASSES
+    from leukemia.evaluation import clinical_rates
+    from leukemia.gate import extra_metrics, matrix_metrics
+
+    rng = np.random.default_rng(seed)
+    y_true = rng.integers(0, 4, 80) if seed == 0 else np.zeros(80, dtype="int64")
+    y_pred = np.where(rng.random(80) < 0.3, rng.integers(0, 4, 80), y_true)
+    malignant, called = y_true != 0, y_pred != 0
+    expected = {
+        "malignant_sensitivity": (malignant & called).sum() / max(malignant.sum(), 1),
+        "benign_specificity": (~malignant & ~called).sum() / max((~malignant).sum(), 1),
+    }
+    matrix = confusion_matrix(y_true, y_pred, labels=list(range(4)))
+    names = np.asarray(CLASSES)
+    by_mlflow = {
+        m.name: m.eval_fn(pd.Series(names[y_pred]), pd.Series(names[y_true]), {})
+        for m in extra_metrics()
+    }
+    metrics = evaluate(y_true, _onehot(y_pred.tolist()))["metrics"]
+    for name, value in expected.items():
+        assert metrics[name] == pytest.approx(value)
+        assert by_mlflow[name] == pytest.approx(value)
+        assert float(matrix_metrics(matrix)[name]) == pytest.approx(value)
+        assert float(clinical_rates(matrix)[name]) == pytest.approx(value)

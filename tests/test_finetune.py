@@ -83,7 +83,7 @@ def test_augmentation_acts_in_training_and_never_at_inference() -> None:
 
 @pytest.fixture()
 def source_run(smear_dir: Path, mlflow_env: Path) -> dict:
-    from leukemia.tracking import train_folder
+    from leukemia.runs import train_folder
     from leukemia.training import TrainConfig
 
     cfg = TrainConfig(optimizer="adam", batch_size=8, epochs=2, model=ModelConfig(48, "none"))

@@ -115,3 +115,13 @@ def test_library_has_no_import_cycle() -> None:
     """Following one training config from the DAG to its MLflow run only goes down the layers."""
     cycles = elementary_cycles(import_graph())
     assert cycles == set(), f"import cycle(s) {sorted(cycles)}: move the shared code down a layer"
+
+
+def test_mlflow_logging_the_training_driver_and_selection_live_apart() -> None:
+    """`tracking` only talks to MLflow; `runs` drives a configuration's training through it and
+    `training`; `selection` ranks runs, and the stages that pick a run ask it."""
+    graph = import_graph()
+    assert {"leukemia.tracking", "leukemia.training"} <= graph["leukemia.runs"]
+    assert not {"leukemia.runs", "leukemia.selection"} & graph["leukemia.tracking"]
+    assert "leukemia.tracking" in graph["leukemia.selection"]
+    assert {"leukemia.selection"} <= graph["leukemia.promotion"] & graph["leukemia.ensemble"]

@@ -169,10 +169,18 @@ def test_every_registered_version_gets_its_card_as_artifact_and_description(
     from leukemia import promotion, registry, tracking
     from leukemia.gate import Thresholds
     from leukemia.model import ModelConfig
-    from leukemia.tracking import train_folder
+    from leukemia.runs import train_folder
     from leukemia.training import TrainConfig
 
-    cfg = TrainConfig(optimizer="adam", batch_size=8, epochs=2, model=ModelConfig(48, "none"))
+    # the card of a registered version: what the run trained with does not matter (no CV, no copies)
+    cfg = TrainConfig(
+        optimizer="adam",
+        batch_size=8,
+        epochs=2,
+        cv_folds=1,
+        augment_copies=0,
+        model=ModelConfig(48, "none"),
+    )
     done = train_folder(
         smear_dir,
         cfg,

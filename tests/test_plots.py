@@ -10,13 +10,14 @@ from PIL import Image
 
 from leukemia.config import CLASSES
 from leukemia.plots import (
-    best_epoch,
     comparison_png,
     confusion_matrix_png,
     contact_sheet_png,
+    marked_epoch,
     prediction_grid_png,
     training_curves_png,
 )
+from leukemia.training import best_epoch
 
 HISTORY = {
     "loss": [1.3, 0.9, 0.7, 0.6, 0.55],
@@ -92,9 +93,14 @@ def test_training_curves_png(tmp_path: Path) -> None:
 
 
 def test_best_epoch_is_min_val_loss() -> None:
-    assert best_epoch(HISTORY) == 3
-    assert best_epoch({"loss": [1.0, 0.5]}) is None
+    """The curves mark the epoch early stopping kept (`training.best_epoch`, the one definition),
+    and nothing when no epoch was chosen on a validation loss."""
+    assert best_epoch(HISTORY) == 3 == marked_epoch(HISTORY)
+    assert marked_epoch({"loss": [1.0, 0.5]}) is None
+    assert best_epoch({"loss": [1.0, 0.5]}) == 2  # no validation: the last epoch's weights stay
+    assert marked_epoch({"loss": [1.0], "val_loss": [float("nan")]}) is None
     assert best_epoch({"val_loss": [float("nan"), 0.7, 0.9]}) == 2
+    assert marked_epoch({"val_loss": [float("nan"), 0.7, 0.9]}) == 2
 
 
 def test_prediction_grid_caps_at_max_images(

@@ -35,7 +35,7 @@ def champion(smear_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     from leukemia import promotion, tracking
     from leukemia.gate import Thresholds
     from leukemia.model import ModelConfig
-    from leukemia.tracking import train_folder
+    from leukemia.runs import train_folder
     from leukemia.training import TrainConfig
 
     root = tmp_path_factory.mktemp("predict")
@@ -43,7 +43,15 @@ def champion(smear_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         mp.chdir(root)
         mp.setenv("LEUKEMIA_DATA_DIR", str(root / "data"))
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        cfg = TrainConfig(optimizer="adam", batch_size=8, epochs=2, model=ModelConfig(SIZE, "none"))
+        # any registered model: prediction does not depend on how it was selected (no CV, no copies)
+        cfg = TrainConfig(
+            optimizer="adam",
+            batch_size=8,
+            epochs=2,
+            cv_folds=1,
+            augment_copies=0,
+            model=ModelConfig(SIZE, "none"),
+        )
         done = train_folder(
             smear_dir, cfg, root, (0.5, 0.25, 0.25), "float32", tags={"airflow_run_id": "manual__p"}
         )

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from leukemia.model import ModelConfig
-from leukemia.tracking import train_folder
+from leukemia.runs import train_folder
 from leukemia.training import TrainConfig
 
 SIZE = 48
@@ -33,6 +33,9 @@ pytestmark = pytest.mark.slow
 #: The registry's tests need a second model that is not worse than the first on macro-F1 (the gate's
 #: gain check): two-epoch heads without augmented copies, which sgd was on every CPU tried.
 COPIES = 0
+#: Selection by cross-validation is tested in test_tracking and test_promotion; two folds keep the
+#: runs cross-validated (as the DAG's are) at a third of the default's fits.
+FOLDS = 2
 
 
 def _train(smear_dir: Path, workdir: Path, airflow_run_id: str, optimizer: str = "adam") -> dict:
@@ -41,6 +44,7 @@ def _train(smear_dir: Path, workdir: Path, airflow_run_id: str, optimizer: str =
         batch_size=8,
         epochs=2,
         augment_copies=COPIES,
+        cv_folds=FOLDS,
         model=ModelConfig(SIZE, "none"),
     )
     tags = {"airflow_run_id": airflow_run_id, "airflow_map_index": "0"}
@@ -49,15 +53,16 @@ def _train(smear_dir: Path, workdir: Path, airflow_run_id: str, optimizer: str =
 
 def _train_more(trained: dict, smear_dir: Path, optimizer: str, airflow_run_id: str) -> None:
     """One more configuration on the same split and features, as another DAG run."""
-    from leukemia import tracking
+    from leukemia import runs
 
     info = trained["info"]
-    tracking.train_run(
+    runs.train_run(
         TrainConfig(
             optimizer=optimizer,
             batch_size=8,
             epochs=2,
             augment_copies=COPIES,
+            cv_folds=FOLDS,
             model=trained["cfg"].model,
         ),
         info.path,
@@ -80,6 +85,7 @@ def trained(smear_dir: Path, mlflow_env: Path) -> dict:
             batch_size=8,
             epochs=2,
             augment_copies=COPIES,
+            cv_folds=FOLDS,
             model=ModelConfig(SIZE, "none"),
         ),
     }
@@ -129,7 +135,7 @@ def test_a_candidate_is_registered_once_with_its_full_model_hash_and_no_alias(
 def test_the_registered_version_carries_its_runs_shortcut_warnings_and_audit_numbers(
     trained: dict, smear_dir: Path
 ) -> None:
-    from leukemia import registry, tracking
+    from leukemia import registry, selection, tracking
     from leukemia.audit import AuditResult
 
     tracking.setup()
@@ -141,7 +147,7 @@ def test_the_registered_version_carries_its_runs_shortcut_warnings_and_audit_num
     assert not [k for k in tags if k.startswith("audit_")]
     # audited: the warnings (one a line) and the numbers are copied
     _train_more(trained, smear_dir, "sgd", "manual__2")
-    second = tracking.best_run(tracking.finished_runs(tracking.setup(), "manual__2"))
+    second = selection.best_run(selection.finished_runs(tracking.setup(), "manual__2"))
     warnings = ["corner swap: pasting ...", "Grad-CAM: ..."]
     tracking.log_audit(second.info.run_id, AuditResult({"corner_swap_changed": 0.125}, warnings))
     version = registry.register_candidate(second.info.run_id, info.path, smear_dir, "manual__2")

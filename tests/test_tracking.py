@@ -11,7 +11,7 @@ import pytest
 
 from leukemia.features import load_images
 from leukemia.model import ModelConfig
-from leukemia.tracking import train_folder
+from leukemia.runs import train_folder
 from leukemia.training import TrainConfig
 
 SIZE = 48
@@ -139,6 +139,14 @@ def test_full_model_is_assembled_for_one_run_and_predicts_like_the_head(
     assert pyfunc.metadata.get_input_schema().inputs[0].shape == (-1, SIZE, SIZE, 3)
 
 
+def test_run_kinds_keep_the_tag_values_stored_in_mlflow() -> None:
+    from leukemia.tracking import RunKind
+
+    stored = {"training", "refit", "ensemble", "fine_tune", "evaluation", "summary"}
+    assert {k.value for k in RunKind} == stored
+    assert RunKind.TRAINING == "training" and f"{RunKind.FINE_TUNE}" == "fine_tune"
+
+
 def test_retry_marks_the_earlier_attempt_failed(trained: dict) -> None:
     import mlflow
 
@@ -171,7 +179,7 @@ def test_report_is_made_when_selection_failed(trained: dict, tmp_path: Path) -> 
 def test_best_run_prefers_validation_f1_then_loss() -> None:
     from types import SimpleNamespace
 
-    from leukemia.tracking import best_run
+    from leukemia.selection import best_run
 
     def run(f1: float, loss: float, test: float) -> SimpleNamespace:
         metrics = {"val_f1_macro": f1, "val_log_loss": loss, "test_f1_macro": test}
@@ -186,7 +194,7 @@ def test_best_run_prefers_validation_f1_then_loss() -> None:
 def test_best_run_ranks_by_mean_cv_f1_then_cv_loss_and_falls_back_to_validation_with_k1() -> None:
     from types import SimpleNamespace
 
-    from leukemia.tracking import best_run
+    from leukemia.selection import best_run
 
     def run(val_f1: float, cv_f1: float | None = None, cv_loss: float = 0.3) -> SimpleNamespace:
         metrics = {"val_f1_macro": val_f1, "val_log_loss": 0.1, "test_f1_macro": 1.0}
@@ -244,10 +252,11 @@ def test_refit_trains_on_train_and_val_is_tagged_linked_and_registers(
     import keras
     import mlflow
 
-    from leukemia import registry, tracking
+    from leukemia import registry, runs, selection, tracking
+    from leukemia.dataset import file_sha256
 
     selected = trained["result"].run_id
-    refit = tracking.refit_run(
+    refit = runs.refit_run(
         selected, trained["info"].path, smear_dir, trained["cache"], tags={"airflow_run_id": "r1"}
     )
     run = mlflow.get_run(refit.run_id)
@@ -264,13 +273,13 @@ def test_refit_trains_on_train_and_val_is_tagged_linked_and_registers(
     assert "val_f1_macro" not in run.data.metrics and 0 <= run.data.metrics["test_f1_macro"] <= 1
     # a refit is never a grid candidate, but it can be registered
     experiment_id = tracking.setup()
-    assert [r.info.run_id for r in tracking.finished_runs(experiment_id)] == [selected]
+    assert [r.info.run_id for r in selection.finished_runs(experiment_id)] == [selected]
     candidate = registry.register_candidate(refit.run_id, trained["info"].path, smear_dir, "r1")
     version = registry.client().get_model_version(candidate.name, candidate.version)
     assert version.run_id == refit.run_id and version.tags["run_id"] == refit.run_id
     uri = f"models:/{candidate.name}/{candidate.version}"
     path = registry.keras_file(registry.download_model(uri), uri)
-    assert registry.file_sha256(path) == version.tags[registry.SHA256_TAG]
+    assert file_sha256(path) == version.tags[registry.SHA256_TAG]
     model = keras.saving.load_model(path, safe_mode=True)
     test_rows = [r for r in trained["rows"] if r["split"] == "test"]
     probs = model.predict(load_images([smear_dir / r["path"] for r in test_rows], SIZE), verbose=0)
@@ -287,14 +296,14 @@ def test_a_linear_head_run_registers_a_full_model_that_predicts_like_its_head(
     import keras
     import mlflow
 
-    from leukemia import tracking
+    from leukemia import runs, tracking
     from leukemia.training import split_arrays
 
     cfg = TrainConfig(
         batch_size=8, epochs=3, cv_folds=1, model=ModelConfig(SIZE, "none", head="linear", l2=0.01)
     )
     info = trained["info"]
-    result = tracking.train_run(cfg, info.path, smear_dir, trained["cache"], dataset_digest="d")
+    result = runs.train_run(cfg, info.path, smear_dir, trained["cache"], dataset_digest="d")
     run = mlflow.get_run(result.run_id)
     assert run.data.params["head"] == "linear" and run.data.params["l2"] == "0.01"
     assert "cv_f1_macro_mean" not in run.data.metrics  # k = 1: no cross-validation

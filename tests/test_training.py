@@ -188,6 +188,22 @@ def test_without_a_validation_split_the_head_trains_the_given_epochs_and_keeps_t
     assert best_epoch({"loss": [3, 2, 1, 1], "val_loss": [0.9, 0.5, 0.6, 0.7]}) == 2
 
 
+def test_best_epoch_is_the_one_early_stopping_keeps() -> None:
+    """The first lowest val_loss, a NaN never lower (as `fit_head` compares), the last epoch without
+    validation: the figures (`plots.marked_epoch`) use this same function."""
+    from leukemia import plots
+    from leukemia.training import best_epoch
+
+    nan = float("nan")
+    assert best_epoch({"loss": [1, 1, 1], "val_loss": [nan, 0.7, 0.9]}) == 2
+    assert best_epoch({"loss": [1, 1, 1], "val_loss": [0.5, 0.4, 0.4]}) == 2  # ties: the first
+    assert (
+        best_epoch({"loss": [3, 2, 1]}) == 3
+        and best_epoch({"loss": [3, 2, 1], "val_loss": []}) == 3
+    )
+    assert not hasattr(plots, "best_epoch")  # no second definition to drift from this one
+
+
 def test_grid_has_every_head_and_names_the_linear_one() -> None:
     base = TrainConfig(epochs=3, model=ModelConfig(input_size=64, weights="none"))
     configs = grid(["adam"], [16, 32], ["seed"], base, ["mlp", "linear"])

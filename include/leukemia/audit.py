@@ -19,8 +19,9 @@ and as many train images for the region classifiers), each with a limit in `conf
    `gradcam_images` test images of the sample (the square is 2 % of the image). It warns only for
    a model that does not mask the square: a masked model's heat there is the fill's edge.
 
-Pure functions of pixels and a model: no MLflow here (`tracking.log_audit` logs a result) and no
-storage (images are read with `features.load_images`, local paths or `s3://` URIs).
+The checks are pure functions of pixels and a model, with no storage (images are read with
+`features.load_images`, local paths or `s3://` URIs); `audit_run`, the DAG's step, reads the run's
+model from MLflow and logs the result to it (`tracking.log_audit`).
 """
 
 from __future__ import annotations
@@ -427,3 +428,48 @@ def audit_model(
         "".join(f"\nWARNING: {w}" for w in result.warnings),
     )
     return result
+
+
+def audit_run(
+    run_id: str,
+    split_path: str | Path,
+    images_uri: str | Path,
+    images: int = RUN_DEFAULTS.audit_images,
+) -> dict[str, Any] | None:
+    """Audit the pixels-to-softmax model of a run (the one it logged, e.g. fine-tuned, else built as
+    `tracking.log_full_model` builds it) on at most `images` test (and train) images of the split
+    read from `images_uri`, and log the result to the run (`tracking.log_audit`: `audit_*`
+    metrics, `audit/` artifacts, the `shortcut_warnings` tag that registration copies to the
+    version). Returns the small summary; None when `images` is 0 (no audit). A run audited before
+    (a retried task) returns what was logged, without auditing again."""
+    import mlflow
+
+    from leukemia import tracking
+    from leukemia.dataset import read_split
+    from leukemia.registry import ModelRef, load_keras
+
+    if images <= 0:
+        log.info("audit_images is 0: the candidate is not audited for shortcuts")
+        return None
+    tracking.setup()
+    run = mlflow.MlflowClient().get_run(run_id)
+    if tracking.SHORTCUT_TAG in run.data.tags:
+        log.info("Run %s was audited by an earlier attempt", run_id)
+        warnings = run.data.tags[tracking.SHORTCUT_TAG]
+        metrics = {
+            k.removeprefix("audit_"): round(v, 4)
+            for k, v in run.data.metrics.items()
+            if k.startswith("audit_")
+        }
+        return {"metrics": metrics, "warnings": warnings.splitlines() if warnings else []}
+    logged = run.data.tags.get("model_uri")
+    model = load_keras(ModelRef(logged, logged)) if logged else tracking.full_model_of(run)
+    result = audit_model(
+        model,
+        read_split(split_path),
+        images_uri,
+        masks_overlay(model),
+        AuditConfig(images=images),
+    )
+    tracking.log_audit(run_id, result)
+    return result.summary()

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 #: The four classes, in the order used by every model output, matrix and report.
 CLASSES: tuple[str, ...] = ("Benign", "Early", "Pre", "Pro")
@@ -30,67 +31,220 @@ HEADS: tuple[str, ...] = ("mlp", "linear")
 PRECISIONS: tuple[str, ...] = ("auto", "float32", "bfloat16")
 
 
+def setting(default: Any, title: str = "", description: str = "", **schema: Any) -> Any:
+    """Declare a run setting: its default and, when `title` is given, the training DAG's Param
+    (title, description, JSON-schema bounds such as `minimum`, `enum`, `items`).
+
+    `env="VAR"` makes the Param's default that environment setting; `policy=True` marks a bound of
+    the deployment's promotion policy (`policy.py`: empty means the policy, a run may only tighten).
+    """
+    return field(
+        default=default,
+        metadata={"param": {"title": title, "description": description, **schema}} if title else {},
+    )
+
+
 @dataclass(frozen=True)
 class RunDefaults:
-    """Defaults of the run-time choices: the training DAG's Params and the training dataclasses."""
+    """Every run-time setting, declared once: its type, default and (for the training DAG's Params)
+    title, description and bounds. `tasks.params.training_params` builds the DAG's Params from this,
+    `tasks.training_dag.RunRequest` (a subclass) converts a run's Params by these types, and
+    `RUN_DEFAULTS` is the defaults. Adding a setting touches this class and the code that uses it.
+    """
 
+    # where the images are (the S3 Params are `tasks.params.s3_params`, shared by three DAGs)
+    bucket: str = ""
+    prefix: str = ""
+    conn_id: str = ""
     # the grid: one training task per optimizer x batch size x variant x head
-    optimizers: tuple[str, ...] = OPTIMIZERS
-    batch_sizes: tuple[int, ...] = (16, 32, 64)
+    optimizers: tuple[str, ...] = setting(
+        OPTIMIZERS,
+        "Optimizers",
+        "One training task per optimizer × batch size × variant × head.",
+        items={"enum": list(OPTIMIZERS)},
+    )
+    batch_sizes: tuple[int, ...] = setting((16, 32, 64), "Batch sizes", items={"minimum": 1})
     # multiscale only: seed features were never selected on the real images (validation macro-F1
     # 0.92-0.94 against 0.985-0.996, bench/quality.py) and, with 5-fold CV, would double the grid's
     # cost (bench/grid_cost.py); the reference variant stays a Param choice
-    variants: tuple[str, ...] = ("multiscale",)
-    heads: tuple[str, ...] = HEADS
-    # one configuration, where no grid is given (the CLI, the benchmarks, the tests)
+    variants: tuple[str, ...] = setting(
+        ("multiscale",),
+        "Feature variants",
+        "seed: block5 GlobalMaxPooling (the reference); multiscale: GAP+GMP of blocks 3-5.",
+        items={"enum": list(VARIANTS)},
+    )
+    heads: tuple[str, ...] = setting(
+        HEADS,
+        "Heads",
+        "mlp: Dense 256/128/64 with dropout (the reference); linear: standardise → softmax with an "
+        "L2 penalty.",
+        items={"enum": list(HEADS)},
+    )
+    # selection: k-fold cross-validation over train + val (1: the single train → val split), then
+    # the selected configuration trained again on train + val (`refit`)
+    cv_folds: int = setting(
+        5,
+        "Cross-validation folds",
+        "Selection by mean k-fold macro-F1 over train + validation (folds grouped by content "
+        "hash, stratified). 1: the single validation split.",
+        minimum=1,
+    )
+    refit: bool = setting(
+        True,
+        "Refit the winner on train + validation",
+        "Train the selected configuration again on train + validation for the epochs early "
+        "stopping found (scaled to the larger set); that run is gated and registered.",
+    )
+    # every configuration
+    epochs: int = setting(
+        30, "Max epochs", "Early stopping on validation loss restores the best epoch.", minimum=1
+    )
+    patience: int = setting(5, "Early-stopping patience", minimum=1)
+    learning_rate: float | None = setting(
+        None,
+        "Learning rate",
+        "Empty: adam/rmsprop 1e-3, sgd 1e-2 with momentum.",
+        exclusiveMinimum=0,
+    )
+    weights: str = setting(
+        "imagenet",
+        "VGG16 weights",
+        "imagenet, a local VGG16 no-top .h5 path (air-gapped sites), or none.",
+        env="LEUKEMIA_WEIGHTS",
+    )
+    input_size: int = setting(224, "Input size (px)", minimum=32)
+    precision: str = setting(
+        "auto",
+        "Extraction precision",
+        "auto: bfloat16 where the CPU/GPU supports it.",
+        enum=list(PRECISIONS),
+    )
+    extract_shards: int = setting(
+        0,
+        "Extraction shards",
+        "Mapped extraction tasks, each on its own slice of the images. 0: one per 500 images (at "
+        "most 64).",
+        minimum=0,
+    )
+    # the promotion policy's bounds (policy.py): the Params are empty unless a run tightens them
+    promotion_margin: float = setting(
+        0.0,
+        "Promotion margin",
+        "test macro-F1 the candidate must gain over the champion (0: not worse)",
+        policy=True,
+    )
+    min_f1_macro: float = setting(
+        0.90, "Minimum macro-F1", "test macro-F1 a candidate must reach", policy=True
+    )
+    min_malignant_sensitivity: float = setting(
+        0.99,
+        "Minimum malignant sensitivity",
+        "share of Early, Pre and Pro test images the candidate calls malignant",
+        policy=True,
+    )
+    min_benign_specificity: float = setting(
+        0.90,
+        "Minimum benign specificity",
+        "share of Benign test images the candidate calls benign",
+        policy=True,
+    )
+    require_approval: bool = setting(False, "Require approval", policy=True)
+    approval_respondents: tuple[str, ...] = setting((), "Respondents", policy=True)
+    # the reviewer's step (`tasks.approval.ReviewOperator`): no answer in time keeps the champion
+    approval_timeout_hours: float = setting(
+        72.0,
+        "Approval timeout (hours)",
+        "With no answer in time the champion stays (the candidate becomes challenger).",
+        exclusiveMinimum=0,
+    )
+    max_failed_fraction: float = setting(
+        0.0,
+        "Tolerated failed downloads",
+        "Share of listed images that may fail to download before the sync fails the run (bad "
+        "images are skipped, not failed). 0: train only on a complete sync.",
+        minimum=0,
+        maximum=1,
+    )
+    # the model looks at the cells: the scale-bar overlay in the bottom-right corner is filled with
+    # a constant colour inside the model (model.build_preprocess), before the VGG16 preprocessing
+    mask_overlay: bool = setting(
+        True,
+        "Mask the scale-bar overlay",
+        "Fill the bottom-right scale-bar square inside the model, so that no model reads the "
+        "microscope's overlay instead of the cells (part of the feature-cache key).",
+    )
+    # stain and background robustness: each train and val image also trains the heads as this many
+    # augmented copies (augment.py: HED stain jitter, background patches of other images, lighting),
+    # extracted once with the originals and cached beside them; 0: none
+    augment_copies: int = setting(
+        2,
+        "Augmented copies per training image",
+        "Stain and background robustness: each train and validation image also trains the heads "
+        "as this many copies with HED stain jitter, background patches of other images and "
+        "lighting changes (extracted once, cached). 0: none.",
+        minimum=0,
+    )
+    # after selection: the mean of the top-k heads, when it beats the best one (0 or 1: off)
+    ensemble_top_k: int = setting(
+        0,
+        "Ensemble of the top k",
+        "Register the mean of the top-k heads' softmax (one trunk, k heads) when it beats the "
+        "best single head on validation macro-F1. 0 or 1: off.",
+        minimum=0,
+    )
+    # after selection: unfreeze the last VGG16 blocks of the candidate and train from pixels (a GPU)
+    fine_tune: bool = setting(
+        False,
+        "Fine-tune the winner",
+        "Unfreeze the last VGG16 blocks of the selected model and train it from pixels with flips "
+        "and rotations (slow without a GPU; runs on the training queue).",
+    )
+    fine_tune_blocks: int = setting(
+        1,
+        "Fine-tuned VGG16 blocks",
+        "How many of the last conv blocks to unfreeze: 1 = block5.",
+        minimum=1,
+        maximum=5,
+    )
+    fine_tune_learning_rate: float = setting(
+        1e-5, "Fine-tuning learning rate (Adam)", exclusiveMinimum=0
+    )
+    fine_tune_epochs: int = setting(
+        10,
+        "Fine-tuning max epochs",
+        "Early stopping on validation loss (patience as above) keeps the best epoch.",
+        minimum=1,
+    )
+    # the shortcut audit of the candidate (audit.py): one warning line per check over its limit
+    audit_images: int = setting(
+        200,
+        "Shortcut audit: images",
+        "Test images (and as many train images) the candidate's shortcut audit reads: overlay "
+        "and background classifiers, patch swaps, Grad-CAM. 0: no audit.",
+        minimum=0,
+    )
+    force_retrain: bool = setting(
+        False, "Force retrain", "Train even if the data equals the champion's."
+    )
+    # settings without a Param: one configuration where no grid is given (the CLI, the
+    # benchmarks, the tests), the head's shape, and the audit's limits
     optimizer: str = "adam"
     batch_size: int = 32
     variant: str = "seed"
     head: str = "mlp"
-    # every configuration
-    epochs: int = 30
-    patience: int = 5
-    learning_rate: float | None = None  # None: the optimizer's own default (training.DEFAULT_LR)
-    input_size: int = 224
     head_units: tuple[int, ...] = (256, 128, 64)
     dropout: float = 0.5
     l2: float = 1e-3  # the linear head's L2 penalty per weight (sklearn's C 0.5 on ~1,600 images)
-    # selection: k-fold cross-validation over train + val (1: the single train → val split), then
-    # the selected configuration trained again on train + val (`tracking.refit_run`)
-    cv_folds: int = 5
-    refit: bool = True
     seed: int = 42
-    precision: str = "auto"
-    extract_shards: int = 0  # 0: one extraction shard per `features.IMAGES_PER_SHARD` images
-    # the model looks at the cells: the scale-bar overlay in the bottom-right corner is filled with
-    # a constant colour inside the model (model.build_preprocess), before the VGG16 preprocessing
-    mask_overlay: bool = True
-    # stain and background robustness: each train and val image also trains the heads as this many
-    # augmented copies (augment.py: HED stain jitter, background patches of other images, lighting),
-    # extracted once with the originals and cached beside them; 0: none
-    augment_copies: int = 2
-    # after selection: the mean of the top-k heads, when it beats the best one (0 or 1: off)
-    ensemble_top_k: int = 0
-    # after selection: unfreeze the last VGG16 blocks of the candidate and train from pixels (a GPU)
-    fine_tune: bool = False
-    fine_tune_blocks: int = 1  # the last n conv blocks: 1 = block5
-    fine_tune_learning_rate: float = 1e-5
-    fine_tune_epochs: int = 10
-    # the shortcut audit of the candidate (audit.py): one warning line per check over its limit
-    audit_images: int = 200  # test images (and as many train images) audited; 0: no audit
-    audit_gradcam_images: int = 16  # of those, explained with Grad-CAM (the costly part on CPU)
+    audit_gradcam_images: int = 16  # of the audited images, explained with Grad-CAM (costly on CPU)
     audit_region_margin: float = 0.10  # region classifier accuracy above chance
     audit_max_flip_rate: float = 0.01  # share of test predictions a patch swap may change
     audit_max_overlay_heat: float = 0.04  # Grad-CAM heat in the overlay square (2 % of the image)
-    # the run around the grid
-    promotion_margin: float = 0.0
-    max_failed_fraction: float = 0.0
-    # the promotion gate (`gate.Thresholds`): a candidate below any of these is never champion
-    min_f1_macro: float = 0.90
-    min_malignant_sensitivity: float = 0.99
-    min_benign_specificity: float = 0.90
-    # the reviewer's step (`tasks.approval.ReviewOperator`): no answer in time keeps the champion
-    approval_timeout_hours: float = 72.0
+
+    @classmethod
+    def params(cls) -> dict[str, dict[str, Any]]:
+        """The settings that are DAG Params: name -> title, description and schema, in order."""
+        return {f.name: dict(f.metadata["param"]) for f in fields(cls) if "param" in f.metadata}
 
 
 #: The one set of run-time defaults.

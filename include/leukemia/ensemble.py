@@ -1,12 +1,13 @@
 """An optional ensemble of the grid's best heads: the mean of their softmax, as one model from pixels.
 
-The top-k runs' heads (by validation macro-F1, ties to the lower log-loss: `tracking.best_run`'s
-order) are scored on held-out probabilities: out-of-fold ones where every member logged them
-(`OOF_ARTIFACT`, cross-validation), else the validation split's; their mean is chosen only when its macro-F1 beats the best single head's, a tie
-keeping the single head (the simpler model). A chosen ensemble is logged as its own MLflow run
-(kind `ensemble`, its members' run ids in `tracking.ENSEMBLE_MEMBERS_TAG`), holding metrics but no
-model: `tracking.log_full_model` builds the one-trunk, k-head model (`model.build_ensemble`) when a
-gate registers it, as it does for any run.
+The top-k runs' heads (by validation macro-F1, ties to the lower log-loss: `selection.top_runs`,
+`selection.best_run`'s order) are scored on held-out probabilities: out-of-fold ones where every
+member logged them (`tracking.OOF_ARTIFACT`, cross-validation), else the validation split's; their
+mean is chosen only when its macro-F1 beats the best single head's, a tie keeping the single head
+(the simpler model). A chosen ensemble is logged as its own MLflow run (`tracking.RunKind.ENSEMBLE`,
+its members' run ids in `tracking.ENSEMBLE_MEMBERS_TAG`), holding metrics but no model:
+`tracking.log_full_model` builds the one-trunk, k-head model (`model.build_ensemble`) when a gate
+registers it, as it does for any run.
 """
 
 from __future__ import annotations
@@ -23,17 +24,6 @@ from leukemia.model import ModelConfig, shared_trunk
 log = logging.getLogger(__name__)
 
 ENSEMBLE, SINGLE = "ensemble", "single"
-#: Out-of-fold probabilities a cross-validated run may log: arrays `sha256` (n,) and
-#: `probabilities` (n, 4). When every member has them, the choice is made on them (source `cv`).
-OOF_ARTIFACT = "cv/oof_probabilities.npz"
-
-
-def top_runs(results: Sequence[Mapping[str, Any]], k: int) -> list[Mapping[str, Any]]:
-    """The k best grid results (`TrainResult` dicts) by validation macro-F1, then lower log-loss."""
-    ranked = sorted(
-        results, key=lambda r: (-r["val"]["f1_macro"], r["val"].get("log_loss", float("inf")))
-    )
-    return ranked[: max(k, 0)]
 
 
 def mean_probabilities(probs: Mapping[str, Any], members: Sequence[str]) -> Any:
@@ -103,6 +93,7 @@ def oof_probabilities(
     import numpy as np
 
     from leukemia.features import labels_to_index
+    from leukemia.tracking import OOF_ARTIFACT
 
     client = mlflow.MlflowClient()
     found: dict[str, dict[str, Any]] = {}
@@ -136,16 +127,14 @@ def log_ensemble_run(
     """An MLflow run for a chosen ensemble: its members, validation and test metrics, no model yet."""
     import mlflow
 
-    from leukemia import plots, tracking
+    from leukemia import tracking
     from leukemia.evaluation import evaluate
 
     members = choice["members"]
     results = {
         s: evaluate(labels[s], mean_probabilities(probs[s], members)) for s in ("val", "test")
     }
-    tracking.setup()
     run_tags = {
-        "kind": "ensemble",
         "ensemble": "true",
         tracking.ENSEMBLE_MEMBERS_TAG: json.dumps(members),
         "dataset_digest": dataset_digest,
@@ -153,9 +142,9 @@ def log_ensemble_run(
         "split_uri": str(split_path),
         **(tags or {}),
     }
-    tracking.fail_stale_runs(run_tags)
+    name = f"ensemble-top{len(members)}"
     with (
-        mlflow.start_run(run_name=f"ensemble-top{len(members)}", tags=run_tags) as run,
+        tracking.training_run(tracking.RunKind.ENSEMBLE, name, run_tags) as run,
         tempfile.TemporaryDirectory() as tmp,
     ):
         mlflow.log_params(
@@ -170,8 +159,6 @@ def log_ensemble_run(
                 "selection_source": choice["source"],
             }
         )
-        for split, res in results.items():
-            mlflow.log_metrics({f"{split}_{k}": v for k, v in res["metrics"].items()})
         mlflow.log_metrics(
             {
                 f"{choice['source']}_single_f1_macro": choice["single_f1_macro"],
@@ -179,11 +166,7 @@ def log_ensemble_run(
             }
         )
         out = Path(tmp)
-        plots.confusion_matrix_png(
-            results["test"]["confusion_matrix"], out / "confusion_matrix.png"
-        )
-        report = "\n".join(f"== {s} ==\n{r['report']}" for s, r in results.items())
-        (out / "classification_report.txt").write_text(report)
+        tracking.log_results(results, out)
         (out / "ensemble.json").write_text(json.dumps(choice, indent=1))
         mlflow.log_artifacts(str(out))
     log.info(
@@ -206,9 +189,10 @@ def select_ensemble(
     tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Score the mean of the top-k heads on held-out probabilities (out-of-fold ones when every member
-    logged `OOF_ARTIFACT`, else the validation split's); log an ensemble run only when it beats the
-    best single head. Returns the choice (`choose`), with `run_id` when one was logged."""
+    logged `tracking.OOF_ARTIFACT`, else the validation split's); log an ensemble run only when it
+    beats the best single head. Returns the choice (`choose`), with `run_id` when one was logged."""
     from leukemia.dataset import read_split
+    from leukemia.selection import top_runs
 
     runs = top_runs(results, top_k)
     if len(runs) < 2:

@@ -12,6 +12,7 @@ grid (`augment.py`, `augment_copies`) are not used here: they exist as features,
 
 It trains the whole VGG16 forward and the top blocks backward on every image of every epoch: meant
 for a worker with a GPU (the `training` queue), and off by default (Param `fine_tune`).
+`fine_tune_candidate` decides whether the fine-tuned run replaces the selected candidate.
 """
 
 from __future__ import annotations
@@ -178,6 +179,49 @@ def predict_pixels(model: Any, x: Any, batch_size: int = 32) -> Any:
     return np.asarray(model.predict(_dataset(x, np.zeros(len(x)), batch_size), verbose=0))
 
 
+def _run_params(ft: FineTuneConfig, source: Any) -> dict[str, Any]:
+    """The fine-tuning run's params: the fine-tuning settings beside the source run's own."""
+    return {
+        **{f"fine_tune_{k}": v for k, v in asdict(ft).items()},
+        "fine_tune_unfrozen": ",".join(ft.unfrozen),
+        "source_run_id": source.info.run_id,
+        **{k: v for k, v in source.data.params.items() if k != "epochs_run"},
+    }
+
+
+def _prepare(
+    source_run_id: str, split_path: str | Path, images_dir: str | Path, ft: FineTuneConfig
+) -> tuple[Any, str, dict[str, tuple[Any, Any]], Any]:
+    """The source run, its configuration's name, each split's pixels and labels, and the model to
+    fine-tune (`build_finetune_model` on the source's head); refuses an ensemble run."""
+    import mlflow
+
+    from leukemia import tracking
+    from leukemia.dataset import read_split
+
+    tracking.setup()
+    source = mlflow.MlflowClient().get_run(source_run_id)
+    if source.data.tags.get(tracking.ENSEMBLE_MEMBERS_TAG):
+        raise ValueError(
+            f"run {source_run_id} is an ensemble: fine-tuning needs one configuration's head"
+        )
+    cfg = tracking.run_config(source)
+    rows = read_split(split_path)
+    size = cfg.model.input_size
+    data = {s: read_pixels(rows, images_dir, size, s) for s in ("train", "val", "test")}
+    log.info(
+        "Fine-tuning run %s (%s), blocks %s: %d training and %d validation images of %d px",
+        source_run_id,
+        cfg.name,
+        ",".join(ft.unfrozen),
+        len(data["train"][0]),
+        len(data["val"][0]),
+        size,
+    )
+    model = build_finetune_model(cfg.model, tracking.load_head(source_run_id), ft)
+    return source, cfg.name, data, model
+
+
 def fine_tune_run(
     source_run_id: str,
     split_path: str | Path,
@@ -192,33 +236,12 @@ def fine_tune_run(
     """
     import mlflow
 
-    from leukemia import plots, tracking
-    from leukemia.dataset import read_split
+    from leukemia import tracking
     from leukemia.evaluation import evaluate
 
     started = time.monotonic()
-    tracking.setup()
-    source = mlflow.MlflowClient().get_run(source_run_id)
-    if source.data.tags.get(tracking.ENSEMBLE_MEMBERS_TAG):
-        raise ValueError(
-            f"run {source_run_id} is an ensemble: fine-tuning needs one configuration's head"
-        )
-    cfg = tracking.run_config(source)
-    size = cfg.model.input_size
-    rows = read_split(split_path)
-    data = {s: read_pixels(rows, images_dir, size, s) for s in ("train", "val", "test")}
-    log.info(
-        "Fine-tuning run %s (%s), blocks %s: %d training and %d validation images of %d px",
-        source_run_id,
-        cfg.name,
-        ",".join(ft.unfrozen),
-        len(data["train"][0]),
-        len(data["val"][0]),
-        size,
-    )
-    model = build_finetune_model(cfg.model, tracking.load_head(source_run_id), ft)
+    source, title, data, model = _prepare(source_run_id, split_path, images_dir, ft)
     run_tags = {
-        "kind": "fine_tune",
         "fine_tune": "true",
         "source_run_id": source_run_id,
         "dataset_digest": source.data.tags.get("dataset_digest", ""),
@@ -226,19 +249,12 @@ def fine_tune_run(
         "split_uri": str(split_path),
         **(tags or {}),
     }
-    tracking.fail_stale_runs(run_tags)
+    name = f"fine-tune-{source.info.run_name}"
     with (
-        mlflow.start_run(run_name=f"fine-tune-{source.info.run_name}", tags=run_tags) as run,
+        tracking.training_run(tracking.RunKind.FINE_TUNE, name, run_tags) as run,
         tempfile.TemporaryDirectory() as tmp,
     ):
-        mlflow.log_params(
-            {
-                **{f"fine_tune_{k}": v for k, v in asdict(ft).items()},
-                "fine_tune_unfrozen": ",".join(ft.unfrozen),
-                "source_run_id": source_run_id,
-                **{k: v for k, v in source.data.params.items() if k != "epochs_run"},
-            }
-        )
+        mlflow.log_params(_run_params(ft, source))
         history = fit_pixels(
             model,
             ft,
@@ -252,19 +268,10 @@ def fine_tune_run(
         }
         epochs_run = len(history.get("loss", []))
         mlflow.log_param("epochs_run", epochs_run)
-        for split, res in results.items():
-            mlflow.log_metrics({f"{split}_{k}": v for k, v in res["metrics"].items()})
         seconds = time.monotonic() - started
         mlflow.log_metric("fine_tune_seconds", seconds)
         out = Path(tmp)
-        plots.training_curves_png(
-            history, out / "training_curves.png", title=f"fine-tune {cfg.name}"
-        )
-        plots.confusion_matrix_png(
-            results["test"]["confusion_matrix"], out / "confusion_matrix.png"
-        )
-        report = "\n".join(f"== {s} ==\n{r['report']}" for s, r in results.items())
-        (out / "classification_report.txt").write_text(report)
+        tracking.log_results(results, out, history, title=f"fine-tune {title}")
         (out / "fine_tune.json").write_text(
             json.dumps({"source_run_id": source_run_id, **asdict(ft)}, indent=1)
         )
@@ -282,7 +289,7 @@ def fine_tune_run(
     }
     log.info(
         "Fine-tuned %s in %d epochs (%.0fs): val macro-F1 %.4f (source %s), run %s",
-        cfg.name,
+        title,
         epochs_run,
         seconds,
         outcome["val_f1_macro"],
@@ -290,3 +297,44 @@ def fine_tune_run(
         run.info.run_id,
     )
     return outcome
+
+
+def fine_tune_candidate(
+    candidate: dict[str, Any],
+    split_path: str | Path,
+    images_dir: str | Path,
+    ft: FineTuneConfig,
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The candidate, or its fine-tuned run (`fine_tune_run`) when that scores a higher validation
+    macro-F1 than the candidate's run (a tie keeps the candidate); an ensemble candidate is kept.
+
+    A refit candidate has no validation split to compare on: the run it refits
+    (`selected_run_id`, trained on the train split) is fine-tuned, and replaces the refit only when
+    it beats that run on validation. Same shape as `candidate`, with `fine_tune` describing the run
+    that was trained.
+    """
+    import mlflow
+
+    from leukemia import tracking
+
+    tracking.setup()
+    source_id = candidate.get("selected_run_id") or candidate["run_id"]
+    source = mlflow.MlflowClient().get_run(source_id)
+    if source.data.tags.get(tracking.ENSEMBLE_MEMBERS_TAG):
+        log.info("The candidate %s is an ensemble: not fine-tuned", candidate["run_id"])
+        return candidate
+    outcome = fine_tune_run(source_id, split_path, images_dir, ft, tags)
+    before = outcome["source_val_f1_macro"]
+    chosen = before is None or outcome["val_f1_macro"] > before
+    log.info(
+        "Fine-tuned val macro-F1 %.4f vs the candidate's %s: %s",
+        outcome["val_f1_macro"],
+        "unknown" if before is None else f"{before:.4f}",
+        "the fine-tuned model goes on" if chosen else "the candidate stays",
+    )
+    return {
+        **candidate,
+        "run_id": outcome["run_id"] if chosen else candidate["run_id"],
+        "fine_tune": {**outcome, "chosen": chosen},
+    }

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from leukemia.config import BENIGN, CLASSES, RUN_DEFAULTS
+from leukemia.config import CLASSES, RUN_DEFAULTS
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +121,12 @@ def extra_metrics() -> list[Any]:
     """MLflow metrics beside the built-in ones: per-class recall and the clinical pair.
 
     Benign specificity (benign images called benign) is the recall of Benign; malignant sensitivity
-    is the recall of "malignant" when Early, Pre and Pro are pooled.
+    is the recall of "malignant" when Early, Pre and Pro are pooled (`evaluation.clinical_rates`).
     """
     from mlflow.models import make_metric
-    from sklearn.metrics import recall_score
+    from sklearn.metrics import confusion_matrix, recall_score
+
+    from leukemia.evaluation import clinical_rates
 
     def per_class(label: str) -> Any:
         def recall(predictions: Any, targets: Any, metrics: Any) -> float:
@@ -134,16 +136,17 @@ def extra_metrics() -> list[Any]:
 
         return make_metric(eval_fn=recall, greater_is_better=True, name=f"recall_{label}")
 
-    def sensitivity(predictions: Any, targets: Any, metrics: Any) -> float:
-        return float(recall_score(targets != BENIGN, predictions != BENIGN, zero_division=0))
+    def clinical(name: str) -> Any:
+        def rate(predictions: Any, targets: Any, metrics: Any) -> float:
+            matrix = confusion_matrix(targets, predictions, labels=list(CLASSES))
+            return float(clinical_rates(matrix)[name])
 
-    def specificity(predictions: Any, targets: Any, metrics: Any) -> float:
-        return float(recall_score(targets == BENIGN, predictions == BENIGN, zero_division=0))
+        return make_metric(eval_fn=rate, greater_is_better=True, name=name)
 
     return [
         *(per_class(c) for c in CLASSES),
-        make_metric(eval_fn=sensitivity, greater_is_better=True, name="malignant_sensitivity"),
-        make_metric(eval_fn=specificity, greater_is_better=True, name="benign_specificity"),
+        clinical("malignant_sensitivity"),
+        clinical("benign_specificity"),
     ]
 
 
@@ -153,6 +156,8 @@ def matrix_metrics(matrices: Any) -> dict[str, Any]:
     zero_division=0 (macro-F1 over the classes that occur, as MLflow's `f1_score`)."""
     import numpy as np
 
+    from leukemia.evaluation import clinical_rates
+
     m = np.asarray(matrices, dtype="float64")
     diag = np.diagonal(m, axis1=-2, axis2=-1)
     true, pred = m.sum(axis=-1), m.sum(axis=-2)
@@ -160,21 +165,11 @@ def matrix_metrics(matrices: Any) -> dict[str, Any]:
     occurs = (true + pred) > 0
     f1 = np.divide(2 * diag, true + pred, out=np.zeros_like(diag), where=occurs)
     macro_f1 = f1.sum(axis=-1) / np.maximum(occurs.sum(axis=-1), 1)
-    b = CLASSES.index(BENIGN)
-    malignant = [i for i in range(len(CLASSES)) if i != b]
-    called_malignant = m[..., malignant, :][..., malignant].sum(axis=(-2, -1))
-    total_malignant = true[..., malignant].sum(axis=-1)
     return {
         "accuracy_score": diag.sum(axis=-1) / np.maximum(m.sum(axis=(-2, -1)), 1),
         "f1_score": macro_f1,
         **{f"recall_{c}": recall[..., i] for i, c in enumerate(CLASSES)},
-        "malignant_sensitivity": np.divide(
-            called_malignant,
-            total_malignant,
-            out=np.zeros_like(called_malignant),
-            where=total_malignant > 0,
-        ),
-        "benign_specificity": recall[..., b],
+        **clinical_rates(m),
     }
 
 
@@ -227,7 +222,11 @@ def evaluate_version(
     labels = np.asarray(CLASSES)
     frame = pd.DataFrame({"label": labels[y_true], "prediction": labels[probs.argmax(axis=1)]})
     matrix = confusion_matrix(frame["label"], frame["prediction"], labels=list(CLASSES))
-    run_tags = {"kind": "evaluation", "model_name": name, "model_version": str(version)}
+    run_tags = {
+        "kind": tracking.RunKind.EVALUATION.value,
+        "model_name": name,
+        "model_version": str(version),
+    }
     with mlflow.start_run(
         experiment_id=experiment_id, run_name=run_name, tags={**run_tags, **(tags or {})}
     ) as run:

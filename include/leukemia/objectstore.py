@@ -131,13 +131,6 @@ class Store:
         """A seekable, read-only file of the object; on S3 each read fetches only its byte range."""
         raise NotImplementedError
 
-    def read_many(self, names: Sequence[str], workers: int = READ_WORKERS) -> list[bytes]:
-        """The bytes of several objects, fetched `workers` at a time, in the order given."""
-        if len(names) <= 1 or workers <= 1:
-            return [self.read_bytes(n) for n in names]
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(self.read_bytes, names))
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri()!r})"
 

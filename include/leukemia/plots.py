@@ -122,11 +122,15 @@ def _series(history: Mapping[str, Sequence[float]], *names: str) -> list[float] 
     return None
 
 
-def best_epoch(history: Mapping[str, Sequence[float]]) -> int | None:
-    """1-based epoch with the lowest `val_loss` (NaNs ignored), or None without a validation loss."""
+def marked_epoch(history: Mapping[str, Sequence[float]]) -> int | None:
+    """The epoch the curves mark: the one early stopping kept (`training.best_epoch`); None without
+    a (finite) validation loss, when no epoch was chosen on validation."""
+    from leukemia.training import best_epoch
+
     values = _series(history, "val_loss")
-    finite = [(v, i) for i, v in enumerate(values or []) if math.isfinite(v)]
-    return min(finite)[1] + 1 if finite else None
+    if not any(math.isfinite(v) for v in values or []):
+        return None
+    return best_epoch(history)
 
 
 def training_curves_png(
@@ -135,7 +139,7 @@ def training_curves_png(
     """Loss and accuracy per epoch, training and validation, with the best epoch (min val_loss) marked."""
     from matplotlib.ticker import MaxNLocator
 
-    best = best_epoch(history)
+    best = marked_epoch(history)
     fig = _figure(10, 4)
     panels = (
         ("Loss", ("loss",), ("val_loss",)),

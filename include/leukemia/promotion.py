@@ -119,7 +119,7 @@ def select_candidate(experiment_id: str, airflow_run_id: str | None = None) -> d
     """The best finished training run of one DAG run by validation macro-F1 (ties: lower
     validation log-loss), as a small dict: `run_id`, `selection` (why, in words), its validation
     metrics and how many configurations were compared. Registers nothing."""
-    from leukemia.tracking import (
+    from leukemia.selection import (
         CV_SELECTION_METRIC,
         SELECTION_METRIC,
         best_run,

@@ -17,7 +17,6 @@ and verifies the version's file first. Two rules hold throughout:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import socket
@@ -304,15 +303,6 @@ def _resolve_error(
 # --- loading what was promoted, and nothing else ---------------------------------------------------
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def keras_file(folder: str | Path, uri: str) -> Path:
     """The `.keras` file of a downloaded MLflow Keras model; refuses any other format."""
     import yaml
@@ -388,6 +378,8 @@ def check_registered_by(version: Any, name: str) -> None:
 def verified_file(ref: ModelRef) -> Path:
     """The downloaded `.keras` file of `ref`, after its sha256 matched the one recorded at
     registration (refused in one line otherwise)."""
+    from leukemia.dataset import file_sha256
+
     expected = expected_sha256(ref)
     path = keras_file(download_model(ref.pinned_uri), ref.pinned_uri)
     actual = file_sha256(path)
@@ -470,6 +462,8 @@ def record_sha256(name: str, version: str) -> str:
     """Hash the registered version's `.keras` file and record it on the version with the MLflow
     login that registered it (`registered_by`), once: a retry keeps the first hash, so a file
     changed between attempts is refused rather than blessed."""
+    from leukemia.dataset import file_sha256
+
     tags = client().get_model_version(name, version).tags
     if not tags.get(REGISTERED_BY_TAG):
         client().set_model_version_tag(name, version, REGISTERED_BY_TAG, mlflow_identity())

@@ -3,13 +3,14 @@
 `fit_head` is the pure core (arrays in, Keras head and history out); `split_arrays` reads the cached
 features of each split; `grid` expands the optimizer × batch size × variant × head grid;
 `cv_folds` and `cross_validate` score a configuration by k-fold cross-validation over train + val.
-Logging one configuration as an MLflow run is `tracking.train_run`.
+Driving one configuration as an MLflow run is `runs.train_run`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -210,12 +211,17 @@ def fit_head(
     return head, history
 
 
-def best_epoch(history: dict[str, list[float]]) -> int:
-    """The epoch (1-based) whose weights early stopping kept: the lowest val_loss (else the last)."""
-    losses = history.get("val_loss") or []
-    if not losses:
+def best_epoch(history: Mapping[str, Sequence[float]]) -> int:
+    """The epoch (1-based) whose weights early stopping kept: the first lowest val_loss, a NaN never
+    counting as lower (as in `fit_head` and Keras' `EarlyStopping`); the last epoch when there is
+    no validation loss (the refit keeps its last weights). The one definition: the CV folds, the
+    runs' `best_epoch` metric and the training-curves figure all use it."""
+    finite = [
+        (float(v), i) for i, v in enumerate(history.get("val_loss") or []) if math.isfinite(v)
+    ]
+    if not finite:
         return len(history.get("loss", []))
-    return min(range(len(losses)), key=losses.__getitem__) + 1
+    return min(finite)[1] + 1
 
 
 def cv_folds(
@@ -248,7 +254,7 @@ def usable_folds(y: Any, groups: list[str], k: int) -> int:
     return max(1, min(k, max((len(g) for g in per_class.values()), default=1)))
 
 
-#: Per-fold metrics `cross_validate` reports (and `tracking.train_run` logs as `cv_<name>_mean/_std`).
+#: Per-fold metrics `cross_validate` reports (and `runs.train_run` logs as `cv_<name>_mean/_std`).
 CV_METRICS = ("f1_macro", "log_loss", "accuracy", "best_epoch")
 
 

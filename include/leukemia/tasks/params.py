@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 from leukemia.config import env
@@ -32,49 +33,71 @@ def s3_params(
     }
 
 
+def training_params() -> dict[str, Any]:
+    """The training DAG's Params, built from their one declaration (`config.RunDefaults`): the JSON
+    type from the field's type, the default from `RUN_DEFAULTS` (or the environment setting the
+    declaration names), title, description and bounds from its metadata. The promotion policy's
+    bounds are `policy_params`."""
+    from airflow.sdk import Param
+
+    from leukemia.config import RUN_DEFAULTS, RunDefaults, env
+
+    hints, policy = typing.get_type_hints(RunDefaults), policy_params()
+    out: dict[str, Any] = {}
+    for name, spec in RunDefaults.params().items():
+        if spec.pop("policy", False):
+            out[name] = policy[name]
+            continue
+        default = env(spec.pop("env")) if "env" in spec else getattr(RUN_DEFAULTS, name)
+        schema = json_schema(hints[name])
+        if "items" in spec:
+            schema["items"] = {**schema["items"], **spec.pop("items")}
+        if isinstance(default, tuple):
+            default = list(default)
+        out[name] = Param(default, **schema, **spec)
+    return out
+
+
+def json_schema(hint: Any) -> dict[str, Any]:
+    """The JSON-schema type of a setting's Python type (int, float, bool, str, tuple[X, ...], X | None)."""
+    names = {int: "integer", float: "number", bool: "boolean", str: "string"}
+    args = typing.get_args(hint)
+    if type(None) in args:  # X | None
+        inner = next(a for a in args if a is not type(None))
+        return {"type": ["null", names[inner]]}
+    if typing.get_origin(hint) is tuple:
+        return {"type": "array", "items": {"type": names[args[0]]}}
+    return {"type": names[hint]}
+
+
 def policy_params() -> dict[str, Any]:
     """The gate's thresholds and the approval Params: empty means the deployment's policy
     (`policy.Policy.from_env`); the schema refuses a looser value when the run is triggered, and
     `RunRequest.from_params` refuses it again when a task reads it (the policy on the worker)."""
     from airflow.sdk import Param
 
+    from leukemia.config import RunDefaults
     from leukemia.policy import APPROVAL_VARIABLE, RESPONDENTS_VARIABLE, THRESHOLD_VARIABLES, Policy
 
-    policy = Policy.from_env()
-    words = {
-        "min_f1_macro": ("Minimum macro-F1", "test macro-F1 a candidate must reach"),
-        "min_malignant_sensitivity": (
-            "Minimum malignant sensitivity",
-            "share of Early, Pre and Pro test images the candidate calls malignant",
-        ),
-        "min_benign_specificity": (
-            "Minimum benign specificity",
-            "share of Benign test images the candidate calls benign",
-        ),
-        "promotion_margin": (
-            "Promotion margin",
-            "test macro-F1 the candidate must gain over the champion (0: not worse)",
-        ),
-    }
+    policy, declared = Policy.from_env(), RunDefaults.params()
     params: dict[str, Any] = {
         name: Param(
             None,
             type=["null", "number"],
             minimum=getattr(policy, name),
             maximum=1,
-            title=title,
-            description=f"Gate: {what}. Empty: the deployment's policy, {variable}="
-            f"{getattr(policy, name):g}; a run may only raise it.",
+            title=declared[name]["title"],
+            description=f"Gate: {declared[name]['description']}. Empty: the deployment's policy, "
+            f"{variable}={getattr(policy, name):g}; a run may only raise it.",
         )
         for name, variable in THRESHOLD_VARIABLES.items()
-        for title, what in [words[name]]
     }
     approval = "on" if policy.require_approval else "off"
     params["require_approval"] = Param(
         None,
         type=["null", "boolean"],
         enum=[None, True] if policy.require_approval else [None, True, False],
-        title="Require approval",
+        title=declared["require_approval"]["title"],
         description="A person promotes each candidate that passed the gate, in Required Actions. "
         f"Empty: the deployment's policy, {APPROVAL_VARIABLE} ({approval}); a run may turn it "
         "on, never off.",
@@ -84,7 +107,7 @@ def policy_params() -> dict[str, Any]:
         [],
         type="array",
         items={"type": "string", **({"enum": allowed} if allowed else {})},
-        title="Respondents",
+        title=declared["approval_respondents"]["title"],
         description="Airflow users who may answer. Empty: the deployment's policy, "
         f"{RESPONDENTS_VARIABLE} ({', '.join(allowed) or 'anyone who may act on this DAG'}); "
         "a run may only narrow it.",

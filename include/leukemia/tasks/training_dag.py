@@ -13,60 +13,36 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from leukemia.config import RUN_DEFAULTS, StorageConfig, env, work_uri
+from leukemia.config import RUN_DEFAULTS, RunDefaults, StorageConfig, env, work_uri
 from leukemia.objectstore import with_conn
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RunRequest:
-    """What one training DAG run was asked to do: its Params, typed, with the config's defaults."""
+def _typed(value: Any, hint: Any) -> Any:
+    """A Param's value as the declared type of its setting (tuple[X, ...], X | None, X)."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is tuple:
+        return tuple(_typed(v, args[0]) for v in value)
+    return hint(value)
 
-    bucket: str = ""
-    prefix: str = ""
-    conn_id: str = ""
-    optimizers: tuple[str, ...] = RUN_DEFAULTS.optimizers
-    batch_sizes: tuple[int, ...] = RUN_DEFAULTS.batch_sizes
-    variants: tuple[str, ...] = RUN_DEFAULTS.variants
-    heads: tuple[str, ...] = RUN_DEFAULTS.heads
-    epochs: int = RUN_DEFAULTS.epochs
-    patience: int = RUN_DEFAULTS.patience
-    learning_rate: float | None = RUN_DEFAULTS.learning_rate
-    seed: int = RUN_DEFAULTS.seed
-    weights: str = "imagenet"
-    input_size: int = RUN_DEFAULTS.input_size
-    head_units: tuple[int, ...] = RUN_DEFAULTS.head_units
-    dropout: float = RUN_DEFAULTS.dropout
-    precision: str = RUN_DEFAULTS.precision
-    extract_shards: int = RUN_DEFAULTS.extract_shards
-    promotion_margin: float = RUN_DEFAULTS.promotion_margin
-    min_f1_macro: float = RUN_DEFAULTS.min_f1_macro
-    min_malignant_sensitivity: float = RUN_DEFAULTS.min_malignant_sensitivity
-    min_benign_specificity: float = RUN_DEFAULTS.min_benign_specificity
-    require_approval: bool = False
-    approval_respondents: tuple[str, ...] = ()
-    approval_timeout_hours: float = RUN_DEFAULTS.approval_timeout_hours
-    max_failed_fraction: float = RUN_DEFAULTS.max_failed_fraction
-    mask_overlay: bool = RUN_DEFAULTS.mask_overlay
-    augment_copies: int = RUN_DEFAULTS.augment_copies
-    cv_folds: int = RUN_DEFAULTS.cv_folds
-    refit: bool = RUN_DEFAULTS.refit
-    ensemble_top_k: int = RUN_DEFAULTS.ensemble_top_k
-    fine_tune: bool = RUN_DEFAULTS.fine_tune
-    fine_tune_blocks: int = RUN_DEFAULTS.fine_tune_blocks
-    fine_tune_learning_rate: float = RUN_DEFAULTS.fine_tune_learning_rate
-    fine_tune_epochs: int = RUN_DEFAULTS.fine_tune_epochs
-    audit_images: int = RUN_DEFAULTS.audit_images
-    force_retrain: bool = False
+
+@dataclass(frozen=True)
+class RunRequest(RunDefaults):
+    """What one training DAG run was asked to do: every setting of `config.RunDefaults` (declared
+    there once), typed, from the run's Params."""
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> RunRequest:
-        """Convert a DAG run's Params once (absent keys: defaults; `weights`: LEUKEMIA_WEIGHTS).
+        """Convert a DAG run's Params once, by each setting's declared type (absent or empty keys:
+        the defaults; settings declared with an `env` default: that environment setting).
 
         The gate's thresholds and the approval settings are the deployment's policy
         (`policy.Policy.from_env`) tightened by the Params; a looser Param raises
@@ -75,25 +51,17 @@ class RunRequest:
         from leukemia.policy import POLICY_PARAMS, Policy
 
         policy = Policy.from_env().tightened(params)
-        values: dict[str, Any] = {
-            "weights": env("LEUKEMIA_WEIGHTS"),
-            **{name: getattr(policy, name) for name in POLICY_PARAMS},
-        }
-        for f in fields(cls):
-            if f.name not in params or params[f.name] is None or f.name in POLICY_PARAMS:
+        values: dict[str, Any] = {name: getattr(policy, name) for name in POLICY_PARAMS}
+        declared = RunDefaults.params()
+        for name, hint in typing.get_type_hints(RunDefaults).items():
+            value = params.get(name)
+            if name in POLICY_PARAMS:
                 continue
-            value = params[f.name]
-            if f.name in ("optimizers", "variants", "heads"):
-                value = tuple(str(v) for v in value)
-            elif f.name in ("batch_sizes", "head_units"):
-                value = tuple(int(v) for v in value)
-            elif f.name == "learning_rate":
-                value = float(value) if value not in ("", 0) else None
-            elif f.name in ("force_retrain", "mask_overlay", "fine_tune", "refit"):
-                value = bool(value)
-            else:
-                value = type(getattr(RUN_DEFAULTS, f.name, f.default))(value)
-            values[f.name] = value
+            if value is None or value == "":
+                if "env" in declared.get(name, {}):
+                    values[name] = env(declared[name]["env"])
+                continue
+            values[name] = _typed(value, hint)
         return cls(**values)
 
     def thresholds(self) -> Any:
@@ -335,7 +303,7 @@ def train_one(
 ) -> dict[str, Any]:
     """Train and log one configuration from the cached features; returns the run id, head URI and
     metrics."""
-    from leukemia.tracking import train_run
+    from leukemia.runs import train_run
     from leukemia.training import TrainConfig
 
     result = train_run(
@@ -365,10 +333,10 @@ def refit(
     enabled: bool = True,
     tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Train the candidate's configuration again on train + val (`tracking.refit_run`) and return
+    """Train the candidate's configuration again on train + val (`runs.refit_run`) and return
     the candidate with `run_id` the refit run (the one the gate and the registry then see) and
     `selected_run_id` the run selection picked; unchanged when `enabled` is False."""
-    from leukemia.tracking import refit_run
+    from leukemia.runs import refit_run
 
     selected = candidate.get("selected_run_id") or candidate["run_id"]
     if tags and "airflow_run_id" in tags:  # a retry fails this task's earlier run, not the grid's
@@ -406,7 +374,7 @@ def ensemble(
     selection ranks them, read from MLflow) when it beats the best single head on held-out macro-F1
     (`top_k` below 2: off). Same shape as `candidate`: `run_id` names the run a gate registers;
     `ensemble` says what was compared."""
-    from leukemia import tracking
+    from leukemia import selection, tracking
     from leukemia.ensemble import ENSEMBLE, select_ensemble
 
     if top_k < 2:
@@ -415,7 +383,7 @@ def ensemble(
     if airflow_run_id:  # a retry fails this task's earlier run, not the grid's
         tags = {**tags, "airflow_task_id": "ensemble"}
     choice = select_ensemble(
-        tracking.grid_results(tracking.setup(), airflow_run_id),
+        selection.grid_results(tracking.setup(), airflow_run_id),
         split_info["path"],
         features_info["cache_dir"],
         top_k,
@@ -438,46 +406,18 @@ def fine_tune(
     patience: int = RUN_DEFAULTS.patience,
     tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The candidate, or its fine-tuned run (`finetune.fine_tune_run`) when that scores a higher
-    validation macro-F1 than the candidate's run (a tie keeps the candidate). A refit candidate is
-    compared through the run it refits (`selected_run_id`): that run is fine-tuned, and replaces the
-    refit only when it beats that run on validation. Off unless `enabled`; an ensemble candidate is kept. Same shape as `candidate`, with `fine_tune` describing
-    the run that was trained."""
-    import mlflow
-
-    from leukemia import tracking
-    from leukemia.finetune import FineTuneConfig, fine_tune_run
+    """The candidate, or its fine-tuned run when that scores higher on validation
+    (`finetune.fine_tune_candidate`). Off unless `enabled`."""
+    from leukemia.finetune import FineTuneConfig, fine_tune_candidate
 
     if not enabled:
-        return candidate
-    tracking.setup()
-    # a refit run has no validation split to compare on: fine-tune the run it refits (trained on
-    # the train split, with validation metrics) and compare with that
-    source_id = candidate.get("selected_run_id") or candidate["run_id"]
-    source = mlflow.MlflowClient().get_run(source_id)
-    if source.data.tags.get(tracking.ENSEMBLE_MEMBERS_TAG):
-        log.info("The candidate %s is an ensemble: not fine-tuned", candidate["run_id"])
         return candidate
     if tags and "airflow_run_id" in tags:  # a retry fails this task's earlier run, not the grid's
         tags = {**tags, "airflow_task_id": "fine_tune"}
     ft = FineTuneConfig(
         blocks=blocks, learning_rate=learning_rate, epochs=epochs, patience=patience
     )
-    outcome = fine_tune_run(source_id, split_info["path"], split_info["images_uri"], ft, tags)
-    before = outcome["source_val_f1_macro"]
-    chosen = before is None or outcome["val_f1_macro"] > before
-    log.info(
-        "Fine-tuned val macro-F1 %.4f vs the candidate's %s: %s",
-        outcome["val_f1_macro"],
-        "unknown" if before is None else f"{before:.4f}",
-        "the fine-tuned model goes on" if chosen else "the candidate stays",
-    )
-    summary = {**outcome, "chosen": chosen}
-    return {
-        **candidate,
-        "run_id": outcome["run_id"] if chosen else candidate["run_id"],
-        "fine_tune": summary,
-    }
+    return fine_tune_candidate(candidate, split_info["path"], split_info["images_uri"], ft, tags)
 
 
 def audit(
@@ -485,47 +425,12 @@ def audit(
     split_info: dict[str, Any],
     images: int = RUN_DEFAULTS.audit_images,
 ) -> dict[str, Any]:
-    """The shortcut audit of the run the gate will register (`candidate["run_id"]`): its
-    pixels-to-softmax model (the one the run logged, e.g. fine-tuned, else built as
-    `tracking.log_full_model` builds it), audited on at most `images` test (and train) images of the
-    split read from the images store, and logged to that run (`audit_*` metrics, `audit/` artifacts,
-    the `shortcut_warnings` tag, which registration copies to the version). Returns the candidate
-    with `audit`, a small summary (None when `images` is 0). A retry returns what was logged."""
-    import mlflow
+    """The candidate with `audit`: the shortcut audit of the run the gate will register
+    (`audit.audit_run` on `candidate["run_id"]`), a small summary (None when `images` is 0)."""
+    from leukemia.audit import audit_run
 
-    from leukemia import tracking
-    from leukemia.audit import AuditConfig, audit_model, masks_overlay
-    from leukemia.dataset import read_split
-    from leukemia.registry import ModelRef, load_keras
-
-    if images <= 0:
-        log.info("audit_images is 0: the candidate is not audited for shortcuts")
-        return {**candidate, "audit": None}
-    tracking.setup()
-    run = mlflow.MlflowClient().get_run(candidate["run_id"])
-    if tracking.SHORTCUT_TAG in run.data.tags:
-        log.info("Run %s was audited by an earlier attempt", candidate["run_id"])
-        warnings = run.data.tags[tracking.SHORTCUT_TAG]
-        metrics = {
-            k.removeprefix("audit_"): round(v, 4)
-            for k, v in run.data.metrics.items()
-            if k.startswith("audit_")
-        }
-        return {
-            **candidate,
-            "audit": {"metrics": metrics, "warnings": warnings.splitlines() if warnings else []},
-        }
-    logged = run.data.tags.get("model_uri")
-    model = load_keras(ModelRef(logged, logged)) if logged else tracking.full_model_of(run)
-    result = audit_model(
-        model,
-        read_split(split_info["path"]),
-        split_info["images_uri"],
-        masks_overlay(model),
-        AuditConfig(images=images),
-    )
-    tracking.log_audit(candidate["run_id"], result)
-    return {**candidate, "audit": result.summary()}
+    summary = audit_run(candidate["run_id"], split_info["path"], split_info["images_uri"], images)
+    return {**candidate, "audit": summary}
 
 
 def register_and_gate(
@@ -566,10 +471,11 @@ def report(
     `reports/<airflow run id>/grid_results.json` in the work store."""
     from leukemia import promotion as decisions
     from leukemia.objectstore import open_store
+    from leukemia.selection import with_selected_run
     from leukemia.tracking import grid_rows, log_grid_summary
 
     promotion = decisions.summary_of(gated, require_approval)
-    summary = log_grid_summary(results, promotion, airflow_run_id)
+    summary = log_grid_summary(results, with_selected_run(promotion), airflow_run_id)
     decisions.annotate_summary(summary["summary_run_id"], gated, require_approval)
     if work:
         chosen = promotion or {}
@@ -583,3 +489,23 @@ def report(
             name, json.dumps(table, indent=1, sort_keys=True).encode()
         )
     return summary
+
+
+def mapped_items(values: Sequence[Any]) -> list[Any]:
+    """The values of a mapped task's results, read by index after one count (iterating Airflow's
+    lazy sequence reads until a missing offset, which the task log shows as 'XCom not found')."""
+    return [values[i] for i in range(len(values))]
+
+
+def run_tags(ti: Any = None) -> dict[str, str]:
+    """The Airflow identity of a task instance (default: the running one), as tags of the MLflow
+    runs it starts."""
+    if ti is None:
+        from airflow.sdk import get_current_context
+
+        ti = get_current_context()["ti"]
+    return {
+        "airflow_dag_id": ti.dag_id,
+        "airflow_run_id": ti.run_id,
+        "airflow_map_index": str(ti.map_index),
+    }
