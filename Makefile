@@ -22,10 +22,11 @@ demo: venv
 	$(BIN)/python -m leukemia demo $(if $(DATA),--data $(DATA),)
 
 # tools/test-services.sh installs PostgreSQL and Redis for the stack test when they are missing.
-# Two pytest workers, one test file each at a time (module fixtures stay in one process).
+# Three pytest workers, one test file each at a time (module fixtures stay in one process): the
+# DAG-level tests wait on subprocesses and servers much of the time, so three keep 2 cores busy.
 test: venv
 	bash tools/test-services.sh
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 3 --dist loadfile
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow"

@@ -9,6 +9,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,3 +102,19 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[dict[st
     yield environ
     # urllib keeps the opener (with these proxies) it built on first use: later tests need a new one
     urllib.request.install_opener(None)
+
+
+def quick_train_config(size: int, optimizer: str = "adam") -> Any:
+    """A `TrainConfig` for tests that need a registered model but not how it was selected: two
+    epochs, no cross-validation, no augmented copies, no base weights."""
+    from leukemia.model import ModelConfig
+    from leukemia.training import TrainConfig
+
+    return TrainConfig(
+        optimizer=optimizer,
+        batch_size=8,
+        epochs=2,
+        cv_folds=1,
+        augment_copies=0,
+        model=ModelConfig(size, "none"),
+    )

@@ -126,8 +126,12 @@ def training(
         "optimizers": ["adam"],
         "batch_sizes": [8],
         "variants": ["seed"],
-        "heads": ["mlp"],  # one head and 2-fold CV: the reviewer's step is tested, not selection
+        # one head, 2-fold CV, no augmented copies, a small audit: the reviewer's step is tested
+        # here, not selection, the copies or the audit (test_dags runs those end to end)
+        "heads": ["mlp"],
         "cv_folds": 2,
+        "augment_copies": 0,
+        "audit_images": 4,
         "epochs": 2,
         "input_size": 48,
         "weights": "none",

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from leukemia.config import (
-    ENV_DEFAULTS,
     OPTIMIZERS,
     PRECISIONS,
     RUN_DEFAULTS,
@@ -19,16 +18,27 @@ from leukemia.config import (
 )
 
 
-def test_dataclass_defaults_equal_the_config_defaults() -> None:
+def test_a_default_dag_run_trains_each_configuration_with_the_librarys_defaults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The DAG's path (Params → RunRequest → plan) and the library's (TrainConfig()) agree: a
+    setting the request drops, or a default declared twice, would make them differ."""
     from leukemia.model import ModelConfig
+    from leukemia.tasks.training_dag import RunRequest, plan
     from leukemia.training import TrainConfig
 
-    model_fields = [f for f in dataclasses.fields(ModelConfig) if f.name != "weights"]
-    train_fields = [f for f in dataclasses.fields(TrainConfig) if f.name != "model"]
-    for f in model_fields + train_fields:
-        assert f.default == getattr(RUN_DEFAULTS, f.name), f"{f.name} differs from config"
-    assert ModelConfig().weights == ENV_DEFAULTS["LEUKEMIA_WEIGHTS"][0]
-    assert TrainConfig().model == ModelConfig()
+    monkeypatch.delenv("LEUKEMIA_WEIGHTS", raising=False)
+    configs = [TrainConfig.from_dict(c) for c in plan(RunRequest.from_params({}))]
+    assert len(configs) == len(RUN_DEFAULTS.optimizers) * len(RUN_DEFAULTS.batch_sizes) * len(
+        RUN_DEFAULTS.variants
+    ) * len(RUN_DEFAULTS.heads)
+    for cfg in configs:
+        library = TrainConfig(
+            optimizer=cfg.optimizer,
+            batch_size=cfg.batch_size,
+            model=ModelConfig(variant=cfg.model.variant, head=cfg.model.head),
+        )
+        assert cfg == library
 
 
 def test_allowed_values_equal_what_the_library_accepts() -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import quick_train_config
 
 from leukemia.config import CLASSES
 from leukemia.model_card import DESCRIPTION_LIMIT, CardFacts, description, render
@@ -168,19 +169,9 @@ def test_every_registered_version_gets_its_card_as_artifact_and_description(
 
     from leukemia import promotion, registry, tracking
     from leukemia.gate import Thresholds
-    from leukemia.model import ModelConfig
     from leukemia.runs import train_folder
-    from leukemia.training import TrainConfig
 
-    # the card of a registered version: what the run trained with does not matter (no CV, no copies)
-    cfg = TrainConfig(
-        optimizer="adam",
-        batch_size=8,
-        epochs=2,
-        cv_folds=1,
-        augment_copies=0,
-        model=ModelConfig(48, "none"),
-    )
+    cfg = quick_train_config(48)  # the card / predictions do not depend on selection
     done = train_folder(
         smear_dir,
         cfg,

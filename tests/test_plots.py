@@ -62,12 +62,22 @@ def _grid(images: list[np.ndarray | Path], path: Path, **kwargs: int) -> tuple[i
     return _png(prediction_grid_png(images, y_true, y_pred, [0.9] * n, path, **kwargs))
 
 
-def test_confusion_matrix_png(tmp_path: Path) -> None:
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype="int16")
+
+
+def test_confusion_matrix_png_draws_its_counts_and_nothing_else(tmp_path: Path) -> None:
     cm = [[50, 2, 0, 0], [3, 40, 5, 0], [0, 4, 45, 1], [0, 0, 0, 0]]  # an empty row is allowed
     out = confusion_matrix_png(cm, tmp_path / "new" / "dir" / "cm.png")
     assert out == tmp_path / "new" / "dir" / "cm.png"
-    _png(out)
-    _png(confusion_matrix_png(np.eye(4, dtype=int) * 7, tmp_path / "eye.png"))
+    size = _png(out)
+    eye = confusion_matrix_png(np.eye(4, dtype=int) * 7, tmp_path / "eye.png")
+    again = confusion_matrix_png(cm, tmp_path / "again.png")
+    assert _png(eye) == size
+    assert np.array_equal(_pixels(out), _pixels(again))  # the same counts: the same picture
+    changed = np.abs(_pixels(out) - _pixels(eye)).max(axis=2) > 30
+    assert 0.01 < changed.mean() < 0.5  # other counts: other cells and numbers, same frame
 
 
 @pytest.mark.parametrize(
@@ -85,11 +95,17 @@ def test_confusion_matrix_rejects_wrong_shape(cm: list[list[int]], tmp_path: Pat
     assert not (tmp_path / "cm.png").exists()
 
 
-def test_training_curves_png(tmp_path: Path) -> None:
-    _png(training_curves_png(HISTORY, tmp_path / "curves.png", title="adam-bs32"))
+def test_training_curves_png_draws_the_validation_curves_only_when_there_are_any(
+    tmp_path: Path,
+) -> None:
+    full = training_curves_png(HISTORY, tmp_path / "curves.png", title="adam-bs32")
     no_val = {"loss": HISTORY["loss"], "accuracy": HISTORY["accuracy"]}
-    _png(training_curves_png(no_val, tmp_path / "no_val.png"))
+    train_only = training_curves_png(no_val, tmp_path / "no_val.png")
+    assert _png(full) == _png(train_only)
     _png(training_curves_png({"loss": [0.9]}, tmp_path / "one_epoch.png"))
+    # the validation curves (and the best-epoch marker) add coloured pixels to the same frame
+    coloured = [(np.ptp(_pixels(path), axis=2) > 60).sum() for path in (full, train_only)]
+    assert coloured[0] > coloured[1] * 1.3
 
 
 def test_best_epoch_is_min_val_loss() -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import quick_train_config
 
 from leukemia.config import CLASSES
 
@@ -34,24 +35,14 @@ def champion(smear_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     SQLite MLflow of its own; artifacts land in the module's temporary folder."""
     from leukemia import promotion, tracking
     from leukemia.gate import Thresholds
-    from leukemia.model import ModelConfig
     from leukemia.runs import train_folder
-    from leukemia.training import TrainConfig
 
     root = tmp_path_factory.mktemp("predict")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("LEUKEMIA_DATA_DIR", str(root / "data"))
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        # any registered model: prediction does not depend on how it was selected (no CV, no copies)
-        cfg = TrainConfig(
-            optimizer="adam",
-            batch_size=8,
-            epochs=2,
-            cv_folds=1,
-            augment_copies=0,
-            model=ModelConfig(SIZE, "none"),
-        )
+        cfg = quick_train_config(SIZE)  # the card / predictions do not depend on selection
         done = train_folder(
             smear_dir, cfg, root, (0.5, 0.25, 0.25), "float32", tags={"airflow_run_id": "manual__p"}
         )

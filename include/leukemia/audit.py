@@ -442,8 +442,6 @@ def audit_run(
     metrics, `audit/` artifacts, the `shortcut_warnings` tag that registration copies to the
     version). Returns the small summary; None when `images` is 0 (no audit). A run audited before
     (a retried task) returns what was logged, without auditing again."""
-    import mlflow
-
     from leukemia import tracking
     from leukemia.dataset import read_split
     from leukemia.registry import ModelRef, load_keras
@@ -452,7 +450,7 @@ def audit_run(
         log.info("audit_images is 0: the candidate is not audited for shortcuts")
         return None
     tracking.setup()
-    run = mlflow.MlflowClient().get_run(run_id)
+    run = tracking.get_run(run_id)
     if tracking.SHORTCUT_TAG in run.data.tags:
         log.info("Run %s was audited by an earlier attempt", run_id)
         warnings = run.data.tags[tracking.SHORTCUT_TAG]

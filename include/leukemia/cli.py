@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from leukemia.config import StorageConfig, env
 
@@ -279,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="VGG16 weights: imagenet (default), a .h5 path, or none")
     p.add_argument("--conf", help='extra DAG run conf as JSON, e.g. {"epochs": 10}')
 
+    _add_predict(sub)
+    _add_champion(sub)
+    return parser
+
+
+def _add_predict(sub: Any) -> None:
+    """The `predict` sub-command and its options."""
     p = sub.add_parser(
         "predict",
         help="classify images (files, folders, s3:// URIs) with the champion model",
@@ -310,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--conn-id", default=env("LEUKEMIA_AWS_CONN_ID"), help="Airflow connection for s3:// inputs"
     )
 
+
+def _add_champion(sub: Any) -> None:
+    """The `champion history|rollback` sub-commands and their options."""
     p = sub.add_parser(
         "champion",
         help="the history of @champion, and rolling it back",
@@ -324,7 +334,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--to", required=True, metavar="VERSION", help="the registered version number")
     r.add_argument("--reason", default="no reason given", help="why: recorded with the move")
     r.add_argument("--by", help="who (default: your login name)")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

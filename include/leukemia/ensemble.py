@@ -89,19 +89,17 @@ def oof_probabilities(
 ) -> tuple[Any, dict[str, Any]] | None:
     """Labels and each member's out-of-fold probabilities on the images they all scored, from
     their `OOF_ARTIFACT`s; None when a member has none (no cross-validation: use validation)."""
-    import mlflow
     import numpy as np
 
     from leukemia.features import labels_to_index
-    from leukemia.tracking import OOF_ARTIFACT
+    from leukemia.tracking import OOF_ARTIFACT, artifact_names, download
 
-    client = mlflow.MlflowClient()
     found: dict[str, dict[str, Any]] = {}
     for run in runs:
         folder, name = OOF_ARTIFACT.rsplit("/", 1)
-        if name not in {Path(a.path).name for a in client.list_artifacts(run["run_id"], folder)}:
+        if name not in artifact_names(run["run_id"], folder):
             return None
-        path = mlflow.artifacts.download_artifacts(run_id=run["run_id"], artifact_path=OOF_ARTIFACT)
+        path = download(run["run_id"], OOF_ARTIFACT)
         with np.load(path) as arrays:
             found[run["run_id"]] = dict(
                 zip(arrays["sha256"].tolist(), arrays["probabilities"], strict=True)
@@ -125,7 +123,6 @@ def log_ensemble_run(
     tags: dict[str, str] | None = None,
 ) -> str:
     """An MLflow run for a chosen ensemble: its members, validation and test metrics, no model yet."""
-    import mlflow
 
     from leukemia import tracking
     from leukemia.evaluation import evaluate
@@ -147,7 +144,7 @@ def log_ensemble_run(
         tracking.training_run(tracking.RunKind.ENSEMBLE, name, run_tags) as run,
         tempfile.TemporaryDirectory() as tmp,
     ):
-        mlflow.log_params(
+        tracking.log_values(
             {
                 "top_k": len(members),
                 "members": ",".join(members),
@@ -159,8 +156,8 @@ def log_ensemble_run(
                 "selection_source": choice["source"],
             }
         )
-        mlflow.log_metrics(
-            {
+        tracking.log_values(
+            metrics={
                 f"{choice['source']}_single_f1_macro": choice["single_f1_macro"],
                 f"{choice['source']}_ensemble_f1_macro": choice["ensemble_f1_macro"],
             }
@@ -168,7 +165,7 @@ def log_ensemble_run(
         out = Path(tmp)
         tracking.log_results(results, out)
         (out / "ensemble.json").write_text(json.dumps(choice, indent=1))
-        mlflow.log_artifacts(str(out))
+        tracking.log_folder(out)
     log.info(
         "Ensemble of %d heads: %s macro-F1 %.4f vs best single %.4f, run %s",
         len(members),

@@ -15,6 +15,7 @@ image's sha256 (`augmented_dir`, `load_copies`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -276,6 +277,20 @@ def _extract_into(
     return written
 
 
+def _pending(
+    mine: list[str], store: Any, cache: str, wanted: set[str], copies: int
+) -> tuple[list[str], list[str], dict[int, list[str]]]:
+    """What a shard still has to compute: its images without cached features, its train and val
+    images (`wanted`), and per augmented copy those of them not cached yet."""
+    todo = [sha for sha in mine if sha not in cache_index(store)]
+    augmented = [sha for sha in mine if sha in wanted]
+    copy_todo = {}
+    for copy in range(copies):
+        done = cache_index(open_store(augmented_dir(cache, copy)))
+        copy_todo[copy] = [sha for sha in augmented if sha not in done]
+    return todo, augmented, copy_todo
+
+
 def extract_features(
     paths: Sequence[str | Path],
     shas: Sequence[str],
@@ -296,8 +311,6 @@ def extract_features(
     for its images named in `augment` (the train and val images), into `augmented_dir`. Run again,
     it computes nothing.
     """
-    from functools import partial
-
     from leukemia.augment import augment_batch
 
     if copies < 0:
@@ -309,13 +322,7 @@ def extract_features(
     for path, sha in zip(paths, shas, strict=True):
         source.setdefault(sha, path)
     mine = shard_of(list(source), shard, shards)
-    todo = [sha for sha in mine if sha not in cache_index(store)]
-    wanted = set(augment)
-    augmented = [sha for sha in mine if sha in wanted]
-    copy_todo = {}
-    for copy in range(copies):
-        done = cache_index(open_store(augmented_dir(cache, copy)))
-        copy_todo[copy] = [sha for sha in augmented if sha not in done]
+    todo, augmented, copy_todo = _pending(mine, store, cache, set(augment), copies)
     log.info(
         "Features of shard %d/%d (%d images) in %s: %d cached, %d to compute (%s); "
         "%d augmented copies of its %d train and val images: %d to compute",
@@ -345,7 +352,7 @@ def extract_features(
                 extractor,
                 cfg.input_size,
                 batch_size,
-                partial(augment_batch, copy=copy),
+                functools.partial(augment_batch, copy=copy),
             )
     seconds = time.monotonic() - started
     computed = len(todo) + sum(len(t) for t in copy_todo.values())

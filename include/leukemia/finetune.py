@@ -194,13 +194,11 @@ def _prepare(
 ) -> tuple[Any, str, dict[str, tuple[Any, Any]], Any]:
     """The source run, its configuration's name, each split's pixels and labels, and the model to
     fine-tune (`build_finetune_model` on the source's head); refuses an ensemble run."""
-    import mlflow
-
     from leukemia import tracking
     from leukemia.dataset import read_split
 
     tracking.setup()
-    source = mlflow.MlflowClient().get_run(source_run_id)
+    source = tracking.get_run(source_run_id)
     if source.data.tags.get(tracking.ENSEMBLE_MEMBERS_TAG):
         raise ValueError(
             f"run {source_run_id} is an ensemble: fine-tuning needs one configuration's head"
@@ -234,8 +232,6 @@ def fine_tune_run(
 
     Returns the new run id with its validation and test metrics and the source's validation macro-F1.
     """
-    import mlflow
-
     from leukemia import tracking
     from leukemia.evaluation import evaluate
 
@@ -254,28 +250,27 @@ def fine_tune_run(
         tracking.training_run(tracking.RunKind.FINE_TUNE, name, run_tags) as run,
         tempfile.TemporaryDirectory() as tmp,
     ):
-        mlflow.log_params(_run_params(ft, source))
+        tracking.log_values(params=_run_params(ft, source))
         history = fit_pixels(
             model,
             ft,
             *data["train"],
             *data["val"],
-            on_epoch=lambda epoch, logs: mlflow.log_metrics(logs, step=epoch),
+            on_epoch=tracking.log_epoch,
         )
         results = {
             s: evaluate(data[s][1], predict_pixels(model, data[s][0], ft.batch_size))
             for s in ("val", "test")
         }
         epochs_run = len(history.get("loss", []))
-        mlflow.log_param("epochs_run", epochs_run)
         seconds = time.monotonic() - started
-        mlflow.log_metric("fine_tune_seconds", seconds)
+        tracking.log_values({"epochs_run": epochs_run}, {"fine_tune_seconds": seconds})
         out = Path(tmp)
         tracking.log_results(results, out, history, title=f"fine-tune {title}")
         (out / "fine_tune.json").write_text(
             json.dumps({"source_run_id": source_run_id, **asdict(ft)}, indent=1)
         )
-        mlflow.log_artifacts(str(out))
+        tracking.log_folder(out)
         model_uri = tracking.log_model(run.info.run_id, model, images_dir, split_path)
     outcome = {
         "run_id": run.info.run_id,
@@ -314,13 +309,11 @@ def fine_tune_candidate(
     it beats that run on validation. Same shape as `candidate`, with `fine_tune` describing the run
     that was trained.
     """
-    import mlflow
-
     from leukemia import tracking
 
     tracking.setup()
     source_id = candidate.get("selected_run_id") or candidate["run_id"]
-    source = mlflow.MlflowClient().get_run(source_id)
+    source = tracking.get_run(source_id)
     if source.data.tags.get(tracking.ENSEMBLE_MEMBERS_TAG):
         log.info("The candidate %s is an ensemble: not fine-tuned", candidate["run_id"])
         return candidate

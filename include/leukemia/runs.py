@@ -65,14 +65,12 @@ def cross_validation(
     (`tracking.log_cross_validation`); returns `cv_<metric>_mean` / `_std`, empty when train + val
     are too small for two folds. `copies` (`training.copy_arrays`): augmented copies, added to the
     training folds only."""
-    import mlflow
-
-    from leukemia.tracking import log_cross_validation
+    from leukemia.tracking import log_cross_validation, log_values
     from leukemia.training import cross_validate, usable_folds
 
     x, y, shas = train_val_arrays(data)
     k = usable_folds(y, shas, cfg.cv_folds)
-    mlflow.log_param("cv_folds_used", k)
+    log_values(params={"cv_folds_used": k})
     if k < 2:
         log.warning(
             "%s: no class has two distinct images in train + val, too few for "
@@ -104,8 +102,6 @@ def train_run(
     dataset_digest: str = "",
 ) -> TrainResult:
     """Train, evaluate and log one configuration as one MLflow run; the run ends FAILED on error."""
-    import mlflow
-
     from leukemia import tracking
     from leukemia.dataset import read_split
     from leukemia.evaluation import evaluate
@@ -122,14 +118,14 @@ def train_run(
             cfg,
             *with_copies(*data["train"][:2], copies["train"]),
             *data["val"][:2],
-            on_epoch=lambda epoch, logs: mlflow.log_metrics(logs, step=epoch),
+            on_epoch=tracking.log_epoch,
         )
         results = {
             s: evaluate(data[s][1], head.predict(data[s][0], verbose=0)) for s in ("val", "test")
         }
         epochs_run = len(history.get("loss", []))
         kept = best_epoch(history)
-        mlflow.log_metric("best_epoch", kept)
+        tracking.log_values(metrics={"best_epoch": kept})
         cv = cross_validation(cfg, data, copies) if cfg.cv_folds > 1 else {}
         head_uri = tracking.log_outcome(
             cfg, head, history, results, rows, images_dir, split_path, epochs_run, dataset_digest
@@ -210,8 +206,6 @@ def refit_run(
     the selected run, and holds the same head, config and split tags as a training run, so
     `tracking.log_full_model` registers it.
     """
-    import mlflow
-
     from leukemia import tracking
     from leukemia.dataset import read_split
     from leukemia.evaluation import evaluate
@@ -219,7 +213,7 @@ def refit_run(
 
     started = time.monotonic()
     tracking.setup()
-    selected = mlflow.MlflowClient().get_run(selected_run_id)
+    selected = tracking.get_run(selected_run_id)
     variant = TrainConfig.from_dict(json.loads(selected.data.tags["config"])).model.variant
     rows = read_split(split_path)
     data = split_arrays(rows, cache_dir, variant)
@@ -236,13 +230,13 @@ def refit_run(
     name = _run_name(cfg) + "-refit"
     with tracking.training_run(tracking.RunKind.REFIT, name, run_tags) as run:
         tracking.log_config(cfg, digest)
-        mlflow.log_params({"refit_of": selected_run_id, "train_images": len(y)})
+        tracking.log_values(params={"refit_of": selected_run_id, "train_images": len(y)})
         head, history = fit_head(
             cfg,
             *with_copies(x, y, copies),
             None,
             None,
-            on_epoch=lambda e, logs: mlflow.log_metrics(logs, step=e),
+            on_epoch=tracking.log_epoch,
         )
         test = evaluate(data["test"][1], head.predict(data["test"][0], verbose=0))
         head_uri = tracking.log_outcome(

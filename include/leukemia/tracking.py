@@ -116,6 +116,53 @@ def training_run(kind: RunKind, name: str, tags: Mapping[str, str] | None = None
         yield run
 
 
+def log_epoch(epoch: int, logs: Mapping[str, float]) -> None:
+    """One epoch's curves on the active run (the `on_epoch` callback of the fitting loops)."""
+    import mlflow
+
+    mlflow.log_metrics(dict(logs), step=epoch)
+
+
+def log_values(
+    params: Mapping[str, Any] | None = None, metrics: Mapping[str, float] | None = None
+) -> None:
+    """Params and metrics of the active run."""
+    import mlflow
+
+    if params:
+        mlflow.log_params(dict(params))
+    if metrics:
+        mlflow.log_metrics(dict(metrics))
+
+
+def log_folder(folder: str | Path) -> None:
+    """Every file of a local folder as artifacts of the active run."""
+    import mlflow
+
+    mlflow.log_artifacts(str(folder))
+
+
+def get_run(run_id: str) -> Any:
+    """One MLflow run (info, params, metrics, tags)."""
+    import mlflow
+
+    return mlflow.MlflowClient().get_run(run_id)
+
+
+def artifact_names(run_id: str, folder: str) -> set[str]:
+    """The file names of a run's artifact folder."""
+    import mlflow
+
+    return {Path(a.path).name for a in mlflow.MlflowClient().list_artifacts(run_id, folder)}
+
+
+def download(run_id: str, artifact_path: str) -> str:
+    """A run's artifact, downloaded; its local path."""
+    import mlflow
+
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path)
+
+
 def log_config(cfg: TrainConfig, dataset_digest: str) -> None:
     """Params of one configuration (everything needed to reproduce it)."""
     import mlflow
