@@ -31,6 +31,19 @@ HEADS: tuple[str, ...] = ("mlp", "linear")
 PRECISIONS: tuple[str, ...] = ("auto", "float32", "bfloat16")
 
 
+def setting_type(hint: Any) -> tuple[type, bool, bool]:
+    """A setting's declared type as (scalar type, optional, sequence): `int` is (int, False,
+    False), `float | None` (float, True, False), `tuple[str, ...]` (str, False, True)."""
+    import typing
+
+    args = typing.get_args(hint)
+    if type(None) in args:
+        return next(a for a in args if a is not type(None)), True, False
+    if typing.get_origin(hint) is tuple:
+        return args[0], False, True
+    return hint, False, False
+
+
 def setting(default: Any, title: str = "", description: str = "", **schema: Any) -> Any:
     """Declare a run setting: its default and, when `title` is given, the training DAG's Param
     (title, description, JSON-schema bounds such as `minimum`, `enum`, `items`).

@@ -58,6 +58,17 @@ class Thresholds:
     min_benign_specificity: float = RUN_DEFAULTS.min_benign_specificity
     min_gain_over_champion: float = RUN_DEFAULTS.promotion_margin
 
+    @classmethod
+    def of(cls, settings: Any) -> Thresholds:
+        """The thresholds of anything that holds the policy's four settings (a `policy.Policy`,
+        a `RunRequest`): `promotion_margin` is the gain over the champion."""
+        return cls(
+            settings.min_f1_macro,
+            settings.min_malignant_sensitivity,
+            settings.min_benign_specificity,
+            settings.promotion_margin,
+        )
+
 
 #: Each check: the threshold's field in `Thresholds`, the MLflow metric it reads, its words.
 CHECKS: tuple[tuple[str, str, str], ...] = (

@@ -22,7 +22,7 @@ Settings (`config.ENV_DEFAULTS`, defaults from `config.RUN_DEFAULTS`):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from leukemia.config import env, env_flag
@@ -113,17 +113,7 @@ class Policy:
         """The gate's `gate.Thresholds` of this policy."""
         from leukemia.gate import Thresholds
 
-        return Thresholds(
-            self.min_f1_macro,
-            self.min_malignant_sensitivity,
-            self.min_benign_specificity,
-            self.promotion_margin,
-        )
-
-    def describe(self) -> str:
-        """One line for logs and the DAG docs."""
-        parts = [f"{f.name} {getattr(self, f.name)}" for f in fields(self)]
-        return ", ".join(parts)
+        return Thresholds.of(self)
 
 
 def _fraction(variable: str) -> float:

@@ -60,14 +60,13 @@ def training_params() -> dict[str, Any]:
 
 def json_schema(hint: Any) -> dict[str, Any]:
     """The JSON-schema type of a setting's Python type (int, float, bool, str, tuple[X, ...], X | None)."""
+    from leukemia.config import setting_type
+
     names = {int: "integer", float: "number", bool: "boolean", str: "string"}
-    args = typing.get_args(hint)
-    if type(None) in args:  # X | None
-        inner = next(a for a in args if a is not type(None))
-        return {"type": ["null", names[inner]]}
-    if typing.get_origin(hint) is tuple:
-        return {"type": "array", "items": {"type": names[args[0]]}}
-    return {"type": names[hint]}
+    scalar, optional, sequence = setting_type(hint)
+    if sequence:
+        return {"type": "array", "items": {"type": names[scalar]}}
+    return {"type": ["null", names[scalar]] if optional else names[scalar]}
 
 
 def policy_params() -> dict[str, Any]:

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from leukemia.config import RUN_DEFAULTS, RunDefaults, StorageConfig, env, work_uri
+from leukemia.config import RUN_DEFAULTS, RunDefaults, StorageConfig, env, setting_type, work_uri
 from leukemia.objectstore import with_conn
 
 log = logging.getLogger(__name__)
@@ -26,12 +26,8 @@ log = logging.getLogger(__name__)
 
 def _typed(value: Any, hint: Any) -> Any:
     """A Param's value as the declared type of its setting (tuple[X, ...], X | None, X)."""
-    args = typing.get_args(hint)
-    if type(None) in args:
-        hint = next(a for a in args if a is not type(None))
-    if typing.get_origin(hint) is tuple:
-        return tuple(_typed(v, args[0]) for v in value)
-    return hint(value)
+    scalar, _, sequence = setting_type(hint)
+    return tuple(scalar(v) for v in value) if sequence else scalar(value)
 
 
 @dataclass(frozen=True)
@@ -69,12 +65,7 @@ class RunRequest(RunDefaults):
         champion."""
         from leukemia.gate import Thresholds
 
-        return Thresholds(
-            self.min_f1_macro,
-            self.min_malignant_sensitivity,
-            self.min_benign_specificity,
-            self.promotion_margin,
-        )
+        return Thresholds.of(self)
 
     @property
     def work_uri(self) -> str:
