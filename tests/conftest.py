@@ -23,6 +23,17 @@ for _name in ("MLFLOW_TRACKING_URI", "LEUKEMIA_DATA_DIR", "LEUKEMIA_WEIGHTS"):
     os.environ.pop(_name, None)  # a developer's settings must not leak into the tests
 
 
+#: Test files that mostly wait on servers and subprocesses: collected first, so that pytest-xdist
+#: (`--dist loadfile` hands files out in collection order) starts them while the other workers
+#: train, instead of leaving one worker on them alone at the end.
+FIRST = ("test_stack.py", "test_approval.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Put the files in FIRST at the front; the rest keep their order."""
+    items.sort(key=lambda item: item.path.name not in FIRST)
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """One moto S3 server for the whole session; tests use their own buckets."""

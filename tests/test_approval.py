@@ -126,12 +126,13 @@ def training(
         "optimizers": ["adam"],
         "batch_sizes": [8],
         "variants": ["seed"],
-        # one head, 2-fold CV, no augmented copies, a small audit: the reviewer's step is tested
-        # here, not selection, the copies or the audit (test_dags runs those end to end)
+        # one head, no CV, no refit, no augmented copies, no audit: the reviewer's step is tested
+        # here, not selection, the refit, the copies or the audit (test_dags runs those end to end)
         "heads": ["mlp"],
-        "cv_folds": 2,
+        "cv_folds": 1,
+        "refit": False,
         "augment_copies": 0,
-        "audit_images": 4,
+        "audit_images": 0,
         "epochs": 2,
         "input_size": 48,
         "weights": "none",

@@ -645,6 +645,10 @@ def test_mlflow_server_serves_artifacts_and_accepts_its_host_names() -> None:
     for host in ("mlflow:5000", "localhost:*"):
         assert host in allowed, f"MLflow would reject Host: {host}"
     assert environment(mlflow)["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    # the same server settings as the embedded stack's: no GenAI job runner
+    from leukemia.dev.services import MLFLOW_SERVER_ENV
+
+    assert {k: environment(mlflow).get(k) for k in MLFLOW_SERVER_ENV} == MLFLOW_SERVER_ENV
     build = mlflow["build"]
     dockerfile = ROOT / build["context"] / build["dockerfile"]
     assert dockerfile.exists()

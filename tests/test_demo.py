@@ -17,7 +17,12 @@ from leukemia.dev.progress import DagTestProgress
 from leukemia.weights import WeightsUnavailable
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = '{"optimizers": ["adam"], "batch_sizes": [8, 16], "variants": ["seed"], "epochs": 2}'
+#: the demo's hermeticity, progress and diagnosis are tested, not selection, the copies or the
+#: audit (test_dags runs those end to end): no CV, no augmented copies, a 4-image audit
+TINY = (
+    '{"optimizers": ["adam"], "batch_sizes": [8, 16], "variants": ["seed"], "epochs": 2, '
+    '"cv_folds": 1, "augment_copies": 0, "audit_images": 4}'
+)
 LOG = """\
 2026-11-27T11:35:34.664436Z [info     ] [DAG TEST] starting task_id=extract_features map_index=-1 [x]
 2026-11-27T11:35:42.603676Z [error    ] Task failed with exception     [task] loc=task_runner.py:1676

@@ -27,6 +27,8 @@ from typing import Any
 import pytest
 from test_compose import command_args, compose
 
+from leukemia.dev.services import MLFLOW_SERVER_ENV
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +108,7 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthServer
     }
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(
+        **MLFLOW_SERVER_ENV,
         MLFLOW_AUTH_CONFIG_PATH=str(tmp / "basic_auth.ini"),
         MLFLOW_AUTH_ADMIN_USERNAME=logins["admin"][0],
         MLFLOW_AUTH_ADMIN_PASSWORD=logins["admin"][1],

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from leukemia.dev.services import MLFLOW_SERVER_ENV
 from leukemia.model import ModelConfig
 from leukemia.runs import train_folder
 from leukemia.training import TrainConfig
@@ -398,6 +399,7 @@ def flaky_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fl
         "1",
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_SERVER_ENV)
     log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen(
         cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

@@ -30,6 +30,9 @@ from leukemia.dev.processes import (
 )
 
 ARTIFACT_BUCKET = "mlflow-artifacts"
+#: The MLflow server's environment beyond the caller's, as in docker-compose.yaml: no job runner
+#: (MLflow 3 starts five huey consumers for GenAI jobs by default; the pipeline runs none).
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 DB_USER = "airflow"
 
 
@@ -243,7 +246,7 @@ def start_mlflow(procs: Processes, environ: dict[str, str], backend_uri: str, cw
     cmd = [venv_command("mlflow"), "server", "--backend-store-uri", backend_uri]
     cmd += ["--serve-artifacts", "--artifacts-destination", f"s3://{ARTIFACT_BUCKET}"]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    procs.spawn("mlflow", cmd, environ, cwd)
+    procs.spawn("mlflow", cmd, {**environ, **MLFLOW_SERVER_ENV}, cwd)
     return port
 
 
