@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from leukemia.dev.demo import airflow, choose_weights, demo_size, task_errors
+from leukemia.dev.demo import airflow, choose_weights, demo_size
+from leukemia.dev.diagnosis import dags_test_errors
 from leukemia.dev.progress import DagTestProgress
 from leukemia.weights import WeightsUnavailable
 
@@ -171,8 +172,8 @@ def _demo(environ: dict[str, str], cwd: Path, *args: str) -> subprocess.Complete
     )
 
 
-def test_task_errors_keep_the_last_exception_line_of_each_failed_attempt() -> None:
-    assert task_errors(LOG) == {
+def test_dags_test_errors_keep_the_last_exception_line_of_each_failed_attempt() -> None:
+    assert dags_test_errors(LOG) == {
         "extract_features": "AirflowFailException: cannot load VGG16 weights from /w.h5: bad file",
         "train[3]": "KeyError: 'second attempt'",
     }

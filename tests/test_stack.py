@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 
 from leukemia.config import CLASSES, env
+from leukemia.dev.diagnosis import task_log_errors
 from leukemia.dev.stack import (
     RunResult,
     ShareNothingViolation,
     Stack,
     StackError,
     TaskRecord,
-    log_errors,
     open_session,
     predictions,
     redis_server,
@@ -113,7 +113,7 @@ def test_run_result_reports_hosts_spans_and_breaches() -> None:
     ]
 
 
-def test_log_errors_gives_the_exception_and_the_library_line_of_a_task_log() -> None:
+def test_task_log_errors_gives_the_exception_and_the_library_line_of_a_task_log() -> None:
     failure = {
         "level": "error",
         "event": "Task failed with exception",
@@ -132,7 +132,7 @@ def test_log_errors_gives_the_exception_and_the_library_line_of_a_task_log() -> 
     text = "\n".join(
         [json.dumps({"level": "info", "event": "start"}), "not json", json.dumps(failure)]
     )
-    assert log_errors(text) == [
+    assert task_log_errors(text) == [
         "Task failed with exception: FileNotFoundError: [Errno 2] not on this host (worker-a) "
         "at /p/include/leukemia/dataset.py:64"
     ]

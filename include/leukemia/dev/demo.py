@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,7 +21,6 @@ from typing import Any
 
 from leukemia.config import RUN_DEFAULTS, env, project_root
 from leukemia.dev.airflow_rest import task_label
-from leukemia.dev.progress import STARTING
 
 log = logging.getLogger(__name__)
 
@@ -212,45 +210,17 @@ def mapped_instances(airflow_home: Path, dag_id: str, task_id: str) -> int | Non
     return int(row[0]) or None
 
 
-_STAMPED = re.compile(r"^\d{4}-\d\d-\d\dT")
-_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Unavailable)\b.*?: ")
+def diagnosis(airflow_home: Path, log_file: Path, dag_id: str = "leukemia_training") -> list[str]:
+    """A short account of a failed run (`diagnosis.failure_report`): the failed tasks with the last
+    error line of each from `airflow dags test`'s output, those not run because of them, the log."""
+    from leukemia.dev.diagnosis import dags_test_errors, from_states
 
-
-def task_errors(log_text: str) -> dict[str, str]:
-    """The last exception line of each task that failed, from `airflow dags test` output."""
-    errors: dict[str, str] = {}
-    task, in_traceback, last = "", False, ""
-    for line in [*log_text.splitlines(), "0000-00-00T end"]:
-        if _STAMPED.match(line):
-            if in_traceback and task and last:
-                errors[task] = last
-            in_traceback, last = "Task failed with exception" in line, ""
-            if started := STARTING.search(line):
-                task = task_label(started.group(1), int(started.group(2)))
-        elif in_traceback and _EXCEPTION.match(line):
-            last = re.sub(r"^[\w.]+\.(\w+:)", r"\1", line.strip())  # without the module path
-    return errors
-
-
-def diagnosis(
-    airflow_home: Path, log_file: Path, dag_id: str = "leukemia_training", limit: int = 8
-) -> list[str]:
-    """A short account of a failed run: the failed tasks, the first error line of each, the log."""
     run_id, tasks = failed_tasks(airflow_home, dag_id)
     if not run_id:
         return [f"No run of {dag_id} was recorded; the output is in {log_file}."]
-    errors = task_errors(log_file.read_text(errors="replace")) if log_file.is_file() else {}
-    failed = [label for label, state in tasks if state == "failed"]
-    lines = [f"{dag_id} run {run_id} failed:"]
-    for label in failed[:limit]:
-        lines.append(f"  {label}: {errors.get(label, 'no error line in the output')[:300]}")
-    if len(failed) > limit:
-        lines.append(f"  … and {len(failed) - limit} more failed tasks")
-    blocked = sorted({label.split("[")[0] for label, state in tasks if state == "upstream_failed"})
-    if blocked:
-        lines.append(f"  not run because of them: {', '.join(blocked)}")
-    lines.append(f"Full output with the task logs: {log_file}")
-    return lines
+    found = dags_test_errors(log_file.read_text(errors="replace")) if log_file.is_file() else {}
+    errors = {label: [line] for label, line in found.items()}
+    return from_states(dag_id, run_id, tasks, errors, f"Full output with the task logs: {log_file}")
 
 
 def run_demo(

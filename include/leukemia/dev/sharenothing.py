@@ -8,7 +8,6 @@ imported by production code.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -72,25 +71,3 @@ def xcom_local_paths(xcoms: Iterable[tuple[str, str, str]], root: Path) -> list[
             if key != "return_value" or (label, path) not in found:
                 found[(label, path)] = key  # a named key says more than return_value
     return [f"{label}: {key} = {path}" for (label, path), key in sorted(found.items())]
-
-
-def log_errors(text: str, limit: int = 5) -> list[str]:
-    """`event: ExcType: message` for the error lines of a task log (Airflow 3 writes JSON lines)."""
-    errors = []
-    for line in text.splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(entry, dict) or entry.get("level") not in ("error", "critical"):
-            continue
-        details = entry.get("error_detail") or [{}]
-        exc = details[-1]
-        frames = exc.get("frames", [])
-        where = [
-            f for f in frames if "/leukemia/" in f["filename"] and "/dev/" not in f["filename"]
-        ]
-        place = f" at {where[-1]['filename']}:{where[-1]['lineno']}" if where else ""
-        cause = f": {exc.get('exc_type')}: {exc.get('exc_value')}" if exc.get("exc_type") else ""
-        errors.append(f"{entry.get('event')}{cause}{place}"[:600])
-    return errors[-limit:]

@@ -70,7 +70,6 @@ from leukemia.dev.sharenothing import (
     RunResult,
     ShareNothingViolation,
     fence_hits,
-    log_errors,
     xcom_local_paths,
 )
 
@@ -83,7 +82,6 @@ __all__ = [
     "StackError",
     "TaskRecord",
     "Worker",
-    "log_errors",
     "main",
     "open_session",
     "postgres_bin",
@@ -432,6 +430,8 @@ class Stack:
 
     def task_errors(self, record: TaskRecord) -> list[str]:
         """The errors in a task instance's latest log, read from whichever worker's folder holds it."""
+        from leukemia.dev.diagnosis import task_log_errors
+
         index = "" if record.map_index < 0 else f"map_index={record.map_index}/"
         pattern = f"logs/**/task_id={record.task_id}/{index}attempt=*.log"
         logs = sorted(
@@ -440,16 +440,23 @@ class Stack:
         )
         if not logs:
             return [f"no log of {record.label} in the workers' folders"]
-        return [*log_errors(logs[-1].read_text(errors="replace")), f"(log: {logs[-1]})"]
+        return [*task_log_errors(logs[-1].read_text(errors="replace")), f"(log: {logs[-1]})"]
 
     def diagnosis(self, result: RunResult) -> str:
-        """The failed task instances of a run, each with the errors from its log."""
-        failed = [t for t in result.tasks if t.state in ("failed", "up_for_retry")]
-        lines = [f"run {result.run_id}: {result.state}"]
-        for record in failed[:6]:
-            lines.append(f"{record.label} on {record.hostname}: {record.state}")
-            lines += [f"    {line}" for line in self.task_errors(record)]
-        return "\n".join(lines)
+        """The account of a run that did not succeed (`diagnosis.failure_report`, as the demo
+        prints it): each failed task with where it ran and the errors of its log."""
+        from leukemia.dev.diagnosis import FailedTask, failure_report
+
+        failed = [
+            FailedTask(t.label, self.task_errors(t), f"{t.hostname} ({t.state})")
+            for t in result.tasks
+            if t.state in ("failed", "up_for_retry")
+        ]
+        blocked = [t.label for t in result.tasks if t.state == "upstream_failed"]
+        hint = f"Task logs: logs/ in the workers' folders under {self.root}"
+        return "\n".join(
+            failure_report(DAG_ID, result.run_id, failed, blocked, hint, str(result.state))
+        )
 
     def predict(
         self, inputs: Sequence[str], timeout_s: float = 300.0
