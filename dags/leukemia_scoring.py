@@ -3,13 +3,19 @@
 
 Classifies the blood-smear images under `s3://<bucket>/incoming/` with `leukemia-classifier@champion`
 and writes `s3://<bucket>/predictions/v<version>/<timestamp>.csv` (key, class, the four class
-probabilities, malignant, model version, scored_at). Only images that this model version has not
-scored yet are scored: the ledger `predictions/ledger/v<version>.json` records every key and ETag it
-scored, so a replaced image is scored again and a new champion re-scores everything.
+probabilities, malignant, model version, scored_at, calibrated confidence, prediction set, refer and
+its reason, Grad-CAM overlay key). Only images that this model version has not scored yet are
+scored: the ledger `predictions/ledger/v<version>.json` records every key and ETag it scored, so a
+replaced image is scored again and a new champion re-scores everything.
+
+An image whose conformal prediction set holds more than one class is *referred*: it gets a Grad-CAM
+overlay (`explain`: referred images by default, or all, or none) and is queued once for a person's
+review under `review/queue/`; when a run queued any, the task emits `leukemia_referrals`, which
+triggers the review DAG.
 
 Runs when a new champion is promoted (`leukemia_champion`) or new images land
-(`leukemia_incoming_images`). Without a champion yet, scoring is skipped. Set `explain` for Grad-CAM
-overlays beside the CSV. All logic lives in `include/leukemia` (`tasks/scoring_dag.py` → `scoring.py`); this file only wires it.
+(`leukemia_incoming_images`). Without a champion yet, scoring is skipped. All logic lives in
+`include/leukemia` (`tasks/scoring_dag.py` → `scoring.py`); this file only wires it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from leukemia.tasks.assets import champion_asset, incoming_images_asset
+from leukemia.tasks.assets import champion_asset, incoming_images_asset, referrals_alias
 from leukemia.tasks.params import s3_params
 
 IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": True}
@@ -55,10 +61,13 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
             description="Images scored at once; bounds the task's memory.",
         ),
         "explain": Param(
-            False,
-            type="boolean",
+            "referred",
+            type=["string", "boolean"],  # true/false: the older boolean form (all/none)
+            enum=["referred", "all", "none", True, False],
+            values_display={"true": "all (older form)", "false": "none (older form)"},
             title="Grad-CAM",
-            description="Also write Grad-CAM overlays and a contact sheet beside the CSV.",
+            description="Grad-CAM overlays beside the CSV for the referred images (default), "
+            "all images, or none.",
         ),
     },
 )
@@ -70,19 +79,23 @@ def leukemia_scoring() -> None:
 
         return steps.champion_or_none(get_current_context()["params"]["model_uri"] or None)
 
-    @task(**IO_RETRIES)
+    @task(outlets=[referrals_alias()], **IO_RETRIES)
     def score_new_images(model: dict[str, str]) -> dict[str, Any]:
+        """Score; emit `leukemia_referrals` (through the alias) only when images were queued."""
         from leukemia.tasks import scoring_dag as steps
 
-        params = get_current_context()["params"]
-        return steps.score(
+        context = get_current_context()
+        params = context["params"]
+        result = steps.score(
             str(params["bucket"]),
             str(params["incoming_prefix"]),
             str(params["conn_id"]),
             model["pinned_uri"],
             int(params["batch_size"]),
-            bool(params["explain"]),
+            params["explain"],
         )
+        steps.announce_referrals(context["outlet_events"], result)
+        return result
 
     score_new_images(resolve_model())
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from airflow_events import asset_events
 
 MODEL = "leukemia-classifier"
 PASSWORDS = {"dr-lee": "pw-lee", "dr-chen": "pw-chen"}
@@ -76,21 +77,6 @@ def _answer(http: Any, run_id: str, user: str, choice: str, comment: str) -> Any
     url = f"/api/v2/dags/leukemia_training/dagRuns/{run_id}/taskInstances/approval/-1/hitlDetails"
     body = {"chosen_options": [choice], "params_input": {"comment": comment}}
     return http.patch(url, json=body, headers=_login(http, user))
-
-
-def _champion_events() -> list[dict[str, Any]]:
-    from airflow.models.asset import AssetEvent, AssetModel
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-
-    with create_session() as session:
-        query = (
-            select(AssetEvent)
-            .join(AssetModel, AssetEvent.asset_id == AssetModel.id)
-            .where(AssetModel.name == "leukemia_champion")
-            .order_by(AssetEvent.id)
-        )
-        return [dict(e.extra or {}) for e in session.scalars(query)]
 
 
 def _states(run: Any) -> dict[str, str]:
@@ -159,7 +145,7 @@ def test_a_person_promotes_rejects_or_lets_time_keep_the_champion_and_can_roll_b
 
     dag, conf = training["dag"], training["conf"]
     client = registry.client()
-    events = len(_champion_events())
+    events = len(asset_events("leukemia_champion"))
 
     # 1. no approval required (the demo, dags test): the gate promotes the first champion itself
     first = dag.test(run_conf={k: v for k, v in conf.items() if k != "_db"})
@@ -172,7 +158,7 @@ def test_a_person_promotes_rejects_or_lets_time_keep_the_champion_and_can_roll_b
     )
     v1 = client.get_model_version(MODEL, "1")
     assert v1.aliases == ["champion"] and v1.tags["decided_by"] == "the gate"
-    assert len(_champion_events()) == events + 1
+    assert len(asset_events("leukemia_champion")) == events + 1
 
     # 2. approval required, one respondent: another user is refused, dr-lee promotes with a comment
     asked = {**conf, "force_retrain": True, "require_approval": True}
@@ -198,7 +184,7 @@ def test_a_person_promotes_rejects_or_lets_time_keep_the_champion_and_can_roll_b
     assert (v2.tags["decided_by"], v2.tags["review_comment"]) == ("dr-lee", "sensitivity holds")
     assert v2.tags["decision_how"] == "person" and v2.tags["decision"] == "promoted"
     assert "- **Decision**: promoted by dr-lee" in v2.description
-    assert len(_champion_events()) == events + 2
+    assert len(asset_events("leukemia_champion")) == events + 2
 
     # 3. dr-lee rejects: the champion stays, v3 can never be champion, no event for scoring
     third, status = _with_reviewer(
@@ -217,7 +203,7 @@ def test_a_person_promotes_rejects_or_lets_time_keep_the_champion_and_can_roll_b
     assert (v3.tags["decision"], v3.tags["decided_by"]) == ("rejected", "dr-lee")
     assert v3.tags["review_comment"] == "blurry batch" and v3.aliases == []
     assert str(registry.current_champion().version) == "2"
-    assert len(_champion_events()) == events + 2
+    assert len(asset_events("leukemia_champion")) == events + 2
 
     # 4. nobody answers within the timeout: the scheduler applies the default, keep the champion
     def nobody(run_id: str) -> None:
@@ -239,7 +225,7 @@ def test_a_person_promotes_rejects_or_lets_time_keep_the_champion_and_can_roll_b
     back = training["champion_dag"].test(run_conf={"to_version": 1, "reason": "v2 drifts"})
     assert str(back.state) == "success"
     assert str(registry.current_champion().version) == "1"
-    assert len(_champion_events()) == events + 3
+    assert len(asset_events("leukemia_champion")) == events + 3
 
     # 6. and from a shell: refused for the rejected v3, done for v2, Airflow told over REST
     assert main(["champion", "rollback", "--to", "3", "--reason", "try it"]) == 2
@@ -250,8 +236,8 @@ def test_a_person_promotes_rejects_or_lets_time_keep_the_champion_and_can_roll_b
     monkeypatch.setattr(notify, "http_client", lambda url: airflow_api)
     assert main(["champion", "rollback", "--to", "2", "--reason", "v1 was fine after all"]) == 0
     assert "Airflow notified" in capsys.readouterr().out
-    assert _champion_events()[-1]["to_version"] == "2"
-    assert _champion_events()[-1]["from_rest_api"] is True
+    assert asset_events("leukemia_champion")[-1]["to_version"] == "2"
+    assert asset_events("leukemia_champion")[-1]["from_rest_api"] is True
 
     assert main(["champion", "history"]) == 0
     lines = capsys.readouterr().out.splitlines()

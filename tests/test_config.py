@@ -41,6 +41,21 @@ def test_a_default_dag_run_trains_each_configuration_with_the_librarys_defaults(
         assert cfg == library
 
 
+def test_a_runs_conformal_coverage_reaches_every_configuration_and_is_bounded() -> None:
+    """Declared once (`RunDefaults.conformal_coverage`): the conf's value is in every planned
+    `TrainConfig` (and so in its logged config); a coverage of 0 or 1 is refused."""
+    from leukemia.tasks.training_dag import RunRequest, plan
+    from leukemia.training import TrainConfig
+
+    assert RUN_DEFAULTS.conformal_coverage == TrainConfig().conformal_coverage == 0.95
+    configs = plan(RunRequest.from_params({"conformal_coverage": "0.9"}))
+    assert {c["conformal_coverage"] for c in configs} == {0.9}
+    assert TrainConfig.from_dict(configs[0]).conformal_coverage == 0.9
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match="conformal_coverage must be between 0 and 1"):
+            TrainConfig(conformal_coverage=bad)
+
+
 def test_allowed_values_equal_what_the_library_accepts() -> None:
     from leukemia.features import resolve_precision
     from leukemia.model import VARIANTS as MODEL_VARIANTS

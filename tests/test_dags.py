@@ -139,7 +139,12 @@ def test_training_dag_params_are_the_declared_settings_and_round_trip_to_the_def
     from leukemia.config import OPTIMIZERS, PRECISIONS, RUN_DEFAULTS, RunDefaults
     from leukemia.tasks.training_dag import RunRequest
 
-    for name in ("LEUKEMIA_WEIGHTS", "LEUKEMIA_REQUIRE_APPROVAL", "LEUKEMIA_MIN_F1_MACRO"):
+    for name in (
+        "LEUKEMIA_WEIGHTS",
+        "LEUKEMIA_REQUIRE_APPROVAL",
+        "LEUKEMIA_MIN_F1_MACRO",
+        "LEUKEMIA_MAX_TEST_ECE",
+    ):
         monkeypatch.delenv(name, raising=False)
     params = dagbag.dags["leukemia_training"].params
     declared = RunDefaults.params()
@@ -162,10 +167,15 @@ def test_training_dag_params_are_the_declared_settings_and_round_trip_to_the_def
         "enum": list(PRECISIONS),
     }
     assert schema["fine_tune_blocks"]["maximum"] == 5 and schema["refit"]["type"] == "boolean"
+    assert schema["conformal_coverage"]["exclusiveMinimum"] == 0
+    assert schema["conformal_coverage"]["exclusiveMaximum"] == 1
+    assert params["conformal_coverage"] == RUN_DEFAULTS.conformal_coverage == 0.95
     # the gate and approval are the deployment's policy: empty by default, floored by its schema
     for name in ("min_f1_macro", "min_malignant_sensitivity", "min_benign_specificity"):
         assert params[name] is None
         assert schema[name]["minimum"] == getattr(RUN_DEFAULTS, name)
+    assert params["max_test_ece"] is None  # a maximum: a run may only lower it
+    assert schema["max_test_ece"]["maximum"] == RUN_DEFAULTS.max_test_ece == 0.05
 
 
 def test_a_conf_value_is_converted_to_its_declared_type() -> None:

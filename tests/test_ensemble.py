@@ -264,8 +264,19 @@ def test_out_of_fold_probabilities_decide_when_every_member_has_them(
             assert oof_probabilities(runs, rows) is None  # one member without: validation decides
     y, oof = oof_probabilities(runs, rows)
     assert list(y) == truth and set(oof) == {r["run_id"] for r in runs}
+    # each member's out-of-fold probabilities are scaled by its temperature, as its head is
+    from leukemia.calibration import Calibration, scale
+
+    for run, probs in zip(runs, (a, b), strict=True):
+        t = Calibration.from_tags(mlflow.get_run(run["run_id"]).data.tags).temperature
+        np.testing.assert_allclose(oof[run["run_id"]], scale(probs, t), atol=1e-6)
     choice = select_ensemble(runs, two_runs["info"].path, two_runs["cache"], 2)
     assert choice["source"] == "cv" and choice["choice"] == "ensemble"
     assert choice["ensemble_f1_macro"] == 1.0 > choice["single_f1_macro"]
     run = mlflow.get_run(choice["run_id"])
     assert run.data.params["selection_source"] == "cv" and run.data.tags["kind"] == "ensemble"
+    # the ensemble's own calibration: T 1.0, its threshold on the same out-of-fold images
+    cal = Calibration.from_tags(run.data.tags)
+    assert cal.temperature == 1.0 and cal.source == "cv" and cal.images == len(pool)
+    assert cal.threshold == 1.0  # 18 images: too few for coverage 0.95
+    assert run.data.metrics["test_referral_rate"] == 1.0 and 0 <= run.data.metrics["test_ece"] <= 1

@@ -11,6 +11,7 @@ from leukemia.config import BENIGN, CLASSES
 from leukemia.gate import (
     FAILED,
     NOT_APPLICABLE,
+    NOT_MEASURED,
     PASSED,
     Thresholds,
     bootstrap_intervals,
@@ -71,6 +72,9 @@ def test_thresholds_come_from_the_policy_with_the_margin_as_the_gain_over_the_ch
     given = Policy.from_env().thresholds()
     assert given.min_f1_macro == 0.5 and given.min_gain_over_champion == 0.02
     assert given.min_malignant_sensitivity == 0.99  # the documented default
+    assert given.max_test_ece == 0.05
+    monkeypatch.setenv("LEUKEMIA_MAX_TEST_ECE", "0.03")
+    assert Policy.from_env().thresholds().max_test_ece == 0.03
 
 
 def test_every_missed_threshold_fails_on_its_own_line() -> None:
@@ -81,6 +85,7 @@ def test_every_missed_threshold_fails_on_its_own_line() -> None:
         "min_malignant_sensitivity": FAILED,
         "min_benign_specificity": PASSED,
         "min_gain_over_champion": FAILED,
+        "max_test_ece": NOT_MEASURED,  # no test_ece: trained before calibration, does not block
     }
     failed = [c.line for c in checks if c.status == FAILED]
     assert failed == [
@@ -91,13 +96,45 @@ def test_every_missed_threshold_fails_on_its_own_line() -> None:
 
 
 def test_without_a_champion_only_the_absolute_thresholds_decide() -> None:
-    checks = check_thresholds(Thresholds(), GOOD, None)
+    checks = check_thresholds(Thresholds(), {**GOOD, "test_ece": 0.02}, None)
     assert _status(checks)["min_gain_over_champion"] == NOT_APPLICABLE
     assert all(c.status == PASSED for c in checks if c.name != "min_gain_over_champion")
     first = {**GOOD, "malignant_sensitivity": 0.98}
     assert (
         _status(check_thresholds(Thresholds(), first, None))["min_malignant_sensitivity"] == FAILED
     )
+
+
+def test_a_test_ece_above_the_maximum_fails_the_candidate_and_the_report_says_so() -> None:
+    from dataclasses import asdict
+
+    from leukemia.promotion import REJECT, automatic_choice, report_markdown
+
+    over = {**GOOD, "test_ece": 0.08}
+    checks = check_thresholds(Thresholds(), over, None)
+    line = "max_test_ece: failed: test ECE 0.0800 vs maximum 0.05"
+    assert [c.line for c in checks if c.status == FAILED] == [line]
+    gated = {
+        "name": "leukemia-classifier",
+        "version": "2",
+        "run_id": "r",
+        "passed": False,
+        "checks": [asdict(c) for c in checks],
+        "champion_note": "no champion yet",
+    }
+    assert f"- {line}" in report_markdown(gated, False).splitlines()  # gate.md
+    assert automatic_choice(gated, False).choice == REJECT
+    at_limit = check_thresholds(Thresholds(), {**GOOD, "test_ece": 0.05}, None)
+    assert [c.line for c in at_limit if c.name == "max_test_ece"] == [
+        "max_test_ece: passed: test ECE 0.0500 vs maximum 0.05"
+    ]
+    looser = check_thresholds(Thresholds(max_test_ece=0.1), over, None)
+    assert _status(looser)["max_test_ece"] == PASSED
+    with_champion = check_thresholds(Thresholds(), over, GOOD, "1")  # whose metrics lack test_ece
+    assert _status(with_champion)["max_test_ece"] == FAILED
+    unmeasured = check_thresholds(Thresholds(), GOOD, None)
+    assert _status(unmeasured)["max_test_ece"] == NOT_MEASURED
+    assert not [c for c in unmeasured if c.status == FAILED]
 
 
 def test_a_zero_margin_lets_a_tie_pass_and_a_positive_margin_needs_the_gain() -> None:
@@ -112,7 +149,7 @@ def test_a_zero_margin_lets_a_tie_pass_and_a_positive_margin_needs_the_gain() ->
 # --- on the embedded stack (SQLite MLflow, tiny models) -----------------------------------------
 
 SIZE = 48
-OPEN = Thresholds(0.0, 0.0, 0.0, 0.0)
+OPEN = Thresholds(0.0, 0.0, 0.0, 0.0, 1.0)
 
 
 #: How the gate's tests train their candidates: what the gate checks does not depend on how they
@@ -192,7 +229,7 @@ def test_a_candidate_below_a_clinical_threshold_never_becomes_champion(
     from leukemia import promotion, registry, tracking
 
     split = _train(smear_dir, mlflow_env, "adam", "manual__1", {})["split"]
-    unreachable = Thresholds(0.0, 1.01, 0.0, 0.0)  # no model reaches a sensitivity above 1
+    unreachable = Thresholds(0.0, 1.01, 0.0, 0.0, 1.0)  # no model reaches a sensitivity above 1
     decided = promotion.select_and_promote(
         tracking.setup(), split.path, smear_dir, "manual__1", unreachable
     )

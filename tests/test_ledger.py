@@ -14,6 +14,7 @@ from leukemia.ledger import (
     merge,
     pending,
     read_ledger,
+    scored_entry,
     write_ledger,
 )
 
@@ -137,3 +138,27 @@ def test_a_ledger_that_keeps_changing_stops_after_bounded_attempts(
 
 def test_reading_a_missing_ledger_gives_an_empty_one_and_no_etag(client: Any, bucket: str) -> None:
     assert read_ledger(client, bucket, KEY) == (empty_ledger(), None)
+
+
+def test_a_scored_entry_keeps_the_answer_through_a_merge_and_a_write(
+    client: Any, bucket: str
+) -> None:
+    from leukemia.predict import Prediction
+
+    referred = Prediction(
+        "s3://b/incoming/a.jpg", "Pre", (0.05, 0.02, 0.55, 0.38), "3", ("Pre", "Pro"), True, "why"
+    )
+    entry = scored_entry("a1", "predictions/v3/run.csv", "2026-03-01T10:00:00+00:00", referred)
+    assert entry == {
+        "etag": "a1",
+        "csv": "predictions/v3/run.csv",
+        "scored_at": "2026-03-01T10:00:00+00:00",
+        "confidence": 0.55,
+        "prediction_set": "Pre|Pro",
+        "refer": True,
+        "refer_reason": "why",
+    }
+    write_ledger(client, bucket, KEY, _changes(old=_scored("o1")))
+    write_ledger(client, bucket, KEY, _changes(a=entry))
+    stored = _stored(client, bucket)["scored"]
+    assert stored["incoming/a.jpg"] == entry and "refer" not in stored["incoming/old.jpg"]

@@ -86,6 +86,7 @@ def test_card_has_every_section_a_laboratory_asks_for() -> None:
         "Model",
         "Test metrics",
         "Confusion matrix",
+        "Calibration and referral",
         "Selection, gate and decision",
         "Known limits",
     ):
@@ -135,6 +136,38 @@ def test_card_shows_both_models_with_95_percent_intervals_and_the_confusion_matr
     )
 
 
+def test_card_shows_the_calibration_its_prediction_sets_and_what_a_referral_means() -> None:
+    from leukemia.calibration import Calibration
+    from leukemia.model_card import REFERRAL
+
+    cal = Calibration(1.8, 0.62, 0.95, 1300, "cv", 0.041, 0.012, 0.08, 0.07)
+    test = {
+        "test_ece": "0.0150",
+        "test_coverage": "0.9600",
+        "test_referral_rate": "0.0800",
+        "test_mean_set_size": "1.0900",
+        "test_unreferred_malignant_sensitivity": "0.9980",
+        "test_unreferred_benign_specificity": "0.9910",
+        "test_malignant_called_benign_unreferred": "0.0000",
+    }
+    card = render(_facts(**cal.as_tags(), **test))
+    section = card[card.index("## Calibration and referral") : card.index("## Selection")]
+    for line in (
+        "- **Temperature** T = 1.800 (softmax of logits / T), fitted on 1300 out-of-fold images: "
+        "ECE 0.041 → 0.012, Brier 0.080 → 0.070.",
+        "- **Prediction sets** at coverage 0.95 (`conformal_coverage`): threshold q̂ = 0.6200, "
+        "a class is in the set when p ≥ 1 − q̂.",
+        "- **Test split**: ECE 0.0150, coverage 0.9600, referral rate 0.0800, mean set size "
+        "1.0900; unreferred images: malignant sensitivity 0.9980, benign specificity 0.9910, "
+        "malignant called benign 0.0000.",
+    ):
+        assert line in section.splitlines(), line
+    assert REFERRAL in section and "⚠" not in section
+    few = render(_facts(**Calibration(1.2, 1.0, 0.95, 12, "val", 0.2, 0.1, 0.5, 0.4).as_tags()))
+    assert "- ⚠ Threshold 1: 12 held-out images are too few for coverage 0.95" in few
+    assert "Not calibrated: the version was trained before calibration" in render(_facts())
+
+
 def test_card_says_where_the_version_stands() -> None:
     assert "**gate passed**: awaiting the decision" in render(_facts(gate="passed"))
     decided = render(
@@ -181,7 +214,11 @@ def test_every_registered_version_gets_its_card_as_artifact_and_description(
         tags={"airflow_run_id": "manual__1"},
     )
     decided = promotion.select_and_promote(
-        tracking.setup(), done["split"].path, smear_dir, "manual__1", Thresholds(0.0, 0.0, 0.0, 0.0)
+        tracking.setup(),
+        done["split"].path,
+        smear_dir,
+        "manual__1",
+        Thresholds(0.0, 0.0, 0.0, 0.0, 1.0),
     )
     version = registry.client().get_model_version("leukemia-classifier", decided["version"])
     card = mlflow.artifacts.load_text(f"runs:/{version.run_id}/model_card.md")
@@ -190,6 +227,9 @@ def test_every_registered_version_gets_its_card_as_artifact_and_description(
     assert "Status: **@champion** (decided by the gate)" in card
     assert "| weights | none |" in card and "randomly initialised" in card
     assert "- **Decision**: promoted by the gate" in card
+    # calibrated on the few validation images (cv_folds 1): too few for 0.95, all referred
+    assert "validation images: ECE" in card and "referral rate 1.0000" in card
+    assert "- ⚠ Threshold 1:" in card
     assert decided["card_url"].endswith(f"/runs/{version.run_id}/artifacts/model_card.md")
 
 

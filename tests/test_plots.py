@@ -15,6 +15,7 @@ from leukemia.plots import (
     contact_sheet_png,
     marked_epoch,
     prediction_grid_png,
+    reliability_diagram_png,
     training_curves_png,
 )
 from leukemia.training import best_epoch
@@ -190,3 +191,20 @@ def test_comparison_png_tolerates_missing_metrics(tmp_path: Path) -> None:
     _png(comparison_png(repeated, tmp_path / "repeated.png"))
     with pytest.raises(ValueError, match="optimizer"):
         comparison_png([{"batch_size": 8}], tmp_path / "bad.png")
+
+
+def test_reliability_diagram_draws_one_curve_per_series_and_needs_one(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, size=(400, 4))
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    labels = np.asarray([rng.choice(4, p=p) for p in probs])
+    sharp = np.exp(3 * logits) / np.exp(3 * logits).sum(axis=1, keepdims=True)
+    one = reliability_diagram_png({"test": (probs, labels)}, tmp_path / "one.png")
+    two = reliability_diagram_png(
+        {"before": (sharp, labels), "after": (probs, labels)}, tmp_path / "two.png"
+    )
+    assert _png(one) == _png(two)  # the same frame
+    coloured = [(np.ptp(_pixels(path), axis=2) > 60).sum() for path in (two, one)]
+    assert coloured[0] > coloured[1] * 1.3  # a second curve adds its colour
+    with pytest.raises(ValueError, match="no curves to draw"):
+        reliability_diagram_png({}, tmp_path / "none.png")

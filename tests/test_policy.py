@@ -15,6 +15,7 @@ LOOSE = {
     "LEUKEMIA_MIN_MALIGNANT_SENSITIVITY": "0.5",
     "LEUKEMIA_MIN_BENIGN_SPECIFICITY": "0.5",
     "LEUKEMIA_PROMOTION_MARGIN": "0",
+    "LEUKEMIA_MAX_TEST_ECE": "0.2",
 }
 
 
@@ -44,6 +45,9 @@ def test_a_run_may_raise_thresholds_and_narrow_respondents(policy_env: pytest.Mo
     assert tight.min_f1_macro == 0.95 and tight.promotion_margin == 0.01
     assert tight.min_benign_specificity == 0.5  # untouched: the policy's
     assert tight.approval_respondents == ("dr-ng",) and tight.require_approval is True
+    assert tight.max_test_ece == 0.2  # untouched
+    # a maximum tightens downwards
+    assert Policy.from_env().tightened({"max_test_ece": "0.05"}).max_test_ece == 0.05
 
 
 def test_a_run_may_not_lower_a_threshold_switch_approval_off_or_add_a_respondent(
@@ -52,6 +56,10 @@ def test_a_run_may_not_lower_a_threshold_switch_approval_off_or_add_a_respondent
     policy = Policy.from_env()
     with pytest.raises(PolicyViolation, match=r"min_benign_specificity 0\.4 < 0\.5"):
         policy.tightened({"min_benign_specificity": 0.4})
+    with pytest.raises(
+        PolicyViolation, match=r"max_test_ece 0\.3 > 0\.2 \(LEUKEMIA_MAX_TEST_ECE\)"
+    ):
+        policy.tightened({"max_test_ece": 0.3})
     with pytest.raises(PolicyViolation, match="require_approval false while"):
         policy.tightened({"require_approval": False})
     with pytest.raises(PolicyViolation, match="approval_respondents mallory not in"):
@@ -93,6 +101,7 @@ def test_training_dag_refuses_a_looser_conf_when_the_run_is_triggered(
     dag.params.validate()  # the defaults (empty: the policy itself) are valid
     assert dag.params.get_param("min_f1_macro").resolve(0.95) == 0.95
     assert dag.params.get_param("require_approval").resolve(True) is True
-    for name, looser in (("min_f1_macro", 0.0), ("require_approval", False)):
+    assert dag.params.get_param("max_test_ece").resolve(0.1) == 0.1  # lower: stricter
+    for name, looser in (("min_f1_macro", 0.0), ("require_approval", False), ("max_test_ece", 0.3)):
         with pytest.raises(ParamValidationError):
             dag.params.get_param(name).resolve(looser)

@@ -47,7 +47,7 @@ def champion(smear_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             smear_dir, cfg, root, (0.5, 0.25, 0.25), "float32", tags={"airflow_run_id": "manual__p"}
         )
         info = done["split"]
-        anything = Thresholds(0.0, 0.0, 0.0, 0.0)  # a 2-epoch model: the gate only reports
+        anything = Thresholds(0.0, 0.0, 0.0, 0.0, max_test_ece=1.0)  # the gate only reports
         decided = promotion.select_and_promote(
             tracking.setup(), info.path, smear_dir, "manual__p", anything
         )
@@ -202,11 +202,12 @@ def test_files_and_objects_over_the_caps_are_skipped_with_the_reason_and_the_res
     assert aws_env.requests.counts["GET"] == 2  # big.jpg was never downloaded; grows.jpg was cut
 
 
-def test_prediction_rows_carry_class_probabilities_and_call() -> None:
+def test_prediction_rows_carry_class_probabilities_call_set_and_referral() -> None:
     from leukemia.predict import Prediction
 
     p = Prediction("a.jpg", "Pre", (0.01, 0.02, 0.95, 0.02), "3")
     assert p.malignant and p.call == "malignant" and p.confidence == 0.95
+    assert p.prediction_set == ("Pre",) and not p.refer  # no set given: the predicted class
     assert p.as_dict()["probabilities"] == dict(zip(CLASSES, (0.01, 0.02, 0.95, 0.02), strict=True))
     assert p.as_row() == {
         "image": "a.jpg",
@@ -217,8 +218,65 @@ def test_prediction_rows_carry_class_probabilities_and_call() -> None:
         "Pro": 0.02,
         "malignant": "true",
         "model_version": "3",
+        "confidence": 0.95,
+        "prediction_set": "Pre",
+        "refer": "false",
+        "refer_reason": "",
+        "overlay": "",
     }
     assert Prediction("b.jpg", "Benign", (0.9, 0.05, 0.03, 0.02), "3").call == "benign"
+    mixed = Prediction(
+        "c.jpg", "Benign", (0.6, 0.1, 0.3, 0.0), "3", ("Benign", "Pre"), True, "why", "k.png"
+    )
+    assert {k: mixed.as_dict()[k] for k in ("prediction_set", "refer", "refer_reason")} == {
+        "prediction_set": ["Benign", "Pre"],
+        "refer": True,
+        "refer_reason": "why",
+    }
+    row = mixed.as_row()
+    assert (row["prediction_set"], row["refer"], row["overlay"]) == ("Benign|Pre", "true", "k.png")
+
+
+class FixedModel:
+    """Stands in for the Keras model: the same probabilities for every image."""
+
+    def __init__(self, probabilities: tuple[float, ...]) -> None:
+        self.probabilities = np.asarray(probabilities, "float32")
+
+    def predict_on_batch(self, pixels: np.ndarray) -> np.ndarray:
+        return np.tile(self.probabilities, (len(pixels), 1))
+
+
+def test_sets_and_referrals_follow_the_models_threshold_and_external_reasons(
+    images: dict[str, Any],
+) -> None:
+    from dataclasses import replace
+
+    from leukemia.calibration import Calibration
+    from leukemia.predict import LoadedModel, collect_inputs, iter_batches
+    from leukemia.registry import ModelRef
+
+    calibration = Calibration(1.5, 0.7, 0.9, 40, "cv", 0.1, 0.05, 0.3, 0.25)
+    sources, _ = collect_inputs(images["paths"][:3])
+
+    def run(cal: Calibration | None, reasons: tuple[str, ...] = ()) -> list[Any]:
+        probs = (0.05, 0.02, 0.55, 0.38)  # Pro: 0.38 ≥ 1 - 0.7, not ≥ 1 - 0.5
+        model = LoadedModel(ModelRef("test", "test"), FixedModel(probs), SIZE, cal)
+        batches = iter_batches(model, sources, 2, external_reasons=reasons)
+        return [p for batch in batches for p in batch.predictions]
+
+    referred = run(calibration)
+    assert [(p.label, p.prediction_set, p.refer, p.refer_reason) for p in referred] == [
+        ("Pre", ("Pre", "Pro"), True, "uncertain between Pre|Pro")
+    ] * 3
+    assert referred[0].as_row()["confidence"] == pytest.approx(0.55)
+    for p in run(replace(calibration, threshold=0.5)) + run(None):
+        assert (p.prediction_set, p.refer, p.refer_reason) == (("Pre",), False, "")
+    drift = "batch drifted: brightness 4.2 SD off training"
+    for p in run(None, (drift,)):  # an external reason refers every image, set or not
+        assert (p.prediction_set, p.refer, p.refer_reason) == (("Pre",), True, drift)
+    for p in run(calibration, (drift,)):
+        assert p.refer and p.refer_reason == f"uncertain between Pre|Pro; {drift}"
 
 
 def test_model_shape_check_names_what_is_wrong() -> None:
@@ -320,13 +378,18 @@ def test_json_and_csv_equal_the_models_own_predictions(
     code, out, err = run_cli(capsys, "predict", str(images["folder"]), "--format", "csv")
     assert code == 0, err
     table = list(csv.DictReader(io.StringIO(out)))
-    assert list(table[0]) == ["image", "class", *CLASSES, "malignant", "model_version"]
+    assert list(table[0]) == [
+        *("image", "class", *CLASSES, "malignant", "model_version", "confidence"),
+        *("prediction_set", "refer", "refer_reason", "overlay"),
+    ]
     assert [r["image"] for r in table] == list(expected)
     for row in table:
         np.testing.assert_allclose(
             [float(row[c]) for c in CLASSES], expected[row["image"]], rtol=1e-5, atol=1e-6
         )
         assert row["malignant"] == ("true" if row["class"] != "Benign" else "false")
+        assert float(row["confidence"]) == pytest.approx(max(expected[row["image"]]), abs=1e-5)
+        assert row["class"] in row["prediction_set"].split("|") and row["overlay"] == ""
 
 
 @pytest.mark.slow
@@ -345,16 +408,66 @@ def test_table_lists_every_image_in_aligned_columns(
     )
     assert code == 0
     header, *lines = out.splitlines()
-    assert header.split() == ["image", "class", *CLASSES, "call", "model"]
+    assert header.split() == ["image", "class", *CLASSES, "call", "model", "set", "refer"]
     assert [line.split()[0] for line in lines] == [str(p) for p in images["paths"][:5]]
     column = header.index("class")
     assert all(
         line[column:].split()[0] == line.split()[1] for line in lines
     )  # aligned under its header
     for line in lines:
-        name, label, *probs, call, version = line.split()
+        name, label, *probs, call, version, classes, refer = line.split(maxsplit=9)
         assert label in CLASSES and version == champion["version"]
         np.testing.assert_allclose([float(p) for p in probs], expected[name], atol=6e-5)
+        assert label in classes.split("|") and refer.startswith("yes: " if "|" in classes else "no")
+
+
+@pytest.mark.slow
+def test_a_versions_threshold_tag_gives_two_class_sets_and_referrals(
+    champion: dict[str, Any],
+    images: dict[str, Any],
+    expected: dict[str, Any],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The set and the referral come from the `calibration_threshold` tag of the version scored:
+    a threshold just above 1 - (the second probability) of one image puts two classes in its set."""
+    import mlflow
+
+    from leukemia import registry
+    from leukemia.calibration import Calibration, prediction_set
+
+    def ranked(name: str) -> list[float]:
+        return sorted(expected[name], reverse=True)
+
+    # the image whose second class is furthest from its third: the cut falls between them
+    name = max(expected, key=lambda n: ranked(n)[1] - ranked(n)[2])
+    threshold = 1 - (ranked(name)[1] + ranked(name)[2]) / 2
+    source = registry.client().get_model_version(MODEL_NAME, champion["version"]).source
+    version = str(mlflow.register_model(source, MODEL_NAME).version)
+    registry.record_sha256(MODEL_NAME, version)
+    calibration = Calibration(1.0, threshold, 0.9, 30, "cv", 0.1, 0.1, 0.2, 0.2)
+    registry.tag_version(MODEL_NAME, version, calibration.as_tags())
+
+    code, out, err = run_cli(
+        capsys,
+        "predict",
+        str(images["folder"]),
+        "--model",
+        f"models:/{MODEL_NAME}/{version}",
+        "--format",
+        "json",
+    )
+    assert code == 0, err
+    rows = {r["image"]: r for r in json.loads(out)}
+    top_two = [c for c in CLASSES if expected[name][CLASSES.index(c)] >= ranked(name)[1]]
+    kind = "benign or malignant" if "Benign" in top_two else "uncertain between"
+    assert (rows[name]["prediction_set"], rows[name]["refer"]) == (top_two, True)
+    assert rows[name]["refer_reason"] == f"{kind} {'|'.join(top_two)}"
+    for row in rows.values():  # every row: its own probabilities at the version's threshold
+        probs = [row["probabilities"][c] for c in CLASSES]
+        assert row["prediction_set"] == list(prediction_set(probs, threshold))
+        assert row["refer"] is (len(row["prediction_set"]) > 1)
+    assert "no conformal threshold" not in err
+    assert f"referred {sum(r['refer'] for r in rows.values())}" in err
 
 
 @pytest.mark.slow
@@ -456,7 +569,7 @@ def test_explain_writes_an_overlay_per_image_and_a_contact_sheet(
     from PIL import Image
 
     out_dir = tmp_path / "cam"
-    code, _, err = run_cli(
+    code, out, err = run_cli(
         capsys,
         "predict",
         *map(str, images["paths"][:3]),
@@ -472,5 +585,6 @@ def test_explain_writes_an_overlay_per_image_and_a_contact_sheet(
     ]
     with Image.open(overlays[0]) as im:
         assert im.size == (SIZE, SIZE) and im.mode == "RGB"
+    assert [r["overlay"] for r in csv.DictReader(io.StringIO(out))] == list(map(str, overlays))
     assert (out_dir / "contact_sheet.png").stat().st_size > 1000
     assert "contact_sheet.png" in err

@@ -95,7 +95,7 @@ def trained(smear_dir: Path, mlflow_env: Path) -> dict:
 def _open() -> object:
     from leukemia.gate import Thresholds
 
-    return Thresholds(0.0, 0.0, 0.0, 0.0)
+    return Thresholds(0.0, 0.0, 0.0, 0.0, 1.0)
 
 
 def _promote(trained: dict, smear_dir: Path, airflow_run_id: str) -> dict:

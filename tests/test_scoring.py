@@ -6,12 +6,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from airflow_events import asset_events
 
 from leukemia.config import CLASSES
 from leukemia.ledger import ledger_key, pending, version_folder
@@ -151,6 +153,147 @@ def test_score_incoming_records_rejects_rescoring_replaced_images_and_explains(
     ] == keys[:1]
 
 
+def _keys(client: Any, bucket: str, prefix: str = "") -> list[str]:
+    listing = client.list_objects_v2(Bucket=bucket, Prefix=prefix)
+    return sorted(o["Key"] for o in listing.get("Contents", []))
+
+
+def _calibrated(champion: dict[str, Any], threshold: float) -> str:
+    """The URI of another gated version of the champion's model that carries a calibration with
+    this conformal threshold (1.0: every class in every set, so every image is referred)."""
+    from leukemia import registry
+    from leukemia.calibration import Calibration
+
+    cal = Calibration(1.0, threshold, 0.9, 30, "cv", 0.1, 0.1, 0.2, 0.2)
+    version = _register_again(champion, {registry.GATE_TAG: "passed", **cal.as_tags()})
+    return f"models:/{MODEL_NAME}/{version}"
+
+
+@pytest.mark.slow
+def test_referred_images_get_overlays_and_are_queued_once_across_runs_and_versions(
+    champion: dict[str, Any], bucket: str, smear_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import hashlib
+
+    from leukemia.calibration import prediction_set
+    from leukemia.scoring import score_incoming
+    from leukemia.storage import s3_client
+
+    caplog.set_level(logging.INFO, logger="leukemia")
+    client = s3_client("aws_default")
+    _upload(client, bucket, [sorted((smear_dir / c).iterdir())[0] for c in CLASSES])
+
+    # the champion has no calibration tags: sets of one class, nothing referred, no overlay
+    plain = score_incoming(bucket, "incoming")
+    assert (plain.scored, plain.referred, plain.queued, plain.gradcam_uri) == (4, 0, 0, "")
+    assert "has no conformal threshold: refer only for external reasons" in caplog.text
+    rows = _rows(client, bucket, plain.predictions_uri.removeprefix(f"s3://{bucket}/"))
+    for row in rows:
+        assert (row["prediction_set"], row["refer"], row["refer_reason"], row["overlay"]) == (
+            row["class"],
+            "false",
+            "",
+            "",
+        )
+        assert float(row["confidence"]) == max(float(row[c]) for c in CLASSES)
+    assert _keys(client, bucket, "review/") == []
+
+    # a version whose threshold falls in the widest gap between the images' second probabilities
+    second = {r["key"]: sorted(float(r[c]) for c in CLASSES)[-2] for r in rows}
+    ordered = sorted(second.values())
+    low, high = max(zip(ordered[:-1], ordered[1:], strict=True), key=lambda pair: pair[1] - pair[0])
+    threshold = 1 - (low + high) / 2
+    referred = sorted(k for k, p in second.items() if p >= high)
+    uri = _calibrated(champion, threshold)
+    first = score_incoming(bucket, "incoming", model_uri=uri)
+    assert (first.scored, first.referred, first.queued) == (4, len(referred), len(referred))
+    assert f"{len(referred)} referred, {len(referred)} newly queued for review" in caplog.text
+    rows = _rows(client, bucket, first.predictions_uri.removeprefix(f"s3://{bucket}/"))
+    assert list(rows[0]) == list(CSV_COLUMNS)
+    overlays = first.gradcam_uri.removeprefix(f"s3://{bucket}/")
+    for row in rows:
+        classes = prediction_set([float(row[c]) for c in CLASSES], threshold)
+        assert row["prediction_set"] == "|".join(classes)
+        assert (row["refer"] == "true") is (row["key"] in referred) is (len(classes) > 1)
+        if row["key"] in referred:
+            assert row["refer_reason"].endswith(row["prediction_set"])
+            assert row["overlay"].startswith(overlays) and row["overlay"] in _keys(
+                client, bucket, overlays
+            )
+        else:
+            assert row["refer_reason"] == "" and row["overlay"] == ""
+    queue = _keys(client, bucket, "review/queue/")
+    digests = [
+        hashlib.sha256(client.get_object(Bucket=bucket, Key=k)["Body"].read()) for k in referred
+    ]
+    assert queue == sorted(f"review/queue/{d.hexdigest()}.json" for d in digests)
+    ledger = json.loads(
+        client.get_object(Bucket=bucket, Key=ledger_key(uri.rsplit("/", 1)[1]))["Body"].read()
+    )
+    entry = ledger["scored"][referred[0]]
+    assert entry["refer"] is True and entry["prediction_set"].count("|") >= 1
+
+    # a retry after a kill between the queue and the ledger scores everything again: queued once
+    client.delete_object(Bucket=bucket, Key=ledger_key(uri.rsplit("/", 1)[1]))
+    retry = score_incoming(bucket, "incoming", model_uri=uri, explain="none")
+    assert (retry.scored, retry.referred, retry.queued, retry.gradcam_uri) == (
+        4,
+        len(referred),
+        0,
+        "",
+    )
+    # a second version with the same threshold refers the same images: not queued again
+    again = score_incoming(
+        bucket, "incoming", model_uri=_calibrated(champion, threshold), explain="none"
+    )
+    assert (again.scored, again.referred, again.queued) == (4, len(referred), 0)
+    assert _keys(client, bucket, "review/queue/") == queue
+    assert _keys(client, bucket, "raw/") == []
+
+
+@pytest.mark.slow
+def test_empty_and_unreadable_batches_queue_nothing_and_one_image_is_enough(
+    champion: dict[str, Any], bucket: str, smear_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from leukemia.scoring import score_incoming
+    from leukemia.storage import s3_client
+
+    caplog.set_level(logging.INFO, logger="leukemia")
+    client = s3_client("aws_default")
+    uri = _calibrated(champion, 1.0)  # anything scored is referred
+
+    empty = score_incoming(bucket, "incoming", model_uri=uri)
+    assert (empty.listed, empty.scored, empty.referred, empty.queued) == (0, 0, 0, 0)
+    assert f"No images under s3://{bucket}/incoming/: nothing to score, nothing referred" in (
+        caplog.text
+    )
+    client.put_object(Bucket=bucket, Key="incoming/broken.jpg", Body=b"GIF89a nope")
+    client.put_object(Bucket=bucket, Key="incoming/text.png", Body=b"hello")
+    caplog.clear()
+    bad = score_incoming(bucket, "incoming", model_uri=uri)
+    assert (bad.listed, bad.scored, bad.skipped, bad.queued, bad.predictions_uri) == (
+        2,
+        0,
+        2,
+        0,
+        "",
+    )
+    assert "None of the 2 new images could be scored" in caplog.text
+    assert "no CSV written, nothing referred" in caplog.text
+    version = uri.rsplit("/", 1)[1]
+    assert _keys(client, bucket) == sorted(
+        ["incoming/broken.jpg", "incoming/text.png", ledger_key(version)]
+    )  # nothing in review/, raw/ or predictions/v<version>/
+
+    key = _upload(client, bucket, [sorted((smear_dir / "Early").iterdir())[2]])[0]
+    single = score_incoming(bucket, "incoming", model_uri=uri)
+    assert (single.scored, single.referred, single.queued) == (1, 1, 1)
+    row = _rows(client, bucket, single.predictions_uri.removeprefix(f"s3://{bucket}/"))[0]
+    assert row["key"] == key and row["prediction_set"] == "|".join(CLASSES)
+    assert row["refer_reason"] == f"benign or malignant {'|'.join(CLASSES)}"
+    assert len(_keys(client, bucket, "review/queue/")) == 1
+
+
 @pytest.fixture(scope="module")
 def scoring_dag() -> Any:
     from airflow.dag_processing.dagbag import DagBag
@@ -174,9 +317,25 @@ def test_scoring_dag_structure(scoring_dag: Any) -> None:
     params = scoring_dag.params.dump()
     assert (
         params["incoming_prefix"] == "incoming/"
-        and params["explain"] is False
+        and params["explain"] == "referred"
         and params["batch_size"] == 32
     )
+    for old_conf in (True, False):  # a run conf of the older boolean form still validates
+        assert scoring_dag.params.get_param("explain").resolve(old_conf) is old_conf
+    outlets = scoring_dag.get_task("score_new_images").outlets  # the event only when queued
+    assert [(type(o).__name__, o.name) for o in outlets] == [
+        ("AssetAlias", "leukemia_referrals_queued")
+    ]
+
+
+def test_explain_accepts_the_modes_and_the_older_boolean() -> None:
+    from leukemia.scoring import explain_mode
+
+    cases = {True: "all", False: "none", "true": "all", "False": "none", None: "referred"}
+    for value, mode in {**cases, "referred": "referred", "all": "all", "none": "none"}.items():
+        assert explain_mode(value) == mode
+    with pytest.raises(ValueError, match="explain must be one of referred, all, none"):
+        explain_mode("some")
 
 
 @pytest.mark.slow
@@ -212,6 +371,19 @@ def test_scoring_dag_scores_new_images_once(
     later = [k for k in _csvs(client, bucket, champion["version"]) if k not in csvs]
     assert len(later) == 1
     assert [r["key"] for r in _rows(client, bucket, later[0])] == new_key
+    for run in (first, second, third):  # the champion refers nothing: no referrals event
+        assert asset_events("leukemia_referrals", run.run_id) == []
+
+    # a calibrated version that refers every image, with the older boolean `explain` (none)
+    calibrated = {**conf, "model_uri": _calibrated(champion, 1.0), "explain": False}
+    fourth = scoring_dag.test(run_conf=calibrated)
+    assert str(fourth.state) == "success"
+    [event] = asset_events("leukemia_referrals", fourth.run_id)
+    assert (event["queued"], event["referred"]) == (5, 5)
+    assert len(_keys(client, bucket, "review/queue/")) == 5
+    assert event["predictions_uri"].startswith(f"s3://{bucket}/predictions/v")
+    stem = event["predictions_uri"].removeprefix(f"s3://{bucket}/").removesuffix(".csv")
+    assert _keys(client, bucket, stem) == [f"{stem}.csv"]  # explain false: no Grad-CAM folder
 
 
 def _register_again(champion: dict[str, Any], tags: dict[str, str]) -> str:

@@ -75,6 +75,7 @@ def test_run_holds_params_metrics_and_artifacts(trained: dict) -> None:
         "metrics.json",
         "head",
         "cv",
+        "calibration",
     }
     assert tags["split_uri"] == trained["info"].path and len(tags["head_sha256"]) == 64
     assert trained["result"].head_uri == f"runs:/{run.info.run_id}/head/head.keras"
@@ -277,6 +278,13 @@ def test_refit_trains_on_train_and_val_is_tagged_linked_and_registers(
     candidate = registry.register_candidate(refit.run_id, trained["info"].path, smear_dir, "r1")
     version = registry.client().get_model_version(candidate.name, candidate.version)
     assert version.run_id == refit.run_id and version.tags["run_id"] == refit.run_id
+    # the refit inherits the selected run's calibration (no held-out images to fit its own)
+    from leukemia.calibration import Calibration
+
+    inherited = Calibration.from_tags(trained["run"].data.tags)
+    assert Calibration.from_tags(tags) == inherited == Calibration.from_tags(version.tags)
+    assert run.data.metrics["temperature"] == pytest.approx(inherited.temperature)
+    assert 0 <= run.data.metrics["test_ece"] <= 1 and run.data.metrics["test_referral_rate"] == 1
     uri = f"models:/{candidate.name}/{candidate.version}"
     path = registry.keras_file(registry.download_model(uri), uri)
     assert file_sha256(path) == version.tags[registry.SHA256_TAG]
@@ -311,8 +319,91 @@ def test_a_linear_head_run_registers_a_full_model_that_predicts_like_its_head(
     path = mlflow.artifacts.download_artifacts(uri)
     full = keras.saving.load_model(next(Path(path).rglob("*.keras")), safe_mode=True)
     head = tracking.load_head(result.run_id)
-    assert [layer.name for layer in head.layers] == ["features", "standardize", "probabilities"]
+    names = ["features", "standardize", "logits", "temperature", "probabilities"]
+    assert [layer.name for layer in head.layers] == names  # calibrated on the validation split
+    assert run.data.tags["calibration_source"] == "val"
     test_rows = [r for r in trained["rows"] if r["split"] == "test"]
     from_pixels = full.predict(load_images([smear_dir / r["path"] for r in test_rows], SIZE))
     features = split_arrays(trained["rows"], trained["cache"], "seed")["test"][0]
     np.testing.assert_allclose(from_pixels, head.predict(features, verbose=0), atol=1e-4)
+
+
+def test_a_run_is_calibrated_on_its_out_of_fold_probabilities_and_its_version_carries_it(
+    trained: dict, smear_dir: Path
+) -> None:
+    """T is fitted on the cross-validation's out-of-fold probabilities, the logged head divides its
+    logits by it, the test metrics are the calibrated head's, and the registered version holds the
+    `calibration_*` tags scoring reads."""
+    import json
+
+    import mlflow
+
+    from leukemia import calibration, registry, tracking
+    from leukemia.calibration import Calibration
+    from leukemia.evaluation import evaluate
+    from leukemia.features import labels_to_index
+    from leukemia.training import split_arrays
+
+    run_id, rows = trained["result"].run_id, trained["rows"]
+    tags, metrics = trained["run"].data.tags, trained["run"].data.metrics
+    cal = Calibration.from_tags(tags)
+    train_val = [r for r in rows if r["split"] in ("train", "val")]
+    assert cal is not None and cal.source == "cv" and cal.images == len(train_val)
+    assert cal.coverage == 0.95 and json.loads(tags["config"])["conformal_coverage"] == 0.95
+    # the fit is reproducible from the logged out-of-fold probabilities
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=tracking.OOF_ARTIFACT)
+    with np.load(path) as oof:
+        label = {r["sha256"]: r["label"] for r in train_val}
+        y_oof = labels_to_index([label[s] for s in oof["sha256"].tolist()])
+        held_out = oof["probabilities"]
+    refit = Calibration.fit(held_out, y_oof, 0.95, "cv")
+    assert refit.temperature == pytest.approx(cal.temperature, rel=1e-3)
+    assert metrics["temperature"] == pytest.approx(cal.temperature)
+    assert metrics["calibration_ece_after"] == pytest.approx(cal.ece_after)
+    # T minimises the NLL (18 images are too few to promise a lower ECE as well)
+    nll = calibration.negative_log_likelihood
+    assert nll(calibration.scale(held_out, cal.temperature), y_oof) <= nll(held_out, y_oof) + 1e-6
+    # 18 held-out images are too few for 0.95 (19 needed): every test image is referred
+    assert cal.threshold == metrics["conformal_threshold"] == 1.0
+    assert metrics["test_referral_rate"] == 1.0 and metrics["test_mean_set_size"] == 4.0
+    assert metrics["test_coverage"] == 1.0
+    # the logged head is calibrated, and the logged test metrics are its own
+    head = tracking.load_head(run_id)
+    assert [layer.name for layer in head.layers][-3:] == ["logits", "temperature", "probabilities"]
+    assert head.get_layer("temperature").scale == pytest.approx(1 / cal.temperature)
+    x_test, y_test, _ = split_arrays(rows, trained["cache"], "seed")["test"]
+    probs = head.predict(x_test, verbose=0)
+    assert metrics["test_ece"] == pytest.approx(
+        calibration.expected_calibration_error(probs, y_test), abs=1e-6
+    )
+    assert metrics["test_brier"] == pytest.approx(calibration.brier_score(probs, y_test), abs=1e-6)
+    assert metrics["test_log_loss"] == pytest.approx(
+        evaluate(y_test, probs)["metrics"]["log_loss"], abs=1e-6
+    )
+    assert tracking.artifact_names(run_id, "calibration") == {"reliability.png", "calibration.json"}
+    candidate = registry.register_candidate(run_id, trained["info"].path, smear_dir)
+    version = registry.client().get_model_version(candidate.name, candidate.version)
+    assert Calibration.from_tags(version.tags) == cal
+    assert candidate.metrics["test_ece"] == metrics["test_ece"]  # what the gate checks
+
+
+def test_a_refit_of_a_run_trained_before_calibration_is_not_calibrated_and_says_so(
+    trained: dict, smear_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import mlflow
+
+    from leukemia import runs, tracking
+
+    selected = trained["result"].run_id
+    client = mlflow.MlflowClient()
+    for key in [k for k in trained["run"].data.tags if k.startswith("calibration_")]:
+        client.delete_tag(selected, key)
+    with caplog.at_level("WARNING", logger="leukemia.runs"):
+        refit = runs.refit_run(selected, trained["info"].path, smear_dir, trained["cache"])
+    warned = [r.getMessage() for r in caplog.records if "no calibration" in r.getMessage()]
+    assert len(warned) == 1 and selected in warned[0]
+    run = mlflow.get_run(refit.run_id)
+    assert not [k for k in run.data.tags if k.startswith("calibration_")]
+    assert "test_ece" not in run.data.metrics and "temperature" not in run.data.metrics
+    head = tracking.load_head(refit.run_id)
+    assert "temperature" not in [layer.name for layer in head.layers]

@@ -147,6 +147,8 @@ def _rollback(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace, results: TextIO) -> int:
+    from dataclasses import replace
+
     from leukemia import predict, registry
 
     ref = registry.resolve_model(args.model)  # fails fast, before TensorFlow is imported
@@ -164,14 +166,17 @@ def _predict(args: argparse.Namespace, results: TextIO) -> int:
 
         explainer = Explainer(loaded.model, args.explain)
     writer = _PredictionWriter(results, args.format, max((len(s.name) for s in sources), default=5))
-    scored = 0
+    scored = referred = 0
     for batch in predict.iter_batches(loaded, sources, args.batch_size):
-        for item in batch.predictions:
-            writer.row(item)
-        scored += len(batch.predictions)
-        skipped.extend(batch.skipped)
+        items = batch.predictions
         if explainer is not None:
-            explainer.add(batch.pixels, [p.image for p in batch.predictions])
+            paths = explainer.add(batch.pixels, [p.image for p in items])
+            items = [replace(p, overlay=str(o)) for p, o in zip(items, paths, strict=True)]
+        for item in items:
+            writer.row(item)
+        scored += len(items)
+        referred += sum(p.refer for p in items)
+        skipped.extend(batch.skipped)
         results.flush()
     writer.close()
     for item in skipped:
@@ -179,32 +184,38 @@ def _predict(args: argparse.Namespace, results: TextIO) -> int:
     sheet = explainer.finish() if explainer is not None else None
     note = f"; Grad-CAM overlays and {sheet.name} in {args.explain}" if sheet else ""
     print(
-        f"scored {scored} images with {ref.describe()}, skipped {len(skipped)}{note}",
+        f"scored {scored} images with {ref.describe()}, skipped {len(skipped)}, referred "
+        f"{referred}{note}",
         file=sys.stderr,
     )
     return 1 if skipped else 0
 
 
 class _PredictionWriter:
-    """Streams predictions to stdout as an aligned table, a JSON list or CSV."""
+    """Streams predictions to stdout as an aligned table, a JSON list or CSV.
+
+    The table ends with the prediction set and the referral (`no`, or `yes: <reason>`): the
+    reason is free text, so it comes last."""
 
     def __init__(self, out: TextIO, fmt: str, name_width: int) -> None:
         import csv
 
         from leukemia.config import CLASSES
+        from leukemia.predict import Prediction
 
         self.out, self.fmt, self.n = out, fmt, 0
-        self.columns = ["image", "class", *CLASSES, "malignant", "model_version"]
         if fmt == "csv":
-            self.csv = csv.DictWriter(out, fieldnames=self.columns, lineterminator="\n")
+            columns = list(Prediction("", CLASSES[0], (1.0, 0.0, 0.0, 0.0), "").as_row())
+            self.csv = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
             self.csv.writeheader()
         elif fmt == "table":
-            self.widths = [max(name_width, 5), 6, *(max(len(c), 6) for c in CLASSES), 9, 7]
-            header = ["image", "class", *CLASSES, "call", "model"]
-            print(
-                "  ".join(h.ljust(w) for h, w in zip(header, self.widths, strict=True)).rstrip(),
-                file=out,
-            )
+            widths = [max(name_width, 5), 6, *(max(len(c), 6) for c in CLASSES), 9, 7]
+            self.widths = [*widths, len("|".join(CLASSES)), 5]
+            header = ["image", "class", *CLASSES, "call", "model", "set", "refer"]
+            print(self._line(header), file=out)
+
+    def _line(self, cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, self.widths, strict=True)).rstrip()
 
     def row(self, item: Prediction) -> None:
         if self.fmt == "csv":
@@ -222,11 +233,10 @@ class _PredictionWriter:
                 *(f"{p:.4f}" for p in item.probabilities),
                 item.call,
                 item.model_version,
+                item.set_label,
+                f"yes: {item.refer_reason}" if item.refer else "no",
             ]
-            print(
-                "  ".join(c.ljust(w) for c, w in zip(cells, self.widths, strict=True)).rstrip(),
-                file=self.out,
-            )
+            print(self._line(cells), file=self.out)
         self.n += 1
 
     def close(self) -> None:

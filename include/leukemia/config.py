@@ -108,6 +108,17 @@ class RunDefaults:
         "Train the selected configuration again on train + validation for the epochs early "
         "stopping found (scaled to the larger set); that run is gated and registered.",
     )
+    # calibration (calibration.py): temperature scaling and split-conformal prediction sets, fitted
+    # on the held-out probabilities (out-of-fold with cross-validation, else the validation split)
+    conformal_coverage: float = setting(
+        0.95,
+        "Conformal coverage",
+        "Share of images whose prediction set must hold the true class (split-conformal, on "
+        "held-out probabilities): higher refers more images to a person. Needs at least "
+        "coverage / (1 - coverage) held-out images (19 at 0.95), else every image is referred.",
+        exclusiveMinimum=0,
+        exclusiveMaximum=1,
+    )
     # every configuration
     epochs: int = setting(
         30, "Max epochs", "Early stopping on validation loss restores the best epoch.", minimum=1
@@ -159,6 +170,12 @@ class RunDefaults:
         0.90,
         "Minimum benign specificity",
         "share of Benign test images the candidate calls benign",
+        policy=True,
+    )
+    max_test_ece: float = setting(
+        0.05,
+        "Maximum test ECE",
+        "expected calibration error (15 bins) of the candidate's calibrated test probabilities",
         policy=True,
     )
     require_approval: bool = setting(False, "Require approval", policy=True)
@@ -315,6 +332,10 @@ ENV_DEFAULTS: dict[str, tuple[str, str]] = {
         str(RUN_DEFAULTS.promotion_margin),
         "promotion policy: test macro-F1 a candidate must gain over the champion",
     ),
+    "LEUKEMIA_MAX_TEST_ECE": (
+        str(RUN_DEFAULTS.max_test_ece),
+        "promotion policy: largest expected calibration error of a candidate's test probabilities",
+    ),
     "LEUKEMIA_REQUIRE_APPROVAL": (
         "false",
         "promotion policy: a person approves each candidate that passed the gate",
@@ -336,6 +357,20 @@ ENV_DEFAULTS: dict[str, tuple[str, str]] = {
     ),
     "LEUKEMIA_AIRFLOW_USERNAME": ("", "Airflow login of the CLI's champion rollback"),
     "LEUKEMIA_AIRFLOW_PASSWORD": ("", "password of LEUKEMIA_AIRFLOW_USERNAME"),
+    # the review of referred images (review.py, the leukemia_review DAG)
+    "LEUKEMIA_REVIEW_PREFIX": (
+        "review/",
+        "prefix in the bucket of the review queue (queue/), forms (forms/) and answers (done/)",
+    ),
+    "LEUKEMIA_REVIEW_BATCH": ("10", "most images one review form asks about"),
+    "LEUKEMIA_REVIEW_TIMEOUT_HOURS": (
+        "24",
+        "hours a review form waits for an answer; then its images return to the queue",
+    ),
+    "LEUKEMIA_REVIEW_LINK_HOURS": (
+        "168",
+        "hours the pre-signed image and Grad-CAM links of a review form stay valid",
+    ),
 }
 
 #: MLflow's client reads the login from these on every request.

@@ -8,6 +8,12 @@ mean is chosen only when its macro-F1 beats the best single head's, a tie keepin
 its members' run ids in `tracking.ENSEMBLE_MEMBERS_TAG`), holding metrics but no model:
 `tracking.log_full_model` builds the one-trunk, k-head model (`model.build_ensemble`) when a gate
 registers it, as it does for any run.
+
+Calibration: each member's head is calibrated by its own run (temperature scaling, `runs.calibrate`),
+so members' out-of-fold probabilities are scaled by their temperatures before they are averaged,
+as the model averages calibrated heads. The ensemble itself keeps temperature 1.0 (the mean of
+calibrated softmaxes is not rescaled: no layer after `Average`); its conformal threshold is its own,
+on the same held-out probabilities the choice was made on (`ensemble_calibration`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from leukemia.config import RUN_DEFAULTS
 from leukemia.model import ModelConfig, shared_trunk
 
 log = logging.getLogger(__name__)
@@ -88,11 +95,13 @@ def oof_probabilities(
     runs: Sequence[Mapping[str, Any]], rows: list[dict[str, str]]
 ) -> tuple[Any, dict[str, Any]] | None:
     """Labels and each member's out-of-fold probabilities on the images they all scored, from
-    their `OOF_ARTIFACT`s; None when a member has none (no cross-validation: use validation)."""
+    their `OOF_ARTIFACT`s, scaled by the member's temperature (its head is calibrated); None when
+    a member has none (no cross-validation: use validation)."""
     import numpy as np
 
+    from leukemia.calibration import Calibration, scale
     from leukemia.features import labels_to_index
-    from leukemia.tracking import OOF_ARTIFACT, artifact_names, download
+    from leukemia.tracking import OOF_ARTIFACT, artifact_names, download, get_run
 
     found: dict[str, dict[str, Any]] = {}
     for run in runs:
@@ -100,10 +109,12 @@ def oof_probabilities(
         if name not in artifact_names(run["run_id"], folder):
             return None
         path = download(run["run_id"], OOF_ARTIFACT)
+        cal = Calibration.from_tags(get_run(run["run_id"]).data.tags)
         with np.load(path) as arrays:
-            found[run["run_id"]] = dict(
-                zip(arrays["sha256"].tolist(), arrays["probabilities"], strict=True)
-            )
+            probs = arrays["probabilities"]
+            if cal is not None:
+                probs = scale(probs, cal.temperature)
+            found[run["run_id"]] = dict(zip(arrays["sha256"].tolist(), probs, strict=True))
     label = {r["sha256"]: r["label"] for r in rows}
     first = next(iter(found.values()))
     shared = [sha for sha in first if sha in label and all(sha in f for f in found.values())]
@@ -111,6 +122,31 @@ def oof_probabilities(
         return None
     y = labels_to_index([label[sha] for sha in shared])
     return y, {m: np.stack([f[sha] for sha in shared]) for m, f in found.items()}
+
+
+def ensemble_calibration(held_out: tuple[Any, Any], coverage: float, source: str) -> Any:
+    """The ensemble's `calibration.Calibration`: temperature 1.0 (its members are calibrated),
+    the conformal threshold of its mean probabilities on held-out images `(probabilities,
+    labels)`, and their ECE and Brier score (the same before and after)."""
+    from leukemia.calibration import (
+        Calibration,
+        brier_score,
+        conformal_threshold,
+        expected_calibration_error,
+    )
+
+    ece, brier = expected_calibration_error(*held_out), brier_score(*held_out)
+    return Calibration(
+        temperature=1.0,
+        threshold=conformal_threshold(*held_out, coverage),
+        coverage=coverage,
+        images=len(held_out[1]),
+        source=source,
+        ece_before=ece,
+        ece_after=ece,
+        brier_before=brier,
+        brier_after=brier,
+    )
 
 
 def log_ensemble_run(
@@ -121,16 +157,21 @@ def log_ensemble_run(
     split_path: str | Path,
     dataset_digest: str = "",
     tags: dict[str, str] | None = None,
+    held_out: tuple[Any, Any] | None = None,
 ) -> str:
-    """An MLflow run for a chosen ensemble: its members, validation and test metrics, no model yet."""
+    """An MLflow run for a chosen ensemble: its members, validation and test metrics, its
+    calibration (`ensemble_calibration` on `held_out`, the (probabilities, labels) the choice was
+    made on; None: the validation split's), no model yet."""
 
     from leukemia import tracking
     from leukemia.evaluation import evaluate
 
     members = choice["members"]
-    results = {
-        s: evaluate(labels[s], mean_probabilities(probs[s], members)) for s in ("val", "test")
-    }
+    mean = {s: mean_probabilities(probs[s], members) for s in ("val", "test")}
+    results = {s: evaluate(labels[s], mean[s]) for s in ("val", "test")}
+    coverage = float(runs[0]["config"].get("conformal_coverage", RUN_DEFAULTS.conformal_coverage))
+    held_out = held_out or (mean["val"], labels["val"])
+    cal = ensemble_calibration(held_out, coverage, choice["source"])
     run_tags = {
         "ensemble": "true",
         tracking.ENSEMBLE_MEMBERS_TAG: json.dumps(members),
@@ -166,6 +207,7 @@ def log_ensemble_run(
         tracking.log_results(results, out)
         (out / "ensemble.json").write_text(json.dumps(choice, indent=1))
         tracking.log_folder(out)
+        tracking.log_calibration(cal, (mean["test"], labels["test"]), held_out)
     log.info(
         "Ensemble of %d heads: %s macro-F1 %.4f vs best single %.4f, run %s",
         len(members),
@@ -203,8 +245,10 @@ def select_ensemble(
     oof = oof_probabilities(runs, rows)
     if oof is not None:
         choice = choose(oof[1], oof[0], source="cv")
+        held_out = (mean_probabilities(oof[1], choice["members"]), oof[0])
     else:
         choice = choose(probs["val"], labels["val"], source="val")
+        held_out = None  # the validation split's, as `log_ensemble_run` computes it
     log.info(
         "Ensemble of the top %d: %s macro-F1 %.4f vs best single head %.4f → %s",
         len(runs),
@@ -215,7 +259,7 @@ def select_ensemble(
     )
     if choice["choice"] == ENSEMBLE:
         choice["run_id"] = log_ensemble_run(
-            choice, runs, labels, probs, split_path, dataset_digest, tags
+            choice, runs, labels, probs, split_path, dataset_digest, tags, held_out
         )
     return choice
 

@@ -8,7 +8,10 @@ decision taken by MLflow on clinical thresholds.
   (`kind=evaluation`) holding MLflow's confusion matrix, per-class metrics and the intervals.
 - **Decided by MLflow.** Each threshold is one `mlflow.validate_evaluation_results` call, so each
   failure is one line: minimum macro-F1, minimum malignant sensitivity (Early+Pre+Pro vs Benign),
-  minimum benign specificity, and the minimum gain in macro-F1 over the champion.
+  minimum benign specificity, the minimum gain in macro-F1 over the champion, and the maximum
+  expected calibration error of the candidate's calibrated test probabilities (`test_ece`, logged
+  by its training run: `calibration.py`); a candidate without it (trained before calibration) is
+  "not measured", which does not block.
 - **Fails closed.** An error while reading or evaluating the champion is raised (the task retries
   and nothing is promoted); only a champion whose files are gone or fail verification is skipped,
   because it can never serve again. Without a champion the gain check does not apply: the
@@ -57,16 +60,18 @@ class Thresholds:
     min_malignant_sensitivity: float = RUN_DEFAULTS.min_malignant_sensitivity
     min_benign_specificity: float = RUN_DEFAULTS.min_benign_specificity
     min_gain_over_champion: float = RUN_DEFAULTS.promotion_margin
+    max_test_ece: float = RUN_DEFAULTS.max_test_ece
 
     @classmethod
     def of(cls, settings: Any) -> Thresholds:
-        """The thresholds of anything that holds the policy's four settings (a `policy.Policy`,
+        """The thresholds of anything that holds the policy's five settings (a `policy.Policy`,
         a `RunRequest`): `promotion_margin` is the gain over the champion."""
         return cls(
             settings.min_f1_macro,
             settings.min_malignant_sensitivity,
             settings.min_benign_specificity,
             settings.promotion_margin,
+            settings.max_test_ece,
         )
 
 
@@ -76,9 +81,14 @@ CHECKS: tuple[tuple[str, str, str], ...] = (
     ("min_malignant_sensitivity", "malignant_sensitivity", "malignant sensitivity"),
     ("min_benign_specificity", "benign_specificity", "benign specificity"),
     ("min_gain_over_champion", "f1_score", "macro-F1 gain over the champion"),
+    ("max_test_ece", "test_ece", "test ECE"),
 )
 GAIN_CHECK = "min_gain_over_champion"
+#: The check of an upper bound: the training run's ECE on the test split (a run metric, not one
+#: MLflow's evaluation computes), passed to the gate with the candidate's metrics.
+ECE_CHECK, ECE_METRIC = "max_test_ece", "test_ece"
 PASSED, FAILED, NOT_APPLICABLE = "passed", "failed", "not applicable"
+NOT_MEASURED = "not measured"
 
 
 @dataclass
@@ -286,7 +296,9 @@ def check_thresholds(
     """Each threshold checked by `mlflow.validate_evaluation_results`, one call per threshold.
 
     `candidate` and `champion` are MLflow evaluation metrics (`f1_score`, `malignant_sensitivity`,
-    …). Without a champion the gain check does not apply.
+    …), the candidate's with its run's `test_ece`. Without a champion the gain check does not
+    apply; without `test_ece` (a model trained before calibration) the ECE check is not measured.
+    Neither blocks.
     """
     import mlflow
     from mlflow.models import MetricThreshold
@@ -312,11 +324,27 @@ def check_thresholds(
             )
             old = champion.get(metric, float("nan"))
             text = f"macro-F1 {value:.4f} vs champion v{champion_version} {old:.4f} + {limit:g}"
+        elif check == ECE_CHECK:
+            if metric not in candidate:
+                checks.append(
+                    Check(
+                        check,
+                        NOT_MEASURED,
+                        f"{check}: {NOT_MEASURED}: the candidate's run logged no test ECE "
+                        "(trained before calibration)",
+                    )
+                )
+                continue
+            rule = MetricThreshold(threshold=limit, greater_is_better=False)
+            text = f"{words} {value:.4f} vs maximum {limit:g}"
         else:
             rule = MetricThreshold(threshold=limit, greater_is_better=True)
             text = f"{words} {value:.4f} vs minimum {limit:g}"
         try:
-            mlflow.validate_evaluation_results({metric: rule}, cand, base)
+            # the champion's evaluation has no test_ece (a run metric): an absolute check needs none
+            mlflow.validate_evaluation_results(
+                {metric: rule}, cand, None if check == ECE_CHECK else base
+            )
         except ModelValidationFailedException:
             checks.append(Check(check, FAILED, f"{check}: failed: {text}"))
         else:
@@ -376,9 +404,12 @@ def run_gate(
             log.warning("Champion %s v%s cannot serve: %s", name, number, first_line(exc))
         else:
             note = f"champion v{number} re-evaluated on the same test split"
+    measured = dict(new_result.metrics)
+    if ECE_METRIC in candidate.metrics:  # the training run's, on its calibrated test probabilities
+        measured[ECE_METRIC] = float(candidate.metrics[ECE_METRIC])
     checks = check_thresholds(
         thresholds,
-        new_result.metrics,
+        measured,
         old_result.metrics if old_result is not None else None,
         old.version if old is not None else "",
     )

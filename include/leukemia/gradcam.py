@@ -61,7 +61,11 @@ class GradCam:
             raise ValueError(
                 f"model {model.name} needs exactly one pool_<variant> layer, found {len(pools)}"
             )
-        self.last = _part(head, "probabilities")  # Dense + softmax: its input gives the logits
+        # the last Dense (its input gives the logits): `probabilities` (Dense + softmax), or in a
+        # calibrated head (`calibration.calibrated_head`) `logits`, then `temperature`, softmax
+        calibrated = "temperature" in {layer_.name for layer_ in head.layers}
+        self.last = _part(head, "logits" if calibrated else "probabilities")
+        self.scale = float(head.get_layer("temperature").scale) if calibrated else 1.0
         trunk_cam = keras.Model(trunk.inputs, [_part(trunk, layer).output, *trunk.outputs])
         head_body = keras.Model(head.inputs, self.last.input)
         inputs = keras.Input(tuple(model.input_shape[1:]), name="pixels")
@@ -81,7 +85,7 @@ class GradCam:
         x = tf.convert_to_tensor(np.asarray(pixels, dtype="float32"))
         with tf.GradientTape() as tape:
             conv, hidden = self.model(x, training=False)
-            logits = tf.matmul(hidden, self.last.kernel) + self.last.bias
+            logits = (tf.matmul(hidden, self.last.kernel) + self.last.bias) * self.scale
             probs = tf.nn.softmax(logits)
             if self.full is not None:  # an ensemble: its mean probabilities, not the member's
                 probs = tf.stop_gradient(self.full(x, training=False))

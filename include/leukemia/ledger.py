@@ -6,13 +6,17 @@ names the images whose current ETag is in neither. The ledger is written with an
 write (`If-Match` its ETag, `If-None-Match: *` for a new one), so two overlapping scoring runs cannot
 lose each other's entries: the run that loses the race reads the ledger again, merges (the newer
 entry per key wins) and writes again, a bounded number of times.
+
+A scored entry also keeps what the version answered (`scored_entry`): the calibrated confidence,
+the prediction set and whether the image was referred to a person, and why. Entries written before
+prediction sets existed lack these fields; readers take them as absent, not as "not referred".
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -52,6 +56,20 @@ def ledger_key(model_version: str, predictions_prefix: str = PREDICTIONS_PREFIX)
 
 def empty_ledger() -> dict[str, Any]:
     return {"scored": {}, "rejected": {}}
+
+
+def scored_entry(etag: str, csv_key: str, scored_at: str, prediction: Any) -> dict[str, Any]:
+    """The ledger entry of one scored image: its ETag, the CSV holding its row, when, and the
+    answer (`predict.Prediction`): confidence, prediction set (`Pre|Pro`), refer and the reason."""
+    return {
+        "etag": etag,
+        "csv": csv_key,
+        "scored_at": scored_at,
+        "confidence": round(float(prediction.confidence), 6),
+        "prediction_set": prediction.set_label,
+        "refer": bool(prediction.refer),
+        "refer_reason": prediction.refer_reason,
+    }
 
 
 def read_ledger(client: Any, bucket: str, key: str) -> tuple[dict[str, Any], str | None]:
@@ -104,13 +122,15 @@ def merge(stored: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, An
     return merged
 
 
-def _is_conflict(exc: Exception) -> bool:
+def conditional_write_lost(exc: Exception, codes: Collection[str] = CONFLICT_CODES) -> bool:
+    """True when a conditional S3 write (IfMatch / IfNoneMatch) failed because another writer got
+    there first: one of `codes`, or HTTP 409 / 412 (the ledger and the review queue share it)."""
     from botocore.exceptions import ClientError
 
     if not isinstance(exc, ClientError):
         return False
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return exc.response.get("Error", {}).get("Code") in CONFLICT_CODES or status in (409, 412)
+    return exc.response.get("Error", {}).get("Code") in codes or status in (409, 412)
 
 
 def _put_if_unchanged(
@@ -151,7 +171,7 @@ def write_ledger(
             _put_if_unchanged(client, bucket, key, ledger, etag)
             return ledger
         except Exception as exc:
-            if not _is_conflict(exc):
+            if not conditional_write_lost(exc):
                 raise
             log.info(
                 "s3://%s/%s changed while this run scored (attempt %d/%d): merging and writing again",

@@ -205,6 +205,58 @@ def _audit(tags: dict[str, str]) -> list[str]:
     return lines
 
 
+#: What a referral means, on every card of a calibrated version.
+REFERRAL = (
+    "A **referred** image (its set holds more than one class, or its batch drifted) is labelled "
+    "by a haematologist in Airflow before its result is used; the label trains the next model."
+)
+
+
+def _calibration(tags: dict[str, str]) -> list[str]:
+    """The version's calibration and its prediction sets on the test split (`calibration.py`)."""
+    from leukemia.calibration import Calibration
+
+    cal = Calibration.from_tags(tags)
+    if cal is None:
+        return [
+            "Not calibrated: the version was trained before calibration (or fine-tuned after "
+            "it): its probabilities are the raw softmax and scoring refers no image by a "
+            "prediction set."
+        ]
+    where = "out-of-fold" if cal.source == "cv" else "validation"
+    test = {
+        k: tags.get(f"test_{k}", "–")
+        for k in (
+            "ece",
+            "coverage",
+            "referral_rate",
+            "mean_set_size",
+            "unreferred_malignant_sensitivity",
+            "unreferred_benign_specificity",
+            "malignant_called_benign_unreferred",
+        )
+    }
+    lines = [
+        f"- **Temperature** T = {cal.temperature:.3f} (softmax of logits / T), fitted on "
+        f"{cal.images} {where} images: ECE {cal.ece_before:.3f} → {cal.ece_after:.3f}, Brier "
+        f"{cal.brier_before:.3f} → {cal.brier_after:.3f}.",
+        f"- **Prediction sets** at coverage {cal.coverage:g} (`conformal_coverage`): threshold "
+        f"q̂ = {cal.threshold:.4f}, a class is in the set when p ≥ 1 − q̂.",
+        f"- **Test split**: ECE {test['ece']}, coverage {test['coverage']}, referral rate "
+        f"{test['referral_rate']}, mean set size {test['mean_set_size']}; unreferred images: "
+        f"malignant sensitivity {test['unreferred_malignant_sensitivity']}, benign specificity "
+        f"{test['unreferred_benign_specificity']}, malignant called benign "
+        f"{test['malignant_called_benign_unreferred']}.",
+    ]
+    if cal.threshold >= 1.0:
+        lines.append(
+            f"- ⚠ Threshold 1: {cal.images} held-out images are too few for coverage "
+            f"{cal.coverage:g}, so every image is referred."
+        )
+    lines.append("")
+    return [*lines, REFERRAL]
+
+
 def _limits(params: dict[str, str], gate: dict[str, Any] | None) -> list[str]:
     weights = params.get("weights", "?")
     if weights == "none":
@@ -263,6 +315,10 @@ def render(facts: CardFacts) -> str:
         "## Confusion matrix",
         "",
         *(_confusion(gate) if gate else ["Not evaluated by the gate."]),
+        "",
+        "## Calibration and referral",
+        "",
+        *_calibration(facts.tags),
         "",
         "## Selection, gate and decision",
         "",

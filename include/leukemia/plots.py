@@ -1,4 +1,5 @@
-"""Figures logged as MLflow artifacts: confusion matrix, training curves, prediction grid, grid comparison.
+"""Figures logged as MLflow artifacts: confusion matrix, training curves, prediction grid, reliability
+diagram, grid comparison.
 
 Every function builds a `matplotlib.figure.Figure` on its own Agg canvas and never imports pyplot, so
 no global backend or figure registry is touched and figures can be drawn from several threads. Each
@@ -297,6 +298,52 @@ def prediction_grid_png(
     return _grid_png(
         [images[i] for i in keep], captions, path, ncols, title=heading, colours=colours
     )
+
+
+# --- reliability ------------------------------------------------------------------------------------
+
+
+def reliability_diagram_png(
+    curves: Mapping[str, tuple[Any, Any]],
+    path: str | Path,
+    title: str = "Reliability of the top-class probability",
+) -> Path:
+    """Accuracy against mean confidence per confidence bin (`calibration.reliability`), one curve
+    per (probabilities, labels) pair of `curves` (e.g. held-out before and after temperature
+    scaling, the test split after), each labelled with its images and ECE; marker area grows with
+    a bin's images. The diagonal is a perfectly calibrated model: below it, over-confident."""
+    from leukemia.calibration import expected_calibration_error, reliability
+
+    if not curves:
+        raise ValueError("no curves to draw: give at least one (probabilities, labels) pair")
+    fig = _figure(5.5, 5.0)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1.2, label="perfect calibration")
+    for label, (probs, y) in curves.items():
+        bins = reliability(probs, y)
+        ece = expected_calibration_error(probs, y)
+        (line,) = ax.plot(
+            [b["confidence"] for b in bins],
+            [b["accuracy"] for b in bins],
+            marker="",
+            linewidth=1.5,
+            label=f"{label} (n={len(y)}, ECE {ece:.3f})",
+        )
+        ax.scatter(
+            [b["confidence"] for b in bins],
+            [b["accuracy"] for b in bins],
+            s=[12 + 60 * math.sqrt(b["images"] / max(len(y), 1)) for b in bins],
+            color=line.get_color(),
+            zorder=3,
+        )
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("Mean confidence (top-class probability) in the bin")
+    ax.set_ylabel("Accuracy in the bin")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    return _save(fig, path)
 
 
 # --- grid comparison --------------------------------------------------------------------------------

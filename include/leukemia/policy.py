@@ -3,10 +3,10 @@
 What a laboratory decides once is not a run setting. The thresholds a candidate must reach, whether
 a person approves each new champion and who may, come from the deployment's environment (the DAG
 author's and the operator's side: `.env`, the compose file, the demo), never from a DAG run's conf.
-A run may **tighten** the policy (a higher threshold, approval on, fewer respondents) but never
-loosen it: a looser value is refused before anything runs, in one line that names each value, the
-policy's value and the variable that sets it. Like a Kubernetes LimitRange, the run asks within
-bounds the deployment set.
+A run may **tighten** the policy (a higher minimum, a lower maximum, approval on, fewer
+respondents) but never loosen it: a looser value is refused before anything runs, in one line that
+names each value, the policy's value and the variable that sets it. Like a Kubernetes LimitRange,
+the run asks within bounds the deployment set.
 
 Settings (`config.ENV_DEFAULTS`, defaults from `config.RUN_DEFAULTS`):
 
@@ -14,6 +14,8 @@ Settings (`config.ENV_DEFAULTS`, defaults from `config.RUN_DEFAULTS`):
     LEUKEMIA_MIN_MALIGNANT_SENSITIVITY  share of malignant test images called malignant
     LEUKEMIA_MIN_BENIGN_SPECIFICITY     share of benign test images called benign
     LEUKEMIA_PROMOTION_MARGIN           test macro-F1 a candidate must gain over the champion
+    LEUKEMIA_MAX_TEST_ECE               largest expected calibration error of its calibrated test
+                                        probabilities (a maximum: a run may only lower it)
     LEUKEMIA_REQUIRE_APPROVAL           a person approves each candidate that passed the gate
     LEUKEMIA_APPROVAL_RESPONDENTS       Airflow users who may approve (comma-separated; empty: any
                                         user who may act on the DAG)
@@ -33,7 +35,10 @@ THRESHOLD_VARIABLES: dict[str, str] = {
     "min_malignant_sensitivity": "LEUKEMIA_MIN_MALIGNANT_SENSITIVITY",
     "min_benign_specificity": "LEUKEMIA_MIN_BENIGN_SPECIFICITY",
     "promotion_margin": "LEUKEMIA_PROMOTION_MARGIN",
+    "max_test_ece": "LEUKEMIA_MAX_TEST_ECE",
 }
+#: The thresholds that are upper bounds: a run tightens them by asking for less, not more.
+MAXIMA = frozenset({"max_test_ece"})
 APPROVAL_VARIABLE = "LEUKEMIA_REQUIRE_APPROVAL"
 RESPONDENTS_VARIABLE = "LEUKEMIA_APPROVAL_RESPONDENTS"
 #: The run settings the policy bounds (a run's conf may only tighten these).
@@ -52,6 +57,7 @@ class Policy:
     min_malignant_sensitivity: float
     min_benign_specificity: float
     promotion_margin: float
+    max_test_ece: float
     require_approval: bool
     approval_respondents: tuple[str, ...] = ()
 
@@ -70,8 +76,8 @@ class Policy:
         """The policy with a run's requested values applied, each only where it is stricter.
 
         Absent or None values keep the policy. Raises PolicyViolation, naming every looser value,
-        when the run asks for a lower threshold, approval off while the policy requires it, or a
-        respondent the policy does not allow.
+        when the run asks for a lower minimum (a higher maximum: `MAXIMA`), approval off while the
+        policy requires it, or a respondent the policy does not allow.
         """
         changes: dict[str, Any] = {}
         looser: list[str] = []
@@ -79,10 +85,12 @@ class Policy:
             value = requested.get(name)
             if value is None or value == "":
                 continue
-            value, floor = float(value), getattr(self, name)
-            if value < floor:
-                looser.append(f"{name} {value:g} < {floor:g} ({variable})")
-            changes[name] = max(value, floor)
+            value, bound = float(value), getattr(self, name)
+            if name in MAXIMA and value > bound:
+                looser.append(f"{name} {value:g} > {bound:g} ({variable})")
+            elif name not in MAXIMA and value < bound:
+                looser.append(f"{name} {value:g} < {bound:g} ({variable})")
+            changes[name] = min(value, bound) if name in MAXIMA else max(value, bound)
         approval = requested.get("require_approval")
         if approval is not None:
             if self.require_approval and not approval:

@@ -8,6 +8,11 @@ batches, so memory stays bounded however many images there are; an image that ca
 decoded, or is over the byte or pixel cap (`images.ImageLimits`), is skipped with its reason and the
 others are still scored.
 
+Each prediction carries its calibrated confidence (the temperature is inside the registered model),
+its conformal prediction set at the threshold the registered version carries (`calibration`), and
+whether to refer it to a person: the set holds more than one class, or the batch came with an
+external reason (e.g. drift) that refers every image in it.
+
 The model is resolved and loaded through `registry` (fail-closed lookup, sha256-verified `.keras`
 file, Keras safe mode). Every failure the user can fix (no champion yet, tracking server down, a
 model that fails verification or has the wrong shape) is a `registry.ModelError` (`PredictionError`
@@ -25,6 +30,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from leukemia.calibration import Calibration, prediction_set, referral
+from leukemia.calibration import set_label as join_classes
 from leukemia.config import BENIGN, CLASSES, env, tracking_uri
 from leukemia.errors import first_line
 from leukemia.images import (
@@ -60,15 +67,22 @@ class PredictionError(ModelError):
 
 @dataclass
 class LoadedModel:
-    """A loaded Keras model from pixels (n, S, S, 3) to the four class probabilities."""
+    """A loaded Keras model from pixels (n, S, S, 3) to the four class probabilities, with the
+    calibration its registered version carries (None: no conformal threshold, sets of one class)."""
 
     ref: ModelRef
     model: Any
     input_size: int
+    calibration: Calibration | None = None
 
     @property
     def version(self) -> str:
         return self.ref.label
+
+    @property
+    def threshold(self) -> float | None:
+        """The conformal threshold of the prediction sets; None without calibration."""
+        return self.calibration.threshold if self.calibration is not None else None
 
 
 def check_model_shape(model: Any, uri: str) -> int:
@@ -109,8 +123,23 @@ def load_model(model: str | ModelRef | None = None) -> LoadedModel:
             f"cannot load a Keras model from {ref.pinned_uri}: {first_line(exc)}"
         ) from None
     size = check_model_shape(keras_model, ref.uri)
+    calibration = version_calibration(ref)
     log.info("Loaded %s (input %dx%d)", ref.describe(), size, size)
-    return LoadedModel(ref=ref, model=keras_model, input_size=size)
+    if calibration is None:
+        log.warning(
+            "%s has no conformal threshold: refer only for external reasons", ref.describe()
+        )
+    return LoadedModel(ref=ref, model=keras_model, input_size=size, calibration=calibration)
+
+
+def version_calibration(ref: ModelRef) -> Calibration | None:
+    """The `calibration_*` tags of a registered version; None for a version registered before
+    calibration, or a model URI outside the registry."""
+    from leukemia.registry import registered_version
+
+    if not ref.version:
+        return None
+    return Calibration.from_tags(registered_version(ref).tags)
 
 
 # --- the inputs ---------------------------------------------------------------------------------------
@@ -243,12 +272,24 @@ def collect_inputs(
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's result."""
+    """One image's result: the class, its probabilities, the prediction set and the referral.
+
+    `prediction_set` defaults to the predicted class alone; `overlay` names the image's Grad-CAM
+    overlay (an object key or a path) when one was written.
+    """
 
     image: str
     label: str
     probabilities: tuple[float, ...]
     model_version: str
+    prediction_set: tuple[str, ...] = ()
+    refer: bool = False
+    refer_reason: str = ""
+    overlay: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.prediction_set:
+            object.__setattr__(self, "prediction_set", (self.label,))
 
     @property
     def malignant(self) -> bool:
@@ -261,10 +302,17 @@ class Prediction:
 
     @property
     def confidence(self) -> float:
+        """The top class probability (calibrated when the model carries a temperature)."""
         return max(self.probabilities)
 
+    @property
+    def set_label(self) -> str:
+        """The prediction set as one string: `Pre|Pro`."""
+        return join_classes(self.prediction_set)
+
     def as_dict(self) -> dict[str, Any]:
-        """JSON form: class, probabilities by class name, the benign/malignant call, model version."""
+        """JSON form: class, probabilities by class name, the benign/malignant call, model version,
+        the prediction set (a list), the referral and the Grad-CAM overlay ("" when none)."""
         return {
             "image": self.image,
             "class": self.label,
@@ -273,17 +321,42 @@ class Prediction:
             "malignant": self.malignant,
             "call": self.call,
             "model_version": self.model_version,
+            "prediction_set": list(self.prediction_set),
+            "refer": self.refer,
+            "refer_reason": self.refer_reason,
+            "overlay": self.overlay,
         }
 
     def as_row(self) -> dict[str, Any]:
-        """Flat form for CSV and tables: one column per class probability."""
+        """Flat form for CSV and tables: one column per class probability; the columns added with
+        the prediction sets come after the older ones, so positional readers keep working."""
         return {
             "image": self.image,
             "class": self.label,
             **dict(zip(CLASSES, self.probabilities, strict=True)),
             "malignant": "true" if self.malignant else "false",
             "model_version": self.model_version,
+            "confidence": self.confidence,
+            "prediction_set": self.set_label,
+            "refer": "true" if self.refer else "false",
+            "refer_reason": self.refer_reason,
+            "overlay": self.overlay,
         }
+
+
+def make_prediction(
+    image: str,
+    probabilities: Sequence[float],
+    model_version: str,
+    threshold: float | None,
+    external_reasons: Sequence[str] = (),
+) -> Prediction:
+    """A prediction with its set at `threshold` and its referral (`calibration.referral`)."""
+    probs = tuple(float(v) for v in probabilities)
+    classes = prediction_set(probs, threshold)
+    refer, reason = referral(classes, external_reasons)
+    top = max(range(len(CLASSES)), key=lambda k: probs[k])
+    return Prediction(image, CLASSES[top], probs, model_version, classes, refer, reason)
 
 
 @dataclass
@@ -330,12 +403,15 @@ def iter_batches(
     sources: Iterable[ImageSource],
     batch_size: int = DEFAULT_BATCH_SIZE,
     limits: ImageLimits | None = None,
+    external_reasons: Sequence[str] = (),
 ) -> Iterator[Batch]:
     """Score `sources` `batch_size` at a time: only one batch of images is held in memory.
 
     Each batch's images are read and decoded by a few threads (S3 round trips overlap), then scored
     by one `predict_on_batch`; predictions keep the input order. Images over the pixel cap of
-    `limits` (default: the settings) are skipped before they are decoded.
+    `limits` (default: the settings) are skipped before they are decoded. Each prediction's set
+    uses the model's conformal threshold; `external_reasons` (e.g. a drifted batch) refer every
+    image.
     """
     import numpy as np
 
@@ -361,12 +437,7 @@ def iter_batches(
                 else np.zeros((0, len(CLASSES)))
             )
             predictions = [
-                Prediction(
-                    image=s.name,
-                    label=CLASSES[int(p.argmax())],
-                    probabilities=tuple(float(v) for v in p),
-                    model_version=model.version,
-                )
+                make_prediction(s.name, p, model.version, model.threshold, external_reasons)
                 for (s, _), p in zip(good, probs, strict=True)
             ]
             yield Batch(
@@ -379,12 +450,14 @@ def predict(
     model_uri: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     conn_id: str | None = None,
+    external_reasons: Sequence[str] = (),
 ) -> tuple[list[Prediction], list[Skipped]]:
-    """Everything at once (for small sets and notebooks): predictions and skipped inputs."""
+    """Everything at once (for small sets and notebooks): predictions and skipped inputs;
+    `external_reasons` refer every image."""
     loaded = load_model(model_uri)
     sources, skipped = collect_inputs(inputs, conn_id)
     predictions: list[Prediction] = []
-    for batch in iter_batches(loaded, sources, batch_size):
+    for batch in iter_batches(loaded, sources, batch_size, external_reasons=external_reasons):
         predictions.extend(batch.predictions)
         skipped.extend(batch.skipped)
     return predictions, skipped

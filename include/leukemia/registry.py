@@ -496,11 +496,14 @@ def register_candidate(
     `split_path` and `images_dir` are paths or URIs (the work store's split, the `s3://` prefix of
     the images): the full model's prediction grid reads test images from there
     (`tracking.log_full_model`, done only for the run that is registered). The version is tagged
-    with the run's dataset digest, configuration and metrics, and its file's sha256 is recorded.
+    with the run's dataset digest, configuration, metrics and calibration (its `calibration_*`
+    tags: the temperature inside the model and the conformal threshold scoring reads with
+    `calibration.Calibration.from_tags`), and its file's sha256 is recorded.
     Idempotent: a retry reuses the model an earlier attempt logged and the version it registered.
     """
     import mlflow
 
+    from leukemia.calibration import TAG_PREFIX
     from leukemia.tracking import SHORTCUT_TAG, log_full_model, setup
 
     name = model_name(name)
@@ -523,6 +526,8 @@ def register_candidate(
             # the shortcut audit goes with the model: its warnings ("" none) and numbers
             SHORTCUT_TAG: run.data.tags.get(SHORTCUT_TAG, NOT_AUDITED),
             **{k: f"{v:.4f}" for k, v in run.data.metrics.items() if k.startswith("audit_")},
+            # the calibration goes with the model: scoring's prediction sets need its threshold
+            **{k: v for k, v in run.data.tags.items() if k.startswith(TAG_PREFIX)},
         },
     )
     record_sha256(name, version)

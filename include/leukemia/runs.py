@@ -2,9 +2,10 @@
 
 `train_run` is one grid configuration as one MLflow run (kind `training`): the head fitted on the
 train split with early stopping on val, k-fold cross-validation over train + val when
-`cv_folds` > 1, validation and test metrics. `refit_run` trains the configuration selection picked
+`cv_folds` > 1, the head calibrated on held-out probabilities (`calibrate`), validation and test
+metrics of the calibrated head. `refit_run` trains the configuration selection picked
 (`selection.best_run`) again on train + val, as a run of its own (kind `refit`) that can be
-registered. `train_folder` does split → extract → `train_run` on a local folder (CLI, benchmarks,
+registered, with the selected run's calibration. `train_folder` does split → extract → `train_run` on a local folder (CLI, benchmarks,
 tests). Fitting itself is `training` (no MLflow); what a run logs and how is `tracking`.
 """
 
@@ -60,11 +61,12 @@ def train_val_copies(copies: dict[str, Any]) -> Any:
 
 def cross_validation(
     cfg: TrainConfig, data: dict[str, Any], copies: dict[str, Any] | None = None
-) -> dict[str, float]:
+) -> tuple[dict[str, float], Any | None]:
     """k-fold CV of the configuration over train + val, logged to the active run
-    (`tracking.log_cross_validation`); returns `cv_<metric>_mean` / `_std`, empty when train + val
-    are too small for two folds. `copies` (`training.copy_arrays`): augmented copies, added to the
-    training folds only."""
+    (`tracking.log_cross_validation`); returns `cv_<metric>_mean` / `_std` and the out-of-fold
+    probabilities (rows in `train_val_arrays`' order), ({}, None) when train + val are too small
+    for two folds. `copies` (`training.copy_arrays`): augmented copies, added to the training
+    folds only."""
     from leukemia.tracking import log_cross_validation, log_values
     from leukemia.training import cross_validate, usable_folds
 
@@ -77,7 +79,7 @@ def cross_validation(
             "cross-validation: selection uses the validation split",
             cfg.name,
         )
-        return {}
+        return {}, None
     if k < cfg.cv_folds:
         log.warning(
             "%s: %d-fold cross-validation, not %d: no class has more distinct images in train + val",
@@ -86,7 +88,62 @@ def cross_validation(
             cfg.cv_folds,
         )
     cv = cross_validate(cfg, x, y, shas, k, train_val_copies(copies) if copies else None)
-    return log_cross_validation(cv, shas)
+    return log_cross_validation(cv, shas), cv["oof"]
+
+
+def calibrate(
+    cfg: TrainConfig, head: Any, data: dict[str, Any], oof: Any | None
+) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """Fit the run's calibration (`calibration.Calibration.fit`) on held-out probabilities: the
+    out-of-fold ones of cross-validation over train + val when it ran, else the validation split's;
+    log it (`tracking.log_calibration`) and return the calibrated head with the `evaluation.evaluate`
+    results of its val and test probabilities (the argmax is the uncalibrated head's)."""
+    from leukemia import tracking
+    from leukemia.calibration import Calibration, calibrated_head
+    from leukemia.evaluation import evaluate
+
+    if oof is not None:
+        held_out, source = (oof, train_val_arrays(data)[1]), "cv"
+    else:
+        held_out, source = (head.predict(data["val"][0], verbose=0), data["val"][1]), "val"
+    cal = Calibration.fit(*held_out, cfg.conformal_coverage, source)
+    head = calibrated_head(head, cal.temperature)
+    probs = {s: head.predict(data[s][0], verbose=0) for s in ("val", "test")}
+    tracking.log_calibration(cal, (probs["test"], data["test"][1]), held_out)
+    log.info(
+        "%s: temperature %.3f, %s ECE %.3f → %.3f, conformal threshold %.3f at coverage %g",
+        cfg.name,
+        cal.temperature,
+        source,
+        cal.ece_before,
+        cal.ece_after,
+        cal.threshold,
+        cal.coverage,
+    )
+    return head, {s: evaluate(data[s][1], p) for s, p in probs.items()}
+
+
+def inherit_calibration(selected: Any, head: Any, test: tuple[Any, Any]) -> tuple[Any, Any]:
+    """The refit's head with the calibration of the run it refits (its `calibration_*` tags: the
+    refit has no held-out images to fit one), logged as that run's; returns the head and the
+    `evaluation.evaluate` result of the test split `(features, labels)`. A run trained before
+    calibration leaves the refit uncalibrated (one warning)."""
+    from leukemia import tracking
+    from leukemia.calibration import Calibration, calibrated_head
+    from leukemia.evaluation import evaluate
+
+    cal = Calibration.from_tags(selected.data.tags)
+    if cal is None:
+        log.warning(
+            "Run %s has no calibration (trained before calibration): its refit is not calibrated "
+            "and scoring refers no image by its prediction set; train the grid again to calibrate",
+            selected.info.run_id,
+        )
+        return head, evaluate(test[1], head.predict(test[0], verbose=0))
+    head = calibrated_head(head, cal.temperature)
+    probs = head.predict(test[0], verbose=0)
+    tracking.log_calibration(cal, (probs, test[1]))
+    return head, evaluate(test[1], probs)
 
 
 def _run_name(cfg: TrainConfig) -> str:
@@ -104,7 +161,6 @@ def train_run(
     """Train, evaluate and log one configuration as one MLflow run; the run ends FAILED on error."""
     from leukemia import tracking
     from leukemia.dataset import read_split
-    from leukemia.evaluation import evaluate
     from leukemia.training import best_epoch, copy_arrays, fit_head, split_arrays, with_copies
 
     started = time.monotonic()
@@ -120,13 +176,11 @@ def train_run(
             *data["val"][:2],
             on_epoch=tracking.log_epoch,
         )
-        results = {
-            s: evaluate(data[s][1], head.predict(data[s][0], verbose=0)) for s in ("val", "test")
-        }
         epochs_run = len(history.get("loss", []))
         kept = best_epoch(history)
         tracking.log_values(metrics={"best_epoch": kept})
-        cv = cross_validation(cfg, data, copies) if cfg.cv_folds > 1 else {}
+        cv, oof = cross_validation(cfg, data, copies) if cfg.cv_folds > 1 else ({}, None)
+        head, results = calibrate(cfg, head, data, oof)
         head_uri = tracking.log_outcome(
             cfg, head, history, results, rows, images_dir, split_path, epochs_run, dataset_digest
         )
@@ -204,11 +258,11 @@ def refit_run(
     larger set (`refit_epochs`), and keeps the last weights; it is evaluated on the test split. The
     run is of kind `refit` (so it never competes in selection), tagged `refit` true and `refit_of`
     the selected run, and holds the same head, config and split tags as a training run, so
-    `tracking.log_full_model` registers it.
+    `tracking.log_full_model` registers it. Its head carries the selected run's calibration
+    (`inherit_calibration`).
     """
     from leukemia import tracking
     from leukemia.dataset import read_split
-    from leukemia.evaluation import evaluate
     from leukemia.training import copy_arrays, fit_head, split_arrays, with_copies
 
     started = time.monotonic()
@@ -238,7 +292,7 @@ def refit_run(
             None,
             on_epoch=tracking.log_epoch,
         )
-        test = evaluate(data["test"][1], head.predict(data["test"][0], verbose=0))
+        head, test = inherit_calibration(selected, head, data["test"][:2])
         head_uri = tracking.log_outcome(
             cfg, head, history, {"test": test}, rows, images_dir, split_path, cfg.epochs, digest
         )

@@ -6,8 +6,16 @@ the ledger):
 
     incoming/<any>/<name>.jpg                    images to score (any depth, image suffixes)
     predictions/v<version>/<timestamp>.csv       one CSV per run that scored something
-    predictions/v<version>/<timestamp>-gradcam/  Grad-CAM overlays and contact sheet (when asked)
+    predictions/v<version>/<timestamp>-gradcam/  Grad-CAM overlays and contact sheet
     predictions/ledger/v<version>.json           what that version has scored: key → ETag
+    review/queue/<sha256>.json                   referred images waiting for a person (review.py)
+
+Each row carries the calibrated confidence, the conformal prediction set (`Pre|Pro`) and whether
+the image is referred to a person (`refer`, `refer_reason`); see docs/predict.md. Grad-CAM overlays
+are written for the referred images (`explain="referred"`, the default), every image (`all`) or
+none; a row's `overlay` names its overlay's key. Each referred image is queued for review
+(`review.enqueue`), once per image content (sha256) whatever the run or model version, so an
+overlapping run, a retry after a kill, or a new champion re-scoring the prefix never asks twice.
 
 The ledger (`ledger.py`) makes runs incremental: an object is scored when its key is not in the
 version's ledger or its ETag changed (the image was replaced). Images that cannot be decoded are
@@ -26,7 +34,7 @@ import logging
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,14 +46,45 @@ from leukemia.ledger import (
     ledger_key,
     pending,
     read_ledger,
+    scored_entry,
     version_folder,
     write_ledger,
 )
 
 log = logging.getLogger(__name__)
 
-CSV_COLUMNS = ("key", "class", *CLASSES, "malignant", "model_version", "scored_at")
+#: The columns of a scoring CSV; those added with the prediction sets come last, so readers that
+#: go by position keep working.
+CSV_COLUMNS = (
+    "key",
+    "class",
+    *CLASSES,
+    "malignant",
+    "model_version",
+    "scored_at",
+    "confidence",
+    "prediction_set",
+    "refer",
+    "refer_reason",
+    "overlay",
+)
 PROGRESS_EVERY = 500
+#: Which images get a Grad-CAM overlay: the referred ones (default), every one, or none.
+EXPLAIN_MODES = ("referred", "all", "none")
+
+
+def explain_mode(value: str | bool | None) -> str:
+    """`referred`, `all` or `none`; the boolean of the older `explain` setting (a run conf of
+    `true`/`false`) means `all`/`none`, and an empty value the default."""
+    if isinstance(value, bool):
+        return "all" if value else "none"
+    text = str(value or "").strip().lower()
+    text = {"true": "all", "false": "none", "": "referred"}.get(text, text)
+    if text not in EXPLAIN_MODES:
+        raise ValueError(
+            f"explain must be one of {', '.join(EXPLAIN_MODES)} (or true/false), got {value!r}"
+        )
+    return text
 
 
 @dataclass
@@ -59,6 +98,9 @@ class ScoringResult:
     scored: int = 0
     skipped: int = 0
     failed: int = 0
+    referred: int = 0
+    queued: int = 0
+    explain: str = "referred"
     predictions_uri: str = ""
     gradcam_uri: str = ""
     ledger_uri: str = ""
@@ -112,25 +154,27 @@ def score_incoming(
     conn_id: str = "aws_default",
     model_uri: str | None = None,
     batch_size: int = 32,
-    explain: bool = False,
+    explain: str | bool = "referred",
     predictions_prefix: str = PREDICTIONS_PREFIX,
     client: Any | None = None,
 ) -> ScoringResult:
     """Score the images under `s3://bucket/prefix` that this model version has not scored yet.
 
     Streams `batch_size` images at a time; the CSV rows go to a local temporary file, so memory
-    stays bounded however many images are pending. The ledger is updated last, with a condition
-    that keeps the entries of a scoring run that overlapped this one.
+    stays bounded however many images are pending. Referred images are queued for review batch
+    by batch (`explain_mode(explain)` says which get a Grad-CAM overlay). The ledger is updated
+    last, with a condition that keeps the entries of a scoring run that overlapped this one.
     """
     from leukemia import predict, registry
     from leukemia.storage import s3_client
 
     started = time.monotonic()
+    mode = explain_mode(explain)
     prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
     client = client or s3_client(conn_id)
     # the shared prediction store gets only gated, registered versions (checked and verified)
     model = predict.load_model(registry.resolve_served(model_uri))
-    result = ScoringResult(model_uri=model.ref.pinned_uri, model_version=model.version)
+    result = ScoringResult(model.ref.pinned_uri, model.version, explain=mode)
     ledger_at = ledger_key(model.version, predictions_prefix)
     result.ledger_uri = f"s3://{bucket}/{ledger_at}"
     listing = _list_incoming(client, bucket, prefix, conn_id)
@@ -138,6 +182,10 @@ def score_incoming(
     todo = pending(listing, base[0])
     result.listed, result.already_scored = len(listing), len(listing) - len(todo)
     name = model.ref.describe()
+    if not listing:
+        log.info("No images under s3://%s/%s: nothing to score, nothing referred", bucket, prefix)
+        result.seconds = round(time.monotonic() - started, 3)
+        return result
     log.info(
         "s3://%s/%s: %d images, %d already scored by %s, %d to score",
         bucket,
@@ -149,7 +197,7 @@ def score_incoming(
     )
     if todo:
         outputs = Outputs(bucket, f"{predictions_prefix}{version_folder(model.version)}", _stamp())
-        changes = _score(client, model, listing, todo, outputs, batch_size, explain, result)
+        changes = _score(client, model, listing, todo, outputs, batch_size, mode, result)
         details = {"model_uri": model.ref.pinned_uri, "model_version": model.version}
         write_ledger(client, bucket, ledger_at, changes, base, details)
     result.seconds = round(time.monotonic() - started, 3)
@@ -170,25 +218,28 @@ def _score(
     todo: list[str],
     outputs: Outputs,
     batch_size: int,
-    explain: bool,
+    explain: str,
     result: ScoringResult,
 ) -> dict[str, Any]:
-    """Score `todo` batch by batch into a CSV (and overlays), upload them; return the ledger entries."""
+    """Score `todo` batch by batch into a CSV (and overlays), queue the referred images, upload
+    the CSV; return the ledger entries."""
     from leukemia import predict
 
-    sources = [predict.s3_source(client, outputs.bucket, k) for k in todo]
+    digests: dict[str, str] = {}  # image name → sha256 of the bytes scored
+    sources = [_hashed(predict.s3_source(client, outputs.bucket, k), digests) for k in todo]
     key_of = {s.name: k for s, k in zip(sources, todo, strict=True)}
     changes = empty_ledger()
     with tempfile.TemporaryDirectory(prefix="leukemia-scoring-") as tmp:
-        explainer = _explainer(model, Path(tmp)) if explain else None
+        explainer = _explainer(model, Path(tmp)) if explain != "none" else None
         csv_path = Path(tmp) / "predictions.csv"
         with open(csv_path, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
             writer.writeheader()
             for batch in predict.iter_batches(model, sources, batch_size):
-                _record(batch, key_of, listing, outputs, writer, changes, result)
                 if explainer is not None:
-                    _upload_overlays(client, explainer, batch, outputs)
+                    batch.predictions = _upload_overlays(client, explainer, batch, outputs, explain)
+                _record(batch, key_of, listing, outputs, writer, changes, result)
+                _refer(client, outputs.bucket, batch, key_of, digests, result)
                 done = len(changes["scored"]) + result.skipped + result.failed
                 if done % PROGRESS_EVERY < batch_size:
                     log.info("Scored %d/%d images", done, len(todo))
@@ -198,6 +249,18 @@ def _score(
         if explainer is not None:
             _upload_contact_sheet(client, explainer, model.ref.describe(), outputs, result)
     return changes
+
+
+def _hashed(source: Any, digests: dict[str, str]) -> Any:
+    """The source, recording the sha256 of the bytes it reads (the review queue's identity)."""
+    import hashlib
+
+    def read() -> bytes:
+        data = source.read()
+        digests[source.name] = hashlib.sha256(data).hexdigest()
+        return data
+
+    return replace(source, read=read)
 
 
 def _record(
@@ -215,11 +278,7 @@ def _record(
         key = key_of[p.image]
         row = {k: v for k, v in p.as_row().items() if k != "image"}
         writer.writerow({"key": key, **row, "scored_at": batch.scored_at})
-        changes["scored"][key] = {
-            "etag": listing[key],
-            "csv": outputs.csv_key,
-            "scored_at": batch.scored_at,
-        }
+        changes["scored"][key] = scored_entry(listing[key], outputs.csv_key, batch.scored_at, p)
     for s in batch.skipped:
         key = key_of[s.image]
         result.skipped_keys.append({"key": key, "reason": s.reason})
@@ -234,6 +293,42 @@ def _record(
         }
 
 
+def _refer(
+    client: Any,
+    bucket: str,
+    batch: Any,
+    key_of: dict[str, str],
+    digests: dict[str, str],
+    result: ScoringResult,
+) -> None:
+    """Queue the batch's referred images for review (`review.enqueue`: once per sha256)."""
+    from leukemia import review
+
+    shas = {p.image: digests.pop(p.image, "") for p in batch.predictions}  # bounded memory
+    for skipped in batch.skipped:
+        digests.pop(skipped.image, None)
+    referrals = [
+        review.Referral(
+            sha256=shas[p.image],
+            key=key_of[p.image],
+            bucket=bucket,
+            probabilities=dict(zip(CLASSES, p.probabilities, strict=True)),
+            prediction_set=p.set_label,
+            predicted=p.label,
+            confidence=p.confidence,
+            refer_reason=p.refer_reason,
+            model_version=p.model_version,
+            overlay_key=p.overlay,
+            scored_at=batch.scored_at,
+        )
+        for p in batch.predictions
+        if p.refer
+    ]
+    result.referred += len(referrals)
+    if referrals:
+        result.queued += review.enqueue(client, bucket, referrals)
+
+
 def _upload_csv(client: Any, csv_path: Path, outputs: Outputs, result: ScoringResult) -> None:
     extra = {"ContentType": "text/csv"}
     client.upload_file(str(csv_path), outputs.bucket, outputs.csv_key, ExtraArgs=extra)
@@ -246,12 +341,22 @@ def _explainer(model: Any, tmp: Path) -> Any:
     return Explainer(model.model, tmp / "gradcam")
 
 
-def _upload_overlays(client: Any, explainer: Any, batch: Any, outputs: Outputs) -> None:
-    """Explain one batch and upload its overlays; local copies not needed for the sheet go."""
-    for path in explainer.add(batch.pixels, [p.image for p in batch.predictions]):
-        client.upload_file(str(path), outputs.bucket, f"{outputs.gradcam_prefix}{path.name}")
+def _upload_overlays(
+    client: Any, explainer: Any, batch: Any, outputs: Outputs, explain: str
+) -> list[Any]:
+    """Explain the batch's referred images (`explain="all"`: every one), upload the overlays, and
+    return the predictions with their overlay keys; local copies not needed for the sheet go."""
+    chosen = [i for i, p in enumerate(batch.predictions) if explain == "all" or p.refer]
+    if not chosen:
+        return batch.predictions
+    names = [batch.predictions[i].image for i in chosen]
+    keys = {}
+    for i, path in zip(chosen, explainer.add(batch.pixels[chosen], names), strict=True):
+        keys[i] = f"{outputs.gradcam_prefix}{path.name}"
+        client.upload_file(str(path), outputs.bucket, keys[i])
         if not explainer.in_sheet(path):
             path.unlink()  # local disk stays bounded too
+    return [replace(p, overlay=keys.get(i, "")) for i, p in enumerate(batch.predictions)]
 
 
 def _upload_contact_sheet(
@@ -264,14 +369,27 @@ def _upload_contact_sheet(
 
 
 def _log_summary(result: ScoringResult, model_name: str) -> None:
-    log.info(
-        "Scored %d images with %s in %.1fs (%d skipped, %d failed downloads): %s",
-        result.scored,
-        model_name,
-        result.seconds,
-        result.skipped,
-        result.failed,
-        result.predictions_uri or "no CSV",
-    )
+    if not result.scored:
+        log.warning(
+            "None of the %d new images could be scored with %s (%d unreadable, %d failed "
+            "downloads): no CSV written, nothing referred",
+            result.skipped + result.failed,
+            model_name,
+            result.skipped,
+            result.failed,
+        )
+    else:
+        log.info(
+            "Scored %d images with %s in %.1fs (%d skipped, %d failed downloads); %d referred, "
+            "%d newly queued for review: %s",
+            result.scored,
+            model_name,
+            result.seconds,
+            result.skipped,
+            result.failed,
+            result.referred,
+            result.queued,
+            result.predictions_uri,
+        )
     for item in result.skipped_keys[:20]:
         log.warning("Not scored %s: %s", item["key"], item["reason"])

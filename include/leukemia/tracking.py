@@ -5,8 +5,8 @@ configuration, its refit, an ensemble, a fine-tuning): its `kind` tag, the runs 
 of the same Airflow task left ended FAILED, and MLflow's own status handling. A configuration's run
 logs only what is its own: the head (Normalization and Dense layers, a `.keras` file of a few MB),
 not the frozen VGG16 trunk that every configuration shares (58 MB). `log_full_model` assembles and
-logs the pixels-to-softmax model for the one run that is registered. The grid's summary run is
-`log_grid_summary`.
+logs the pixels-to-softmax model for the one run that is registered. A run's calibration (tags,
+metrics, reliability diagram) is `log_calibration`; the grid's summary run is `log_grid_summary`.
 
 Any tracking server works through `MLFLOW_TRACKING_URI` (default: a SQLite store in the data folder).
 What drives a configuration's training is `runs`; which run wins is `selection`; the registered
@@ -23,10 +23,13 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from leukemia.config import CLASSES, env, mlflow_ui_url, tracking_uri
 from leukemia.training import TrainConfig
+
+if TYPE_CHECKING:
+    from leukemia.calibration import Calibration
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +314,72 @@ def log_cross_validation(cv: Mapping[str, Any], shas: list[str]) -> dict[str, fl
     summary = {f"cv_{k}": v for k, v in cv.items() if k not in ("folds", "oof")}
     mlflow.log_metrics(summary)
     return summary
+
+
+#: Where a run keeps its calibration's reliability diagram and numbers (`log_calibration`).
+CALIBRATION_ARTIFACTS = "calibration"
+
+
+def log_calibration(
+    cal: Calibration, test: tuple[Any, Any], held_out: tuple[Any, Any] | None = None
+) -> dict[str, float]:
+    """Log a run's calibration (`calibration.Calibration`) to the active run; returns its test
+    metrics.
+
+    Tags `calibration_*` (`Calibration.as_tags`); metrics `temperature`, `conformal_threshold`,
+    `calibration_ece_before/_after`, `calibration_brier_before/_after`; on the test split's
+    calibrated probabilities `test` (probabilities, labels): `test_ece`, `test_brier` and
+    `test_<k>` of `calibration.set_metrics` (coverage, referral_rate, mean_set_size, …); and
+    `calibration/reliability.png` and `calibration/calibration.json`. `held_out` (the uncalibrated
+    probabilities the temperature was fitted on, with labels) is drawn before and after scaling;
+    a refit, which inherits its calibration, has none.
+    """
+    from dataclasses import asdict
+
+    import mlflow
+
+    from leukemia import calibration, plots
+
+    test_metrics = {
+        "test_ece": calibration.expected_calibration_error(*test),
+        "test_brier": calibration.brier_score(*test),
+        **{f"test_{k}": v for k, v in calibration.set_metrics(*test, cal.threshold).items()},
+    }
+    mlflow.set_tags(cal.as_tags())
+    mlflow.log_metrics(
+        {
+            "temperature": cal.temperature,
+            "conformal_threshold": cal.threshold,
+            **{
+                f"calibration_{k}": getattr(cal, k)
+                for k in ("ece_before", "ece_after", "brier_before", "brier_after")
+            },
+            **test_metrics,
+        }
+    )
+    curves: dict[str, tuple[Any, Any]] = {}
+    if held_out is not None:
+        where = "out-of-fold" if cal.source == "cv" else "validation"
+        if cal.temperature != 1.0:
+            curves[f"{where}, before"] = held_out
+        scaled = calibration.scale(held_out[0], cal.temperature)
+        curves[f"{where}, T = {cal.temperature:.2f}"] = (scaled, held_out[1])
+    curves["test, calibrated"] = test
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        plots.reliability_diagram_png(curves, out / "reliability.png")
+        (out / "calibration.json").write_text(
+            json.dumps(
+                {
+                    "calibration": asdict(cal),
+                    "test": test_metrics,
+                    "reliability": {k: calibration.reliability(*v) for k, v in curves.items()},
+                },
+                indent=1,
+            )
+        )
+        mlflow.log_artifacts(str(out), artifact_path=CALIBRATION_ARTIFACTS)
+    return test_metrics
 
 
 def load_head(run_id: str) -> Any:

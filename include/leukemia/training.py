@@ -36,6 +36,7 @@ class TrainConfig:
     seed: int = RUN_DEFAULTS.seed
     cv_folds: int = RUN_DEFAULTS.cv_folds  # k-fold CV over train + val for selection; 1: none
     augment_copies: int = RUN_DEFAULTS.augment_copies  # augmented copies per training image
+    conformal_coverage: float = RUN_DEFAULTS.conformal_coverage  # of the prediction sets
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
@@ -50,6 +51,11 @@ class TrainConfig:
             )
         if self.augment_copies < 0:
             raise ValueError(f"augment_copies must be >= 0, got {self.augment_copies}")
+        if not 0 < self.conformal_coverage < 1:
+            raise ValueError(
+                f"conformal_coverage must be between 0 and 1 (exclusive), got "
+                f"{self.conformal_coverage}: e.g. 0.95"
+            )
 
     @property
     def lr(self) -> float:

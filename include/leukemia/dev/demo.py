@@ -13,14 +13,13 @@ import json
 import logging
 import os
 import subprocess
-import sys
-from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 from leukemia.config import RUN_DEFAULTS, env, project_root
 from leukemia.dev.airflow_rest import task_label
+from leukemia.dev.embedded import airflow
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +33,7 @@ DEMO_POLICY: dict[str, str] = {
     "LEUKEMIA_MIN_F1_MACRO": "0",
     "LEUKEMIA_MIN_MALIGNANT_SENSITIVITY": "0",
     "LEUKEMIA_MIN_BENIGN_SPECIFICITY": "0",
+    "LEUKEMIA_MAX_TEST_ECE": "1",
     "LEUKEMIA_REQUIRE_APPROVAL": "false",
 }
 
@@ -115,45 +115,6 @@ def demo_size(size: int | None, weights: str) -> int:
     if size is not None:
         return size
     return RANDOM_TRUNK_SIZE if weights == "none" else RUN_DEFAULTS.input_size
-
-
-def airflow(
-    args: list[str],
-    environ: dict[str, str],
-    quiet: bool = False,
-    log_file: Path | None = None,
-    on_line: Callable[[str], None] | None = None,
-) -> None:
-    """Run the `airflow` CLI of this interpreter's environment; raise with its output on failure.
-
-    With `log_file`, the output is kept in that file and, as it comes, handed to `on_line` (shown
-    as it is when there is no `on_line`).
-    """
-    cmd = [str(Path(sys.executable).with_name("airflow")), *args]
-    if log_file is None:
-        proc = subprocess.run(cmd, env=environ, capture_output=quiet, text=True)
-        returncode, detail = proc.returncode, ""
-        if quiet:
-            detail = (proc.stdout or "")[-4000:] + (proc.stderr or "")[-4000:]
-    else:
-        with (
-            open(log_file, "w") as out,
-            subprocess.Popen(
-                cmd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            ) as proc,
-        ):
-            for line in proc.stdout or ():
-                out.write(line)
-                if on_line is None:
-                    sys.stdout.write(line)
-                else:
-                    out.flush()  # the diagnosis may read it the moment the run fails
-                    on_line(line)
-        returncode, detail = proc.returncode, ""
-    if returncode != 0:
-        raise RuntimeError(
-            f"`airflow {' '.join(args)}` failed with exit code {returncode}\n{detail}"
-        )
 
 
 def champion_summary(environ: dict[str, str]) -> dict[str, Any] | None:
@@ -280,9 +241,25 @@ def run_demo(
             if notice:
                 print(f"Notice: {notice}")
             return None
-    summary = champion_summary(environ)
+        summary = champion_summary(environ)
+        after = review_act(environ, workdir, size) if summary is not None else []
     print_summary(summary, before, environ, notice)
+    if after:
+        print("\n=== After the champion ships: referral and review ===")
+        print("\n".join(after))
     return summary
+
+
+def review_act(environ: dict[str, str], workdir: Path, size: int) -> list[str]:
+    """Score an incoming batch and review what is referred (`demo_review`); a failure there is
+    reported in one line and leaves the champion's summary as it is."""
+    from leukemia.dev.demo_review import score_and_review
+
+    print("Scoring an incoming batch with the champion, then reviewing what it refers", flush=True)
+    try:
+        return score_and_review(environ, workdir, size)
+    except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
+        return [f"The referral and review step failed: {str(exc).splitlines()[0]}"]
 
 
 def run_dag_test(conf: dict[str, Any], environ: dict[str, str], log_file: Path) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -144,3 +146,42 @@ def serve(host: str = "127.0.0.1", port: int = 9000, delay_s: float = 0.0) -> No
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
+
+
+def airflow(
+    args: list[str],
+    environ: dict[str, str],
+    quiet: bool = False,
+    log_file: Path | None = None,
+    on_line: Callable[[str], None] | None = None,
+) -> None:
+    """Run the `airflow` CLI of this interpreter's environment; raise with its output on failure.
+
+    With `log_file`, the output is kept in that file and, as it comes, handed to `on_line` (shown
+    as it is when there is no `on_line`).
+    """
+    cmd = [str(Path(sys.executable).with_name("airflow")), *args]
+    if log_file is None:
+        proc = subprocess.run(cmd, env=environ, capture_output=quiet, text=True)
+        returncode, detail = proc.returncode, ""
+        if quiet:
+            detail = (proc.stdout or "")[-4000:] + (proc.stderr or "")[-4000:]
+    else:
+        with (
+            open(log_file, "w") as out,
+            subprocess.Popen(
+                cmd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            ) as proc,
+        ):
+            for line in proc.stdout or ():
+                out.write(line)
+                if on_line is None:
+                    sys.stdout.write(line)
+                else:
+                    out.flush()  # the diagnosis may read it the moment the run fails
+                    on_line(line)
+        returncode, detail = proc.returncode, ""
+    if returncode != 0:
+        raise RuntimeError(
+            f"`airflow {' '.join(args)}` failed with exit code {returncode}\n{detail}"
+        )

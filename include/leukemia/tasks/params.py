@@ -76,18 +76,26 @@ def policy_params() -> dict[str, Any]:
     from airflow.sdk import Param
 
     from leukemia.config import RunDefaults
-    from leukemia.policy import APPROVAL_VARIABLE, RESPONDENTS_VARIABLE, THRESHOLD_VARIABLES, Policy
+    from leukemia.policy import (
+        APPROVAL_VARIABLE,
+        MAXIMA,
+        RESPONDENTS_VARIABLE,
+        THRESHOLD_VARIABLES,
+        Policy,
+    )
 
     policy, declared = Policy.from_env(), RunDefaults.params()
     params: dict[str, Any] = {
         name: Param(
             None,
             type=["null", "number"],
-            minimum=getattr(policy, name),
-            maximum=1,
+            # a minimum may only rise to 1; a maximum (`policy.MAXIMA`) may only fall to 0
+            minimum=0 if name in MAXIMA else getattr(policy, name),
+            maximum=getattr(policy, name) if name in MAXIMA else 1,
             title=declared[name]["title"],
             description=f"Gate: {declared[name]['description']}. Empty: the deployment's policy, "
-            f"{variable}={getattr(policy, name):g}; a run may only raise it.",
+            f"{variable}={getattr(policy, name):g}; a run may only "
+            f"{'lower' if name in MAXIMA else 'raise'} it.",
         )
         for name, variable in THRESHOLD_VARIABLES.items()
     }

@@ -1,4 +1,5 @@
-"""The steps of the `leukemia_scoring` DAG: pin the model version, then score what is new."""
+"""The steps of the `leukemia_scoring` DAG: pin the model version, score what is new, and announce
+the referred images it queued for review (the `leukemia_referrals` asset)."""
 
 from __future__ import annotations
 
@@ -40,13 +41,15 @@ def score(
     conn_id: str,
     model_uri: str,
     batch_size: int = 32,
-    explain: bool = False,
+    explain: str | bool = "referred",
 ) -> dict[str, Any]:
-    """Score the new images under the prefix with the pinned model; a small summary out.
+    """Score the new images under the prefix with the pinned model; a small summary out (with
+    how many images were referred and how many newly queued for review).
 
+    `explain`: `referred`, `all` or `none` (a run conf's older boolean: true → all, false → none).
     Talks to MLflow as the read-only scoring user where one is configured.
     """
-    from leukemia.scoring import score_incoming
+    from leukemia.scoring import explain_mode, score_incoming
 
     with scoring_mlflow_login():
         result = score_incoming(
@@ -55,8 +58,27 @@ def score(
             conn_id=conn_id,
             model_uri=model_uri,
             batch_size=batch_size,
-            explain=explain,
+            explain=explain_mode(explain),
         )
     out = asdict(result)
     out["skipped_keys"] = out["skipped_keys"][:LISTED_SKIPPED]
     return out
+
+
+def announce_referrals(outlet_events: Any, result: dict[str, Any]) -> bool:
+    """Emit a `leukemia_referrals` event (through the task's `referrals_alias` outlet) when this
+    run queued at least one image for review; a run that queued none emits nothing, so the review
+    DAG is not triggered for nothing. True when an event was added."""
+    from leukemia.tasks.assets import referrals_alias, referrals_asset
+
+    if not result.get("queued"):
+        return False
+    extra = {
+        "queued": int(result["queued"]),
+        "referred": int(result.get("referred", 0)),
+        "model_version": str(result.get("model_version", "")),
+        "predictions_uri": str(result.get("predictions_uri", "")),
+    }
+    outlet_events[referrals_alias()].add(referrals_asset(), extra=extra)
+    log.info("Announced %d newly queued referrals (leukemia_referrals)", extra["queued"])
+    return True

@@ -270,6 +270,7 @@ def plan(request: RunRequest) -> list[dict[str, Any]]:
             "mask_overlay": request.mask_overlay,
             "augment_copies": request.augment_copies,
             "cv_folds": request.cv_folds,
+            "conformal_coverage": request.conformal_coverage,
         }
     )
     configs = grid(
