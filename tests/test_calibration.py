@@ -17,9 +17,11 @@ from leukemia.calibration import (
     expected_calibration_error,
     fit_temperature,
     negative_log_likelihood,
+    no_class_likely,
     prediction_set,
     referral,
     scale,
+    set_metrics,
 )
 from leukemia.config import CLASSES
 
@@ -126,6 +128,20 @@ def test_referral_says_why_and_refers_a_single_class_only_for_an_external_reason
         True,
         "uncertain between Early|Pre; batch drifted",
     )
+
+
+def test_an_image_no_class_of_which_reaches_the_threshold_is_referred() -> None:
+    """LAC's empty set: the model abstains. The set shown is the argmax, the image is referred."""
+    flat = (0.3, 0.3, 0.2, 0.2)
+    assert no_class_likely(flat, 0.69) and not no_class_likely(flat, 0.71)
+    assert not no_class_likely(flat, None)  # no threshold: never
+    assert referral(("Benign",), unsure=True) == (
+        True,
+        "no class likely enough (not even Benign)",
+    )
+    labels = np.asarray([0, 0])
+    metrics = set_metrics(np.asarray([flat, (0.9, 0.05, 0.03, 0.02)]), labels, 0.2)
+    assert metrics["referral_rate"] == 0.5 and metrics["mean_set_size"] == 1.0
 
 
 def test_calibration_tags_round_trip_and_are_absent_before_calibration() -> None:

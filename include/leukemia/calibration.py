@@ -17,8 +17,9 @@ cross-validation produces for train + val, else the validation split's):
    travel as one number in the registered version's tags, which mapie's objects do not.
 
 An image whose set holds more than one class (in particular Benign together with a malignant class)
-is *referred* to a person, as is every image of a batch with an external reason (a drifted batch).
-The set always holds the predicted class, so it is never empty.
+is *referred* to a person, and so is an image whose LAC set is empty (no class reaches 1 - q̂: the
+model abstains; the set shown then holds the predicted class alone), as is every image of a batch
+with an external reason (a drifted batch).
 """
 
 from __future__ import annotations
@@ -167,16 +168,27 @@ def prediction_set(probabilities: Sequence[float], threshold: float | None) -> t
     return tuple(c for k, c in enumerate(CLASSES) if probabilities[k] >= floor or k == top)
 
 
+def no_class_likely(probabilities: Sequence[float], threshold: float | None) -> bool:
+    """True when no class reaches p ≥ 1 - threshold: the LAC set is empty, the model abstains
+    (the set shown still holds the predicted class). False without a threshold."""
+    return threshold is not None and max(probabilities) < 1.0 - threshold - 1e-12
+
+
 def set_label(classes: Sequence[str]) -> str:
     """`Pre|Pro`: the set as one CSV-safe string."""
     return "|".join(classes)
 
 
-def referral(classes: Sequence[str], external: Sequence[str] = ()) -> tuple[bool, str]:
-    """(refer, reason): more than one class in the set, or any external reason (e.g. a drifted
-    batch); reasons joined with '; ', empty when not referred."""
+def referral(
+    classes: Sequence[str], external: Sequence[str] = (), unsure: bool = False
+) -> tuple[bool, str]:
+    """(refer, reason): more than one class in the set, no class likely enough (`unsure`: the
+    conformal set is empty, `no_class_likely`), or any external reason (e.g. a drifted batch);
+    reasons joined with '; ', empty when not referred."""
     reasons = []
-    if len(classes) > 1:
+    if unsure:
+        reasons.append(f"no class likely enough (not even {set_label(classes)})")
+    elif len(classes) > 1:
         mixed = BENIGN in classes
         kind = "benign or malignant" if mixed else "uncertain between"
         reasons.append(f"{kind} {set_label(classes)}")
@@ -194,7 +206,10 @@ def set_metrics(probabilities: Any, labels: Any, threshold: float | None) -> dic
     p, y = _arrays(probabilities, labels)
     sets = [prediction_set(row, threshold) for row in p]
     covered = [CLASSES[t] in s for t, s in zip(y, sets, strict=True)]
-    referred = np.asarray([len(s) > 1 for s in sets], dtype=bool)
+    referred = np.asarray(
+        [len(s) > 1 or no_class_likely(row, threshold) for s, row in zip(sets, p, strict=True)],
+        dtype=bool,
+    )
     kept = ~referred
     confusion = np.zeros((len(CLASSES), len(CLASSES)))
     for t, k in zip(y[kept], p[kept].argmax(axis=1), strict=True):

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from leukemia.calibration import Calibration, prediction_set, referral
+from leukemia.calibration import Calibration, no_class_likely, prediction_set, referral
 from leukemia.calibration import set_label as join_classes
 from leukemia.config import BENIGN, CLASSES, env, tracking_uri
 from leukemia.errors import first_line
@@ -354,7 +354,7 @@ def make_prediction(
     """A prediction with its set at `threshold` and its referral (`calibration.referral`)."""
     probs = tuple(float(v) for v in probabilities)
     classes = prediction_set(probs, threshold)
-    refer, reason = referral(classes, external_reasons)
+    refer, reason = referral(classes, external_reasons, no_class_likely(probs, threshold))
     top = max(range(len(CLASSES)), key=lambda k: probs[k])
     return Prediction(image, CLASSES[top], probs, model_version, classes, refer, reason)
 

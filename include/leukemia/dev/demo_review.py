@@ -26,9 +26,10 @@ from leukemia.config import CLASSES, env
 
 #: The demo's reviewer (Airflow's simple auth manager, a password in the demo's Airflow home).
 REVIEWER = "demo-reviewer"
-#: Ambiguous smears: (the class that dominates, the class blended in) at 60/40.
-BLENDS = (("Pre", "Pro"), ("Early", "Pre"), ("Pro", "Early"), ("Benign", "Early"))
-BLEND_WEIGHT = 0.6
+#: Ambiguous smears: every pair of classes blended half and half (the demo's reviewer answers the
+#: first of the pair).
+BLENDS = tuple((a, b) for i, a in enumerate(CLASSES) for b in CLASSES[i + 1 :])
+BLEND_WEIGHT = 0.5
 INCOMING = "incoming/"
 
 
