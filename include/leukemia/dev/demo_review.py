@@ -10,7 +10,6 @@ Actions; the labelled images land in `raw/<Class>/` for the next training. Devel
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import secrets
@@ -122,6 +121,21 @@ def _answers_file(airflow_home: Path, run_id: str) -> Path:
     return airflow_home / f"demo_answers-{re.sub(r'[^A-Za-z0-9]', '_', run_id)}.json"
 
 
+def local_s3(environ: dict[str, str]) -> Any:
+    """A boto3 client of the embedded S3 server (`AIRFLOW_CONN_AWS_DEFAULT`), without Airflow's
+    hook, whose log lines would land among the demo's own."""
+    import boto3
+
+    conn = json.loads(environ["AIRFLOW_CONN_AWS_DEFAULT"])
+    return boto3.client(
+        "s3",
+        endpoint_url=conn["extra"]["endpoint_url"],
+        region_name=conn["extra"]["region_name"],
+        aws_access_key_id=conn["login"],
+        aws_secret_access_key=conn["password"],
+    )
+
+
 def _airflow_cmd() -> str:
     return str(Path(sys.executable).with_name("airflow"))
 
@@ -130,13 +144,11 @@ def score_and_review(environ: dict[str, str], workdir: Path, size: int) -> list[
     """Score an incoming batch, let a person (the demo) review what was referred; summary lines."""
     from leukemia import review
     from leukemia.dev.embedded import airflow
-    from leukemia.storage import s3_client
 
-    logging.getLogger("airflow").setLevel(logging.WARNING)  # the S3 hook's lines: not for stdout
     bucket = env("LEUKEMIA_BUCKET")
     home = Path(environ["AIRFLOW_HOME"])
     meant = incoming_batch(workdir / f"incoming-{size}px", size)
-    client = s3_client("aws_default")
+    client = local_s3(environ)
     for name in meant:
         body = (workdir / f"incoming-{size}px" / name).read_bytes()
         client.put_object(Bucket=bucket, Key=f"{INCOMING}{name}", Body=body)
