@@ -24,9 +24,11 @@ demo: venv
 # tools/test-services.sh installs PostgreSQL and Redis for the stack test when they are missing.
 # Three pytest workers, one test file each at a time (module fixtures stay in one process): the
 # DAG-level tests wait on subprocesses and servers much of the time, so three keep 2 cores busy.
+# --no-loadscope-reorder: files in collection order, so tests/conftest.py FIRST (the waiting files)
+# start at once (xdist otherwise hands out the files with the most tests first).
 test: venv
 	bash tools/test-services.sh
-	$(BIN)/python -m pytest -n 3 --dist loadfile
+	$(BIN)/python -m pytest -n 3 --dist loadfile --no-loadscope-reorder
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow"

@@ -26,7 +26,7 @@ for _name in ("MLFLOW_TRACKING_URI", "LEUKEMIA_DATA_DIR", "LEUKEMIA_WEIGHTS"):
 #: Test files that mostly wait on servers and subprocesses: collected first, so that pytest-xdist
 #: (`--dist loadfile` hands files out in collection order) starts them while the other workers
 #: train, instead of leaving one worker on them alone at the end.
-FIRST = ("test_stack.py", "test_approval.py")
+FIRST = ("test_stack.py", "test_demo.py", "test_approval.py", "test_dags.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

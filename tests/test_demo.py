@@ -231,7 +231,7 @@ def test_offline_demo_falls_back_registers_a_champion_and_writes_only_its_workdi
     # too few are held out for a conformal threshold, so every image is referred)
     after = proc.stdout.split("=== After the champion ships: referral and review ===", 1)[1]
     referred = int(re.search(r"(\d+) referred to a person", after).group(1))
-    landed = int(re.search(r"(\d+) labelled images landed in raw/", after).group(1))
+    landed = int(re.search(r"(\d+) labelled images? landed in raw/", after).group(1))
     assert referred == landed == 10, after  # 4 clear smears and 6 blends
     assert re.search(r"^  raw/Pre/: review-[0-9a-f]{12}\.jpg", after, re.MULTILINE), after
     assert "Required Actions" in after and "demo-reviewer" in after

@@ -190,7 +190,8 @@ def score_and_review(environ: dict[str, str], workdir: Path, size: int) -> list[
     answers = json.loads(run_id and _answers_file(home, run_id).read_text() or "{}")
     lines.append(
         "The form waits in Airflow's UI under Required Actions (DAG leukemia_review, task "
-        f"review); the demo answered it over the REST API as {REVIEWER} ({len(answers)} images; "
+        f"review); the demo answered it over the REST API as {REVIEWER} ({len(answers)} "
+        f"image{'s' if len(answers) != 1 else ''}; "
         f"log: {review_log}):"
     )
     landed = sorted(
@@ -206,8 +207,9 @@ def score_and_review(environ: dict[str, str], workdir: Path, size: int) -> list[
         folders.setdefault(f"{folder}/", []).append(name)
     lines += [f"  {folder}: {', '.join(names)}" for folder, names in folders.items()]
     lines.append(
-        f"{len(landed)} labelled images landed in raw/, each with its provenance (.json beside "
-        "it): the next training run learns from them (the leukemia_raw_images asset was emitted)."
+        f"{len(landed)} labelled image{'s' if len(landed) != 1 else ''} landed in raw/, each "
+        "with its provenance (.json beside it): the next training run learns from them (the "
+        "leukemia_raw_images asset was emitted)."
     )
     return lines
 
