@@ -13,7 +13,8 @@ it (who, when, what the model said) and emits the `leukemia_raw_images` asset, s
 learns from it. Unusable images are recorded and never asked again; skipped, refused and
 unanswered (timed-out) ones come back in the next form.
 
-Runs when scoring queues referrals (`leukemia_referrals`) and by hand; one form at a time. All
+Runs when scoring queues referrals (`leukemia_referrals`) and by hand; one form at a time. An open
+form and a failed task alert the deployment's recipients (`LEUKEMIA_ALERT_*`, docs/alerts.md). All
 logic lives in `include/leukemia` (`tasks/review_dag.py` → `review.py`); this file only wires it.
 """
 
@@ -26,6 +27,7 @@ import pendulum
 from airflow.sdk import dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
+from leukemia import alerts
 from leukemia.tasks.assets import raw_images_asset, referrals_asset
 from leukemia.tasks.params import s3_params
 from leukemia.tasks.review_dag import ReviewFormOperator, labels_alias
@@ -40,7 +42,11 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
     max_active_runs=1,  # one open form at a time
     doc_md=__doc__,
     tags=["leukemia", "review"],
-    default_args={"retries": 1, "retry_delay": timedelta(seconds=30)},
+    default_args={
+        "retries": 1,
+        "retry_delay": timedelta(seconds=30),
+        "on_failure_callback": alerts.failure_notifiers(),
+    },
     params={
         k: v
         for k, v in s3_params("Bucket holding review/ and raw/.").items()
@@ -60,7 +66,9 @@ def leukemia_review() -> None:
             raise AirflowSkipException("no referred image waits for review")
         return key
 
-    review = ReviewFormOperator(task_id="review", form_task_id="open_form")
+    review = ReviewFormOperator(
+        task_id="review", form_task_id="open_form", notifiers=alerts.notifiers(alerts.Event.REVIEW)
+    )
 
     @task(outlets=[labels_alias()], **IO_RETRIES)
     def apply_labels(answer: dict[str, Any]) -> dict[str, Any]:

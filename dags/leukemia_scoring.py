@@ -13,6 +13,11 @@ overlay (`explain`: referred images by default, or all, or none) and is queued o
 review under `review/queue/`; when a run queued any, the task emits `leukemia_referrals`, which
 triggers the review DAG.
 
+The drift watch (`watch.py`) compares the run's images with the champion's training features: each
+image over the out-of-distribution threshold is referred, a run that differs as a batch (two-sample
+test, at least `LEUKEMIA_DRIFT_MIN_BATCH` images) refers every image and sends a `drift` alert
+(`alerts.py`), and `<timestamp>-drift.json` beside the CSV keeps the decision.
+
 Runs when a new champion is promoted (`leukemia_champion`) or new images land
 (`leukemia_incoming_images`). Without a champion yet, scoring is skipped. All logic lives in
 `include/leukemia` (`tasks/scoring_dag.py` → `scoring.py`); this file only wires it.
@@ -26,6 +31,7 @@ from typing import Any
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
+from leukemia import alerts
 from leukemia.tasks.assets import champion_asset, incoming_images_asset, referrals_alias
 from leukemia.tasks.params import s3_params
 
@@ -39,7 +45,11 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
     max_active_runs=1,  # one writer per ledger
     doc_md=__doc__,
     tags=["leukemia", "scoring"],
-    default_args={"retries": 1, "retry_delay": timedelta(seconds=30)},
+    default_args={
+        "retries": 1,
+        "retry_delay": timedelta(seconds=30),
+        "on_failure_callback": alerts.failure_notifiers(),
+    },
     params={
         **s3_params(
             "Bucket holding incoming/ and predictions/.", "incoming/", prefix_key="incoming_prefix"
@@ -95,6 +105,7 @@ def leukemia_scoring() -> None:
             params["explain"],
         )
         steps.announce_referrals(context["outlet_events"], result)
+        steps.announce_drift(result, context)
         return result
 
     score_new_images(resolve_model())

@@ -18,7 +18,10 @@ and reverts the moves of `@champion`.
 Tasks share nothing but the object store and MLflow: everything they hand on lives in the work
 store (`LEUKEMIA_WORK_URI`, default `s3://<bucket>/work/`); XCom carries only URIs and small dicts.
 Runs weekly and when new images land (`leukemia_raw_images`); unchanged data is not retrained
-unless `force_retrain`. All logic lives in `include/leukemia` (`leukemia.tasks.training_dag`).
+unless `force_retrain`. A failed task, a candidate waiting for approval and a run not finished
+`LEUKEMIA_TRAINING_DEADLINE_HOURS` after it was queued alert the deployment's recipients
+(`LEUKEMIA_ALERT_*`, docs/alerts.md). All logic lives in `include/leukemia`
+(`leukemia.tasks.training_dag`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from airflow.sdk import (
 )
 from airflow.sdk.exceptions import AirflowFailException
 
+from leukemia import alerts
 from leukemia.config import env
 from leukemia.policy import PolicyViolation
 from leukemia.tasks import training_dag as steps
@@ -58,7 +62,12 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
     max_active_runs=1,
     doc_md=__doc__,
     tags=["leukemia", "training", "mlflow"],
-    default_args={"retries": 1, "retry_delay": timedelta(seconds=30)},
+    default_args={
+        "retries": 1,
+        "retry_delay": timedelta(seconds=30),
+        "on_failure_callback": alerts.failure_notifiers(),
+    },
+    deadline=alerts.training_deadline(),  # not finished N hours after queued: an alert
     # every run setting is declared once, in leukemia.config.RunDefaults (the gate and approval:
     # the deployment's policy, a run may only tighten them)
     params={**s3_params("Bucket holding <prefix>/<Class>/<image>."), **training_params()},
@@ -183,7 +192,11 @@ def leukemia_training() -> None:
         return steps.register_and_gate(selected, split, run, context["run_id"])
 
     # asks a person when the gate passed and require_approval is on; else decides at once
-    approval = ReviewOperator(task_id="approval", gate_task_id="register_and_gate")
+    approval = ReviewOperator(
+        task_id="approval",
+        gate_task_id="register_and_gate",
+        notifiers=alerts.notifiers(alerts.Event.APPROVAL),
+    )
 
     @task(outlets=[champion_asset()])
     def promote(gated: dict[str, Any]) -> dict[str, Any]:

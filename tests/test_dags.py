@@ -366,6 +366,11 @@ def test_training_dag_end_to_end_with_an_empty_local_folder_for_every_task(
     assert "audit/shortcut_audit.md" in {
         a.path for a in mlflow.MlflowClient().list_artifacts(champion.run_id, "audit")
     }
+    # the drift watch's reference goes with it too: fitted on the refit's train + val features
+    assert champion.tags["drift_reference"] == f"runs:/{champion.run_id}/drift"
+    reference_files = mlflow.MlflowClient().list_artifacts(champion.run_id, "drift")
+    assert {a.path for a in reference_files} == {"drift/reference.npz", "drift/background.npz"}
+    assert int(champion.tags["drift_reference_bytes"]) == sum(a.file_size for a in reference_files)
     assert states["promote"] == ["success"] and states["reject"] == ["skipped"]
     # select_candidate chose the best run; the gate registered its refit, the one the XCom names
     assert first_xcoms["select_candidate"][0]["run_id"] == best.info.run_id

@@ -223,6 +223,7 @@ def test_prediction_rows_carry_class_probabilities_call_set_and_referral() -> No
         "refer": "false",
         "refer_reason": "",
         "overlay": "",
+        "ood_score": "",  # no drift reference: no OOD score
     }
     assert Prediction("b.jpg", "Benign", (0.9, 0.05, 0.03, 0.02), "3").call == "benign"
     mixed = Prediction(
@@ -235,6 +236,9 @@ def test_prediction_rows_carry_class_probabilities_call_set_and_referral() -> No
     }
     row = mixed.as_row()
     assert (row["prediction_set"], row["refer"], row["overlay"]) == ("Benign|Pre", "true", "k.png")
+    drifted = mixed.referred_for("batch drifted")
+    assert (drifted.refer, drifted.refer_reason) == (True, "why; batch drifted")
+    assert p.referred_for("batch drifted").refer_reason == "batch drifted"
 
 
 class FixedModel:
@@ -380,7 +384,7 @@ def test_json_and_csv_equal_the_models_own_predictions(
     table = list(csv.DictReader(io.StringIO(out)))
     assert list(table[0]) == [
         *("image", "class", *CLASSES, "malignant", "model_version", "confidence"),
-        *("prediction_set", "refer", "refer_reason", "overlay"),
+        *("prediction_set", "refer", "refer_reason", "overlay", "ood_score"),
     ]
     assert [r["image"] for r in table] == list(expected)
     for row in table:

@@ -383,7 +383,8 @@ def test_scoring_dag_scores_new_images_once(
     assert len(_keys(client, bucket, "review/queue/")) == 5
     assert event["predictions_uri"].startswith(f"s3://{bucket}/predictions/v")
     stem = event["predictions_uri"].removeprefix(f"s3://{bucket}/").removesuffix(".csv")
-    assert _keys(client, bucket, stem) == [f"{stem}.csv"]  # explain false: no Grad-CAM folder
+    # explain false: no Grad-CAM folder; the drift report beside the CSV (here: no reference)
+    assert _keys(client, bucket, stem) == [f"{stem}-drift.json", f"{stem}.csv"]
 
 
 def _register_again(champion: dict[str, Any], tags: dict[str, str]) -> str:
@@ -477,3 +478,84 @@ def test_a_deleted_champion_alias_stops_every_reader_until_it_is_rolled_back(
         registry.rollback(version, "restored after deletion", "pytest", "test_scoring")
     assert champion_or_none()["version"] == version
     assert registry.history(MODEL_NAME)[-1].reason == "restored after deletion"
+
+
+def _shifted_copies(paths: list[Path], out: Path) -> list[Path]:
+    """The images with another stain and camera: colours scaled (R down, B up), a slight blur."""
+    from PIL import Image, ImageFilter
+
+    copies = []
+    for path in paths:
+        pixels = np.asarray(Image.open(path).convert("RGB"), dtype="float32")
+        shifted = np.clip(pixels * np.asarray([0.7, 0.9, 1.3]), 0, 255).astype("uint8")
+        target = out / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(shifted).filter(ImageFilter.GaussianBlur(1)).save(target)
+        copies.append(target)
+    return copies
+
+
+@pytest.mark.slow
+def test_drift_watch_refers_a_shifted_batch_records_it_and_leaves_an_unshifted_one_alone(
+    champion: dict[str, Any], bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from leukemia import predict, registry, watch
+    from leukemia.dev.synthetic import generate
+    from leukemia.drift import Reference
+    from leukemia.features import load_images
+    from leukemia.model import feature_width
+    from leukemia.scoring import score_incoming
+    from leukemia.storage import s3_client
+
+    monkeypatch.setenv("LEUKEMIA_DRIFT_MIN_BATCH", "20")
+    generate(tmp_path / "train", n_per_class=10, size=SIZE, seed=11)
+    generate(tmp_path / "new", n_per_class=6, size=SIZE, seed=12)
+    train = sorted((tmp_path / "train").glob("*/*.jpg"))
+    model = predict.load_model(f"models:/{MODEL_NAME}/{champion['version']}").model
+    two = watch.features_model(model, feature_width("multiscale"))
+    pixels = load_images(train, SIZE)
+    features, probabilities = two.predict(pixels, verbose=0)
+    np.testing.assert_allclose(probabilities, model.predict(pixels, verbose=0), atol=1e-5)
+    # the batch side is matched by *predicted* class: this untrained head's predictions are not
+    # the true labels, so the reference is labelled with them (a trained model's agree with both)
+    labels = probabilities.argmax(axis=1)
+    reference = Reference.fit(features, labels, fpr=0.05)
+    background = Reference.fit(watch.background_features(pixels), labels, fpr=0.05)
+    tags = watch.log_references(champion["run_id"], reference, background)
+    assert int(tags[watch.REFERENCE_BYTES_TAG]) > 0
+    version = _register_again(champion, {registry.GATE_TAG: "passed", **tags})
+    uri = f"models:/{MODEL_NAME}/{version}"
+    client = s3_client("aws_default")
+    new = sorted((tmp_path / "new").glob("*/*.jpg"))
+
+    _upload(client, bucket, new, prefix="incoming/same/")
+    same = score_incoming(bucket, "incoming/same/", model_uri=uri, explain="none")
+    assert same.drift["decision"] == "no drift" and same.drift["test"]["p_value"] > 0.05
+    for row in _rows(client, bucket, same.predictions_uri.removeprefix(f"s3://{bucket}/")):
+        assert row["batch_drift"] == "no drift" and float(row["ood_score"]) > 0
+        assert "batch drifted" not in row["refer_reason"]
+
+    _upload(client, bucket, _shifted_copies(new, tmp_path / "shifted"), prefix="incoming/moved/")
+    moved = score_incoming(bucket, "incoming/moved/", model_uri=uri, explain="none")
+    assert moved.drift["decision"] == "drift" and moved.drift["test"]["p_value"] <= 0.01
+    assert moved.drift["test"]["statistic"] > 0.9 and moved.referred == moved.scored == 24
+    csv_key = moved.predictions_uri.removeprefix(f"s3://{bucket}/")
+    for row in _rows(client, bucket, csv_key):
+        assert row["refer"] == "true" and row["batch_drift"] == "drift"
+        assert "batch drifted (AUC" in row["refer_reason"]
+    # the stain and blur live in the background too: the background test says acquisition
+    assert "background: shifted too: acquisition" in moved.drift["line"]
+    report = json.loads(
+        client.get_object(Bucket=bucket, Key=f"{csv_key[:-4]}-drift.json")["Body"].read()
+    )
+    assert report["csv"] == csv_key and report["decision"] == "drift"
+    ledger = json.loads(client.get_object(Bucket=bucket, Key=ledger_key(version))["Body"].read())
+    assert ledger["batches"][csv_key]["line"] == moved.drift["line"]
+    assert same.predictions_uri.removeprefix(f"s3://{bucket}/") in ledger["batches"]
+
+    # fewer images than the test can judge: no decision, said so; OOD scores still given
+    _upload(client, bucket, new[:5], prefix="incoming/few/")
+    few = score_incoming(bucket, "incoming/few/", model_uri=uri, explain="none")
+    assert few.drift["decision"] == "too few images (n < 20): no decision"
+    rows = _rows(client, bucket, few.predictions_uri.removeprefix(f"s3://{bucket}/"))
+    assert len(rows) == 5 and all(float(r["ood_score"]) > 0 for r in rows)

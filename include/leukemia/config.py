@@ -371,6 +371,47 @@ ENV_DEFAULTS: dict[str, tuple[str, str]] = {
         "168",
         "hours the pre-signed image and Grad-CAM links of a review form stay valid",
     ),
+    # the drift watch of scoring (watch.py, drift.py): the reference is fitted at registration
+    "LEUKEMIA_DRIFT_REFERENCE_SAMPLE": (
+        "500",
+        "training feature vectors stored with a registered version for the drift test",
+    ),
+    "LEUKEMIA_OOD_FPR": (
+        "0.01",
+        "share of in-distribution images the per-image out-of-distribution flag refers (its "
+        "threshold is fitted on the training features at registration)",
+    ),
+    "LEUKEMIA_DRIFT_MIN_BATCH": (
+        "20",
+        "fewest images a scoring run needs for a drift decision (fewer: none; OOD scores still given)",
+    ),
+    "LEUKEMIA_DRIFT_ALPHA": ("0.01", "significance level of a scoring run's drift test"),
+    "LEUKEMIA_DRIFT_MAX_IMAGES": (
+        "1000",
+        "most images of one scoring run the drift test compares (a seeded sample of the run's)",
+    ),
+    # alerts (alerts.py): the deployment's, never a run's; no recipient and no webhook: no alerts
+    "LEUKEMIA_ALERT_EMAILS": ("", "alert e-mail recipients, comma-separated (empty: no e-mail)"),
+    "LEUKEMIA_ALERT_SMTP_CONN_ID": (
+        "smtp_default",
+        "Airflow SMTP connection the alert e-mails go through",
+    ),
+    "LEUKEMIA_ALERT_FROM": ("", "sender of the alert e-mails (empty: the connection's from_email)"),
+    "LEUKEMIA_ALERT_WEBHOOK_URL": ("", "http(s) URL each alert is POSTed to as JSON (empty: none)"),
+    "LEUKEMIA_ALERT_ATTEMPTS": ("3", "tries per alert and channel before the failure is logged"),
+    "LEUKEMIA_ALERT_BACKOFF_SECONDS": (
+        "0.5",
+        "wait before an alert's second try, doubled before each further one",
+    ),
+    "LEUKEMIA_ALERT_TIMEOUT_SECONDS": (
+        "3",
+        "longest wait for the SMTP server or the webhook in one try",
+    ),
+    "LEUKEMIA_TRAINING_DEADLINE_HOURS": (
+        "24",
+        "a training run not finished this many hours after it was queued sends a deadline alert "
+        "(0: none)",
+    ),
 }
 
 #: MLflow's client reads the login from these on every request.

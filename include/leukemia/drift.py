@@ -34,8 +34,9 @@ version (a sample of its training features and a summary of them):
    a gross shift stands out (the synthetic smears: ~60 %); a stain, blur or lighting change that
    every image of a batch shares is the batch test's to find.
 
-Settings (to move into `config.py`): `REFERENCE_SAMPLE`, `OOD_FPR`, `OOD_COMPONENTS`, `OOD_FOLDS`,
-`MIN_BATCH`, `DRIFT_ALPHA`, `PERMUTATIONS`, `CV_FOLDS`, `REFERENCE_RATIO`, `RIDGE`.
+The constants below are the defaults of the functions; a deployment sets the sample size, the OOD
+false-positive rate, the smallest batch and the level through `config.ENV_DEFAULTS`
+(`LEUKEMIA_DRIFT_*`, `LEUKEMIA_OOD_FPR`), which `watch.py` (the scoring side) reads.
 
 Pure numpy/scikit-learn, imported inside the functions: no model, no storage but `save`/`load`.
 """
@@ -201,7 +202,9 @@ class Reference:
         components: int = OOD_COMPONENTS,
         folds: int = OOD_FOLDS,
     ) -> Reference:
-        """The reference of a model trained on `features` (n, d) with class `labels` (n,)."""
+        """The reference of a model trained on `features` (n, d) with class `labels` (n,). Fewer
+        than ⌈(n+1)(1-fpr)⌉ ≤ n images cannot place the OOD threshold at `fpr`: it is then inf
+        (`ood_limited`), no image is flagged, and the batch test still works."""
         import numpy as np
         from threadpoolctl import threadpool_limits
 
@@ -209,10 +212,10 @@ class Reference:
         y = np.asarray(labels)
         if x.ndim != 2 or len(x) != len(y):
             raise ValueError(f"features must be (n, d) with n labels, got {x.shape} and {y.shape}")
-        if not 0 < fpr < 1 or len(x) < max(2 * folds, math.ceil(1 / fpr)):
+        if not 0 < fpr < 1 or len(x) < 2 * folds:
             raise ValueError(
-                f"need fpr in (0, 1) and at least {max(2 * folds, math.ceil(1 / fpr))} training "
-                f"images for fpr {fpr}, got fpr {fpr} and {len(x)} images"
+                f"need fpr in (0, 1) and at least {2 * folds} training images, got fpr {fpr} and "
+                f"{len(x)} images"
             )
         fold = stratified_folds(y, folds, seed)
         held_back = np.empty(len(x))
@@ -233,6 +236,11 @@ class Reference:
             n_train=len(x),
             seed=int(seed),
         )
+
+    @property
+    def ood_limited(self) -> bool:
+        """True when too few training images set an OOD threshold (no image is ever flagged)."""
+        return not math.isfinite(self.threshold)
 
     @property
     def width(self) -> int:

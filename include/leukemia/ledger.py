@@ -31,6 +31,8 @@ WRITE_ATTEMPTS = 5
 #: concurrent conditional write is in flight, NoSuchKey the ledger was deleted meanwhile.
 CONFLICT_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"})
 SECTIONS = ("scored", "rejected")
+#: The runs' drift reports: CSV key → the report (kept beside the per-image sections).
+BATCHES = "batches"
 #: The time each kind of entry was made, compared when two runs recorded the same key.
 ENTRY_TIME = {"scored": "scored_at", "rejected": "rejected_at"}
 _OLDEST = datetime.min.replace(tzinfo=UTC)
@@ -115,6 +117,8 @@ def merge(stored: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, An
                 if key not in newest or candidate[:2] >= newest[key][:2]:
                     newest[key] = candidate
     merged = {k: v for k, v in stored.items() if k not in SECTIONS}
+    # each scoring run's drift report, by its CSV key (`watch.DriftReport.as_dict`)
+    merged[BATCHES] = {**stored.get(BATCHES, {}), **changes.get(BATCHES, {})}
     merged.update({section: {} for section in SECTIONS})
     for key in sorted(newest):
         _, _, section, entry = newest[key]

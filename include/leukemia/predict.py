@@ -50,6 +50,7 @@ from leukemia.registry import (
     load_keras,
     resolve_model,
 )
+from leukemia.watch import ood_reason
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,11 @@ class LoadedModel:
     model: Any
     input_size: int
     calibration: Calibration | None = None
+    #: the drift watch's references (`watch.load_references`) and the two-output model that gives
+    #: the pooled features with the probabilities (`watch.features_model`); None without them
+    reference: Any = None
+    background: Any = None
+    features_model: Any = None
 
     @property
     def version(self) -> str:
@@ -123,23 +129,46 @@ def load_model(model: str | ModelRef | None = None) -> LoadedModel:
             f"cannot load a Keras model from {ref.pinned_uri}: {first_line(exc)}"
         ) from None
     size = check_model_shape(keras_model, ref.uri)
-    calibration = version_calibration(ref)
+    tags = version_tags(ref)
+    calibration = Calibration.from_tags(tags)
     log.info("Loaded %s (input %dx%d)", ref.describe(), size, size)
     if calibration is None:
         log.warning(
             "%s has no conformal threshold: refer only for external reasons", ref.describe()
         )
-    return LoadedModel(ref=ref, model=keras_model, input_size=size, calibration=calibration)
+    loaded = LoadedModel(ref=ref, model=keras_model, input_size=size, calibration=calibration)
+    _attach_watch(loaded, tags)
+    return loaded
+
+
+def version_tags(ref: ModelRef) -> dict[str, str]:
+    """The tags of a registered version; {} for a model URI outside the registry."""
+    from leukemia.registry import registered_version
+
+    return dict(registered_version(ref).tags) if ref.version else {}
 
 
 def version_calibration(ref: ModelRef) -> Calibration | None:
     """The `calibration_*` tags of a registered version; None for a version registered before
     calibration, or a model URI outside the registry."""
-    from leukemia.registry import registered_version
+    return Calibration.from_tags(version_tags(ref))
 
-    if not ref.version:
-        return None
-    return Calibration.from_tags(registered_version(ref).tags)
+
+def _attach_watch(loaded: LoadedModel, tags: dict[str, str]) -> None:
+    """The version's drift references and the two-output model, or one warning without them."""
+    from leukemia.watch import features_model, load_references
+
+    reference, background = load_references(tags)
+    model = features_model(loaded.model, reference.width) if reference is not None else None
+    if model is None:
+        why = "keeps no drift reference" if reference is None else "has no pooling of its width"
+        log.warning(
+            "%s %s: scored without out-of-distribution flags or a drift decision",
+            loaded.ref.describe(),
+            why,
+        )
+        return
+    loaded.reference, loaded.background, loaded.features_model = reference, background, model
 
 
 # --- the inputs ---------------------------------------------------------------------------------------
@@ -286,6 +315,7 @@ class Prediction:
     refer: bool = False
     refer_reason: str = ""
     overlay: str = ""
+    ood_score: float | None = None  # distance to the training features (None: no reference)
 
     def __post_init__(self) -> None:
         if not self.prediction_set:
@@ -304,6 +334,11 @@ class Prediction:
     def confidence(self) -> float:
         """The top class probability (calibrated when the model carries a temperature)."""
         return max(self.probabilities)
+
+    def referred_for(self, reason: str) -> Prediction:
+        """This prediction referred for one more (external) reason, e.g. a drifted batch."""
+        reasons = "; ".join(r for r in (self.refer_reason, reason) if r)
+        return replace(self, refer=True, refer_reason=reasons)
 
     @property
     def set_label(self) -> str:
@@ -325,6 +360,7 @@ class Prediction:
             "refer": self.refer,
             "refer_reason": self.refer_reason,
             "overlay": self.overlay,
+            "ood_score": self.ood_score,
         }
 
     def as_row(self) -> dict[str, Any]:
@@ -341,6 +377,7 @@ class Prediction:
             "refer": "true" if self.refer else "false",
             "refer_reason": self.refer_reason,
             "overlay": self.overlay,
+            "ood_score": "" if self.ood_score is None else round(self.ood_score, 3),
         }
 
 
@@ -350,13 +387,16 @@ def make_prediction(
     model_version: str,
     threshold: float | None,
     external_reasons: Sequence[str] = (),
+    ood_score: float | None = None,
 ) -> Prediction:
     """A prediction with its set at `threshold` and its referral (`calibration.referral`)."""
     probs = tuple(float(v) for v in probabilities)
     classes = prediction_set(probs, threshold)
     refer, reason = referral(classes, external_reasons, no_class_likely(probs, threshold))
     top = max(range(len(CLASSES)), key=lambda k: probs[k])
-    return Prediction(image, CLASSES[top], probs, model_version, classes, refer, reason)
+    return Prediction(
+        image, CLASSES[top], probs, model_version, classes, refer, reason, ood_score=ood_score
+    )
 
 
 @dataclass
@@ -367,6 +407,8 @@ class Batch:
     skipped: list[Skipped]
     pixels: Any  # float32 (len(predictions), S, S, 3)
     scored_at: str = ""
+    features: Any = None  # float32 (len(predictions), width): the head's input (with a reference)
+    ood_flagged: int = 0  # predictions referred as out of distribution
 
 
 def _load(source: ImageSource, size: int, limits: ImageLimits) -> Any:
@@ -431,18 +473,44 @@ def iter_batches(
             pixels = (
                 np.stack([x for _, x in good]) if good else np.zeros((0, size, size, 3), "float32")
             )
-            probs = (
-                np.asarray(model.model.predict_on_batch(pixels), dtype="float32")
-                if good
-                else np.zeros((0, len(CLASSES)))
-            )
+            probs, features, scores = _forward(model, pixels)
+            reasons = [list(external_reasons) for _ in good]
+            flagged = 0
+            if scores is not None:
+                for i, score in enumerate(scores):
+                    if score > model.reference.threshold:
+                        reasons[i].append(ood_reason(float(score), model.reference.threshold))
+                        flagged += 1
             predictions = [
-                make_prediction(s.name, p, model.version, model.threshold, external_reasons)
-                for (s, _), p in zip(good, probs, strict=True)
+                make_prediction(
+                    s.name,
+                    p,
+                    model.version,
+                    model.threshold,
+                    reasons[i],
+                    None if scores is None else float(scores[i]),
+                )
+                for i, ((s, _), p) in enumerate(zip(good, probs, strict=True))
             ]
-            yield Batch(
-                predictions, skipped, pixels, datetime.now(UTC).isoformat(timespec="seconds")
-            )
+            stamp = datetime.now(UTC).isoformat(timespec="seconds")
+            yield Batch(predictions, skipped, pixels, stamp, features, flagged)
+
+
+def _forward(model: LoadedModel, pixels: Any) -> tuple[Any, Any, Any]:
+    """Probabilities, pooled features and OOD scores of a batch (one forward pass; features and
+    scores None when the model keeps no drift reference)."""
+    import numpy as np
+
+    from leukemia.drift import ood_scores
+
+    if not len(pixels):
+        return np.zeros((0, len(CLASSES)), "float32"), None, None
+    if model.features_model is None:
+        return np.asarray(model.model.predict_on_batch(pixels), dtype="float32"), None, None
+    features, probs = model.features_model.predict_on_batch(pixels)
+    features = np.asarray(features, dtype="float32")
+    scores = ood_scores(model.reference, features)
+    return np.asarray(probs, dtype="float32"), features, scores
 
 
 def predict(

@@ -168,6 +168,9 @@ def register_and_gate(
         airflow_run_id,
         str(selected.get("selection") or ""),
     )
+    registry.tag_version(
+        candidate.name, candidate.version, drift_reference(candidate.run_id, images)
+    )
     result = gate.run_gate(
         candidate,
         split["path"],
@@ -178,6 +181,24 @@ def register_and_gate(
     )
     card_url = model_card.write_card(candidate.name, candidate.version)
     return {**gate.to_dict(result), "card_url": card_url}
+
+
+def drift_reference(run_id: str, images_dir: str) -> dict[str, str]:
+    """The drift watch's reference of the registered run (`watch.store_reference`) as version
+    tags; {} with one warning when it cannot be fitted: the watch is monitoring, not the gate, and
+    the version is then scored without a drift decision."""
+    from leukemia.errors import first_line
+    from leukemia.watch import store_reference
+
+    try:
+        return store_reference(run_id, images_dir)
+    except Exception as exc:
+        log.warning(
+            "No drift reference for run %s (%s): its scoring gives no drift decision",
+            run_id,
+            first_line(exc),
+        )
+        return {}
 
 
 def decide(gated: Mapping[str, Any], review: Review, source: str) -> dict[str, Any]:

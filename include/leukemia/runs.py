@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from leukemia.training import TrainConfig
+from leukemia.watch import training_run_tags
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,11 @@ def train_run(
     rows = read_split(split_path)
     data = split_arrays(rows, cache_dir, cfg.model.variant)
     copies = copy_arrays(data, cache_dir, cfg.model.variant, cfg.augment_copies)
-    run_tags = {"dataset_digest": dataset_digest, **(tags or {})}
+    run_tags = {
+        "dataset_digest": dataset_digest,
+        **training_run_tags(cache_dir, "train"),  # registration fits its drift reference from them
+        **(tags or {}),
+    }
     with tracking.training_run(tracking.RunKind.TRAINING, _run_name(cfg), run_tags) as run:
         tracking.log_config(cfg, dataset_digest)
         head, history = fit_head(
@@ -279,6 +284,7 @@ def refit_run(
         "refit": "true",
         tracking.REFIT_OF_TAG: selected_run_id,
         "dataset_digest": digest,
+        **training_run_tags(cache_dir, "train+val"),
         **(tags or {}),
     }
     name = _run_name(cfg) + "-refit"

@@ -41,6 +41,7 @@ from typing import Any
 
 from leukemia.config import CLASSES
 from leukemia.ledger import (
+    BATCHES,
     PREDICTIONS_PREFIX,
     empty_ledger,
     ledger_key,
@@ -67,6 +68,8 @@ CSV_COLUMNS = (
     "refer",
     "refer_reason",
     "overlay",
+    "ood_score",
+    "batch_drift",
 )
 PROGRESS_EVERY = 500
 #: Which images get a Grad-CAM overlay: the referred ones (default), every one, or none.
@@ -104,6 +107,8 @@ class ScoringResult:
     predictions_uri: str = ""
     gradcam_uri: str = ""
     ledger_uri: str = ""
+    drift: dict[str, Any] = field(default_factory=dict)  # `watch.DriftReport.as_dict()`
+    drift_uri: str = ""
     seconds: float = 0.0
     skipped_keys: list[dict[str, str]] = field(default_factory=list)
 
@@ -123,6 +128,10 @@ class Outputs:
     @property
     def gradcam_prefix(self) -> str:
         return f"{self.folder}/{self.stamp}-gradcam/"
+
+    @property
+    def drift_key(self) -> str:
+        return f"{self.folder}/{self.stamp}-drift.json"
 
 
 def list_images(client: Any, bucket: str, prefix: str) -> dict[str, str]:
@@ -221,31 +230,41 @@ def _score(
     explain: str,
     result: ScoringResult,
 ) -> dict[str, Any]:
-    """Score `todo` batch by batch into a CSV (and overlays), queue the referred images, upload
-    the CSV; return the ledger entries."""
+    """Score `todo` batch by batch (overlays as it goes, the rows spooled to a local file), decide
+    the run's drift (`watch.Watch`), then write the CSV, queue the referred images and upload;
+    return the ledger entries."""
     from leukemia import predict
+    from leukemia.watch import Watch
 
     digests: dict[str, str] = {}  # image name → sha256 of the bytes scored
     sources = [_hashed(predict.s3_source(client, outputs.bucket, k), digests) for k in todo]
     key_of = {s.name: k for s, k in zip(sources, todo, strict=True)}
     changes = empty_ledger()
+    watch = Watch(model.reference, model.background)
     with tempfile.TemporaryDirectory(prefix="leukemia-scoring-") as tmp:
         explainer = _explainer(model, Path(tmp)) if explain != "none" else None
-        csv_path = Path(tmp) / "predictions.csv"
-        with open(csv_path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-            writer.writeheader()
+        spool = Path(tmp) / "predictions.jsonl"
+        with open(spool, "w") as fh:
             for batch in predict.iter_batches(model, sources, batch_size):
                 if explainer is not None:
                     batch.predictions = _upload_overlays(client, explainer, batch, outputs, explain)
-                _record(batch, key_of, listing, outputs, writer, changes, result)
-                _refer(client, outputs.bucket, batch, key_of, digests, result)
-                done = len(changes["scored"]) + result.skipped + result.failed
+                if batch.features is not None:
+                    classes = [CLASSES.index(p.label) for p in batch.predictions]
+                    watch.observe(batch.features, batch.pixels, classes, batch.ood_flagged)
+                _spool(fh, batch, key_of, digests)
+                _reject(batch, key_of, listing, changes, result)
+                done = result.scored + result.skipped + result.failed
                 if done % PROGRESS_EVERY < batch_size:
                     log.info("Scored %d/%d images", done, len(todo))
-        result.scored = len(changes["scored"])
+        report = watch.decide()
+        result.drift = report.as_dict()
+        log.info("%s", report.line())
+        csv_path = Path(tmp) / "predictions.csv"
+        _write_rows(client, spool, csv_path, report, listing, outputs, changes, result)
         if result.scored:
             _upload_csv(client, csv_path, outputs, result)
+            _upload_drift_report(client, outputs, result)
+            changes[BATCHES] = {outputs.csv_key: result.drift}
         if explainer is not None:
             _upload_contact_sheet(client, explainer, model.ref.describe(), outputs, result)
     return changes
@@ -263,22 +282,43 @@ def _hashed(source: Any, digests: dict[str, str]) -> Any:
     return replace(source, read=read)
 
 
-def _record(
+def _spool(fh: Any, batch: Any, key_of: dict[str, str], digests: dict[str, str]) -> None:
+    """The batch's predictions as JSON lines (key, sha256, time, prediction) until the run's drift
+    decision is known."""
+    import json
+    from dataclasses import asdict
+
+    for p in batch.predictions:
+        row = {"key": key_of[p.image], "sha256": digests.pop(p.image, ""), "at": batch.scored_at}
+        fh.write(json.dumps({**row, "prediction": asdict(p)}) + "\n")
+    for skipped in batch.skipped:
+        digests.pop(skipped.image, None)
+
+
+def _spooled(spool: Path) -> Any:
+    """(key, sha256, scored_at, Prediction) of each spooled line."""
+    import json
+
+    from leukemia.predict import Prediction
+
+    with open(spool) as fh:
+        for line in fh:
+            item = json.loads(line)
+            fields = item["prediction"]
+            for name in ("probabilities", "prediction_set"):
+                fields[name] = tuple(fields[name])
+            yield item["key"], item["sha256"], item["at"], Prediction(**fields)
+
+
+def _reject(
     batch: Any,
     key_of: dict[str, str],
     listing: dict[str, str],
-    outputs: Outputs,
-    writer: csv.DictWriter,
     changes: dict[str, Any],
     result: ScoringResult,
 ) -> None:
-    """One batch into the CSV and the ledger entries: scored rows, rejects; failed reads are not
-    recorded, so the next run retries them."""
-    for p in batch.predictions:
-        key = key_of[p.image]
-        row = {k: v for k, v in p.as_row().items() if k != "image"}
-        writer.writerow({"key": key, **row, "scored_at": batch.scored_at})
-        changes["scored"][key] = scored_entry(listing[key], outputs.csv_key, batch.scored_at, p)
+    """The batch's counts and rejects; failed reads are not recorded, so the next run retries them."""
+    result.scored += len(batch.predictions)
     for s in batch.skipped:
         key = key_of[s.image]
         result.skipped_keys.append({"key": key, "reason": s.reason})
@@ -293,46 +333,83 @@ def _record(
         }
 
 
-def _refer(
+#: Referred images queued for review at once.
+QUEUE_CHUNK = 100
+
+
+def _write_rows(
     client: Any,
-    bucket: str,
-    batch: Any,
-    key_of: dict[str, str],
-    digests: dict[str, str],
+    spool: Path,
+    csv_path: Path,
+    report: Any,
+    listing: dict[str, str],
+    outputs: Outputs,
+    changes: dict[str, Any],
     result: ScoringResult,
 ) -> None:
-    """Queue the batch's referred images for review (`review.enqueue`: once per sha256)."""
+    """The spooled predictions into the CSV and the ledger entries, each image of a drifted batch
+    referred (`report.reason`), the referred ones queued for review a chunk at a time."""
+    pending_referrals: list[Any] = []
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for key, sha, at, p in _spooled(spool):
+            if report.reason:
+                p = p.referred_for(report.reason)
+            row = {k: v for k, v in p.as_row().items() if k != "image"}
+            writer.writerow({"key": key, **row, "scored_at": at, "batch_drift": report.decision})
+            changes["scored"][key] = scored_entry(listing[key], outputs.csv_key, at, p)
+            if p.refer:
+                pending_referrals.append(_referral(p, key, sha, outputs.bucket, at))
+            if len(pending_referrals) >= QUEUE_CHUNK:
+                _queue(client, outputs.bucket, pending_referrals, result)
+    _queue(client, outputs.bucket, pending_referrals, result)
+
+
+def _referral(p: Any, key: str, sha: str, bucket: str, scored_at: str) -> Any:
+    """The review queue's item of one referred prediction."""
     from leukemia import review
 
-    shas = {p.image: digests.pop(p.image, "") for p in batch.predictions}  # bounded memory
-    for skipped in batch.skipped:
-        digests.pop(skipped.image, None)
-    referrals = [
-        review.Referral(
-            sha256=shas[p.image],
-            key=key_of[p.image],
-            bucket=bucket,
-            probabilities=dict(zip(CLASSES, p.probabilities, strict=True)),
-            prediction_set=p.set_label,
-            predicted=p.label,
-            confidence=p.confidence,
-            refer_reason=p.refer_reason,
-            model_version=p.model_version,
-            overlay_key=p.overlay,
-            scored_at=batch.scored_at,
-        )
-        for p in batch.predictions
-        if p.refer
-    ]
+    return review.Referral(
+        sha256=sha,
+        key=key,
+        bucket=bucket,
+        probabilities=dict(zip(CLASSES, p.probabilities, strict=True)),
+        prediction_set=p.set_label,
+        predicted=p.label,
+        confidence=p.confidence,
+        refer_reason=p.refer_reason,
+        model_version=p.model_version,
+        overlay_key=p.overlay,
+        scored_at=scored_at,
+    )
+
+
+def _queue(client: Any, bucket: str, referrals: list[Any], result: ScoringResult) -> None:
+    """Queue the referred images for review (`review.enqueue`: once per sha256); empties the list."""
+    from leukemia import review
+
     result.referred += len(referrals)
     if referrals:
         result.queued += review.enqueue(client, bucket, referrals)
+    referrals.clear()
 
 
 def _upload_csv(client: Any, csv_path: Path, outputs: Outputs, result: ScoringResult) -> None:
     extra = {"ContentType": "text/csv"}
     client.upload_file(str(csv_path), outputs.bucket, outputs.csv_key, ExtraArgs=extra)
     result.predictions_uri = f"s3://{outputs.bucket}/{outputs.csv_key}"
+
+
+def _upload_drift_report(client: Any, outputs: Outputs, result: ScoringResult) -> None:
+    """The run's drift report as JSON beside its CSV."""
+    import json
+
+    body = json.dumps({"csv": outputs.csv_key, **result.drift}, indent=1).encode()
+    client.put_object(
+        Bucket=outputs.bucket, Key=outputs.drift_key, Body=body, ContentType="application/json"
+    )
+    result.drift_uri = f"s3://{outputs.bucket}/{outputs.drift_key}"
 
 
 def _explainer(model: Any, tmp: Path) -> Any:
@@ -391,5 +468,7 @@ def _log_summary(result: ScoringResult, model_name: str) -> None:
             result.queued,
             result.predictions_uri,
         )
+        if result.drift:
+            log.info("%s: %s", result.drift_uri, result.drift["line"])
     for item in result.skipped_keys[:20]:
         log.warning("Not scored %s: %s", item["key"], item["reason"])

@@ -165,6 +165,7 @@ def score_and_review(environ: dict[str, str], workdir: Path, size: int) -> list[
         f"{queued} referred to a person and queued under s3://{bucket}/{review.prefix()}queue/ "
         f"(CSV and Grad-CAM overlays under s3://{bucket}/predictions/; log: {scoring_log})"
     ]
+    lines += _drift_lines(client, bucket)
     if not queued:
         return lines
     review_log = workdir / "last_review.log"
@@ -212,6 +213,16 @@ def score_and_review(environ: dict[str, str], workdir: Path, size: int) -> list[
         "leukemia_raw_images asset was emitted)."
     )
     return lines
+
+
+def _drift_lines(client: Any, bucket: str) -> list[str]:
+    """The drift watch's line of the newest scoring run (its `<stamp>-drift.json`)."""
+    listing = client.list_objects_v2(Bucket=bucket, Prefix="predictions/").get("Contents", [])
+    reports = sorted(o["Key"] for o in listing if o["Key"].endswith("-drift.json"))
+    if not reports:
+        return []
+    report = json.loads(client.get_object(Bucket=bucket, Key=reports[-1])["Body"].read())
+    return [f"Drift watch ({reports[-1]}): {report['line'].removeprefix('drift watch: ')}"]
 
 
 def main() -> None:

@@ -82,3 +82,24 @@ def announce_referrals(outlet_events: Any, result: dict[str, Any]) -> bool:
     outlet_events[referrals_alias()].add(referrals_asset(), extra=extra)
     log.info("Announced %d newly queued referrals (leukemia_referrals)", extra["queued"])
     return True
+
+
+def announce_drift(result: dict[str, Any], context: Any = None) -> bool:
+    """Alert (`alerts.announce`, never raising) when the run's batch drifted; True when sent."""
+    from leukemia import alerts
+
+    drift = result.get("drift") or {}
+    if not drift.get("drifted"):
+        return False
+    body = "\n".join(
+        [
+            drift.get("line", ""),
+            f"Every image of the batch is referred to a person ({result.get('referred', 0)} "
+            f"referred, {result.get('queued', 0)} newly queued for review).",
+            f"Predictions: {result.get('predictions_uri', '')}",
+            f"Drift report: {result.get('drift_uri', '')}",
+            f"Model: {result.get('model_uri', '')}",
+        ]
+    )
+    subject = f"Scoring batch drifted: {result.get('scored', 0)} images unlike the training images"
+    return alerts.announce(alerts.Event.DRIFT, subject, body, context)
