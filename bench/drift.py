@@ -31,6 +31,15 @@ classifier the ridge one replaces). Then the watch's seconds per scored image (d
 scores) against the extraction's (the "extra cost ≤ 10 % of scoring"; the trunk is nearly all of
 scoring).
 
+The background line (`watch.DriftReport.background_line`): a background reference is fitted as
+registration fits it (`watch.background_reference` on `audit.sample_rows(rows, "train", 500)` of
+the project split, the images read from `--data`), each pool keeps the background-region features
+of its shifted pixels (`watch.background_features`, the same pass as its features), and every
+batch the class-matched test flags is tested once more on its background features, class-matched
+with the same predicted classes (as `watch.Watch.decide`): "background moved (of flagged)" is the
+share of flagged batches whose background drifted too (acquisition rather than the cells; "-":
+none flagged). The first batch of each shift prints its `DriftReport(...).line()`.
+
     nice -n 10 python bench/drift.py [--batch 50] [--pool 120] [--null-batches 40]
 """
 
@@ -52,6 +61,8 @@ from common import (  # noqa: E402
 )
 
 WORK = OUT / "drift"
+#: Part of the pools' cache key: bump when what a pool file holds changes (2: background features).
+POOLS_FORMAT = 2
 #: Shifts on which a logistic regression's AUC is computed too (one 5-fold CV takes ~10 s).
 COMPARED = ("none (test split)", "stain jitter", "stain (one lab)", "blur")
 LAB_STAIN = (1.15, 0.85, 1.0)  # haematoxylin, eosin, DAB density scales of "another laboratory"
@@ -107,8 +118,21 @@ def extract(extractor: Any, pixels: Any, variant: str) -> tuple[Any, float]:
     return select_variant(np.concatenate(rows), variant), seconds
 
 
-def shifted_pools(args: Any, test_paths: list[Path], precision: str) -> dict[str, Any]:
-    """name → (features, extraction s/image) of each shifted pool; extracted once, then kept."""
+def backgrounds(paths: list[Path]) -> Any:
+    """The background-region features (`watch.background_features`) of images read at 224 px."""
+    import numpy as np
+
+    from leukemia.features import iter_image_batches
+    from leukemia.watch import background_features
+
+    return np.concatenate([background_features(b) for b in iter_image_batches(paths, 224, 64)])
+
+
+def shifted_pools(
+    args: Any, test_paths: list[Path], precision: str
+) -> dict[str, tuple[Any, Any, float]]:
+    """name → (features, background features, extraction s/image) of each shifted pool; extracted
+    once, then kept."""
     import hashlib
     import tempfile
 
@@ -117,22 +141,24 @@ def shifted_pools(args: Any, test_paths: list[Path], precision: str) -> dict[str
     from leukemia.dev.synthetic import generate
     from leukemia.features import build_extractor, load_images
     from leukemia.model import ModelConfig
+    from leukemia.watch import background_features
 
     names = ["stain jitter", "stain (one lab)", "brightness", "blur", "synthetic"]
     if precision != "float32":
         names.append("float32 features")
     key = f"{args.variant}-{precision}-{args.pool}-{args.stain}-{args.brightness}-{args.blur}"
+    key = f"v{POOLS_FORMAT}-{key}"
     path = WORK / f"pools-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
     if path.exists() and not args.fresh:
         with np.load(path) as data:
-            return {n: (data[n], float(data[n + " s"])) for n in names}
+            return {n: (data[n], data[n + " background"], float(data[n + " s"])) for n in names}
     cfg = ModelConfig(input_size=224, weights=str(args.weights))
     rng = np.random.default_rng(args.seed)
     paths = [test_paths[i] for i in rng.permutation(len(test_paths))[: args.pool]]
     pixels = load_images(paths, 224)
     extractors = {precision: build_extractor(cfg, precision)}
     extractors[precision].predict_on_batch(pixels[:2])  # warm-up: the rate is the extraction's
-    pools: dict[str, Any] = {}
+    pools: dict[str, tuple[Any, Any, float]] = {}
     for name in names:
         if name == "synthetic":
             with tempfile.TemporaryDirectory() as tmp:
@@ -145,11 +171,13 @@ def shifted_pools(args: Any, test_paths: list[Path], precision: str) -> dict[str
         else:
             batch = shift_pixels(name, pixels, args, args.seed)
         extractor = extractors["float32" if name == "float32 features" else precision]
-        pools[name] = extract(extractor, batch, args.variant)
-        print(f"  extracted {name}: {len(batch)} images, {pools[name][1]:.3f} s/image", flush=True)
+        features, seconds = extract(extractor, batch, args.variant)
+        pools[name] = (features, background_features(batch), seconds)
+        print(f"  extracted {name}: {len(batch)} images, {seconds:.3f} s/image", flush=True)
     WORK.mkdir(parents=True, exist_ok=True)
-    arrays = {n: f for n, (f, _) in pools.items()}
-    np.savez(path, **arrays, **{n + " s": np.float64(s) for n, (_, s) in pools.items()})
+    arrays = {n: f for n, (f, _, _) in pools.items()}
+    arrays |= {n + " background": b for n, (_, b, _) in pools.items()}
+    np.savez(path, **arrays, **{n + " s": np.float64(s) for n, (_, _, s) in pools.items()})
     return pools
 
 
@@ -175,33 +203,56 @@ def logistic_auc(reference: Any, batch: Any, ratio: float, seed: int) -> tuple[f
 
 
 def judge(
-    reference: Any, pool: Any, classes: Any, batches: int, compare: int, args: Any
-) -> dict[str, Any]:
-    """Run the watch on `batches` seeded batches of `args.batch` rows of `pool`: unmatched, and
-    with the reference side matched to the batch's predicted `classes`; the first `compare` also
-    with a logistic regression."""
+    references: tuple[Any, Any],
+    pool: tuple[Any, Any],
+    classes: Any,
+    batches: int,
+    compare: int,
+    args: Any,
+) -> tuple[dict[str, Any], str]:
+    """Run the watch on `batches` seeded batches of `args.batch` rows of `pool` (features,
+    background features) against `references` (the same two): unmatched, and with the reference
+    side matched to the batch's predicted `classes`, then the background test on the batches that
+    drifted (as `watch.Watch.decide`); the first `compare` also with a logistic regression. The
+    table row and the first batch's `DriftReport` line."""
     import numpy as np
 
     from leukemia.drift import REFERENCE_RATIO, batch_drift, ood_flags
+    from leukemia.watch import DriftReport, WatchSettings
 
-    rng = np.random.default_rng(args.seed + len(pool))
-    plain, matched, lr = [], [], []
+    reference, background = references
+    features, bg = pool
+    s = WatchSettings.from_env()
+    rng = np.random.default_rng(args.seed + len(features))
+    plain, matched, moved, lr, example = [], [], [], [], ""
     for b in range(batches):
-        rows = np.sort(rng.permutation(len(pool))[: args.batch])
-        plain.append(batch_drift(reference, pool[rows], seed=b))
-        matched.append(batch_drift(reference, pool[rows], classes=classes[rows], seed=b))
+        rows = np.sort(rng.permutation(len(features))[: args.batch])
+        test: dict[str, Any] = dict(
+            classes=classes[rows], min_batch=s.min_batch, alpha=s.alpha, seed=b
+        )
+        plain.append(batch_drift(reference, features[rows], seed=b))
+        matched.append(batch_drift(reference, features[rows], **test))
+        report = DriftReport(matched[-1])
+        if report.drifted:
+            report.background = batch_drift(background, bg[rows], **test)
+            moved.append(report.background.drifted)
+        if b == 0:
+            report.ood_flagged = int(ood_flags(reference, features[rows]).sum())
+            example = report.line()
         if b < compare:
-            lr.append(logistic_auc(reference, pool[rows], REFERENCE_RATIO, b)[0])
-    return {
+            lr.append(logistic_auc(reference, features[rows], REFERENCE_RATIO, b)[0])
+    row = {
         "batches": batches,
         "flagged": float(np.mean([r.drifted for r in plain])),
         "mean AUC": float(np.mean([r.statistic for r in plain])),
         "median p": float(np.median([r.p_value for r in plain])),
         "flagged, class-matched": float(np.mean([r.drifted for r in matched])),
         "mean AUC, class-matched": float(np.mean([r.statistic for r in matched])),
-        "OOD-flag rate": float(ood_flags(reference, pool).mean()),
+        "OOD-flag rate": float(ood_flags(reference, features).mean()),
+        "background moved (of flagged)": float(np.mean(moved)) if moved else "-",
         f"logistic AUC ({args.compare} batches)": float(np.mean(lr)) if lr else "-",
     }
+    return row, example
 
 
 def cost_rows(reference: Any, pool: Any, extract_s: float, args: Any) -> list[dict[str, Any]]:
@@ -254,15 +305,17 @@ def main() -> None:
 
 
 def run(args: Any) -> None:
-    """Fit the reference, extract the shifted pools, print the tables."""
+    """Fit the references, extract the shifted pools, print the tables and the example lines."""
     import numpy as np
 
+    from leukemia.audit import sample_rows
     from leukemia.config import CLASSES
     from leukemia.dataset import make_split, read_split
     from leukemia.drift import Reference
     from leukemia.features import cache_dir_for, resolve_precision
     from leukemia.model import ModelConfig
     from leukemia.training import split_arrays
+    from leukemia.watch import WatchSettings, background_reference
 
     precision = resolve_precision(args.precision)
     cache = cache_dir_for(
@@ -280,33 +333,46 @@ def run(args: Any) -> None:
     print(
         f"{machine()}\nreference: {len(reference.sample)} of {reference.n_train} train features × "
         f"{reference.width} ({args.variant}, {precision}), {size:,} bytes, OOD threshold "
-        f"{reference.threshold:.1f} at fpr {reference.fpr}, fitted in {fit_s:.1f} s\n",
+        f"{reference.threshold:.1f} at fpr {reference.fpr}, fitted in {fit_s:.1f} s",
+        flush=True,
+    )
+    started = time.perf_counter()
+    chosen = sample_rows(rows, "train", 500)
+    background = background_reference(chosen, args.data, 224, WatchSettings.from_env())
+    if background is None:
+        raise SystemExit("fewer than 10 train images: no background reference")
+    print(
+        f"background reference: {len(background.sample)} of {len(chosen)} train images' "
+        f"background features × {background.width}, fitted (images read) in "
+        f"{time.perf_counter() - started:.1f} s\n",
         flush=True,
     )
     test_x, test_y = data["test"][:2]
-    pools = shifted_pools(args, [args.data / r["path"] for r in data["test"][2]], precision)
+    test_paths = [args.data / r["path"] for r in data["test"][2]]
+    test_bg = backgrounds(test_paths)
+    pools = shifted_pools(args, test_paths, precision)
     head = logistic(*data["train"][:2])  # stands in for the champion's predicted classes
-    sets = {"none (test split)": (test_x, args.null_batches)}
+    sets = {"none (test split)": (test_x, test_bg, args.null_batches)}
     for c, name in enumerate(CLASSES):
         if (test_y == c).sum() >= args.batch:
-            sets[f"single class {name}"] = (test_x[test_y == c], args.shift_batches)
-    sets.update({name: (features, args.shift_batches) for name, (features, _) in pools.items()})
-    table_rows = [
-        {
-            "shift": name,
-            **judge(
-                reference, x, head.predict(x), batches, args.compare * (name in COMPARED), args
-            ),
-        }
-        for name, (x, batches) in sets.items()
-    ]
+            one = test_y == c
+            sets[f"single class {name}"] = (test_x[one], test_bg[one], args.shift_batches)
+    sets.update({name: (x, bg, args.shift_batches) for name, (x, bg, _) in pools.items()})
+    table_rows, examples = [], []
+    for name, (x, bg, batches) in sets.items():
+        compare = args.compare * (name in COMPARED)
+        row, line = judge((reference, background), (x, bg), head.predict(x), batches, compare, args)
+        table_rows.append({"shift": name, **row})
+        examples.append(f"- {name}: {line}")
     print(
         f"\nBatches of {args.batch} against the train split (flagged: drift at p ≤ 0.01; "
         "class-matched: the reference side drawn with the batch's class mix as a logistic "
         "regression on the train features predicts it):"
     )
     print(table(table_rows))
-    extract_s = float(np.median([s for n, (_, s) in pools.items() if n != "float32 features"]))
+    print("\nThe first batch of each shift as scoring reports it (`watch.DriftReport.line`):")
+    print("\n".join(examples))
+    extract_s = float(np.median([s for n, (_, _, s) in pools.items() if n != "float32 features"]))
     print("\nCost of the watch per scored image (median of 5; extraction: the pools' median):")
     print(table(cost_rows(reference, test_x, extract_s, args)), flush=True)
 

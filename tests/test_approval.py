@@ -4,7 +4,6 @@ in Required Actions would (approve, reject) or left to time out, and the rollbac
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,18 +39,13 @@ def _login(http: Any, user: str) -> dict[str, str]:
 
 
 def _parked_run(db: Path, seconds: float = 600) -> str:
-    """The run whose approval task waits for an answer (read-only: dag.test writes meanwhile)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-            row = conn.execute(
-                "SELECT run_id FROM task_instance WHERE dag_id = 'leukemia_training' "
-                "AND task_id = 'approval' AND state = 'awaiting_input'"
-            ).fetchone()
-        if row:
-            return row[0]
-        time.sleep(0.5)
-    raise TimeoutError("the approval task never waited for an answer")
+    """The run whose approval task waits for an answer."""
+    from leukemia.dev.hitl import parked_run
+
+    run_id = parked_run(db, "leukemia_training", "approval", seconds)
+    if run_id is None:
+        raise TimeoutError("the approval task never waited for an answer")
+    return run_id
 
 
 def _with_reviewer(dag: Any, conf: dict[str, Any], act: Callable[[str], Any]) -> tuple[Any, Any]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ import pytest
 from airflow_events import asset_events
 
 from leukemia import review
+from leukemia.dev.hitl import parked_run
 
 PASSWORDS = {"dr-lee": "pw-lee"}
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,18 +195,10 @@ def _with_reviewer(dag: Any, db: Path, act: Callable[[str], Any]) -> tuple[Any, 
 
     def reviewer() -> None:
         try:
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline:
-                with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-                    row = conn.execute(
-                        "SELECT run_id FROM task_instance WHERE dag_id = 'leukemia_review' "
-                        "AND task_id = 'review' AND state = 'awaiting_input'"
-                    ).fetchone()
-                if row:
-                    done["result"] = act(row[0])
-                    return
-                time.sleep(0.3)
-            raise TimeoutError("the review form never waited for an answer")
+            run_id = parked_run(db, "leukemia_review", "review", 300, poll_s=0.3)
+            if run_id is None:
+                raise TimeoutError("the review form never waited for an answer")
+            done["result"] = act(run_id)
         except BaseException as exc:  # reported in the test's thread
             done["error"] = exc
 

@@ -24,7 +24,6 @@ import secrets
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -174,22 +173,14 @@ def _tail(log_file: Path, lines: int = 30) -> str:
 
 def wait_for_form(db: Path, proc: Any, log_file: Path, timeout_s: float = 300) -> str:
     """The run id once the `review` task waits for an answer; an error with the log otherwise."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"airflow dags test ended before the form opened:\n{_tail(log_file)}"
-            )
-        with contextlib.suppress(sqlite3.Error):
-            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-                row = conn.execute(
-                    "SELECT run_id FROM task_instance WHERE dag_id = 'leukemia_review' "
-                    "AND task_id = 'review' AND state = 'awaiting_input'"
-                ).fetchone()
-            if row:
-                return str(row[0])
-        time.sleep(0.5)
-    raise TimeoutError(f"the review form did not open in {timeout_s:g} s:\n{_tail(log_file)}")
+    from leukemia.dev.hitl import parked_run
+
+    run_id = parked_run(
+        db, "leukemia_review", "review", timeout_s, ended=lambda: proc.poll() is not None
+    )
+    if run_id is None:
+        raise RuntimeError(f"the review form did not open:\n{_tail(log_file)}")
+    return run_id
 
 
 def wait_for_server(base_url: str, proc: Any, log_file: Path, timeout_s: float = 180) -> None:

@@ -19,8 +19,10 @@ threshold is referred with the reason (`ood_reason`). `Watch` keeps a seeded sam
 end, runs the two-sample test against the reference with the batch's predicted class mix
 (`drift.batch_drift`; below `LEUKEMIA_DRIFT_MIN_BATCH` images: no decision, said so). A drifted
 batch refers every image (`DriftReport.reason`) and is tested once more on the background features:
-one line says whether the background moved too (acquisition: stain, light, camera) or only the
-cells did.
+one line says whether the slide background moved too (acquisition: stain, light, camera). Its
+features are colour averages of a near-white corner, so a blur or a mild stain change leaves it
+unchanged (bench/drift.py: moved in every brightness and strong-stain batch, 4 of 18 one-lab stain
+batches, no blurred one): "unchanged" says "not a colour or lighting change", not "the cells".
 """
 
 from __future__ import annotations
@@ -263,14 +265,18 @@ class DriftReport:
         where = (
             "shifted too: acquisition (stain, illumination, camera) rather than the cells"
             if b.drifted
-            else "unchanged: the shift is in the cells"
+            else "unchanged: no colour or lighting change of the slide (look at the cells and "
+            "the focus)"
         )
         return f"background: {where} (AUC {b.statistic:.2f}, p {b.p_value:.4f})"
 
     def line(self) -> str:
         """One line for the run's log, the ledger and the scoring output."""
         head = self.result.summary() if self.result is not None else f"drift watch: {NO_REFERENCE}"
-        parts = [head, f"{self.ood_flagged} images out of distribution", self.background_line()]
+        flagged = (
+            f"{self.ood_flagged} image{'' if self.ood_flagged == 1 else 's'} out of distribution"
+        )
+        parts = [head, flagged, self.background_line()]
         return "; ".join(p for p in parts if p)
 
     def as_dict(self) -> dict[str, Any]:

@@ -13,11 +13,8 @@ import json
 import os
 import re
 import secrets
-import sqlite3
 import subprocess
 import sys
-import time
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -66,27 +63,6 @@ def incoming_batch(folder: Path, size: int, seed: int = 7) -> dict[str, str]:
         Image.fromarray(mixed).save(folder / name, quality=92)
         meant[name] = major
     return meant
-
-
-def _parked_review(db: Path, timeout_s: float = 300) -> str | None:
-    """The run whose review form waits for an answer; None when the run ended without one."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2)) as conn:
-                row = conn.execute(
-                    "SELECT run_id, state FROM task_instance WHERE dag_id = 'leukemia_review' "
-                    "AND task_id IN ('review', 'open_form') ORDER BY start_date DESC"
-                ).fetchall()
-        except sqlite3.Error:
-            row = []
-        states = {state for _, state in row}
-        if "awaiting_input" in states:
-            return next(run for run, state in row if state == "awaiting_input")
-        if states & {"skipped", "failed", "upstream_failed"}:
-            return None
-        time.sleep(0.5)
-    return None
 
 
 def answer_form(
@@ -144,6 +120,7 @@ def score_and_review(environ: dict[str, str], workdir: Path, size: int) -> list[
     """Score an incoming batch, let a person (the demo) review what was referred; summary lines."""
     from leukemia import review
     from leukemia.dev.embedded import airflow
+    from leukemia.dev.hitl import parked_run
 
     bucket = env("LEUKEMIA_BUCKET")
     home = Path(environ["AIRFLOW_HOME"])
@@ -176,7 +153,7 @@ def score_and_review(environ: dict[str, str], workdir: Path, size: int) -> list[
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-        run_id = _parked_review(home / "airflow.db")
+        run_id = parked_run(home / "airflow.db", "leukemia_review", "review", before=("open_form",))
         labels = {f"{INCOMING}{name}": label for name, label in meant.items()}
         if run_id:  # a reviewer's client in its own process: Airflow's lines go to the log
             subprocess.run(
