@@ -215,3 +215,30 @@ def test_augmented_copies_are_extracted_for_the_named_images_only_and_once(
     assert not np.allclose(copies[0], originals) and not np.allclose(copies[0], copies[1])
     with pytest.raises(FileNotFoundError, match=r"augment_copies \(3\)"):
         load_copies(first.cache_dir, augment, "seed", 3)
+
+
+def test_augmented_copies_reuse_each_decoded_image_and_equal_copies_from_fresh_reads(
+    cached: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from leukemia import features
+    from leukemia.features import load_copies
+
+    cfg = ModelConfig(input_size=SIZE, weights="none")
+    shas, augment = cached["shas"], sorted(set(cached["shas"]))[:6]
+    reads: list[int] = []
+    real_read_all = features.read_all
+    monkeypatch.setattr(features, "read_all", lambda p: reads.append(len(p)) or real_read_all(p))
+    kept = extract_features(
+        cached["paths"], shas, cfg, tmp_path / "kept", "float32", augment=augment, copies=2
+    )
+    assert sum(reads) == len(set(shas))  # every image read once, its two copies from memory
+    reads.clear()
+    monkeypatch.setattr(features, "MEMO_BYTES", 0)  # nothing kept: each copy reads again
+    fresh = extract_features(
+        cached["paths"], shas, cfg, tmp_path / "fresh", "float32", augment=augment, copies=2
+    )
+    assert sum(reads) == len(set(shas)) + 2 * len(augment)
+    np.testing.assert_array_equal(
+        load_copies(kept.cache_dir, augment, "multiscale", 2),
+        load_copies(fresh.cache_dir, augment, "multiscale", 2),
+    )

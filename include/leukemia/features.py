@@ -37,6 +37,9 @@ from leukemia.weights import weights_identity
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 256
+#: Most bytes of decoded images an extraction keeps for its augmented copies (`PixelMemo`): 3,500
+#: images of 224 px; a shard of more reads the rest again.
+MEMO_BYTES = 512 * 2**20
 #: Images per extraction shard when the run does not say (`extract_shards` 0), and per shard file.
 IMAGES_PER_SHARD = 500
 #: Most extraction shards the automatic count makes (more workers than this rarely pay off).
@@ -243,6 +246,35 @@ class ExtractResult:
     augmented: int = 0  # augmented rows computed by this call
 
 
+class PixelMemo:
+    """Decoded images kept (uint8, lossless: decoding gives whole values) for the passes after the
+    first, so that an augmented copy does not read and decode its image again; at most `limit`
+    bytes, beyond which images are read again."""
+
+    def __init__(self, wanted: set[str], limit: int | None = None) -> None:
+        self.wanted, self.pixels, self.bytes = wanted, {}, 0
+        self.limit = MEMO_BYTES if limit is None else limit
+
+    def keep(self, shas: Sequence[str], batch: Any) -> None:
+        for sha, image in zip(shas, batch, strict=True):
+            if sha in self.wanted and sha not in self.pixels and self.bytes < self.limit:
+                self.pixels[sha] = image.astype("uint8")
+                self.bytes += self.pixels[sha].nbytes
+
+    def batches(
+        self, shas: Sequence[str], source: dict[str, str | Path], size: int, batch_size: int
+    ) -> Iterator[Any]:
+        """`iter_image_batches` of `shas`, the kept images from memory."""
+        import numpy as np
+
+        if not all(s in self.pixels for s in shas):
+            yield from iter_image_batches([source[s] for s in shas], size, batch_size)
+            return
+        for first in range(0, len(shas), batch_size):
+            chunk = shas[first : first + batch_size]
+            yield np.stack([self.pixels[s] for s in chunk]).astype("float32")
+
+
 def _extract_into(
     store: Store,
     todo: Sequence[str],
@@ -251,18 +283,25 @@ def _extract_into(
     size: int,
     batch_size: int,
     transform: Any = None,
+    memo: PixelMemo | None = None,
 ) -> int:
     """Features of the `todo` images (sha256s), `transform(pixels, shas)` applied to each batch
-    first when given, written as shard files of `IMAGES_PER_SHARD` rows; returns the files written."""
+    first when given, written as shard files of `IMAGES_PER_SHARD` rows; returns the files written.
+    `memo` keeps the decoded images later passes need, or gives them back."""
     import numpy as np
 
     started, written = time.monotonic(), 0
     for first in range(0, len(todo), IMAGES_PER_SHARD):
         part = todo[first : first + IMAGES_PER_SHARD]
         rows = np.empty((len(part), CACHE_WIDTH), dtype="float32")
-        batches = iter_image_batches([source[s] for s in part], size, batch_size)
+        if memo is None:
+            batches = iter_image_batches([source[s] for s in part], size, batch_size)
+        else:
+            batches = memo.batches(part, source, size, batch_size)
         for i, batch in enumerate(batches):
             start = i * batch_size
+            if memo is not None:
+                memo.keep(part[start : start + len(batch)], batch)
             if transform is not None:
                 batch = transform(batch, part[start : start + len(batch)])
             rows[start : start + len(batch)] = np.asarray(
@@ -282,7 +321,8 @@ def _pending(
 ) -> tuple[list[str], list[str], dict[int, list[str]]]:
     """What a shard still has to compute: its images without cached features, its train and val
     images (`wanted`), and per augmented copy those of them not cached yet."""
-    todo = [sha for sha in mine if sha not in cache_index(store)]
+    cached = cache_index(store)  # once: it lists the folder and reads every shard's sha256s
+    todo = [sha for sha in mine if sha not in cached]
     augmented = [sha for sha in mine if sha in wanted]
     copy_todo = {}
     for copy in range(copies):
@@ -341,7 +381,9 @@ def extract_features(
     if todo or any(copy_todo.values()):
         extractor = build_extractor(cfg, precision)
         started = time.monotonic()  # the rate is the extraction's, not the model build's
-        written = _extract_into(store, todo, source, extractor, cfg.input_size, batch_size)
+        memo = PixelMemo({sha for pending in copy_todo.values() for sha in pending})
+        size = cfg.input_size
+        written = _extract_into(store, todo, source, extractor, size, batch_size, memo=memo)
         for copy, pending in copy_todo.items():
             if pending:
                 log.info("Augmented copy %d/%d of %d images", copy + 1, copies, len(pending))
@@ -353,6 +395,7 @@ def extract_features(
                 cfg.input_size,
                 batch_size,
                 functools.partial(augment_batch, copy=copy),
+                memo,
             )
     seconds = time.monotonic() - started
     computed = len(todo) + sum(len(t) for t in copy_todo.values())
