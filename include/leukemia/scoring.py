@@ -169,10 +169,12 @@ def score_incoming(
 ) -> ScoringResult:
     """Score the images under `s3://bucket/prefix` that this model version has not scored yet.
 
-    Streams `batch_size` images at a time; the CSV rows go to a local temporary file, so memory
-    stays bounded however many images are pending. Referred images are queued for review batch
-    by batch (`explain_mode(explain)` says which get a Grad-CAM overlay). The ledger is updated
-    last, with a condition that keeps the entries of a scoring run that overlapped this one.
+    Streams `batch_size` images at a time; the rows go to a local temporary file and the drift
+    watch keeps a bounded sample, so memory stays bounded however many images are pending. Once
+    the run's drift decision is known (`watch.Watch`), the CSV is written and the referred images
+    are queued for review (`explain_mode(explain)` says which get a Grad-CAM overlay). The ledger
+    is updated last, with a condition that keeps the entries of a scoring run that overlapped
+    this one.
     """
     from leukemia import predict, registry
     from leukemia.storage import s3_client
