@@ -387,15 +387,10 @@ def extract_features(
         for copy, pending in copy_todo.items():
             if pending:
                 log.info("Augmented copy %d/%d of %d images", copy + 1, copies, len(pending))
+            augmented_store = open_store(augmented_dir(cache, copy))
+            transform = functools.partial(augment_batch, copy=copy)
             written += _extract_into(
-                open_store(augmented_dir(cache, copy)),
-                pending,
-                source,
-                extractor,
-                cfg.input_size,
-                batch_size,
-                functools.partial(augment_batch, copy=copy),
-                memo,
+                augmented_store, pending, source, extractor, size, batch_size, transform, memo
             )
     seconds = time.monotonic() - started
     computed = len(todo) + sum(len(t) for t in copy_todo.values())
