@@ -187,6 +187,9 @@ def test_referred_images_get_overlays_and_are_queued_once_across_runs_and_versio
     plain = score_incoming(bucket, "incoming")
     assert (plain.scored, plain.referred, plain.queued, plain.gradcam_uri) == (4, 0, 0, "")
     assert "has no conformal threshold: refer only for external reasons" in caplog.text
+    # nor a drift reference (registered before the watch): scored, one warning, no decision
+    assert "keeps no drift reference: scored without out-of-distribution flags" in caplog.text
+    assert plain.drift["decision"] == "no reference: no drift decision"
     rows = _rows(client, bucket, plain.predictions_uri.removeprefix(f"s3://{bucket}/"))
     for row in rows:
         assert (row["prediction_set"], row["refer"], row["refer_reason"], row["overlay"]) == (
