@@ -29,7 +29,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from leukemia import alerts
 from leukemia.tasks.assets import raw_images_asset, referrals_asset
-from leukemia.tasks.params import s3_params
+from leukemia.tasks.params import s3_params, task_defaults
 from leukemia.tasks.review_dag import ReviewFormOperator, labels_alias
 
 IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": True}
@@ -42,11 +42,7 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
     max_active_runs=1,  # one open form at a time
     doc_md=__doc__,
     tags=["leukemia", "review"],
-    default_args={
-        "retries": 1,
-        "retry_delay": timedelta(seconds=30),
-        "on_failure_callback": alerts.failure_notifiers(),
-    },
+    default_args=task_defaults(),
     params={
         k: v
         for k, v in s3_params("Bucket holding review/ and raw/.").items()

@@ -31,9 +31,8 @@ from typing import Any
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from leukemia import alerts
 from leukemia.tasks.assets import champion_asset, incoming_images_asset, referrals_alias
-from leukemia.tasks.params import s3_params
+from leukemia.tasks.params import s3_params, task_defaults
 
 IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": True}
 
@@ -45,11 +44,7 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
     max_active_runs=1,  # one writer per ledger
     doc_md=__doc__,
     tags=["leukemia", "scoring"],
-    default_args={
-        "retries": 1,
-        "retry_delay": timedelta(seconds=30),
-        "on_failure_callback": alerts.failure_notifiers(),
-    },
+    default_args=task_defaults(),
     params={
         **s3_params(
             "Bucket holding incoming/ and predictions/.", "incoming/", prefix_key="incoming_prefix"

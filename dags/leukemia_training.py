@@ -46,7 +46,7 @@ from leukemia.policy import PolicyViolation
 from leukemia.tasks import training_dag as steps
 from leukemia.tasks.approval import ReviewOperator
 from leukemia.tasks.assets import champion_asset, raw_images_asset
-from leukemia.tasks.params import s3_params, training_params
+from leukemia.tasks.params import s3_params, task_defaults, training_params
 from leukemia.training import config_label
 from leukemia.weights import WeightsUnavailable
 
@@ -62,11 +62,7 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
     max_active_runs=1,
     doc_md=__doc__,
     tags=["leukemia", "training", "mlflow"],
-    default_args={
-        "retries": 1,
-        "retry_delay": timedelta(seconds=30),
-        "on_failure_callback": alerts.failure_notifiers(),
-    },
+    default_args=task_defaults(),
     deadline=alerts.training_deadline(),  # not finished N hours after queued: an alert
     # every run setting is declared once, in leukemia.config.RunDefaults (the gate and approval:
     # the deployment's policy, a run may only tighten them)

@@ -148,12 +148,6 @@ def version_tags(ref: ModelRef) -> dict[str, str]:
     return dict(registered_version(ref).tags) if ref.version else {}
 
 
-def version_calibration(ref: ModelRef) -> Calibration | None:
-    """The `calibration_*` tags of a registered version; None for a version registered before
-    calibration, or a model URI outside the registry."""
-    return Calibration.from_tags(version_tags(ref))
-
-
 def _attach_watch(loaded: LoadedModel, tags: dict[str, str]) -> None:
     """The version's drift references and the two-output model, or one warning without them."""
     from leukemia.watch import features_model, load_references

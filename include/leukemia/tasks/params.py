@@ -1,4 +1,5 @@
-"""DAG Params shared by the DAGs: typed, titled and described, with environment defaults."""
+"""DAG Params shared by the DAGs: typed, titled and described, with environment defaults; and the
+task defaults the training, scoring and review DAGs share."""
 
 from __future__ import annotations
 
@@ -6,6 +7,20 @@ import typing
 from typing import Any
 
 from leukemia.config import env
+
+
+def task_defaults() -> dict[str, Any]:
+    """`default_args` of the training, scoring and review DAGs: one retry after 30 s, then the
+    failure alert (`alerts.failure_notifiers`; none when alerts are off)."""
+    from datetime import timedelta
+
+    from leukemia import alerts
+
+    return {
+        "retries": 1,
+        "retry_delay": timedelta(seconds=30),
+        "on_failure_callback": alerts.failure_notifiers(),
+    }
 
 
 def s3_params(
