@@ -111,3 +111,19 @@ def test_inside_compares_bucket_and_key_prefix_whatever_the_connection() -> None
     assert not inside("s3://b/rawer/", "s3://b/raw/")
     assert not inside("s3://c/raw/", "s3://b/raw/")
     assert not inside("/tmp/work", "s3://b/")
+
+
+def test_s3_client_is_reused_for_the_same_connection_and_rebuilt_when_it_changes(
+    aws_env: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from leukemia.dev.embedded import aws_connection_json
+    from leukemia.objectstore import s3_client
+
+    first = s3_client("aws_default")
+    assert s3_client("aws_default") is first  # no second botocore model load
+    assert s3_client("aws_default", workers=32) is not first  # another pool size
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", aws_connection_json("http://127.0.0.1:9"))
+    moved = s3_client("aws_default")
+    assert moved is not first and moved.meta.endpoint_url == "http://127.0.0.1:9"
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "another-token")  # the environment boto3 falls back to
+    assert s3_client("aws_default") is not moved
