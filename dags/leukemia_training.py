@@ -38,11 +38,9 @@ from airflow.sdk import (
     get_current_context,
     task,
 )
-from airflow.sdk.exceptions import AirflowFailException
 
 from leukemia import alerts
 from leukemia.config import env
-from leukemia.policy import PolicyViolation
 from leukemia.tasks import training_dag as steps
 from leukemia.tasks.approval import ReviewOperator
 from leukemia.tasks.assets import champion_asset, raw_images_asset
@@ -51,6 +49,8 @@ from leukemia.training import config_label
 from leukemia.weights import WeightsUnavailable
 
 IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": True}
+HEAVY = {"queue": env("LEUKEMIA_TRAINING_QUEUE")}  # the queue of the workers that train
+_request = steps.current_request  # this run's RunRequest; a looser policy fails at once
 
 
 @dag(
@@ -82,48 +82,36 @@ def leukemia_training() -> None:
 
     @task.short_circuit
     def data_changed(split: dict[str, Any]) -> bool:
-        run = _request()
-        return steps.needs_training(split["digest"], run.force_retrain)
+        return steps.needs_training(split["digest"], _request().force_retrain)
 
     @task
     def plan_extraction(split: dict[str, Any]) -> list[dict[str, Any]]:
-        run = _request()
-        try:
-            return steps.plan_extraction(split, run)
-        except WeightsUnavailable as exc:  # a retry cannot fix a setting: fail at once, one line
-            raise AirflowFailException(str(exc)) from None
+        with steps.fail_at_once(WeightsUnavailable):  # a retry cannot fix a setting
+            return steps.plan_extraction(split, _request())
 
-    @task(map_index_template="{{ shard_label }}", queue=env("LEUKEMIA_TRAINING_QUEUE"))
+    @task(map_index_template="{{ shard_label }}", **HEAVY)
     def extract_features(shard: dict[str, Any], split: dict[str, Any]) -> dict[str, Any]:
         get_current_context()["shard_label"] = f"shard {shard['shard'] + 1}/{shard['shards']}"
-        try:
+        with steps.fail_at_once(WeightsUnavailable):
             return steps.extract(split, shard)
-        except WeightsUnavailable as exc:
-            raise AirflowFailException(str(exc)) from None
 
     @task
     def plan_grid() -> list[dict[str, Any]]:
-        run = _request()
-        return [{"config": c} for c in steps.plan(run)]
+        return [{"config": c} for c in steps.plan(_request())]
 
     @task(
         map_index_template="{{ config_label }}",
-        queue=env("LEUKEMIA_TRAINING_QUEUE"),
         max_active_tis_per_dagrun=int(env("LEUKEMIA_TRAINING_SLOTS")),
+        **HEAVY,
     )
     def train(
         config: dict[str, Any], split: dict[str, Any], shards: list[dict[str, Any]]
     ) -> dict[str, Any]:
-        context = get_current_context()
-        context["config_label"] = config_label(
+        get_current_context()["config_label"] = config_label(
             config["optimizer"], config["batch_size"], config["variant"], config.get("head", "mlp")
         )
-        return steps.train_one(
-            config,
-            split,
-            steps.features_of(steps.mapped_items(shards)),
-            steps.run_tags(),
-        )
+        features = steps.features_of(steps.mapped_items(shards))
+        return steps.train_one(config, split, features, steps.run_tags())
 
     # a failed configuration must not stop the others from being compared and gated; the split
     # is pulled rather than wired in, so that the training tasks are the only upstream: when none
@@ -133,13 +121,12 @@ def leukemia_training() -> None:
         return steps.select_candidate(get_current_context()["run_id"])
 
     # the selected configuration trained again on train + val (off: the selected run goes on)
-    @task(queue=env("LEUKEMIA_TRAINING_QUEUE"))
+    @task(**HEAVY)
     def refit(
         candidate: dict[str, Any], split: dict[str, Any], shards: list[dict[str, Any]]
     ) -> dict[str, Any]:
-        run = _request()
         features = steps.features_of(steps.mapped_items(shards))
-        return steps.refit(candidate, split, features, run.refit, steps.run_tags())
+        return steps.refit(candidate, split, features, _request().refit, steps.run_tags())
 
     # optional stages after selection; each returns the candidate dict, with `run_id` naming the
     # run the gate registers (unchanged when the stage is off or does not beat the candidate)
@@ -147,17 +134,11 @@ def leukemia_training() -> None:
     def ensemble(
         candidate: dict[str, Any], split: dict[str, Any], shards: list[dict[str, Any]]
     ) -> dict[str, Any]:
-        run = _request()
         features = steps.features_of(steps.mapped_items(shards))
-        return steps.ensemble(
-            candidate,
-            split,
-            features,
-            run.ensemble_top_k,
-            steps.run_tags(),
-        )
+        top_k = _request().ensemble_top_k
+        return steps.ensemble(candidate, split, features, top_k, steps.run_tags())
 
-    @task(queue=env("LEUKEMIA_TRAINING_QUEUE"))
+    @task(**HEAVY)
     def fine_tune(candidate: dict[str, Any], split: dict[str, Any]) -> dict[str, Any]:
         run = _request()
         return steps.fine_tune(
@@ -173,19 +154,17 @@ def leukemia_training() -> None:
 
     # the shortcut audit of the run the gate registers: warnings on the run and its version, not a
     # gate (its failure fails the DAG run before anything is registered)
-    @task(queue=env("LEUKEMIA_TRAINING_QUEUE"))
+    @task(**HEAVY)
     def audit(candidate: dict[str, Any], split: dict[str, Any]) -> dict[str, Any]:
-        run = _request()
-        return steps.audit(candidate, split, run.audit_images)
+        return steps.audit(candidate, split, _request().audit_images)
 
     # registers `selected["run_id"]` (whatever the upstream step chose) and gates it; never moves
     # an alias, and any error fails the task with @champion unchanged
     @task
     def register_and_gate(selected: dict[str, Any]) -> dict[str, Any]:
         context = get_current_context()
-        run = _request()
         split = context["ti"].xcom_pull(task_ids="build_split")
-        return steps.register_and_gate(selected, split, run, context["run_id"])
+        return steps.register_and_gate(selected, split, _request(), context["run_id"])
 
     # asks a person when the gate passed and require_approval is on; else decides at once
     approval = ReviewOperator(
@@ -194,27 +173,30 @@ def leukemia_training() -> None:
         notifiers=alerts.notifiers(alerts.Event.APPROVAL),
     )
 
+    # each applies the reviewer's (or the gate's) decision, which must be its own
     @task(outlets=[champion_asset()])
     def promote(gated: dict[str, Any]) -> dict[str, Any]:
-        return _decide(gated, "promote")
+        return steps.decide_in_task(gated, "promote")
 
     @task
     def keep_champion(gated: dict[str, Any]) -> dict[str, Any]:
-        return _decide(gated, "keep_champion")
+        return steps.decide_in_task(gated, "keep_champion")
 
     @task
     def reject(gated: dict[str, Any]) -> dict[str, Any]:
-        return _decide(gated, "reject")
+        return steps.decide_in_task(gated, "reject")
 
     # the grid and the gate, also when selection or the gate failed, so the trained grid is never
     # lost from view; it does not wait for the person (the decision is on the version and its card)
     @task(trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)
     def report(results: list[dict[str, Any]], gated: dict[str, Any] | None) -> dict[str, Any]:
-        context = get_current_context()
-        run = _request()
-        finished = steps.mapped_items(results)  # a failed configuration has no result
+        run, finished = _request(), steps.mapped_items(results)  # a failed config: no result
         return steps.report(
-            [r for r in finished if r], gated, context["run_id"], run.work_uri, run.require_approval
+            [r for r in finished if r],
+            gated,
+            get_current_context()["run_id"],
+            run.work_uri,
+            run.require_approval,
         )
 
     split = build_split(sync_images())
@@ -231,22 +213,6 @@ def leukemia_training() -> None:
     gated = register_and_gate(candidate)
     gated >> approval >> [promote(gated), keep_champion(gated), reject(gated)]
     report(results, gated)
-
-
-def _request() -> Any:
-    """This run's `RunRequest`; a conf that loosens the deployment's policy fails the task at once,
-    without retries (it would fail the same way again)."""
-    try:
-        return steps.RunRequest.from_params(get_current_context()["params"])
-    except PolicyViolation as exc:
-        raise AirflowFailException(str(exc)) from None
-
-
-def _decide(gated: dict[str, Any], task_id: str) -> dict[str, Any]:
-    """Apply the reviewer's (or the gate's) decision, which must be this task's."""
-    ti = get_current_context()["ti"]
-    review = ti.xcom_pull(task_ids="approval", key="review")
-    return steps.decide(gated, review, task_id, f"{ti.dag_id}/{ti.run_id}")
 
 
 leukemia_training()

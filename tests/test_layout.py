@@ -125,3 +125,21 @@ def test_mlflow_logging_the_training_driver_and_selection_live_apart() -> None:
     assert not {"leukemia.runs", "leukemia.selection"} & graph["leukemia.tracking"]
     assert "leukemia.tracking" in graph["leukemia.selection"]
     assert {"leukemia.selection"} <= graph["leukemia.promotion"] & graph["leukemia.ensemble"]
+
+
+#: The house rules on size: a DAG file is a table of contents of its tasks, a function one step.
+MAX_DAG_FILE_LINES = 225
+MAX_FUNCTION_LINES = 80
+
+
+def test_dag_files_stay_short_and_no_library_function_is_over_80_lines() -> None:
+    dag_files = {p.name: len(p.read_text().splitlines()) for p in (ROOT / "dags").glob("*.py")}
+    assert dag_files and max(dag_files.values()) <= MAX_DAG_FILE_LINES, dag_files
+    long = [
+        f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})"
+        for path in library_modules().values()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert long == []

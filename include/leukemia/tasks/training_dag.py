@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -501,3 +502,34 @@ def run_tags(ti: Any = None) -> dict[str, str]:
         "airflow_run_id": ti.run_id,
         "airflow_map_index": str(ti.map_index),
     }
+
+
+def current_request() -> RunRequest:
+    """The running task's `RunRequest`; a conf that loosens the deployment's policy fails the task
+    at once, without retries (it would fail the same way again)."""
+    from airflow.sdk import get_current_context
+
+    from leukemia.policy import PolicyViolation
+
+    with fail_at_once(PolicyViolation):
+        return RunRequest.from_params(get_current_context()["params"])
+
+
+@contextmanager
+def fail_at_once(*errors: type[Exception]) -> Iterator[None]:
+    """Turn `errors` (a setting a retry cannot fix) into Airflow's no-retry failure, in one line."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        yield
+    except errors as exc:
+        raise AirflowFailException(str(exc)) from None
+
+
+def decide_in_task(gated: dict[str, Any], task_id: str) -> dict[str, Any]:
+    """`decide` in the running decision task, with the approval task's review (or the gate's)."""
+    from airflow.sdk import get_current_context
+
+    ti = get_current_context()["ti"]
+    review = ti.xcom_pull(task_ids="approval", key="review")
+    return decide(gated, review, task_id, f"{ti.dag_id}/{ti.run_id}")
