@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +132,37 @@ def quick_train_config(size: int, optimizer: str = "adam") -> Any:
         augment_copies=0,
         model=ModelConfig(size, "none"),
     )
+
+
+@contextmanager
+def store_at(workdir: Path) -> Iterator[Path]:
+    """MLflow's store and LEUKEMIA_DATA_DIR in `workdir` for the block (as `mlflow_env` does for
+    a test): a module fixture trains there once, and each test gets a copy (`clone_workdir`)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LEUKEMIA_DATA_DIR", str(workdir / "data"))
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
+        yield workdir
+
+
+def clone_workdir(source: Path, target: Path) -> None:
+    """Copy a trained work folder (MLflow SQLite store and artifacts, split, features) to `target`
+    with every absolute path the store records rewritten, so that a test can write to its copy
+    (new runs, changed artifacts) without touching the trained state other tests read."""
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    old, new = str(source), str(target)
+    with sqlite3.connect(target / "mlflow.db") as db:
+        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            for column in db.execute(f"PRAGMA table_info('{table}')").fetchall():
+                if column[2].upper().startswith(("VARCHAR", "TEXT", "STRING")):
+                    name = column[1]
+                    db.execute(
+                        f'UPDATE "{table}" SET "{name}" = replace("{name}", ?, ?) '
+                        f'WHERE instr("{name}", ?) > 0',
+                        (old, new, old),
+                    )
+    db.close()
+    # MLflow keeps each run's artifact repository by run id: the copy's runs have the same ids
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    tracking_utils._artifact_repos_cache.clear()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import clone_workdir, store_at
 
 from leukemia.model import ModelConfig
 
@@ -131,28 +132,48 @@ def test_a_head_paired_with_the_wrong_variant_is_refused() -> None:
         build_ensemble(cfg, [("seed", seed_head), ("multiscale", seed_head)])
 
 
-@pytest.fixture()
-def two_runs(smear_dir: Path, mlflow_env: Path) -> dict:
-    """A seed and a multiscale configuration trained on the same split and feature cache."""
+@pytest.fixture(scope="module")
+def two_runs_once(smear_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A seed and a multiscale configuration trained on the same split and feature cache, once."""
     from dataclasses import asdict
 
     from leukemia.runs import train_folder, train_run
     from leukemia.training import TrainConfig
 
+    workdir = tmp_path_factory.mktemp("ensemble")
     base = TrainConfig(
         optimizer="adam", batch_size=8, epochs=2, cv_folds=1, model=ModelConfig(48, "none")
     )  # no CV: the tests give the members their out-of-fold probabilities
-    done = train_folder(smear_dir, base, mlflow_env, (0.5, 0.25, 0.25), "float32")
-    info = done["split"]
-    multi = replace(base, model=replace(base.model, variant="multiscale"))
-    second = train_run(
-        multi, info.path, smear_dir, done["features"].cache_dir, dataset_digest=info.digest
-    )
+    with store_at(workdir):
+        done = train_folder(smear_dir, base, workdir, (0.5, 0.25, 0.25), "float32")
+        info = done["split"]
+        multi = replace(base, model=replace(base.model, variant="multiscale"))
+        second = train_run(
+            multi, info.path, smear_dir, done["features"].cache_dir, dataset_digest=info.digest
+        )
     return {
+        "workdir": workdir,
         "results": [asdict(done["result"]), asdict(second)],
         "info": info,
         "rows": done["rows"],
-        "cache": done["features"].cache_dir,
+        "cache": str(done["features"].cache_dir),
+    }
+
+
+@pytest.fixture()
+def two_runs(two_runs_once: dict, mlflow_env: Path) -> dict:
+    """The module's two runs in this test's own copy of the store (tests log ensembles there)."""
+    from leukemia import tracking
+
+    source = str(two_runs_once["workdir"])
+    clone_workdir(two_runs_once["workdir"], mlflow_env)
+    tracking.setup()  # MLflow pointed at the copy
+    info = two_runs_once["info"]
+    return {
+        "results": two_runs_once["results"],
+        "info": replace(info, path=info.path.replace(source, str(mlflow_env))),
+        "rows": two_runs_once["rows"],
+        "cache": two_runs_once["cache"].replace(source, str(mlflow_env)),
     }
 
 

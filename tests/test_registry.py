@@ -17,9 +17,11 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import clone_workdir, store_at
 
 from leukemia.dev.services import MLFLOW_SERVER_ENV
 from leukemia.model import ModelConfig
@@ -39,13 +41,19 @@ COPIES = 0
 FOLDS = 2
 
 
-def _train(smear_dir: Path, workdir: Path, airflow_run_id: str, optimizer: str = "adam") -> dict:
+def _train(
+    smear_dir: Path,
+    workdir: Path,
+    airflow_run_id: str,
+    optimizer: str = "adam",
+    folds: int = FOLDS,
+) -> dict:
     cfg = TrainConfig(
         optimizer=optimizer,
         batch_size=8,
         epochs=2,
         augment_copies=COPIES,
-        cv_folds=FOLDS,
+        cv_folds=folds,
         model=ModelConfig(SIZE, "none"),
     )
     tags = {"airflow_run_id": airflow_run_id, "airflow_map_index": "0"}
@@ -74,13 +82,28 @@ def _train_more(trained: dict, smear_dir: Path, optimizer: str, airflow_run_id: 
     )
 
 
+@pytest.fixture(scope="module")
+def trained_once(smear_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The first configuration, trained once for the module."""
+    workdir = tmp_path_factory.mktemp("registry")
+    with store_at(workdir):
+        return {"workdir": workdir, **_train(smear_dir, workdir, "manual__1")}
+
+
 @pytest.fixture()
-def trained(smear_dir: Path, mlflow_env: Path) -> dict:
-    done = _train(smear_dir, mlflow_env, "manual__1")
+def trained(trained_once: dict, mlflow_env: Path) -> dict:
+    """The module's trained state in this test's own copy of the store (tests register, promote
+    and tamper with files there)."""
+    from leukemia import tracking
+
+    source = str(trained_once["workdir"])
+    clone_workdir(trained_once["workdir"], mlflow_env)
+    tracking.setup()  # MLflow pointed at the copy
+    split = trained_once["split"]
     return {
-        "result": done["result"],
-        "info": done["split"],
-        "cache": done["features"].cache_dir,
+        "result": trained_once["result"],
+        "info": replace(split, path=split.path.replace(source, str(mlflow_env))),
+        "cache": str(trained_once["features"].cache_dir).replace(source, str(mlflow_env)),
         "cfg": TrainConfig(
             optimizer="adam",
             batch_size=8,
@@ -435,7 +458,9 @@ def test_a_503_while_reading_the_champion_fails_the_gate_and_moves_nothing(
     """The issue's probe: with the alias lookup answering 503, a worse candidate was made champion."""
     from leukemia import promotion, registry, tracking
 
-    _train(smear_dir, tmp_path / "w1", "manual__1")
+    # through a real server behind the proxy; what fails is reading the alias, not how the two
+    # candidates were selected: no cross-validation
+    _train(smear_dir, tmp_path / "w1", "manual__1", folds=1)
     first = promotion.select_and_promote(
         tracking.setup(),
         str(next((tmp_path / "w1" / "splits").glob("*.csv"))),
@@ -444,7 +469,7 @@ def test_a_503_while_reading_the_champion_fails_the_gate_and_moves_nothing(
         _open(),
     )
     assert first["alias"] == "champion"
-    done = _train(smear_dir, tmp_path / "w2", "manual__2", optimizer="sgd")
+    done = _train(smear_dir, tmp_path / "w2", "manual__2", optimizer="sgd", folds=1)
     flaky_server.fail_on = "registered-models/alias"
     with pytest.raises(registry.RegistryUnavailable, match="cannot read @champion"):
         promotion.select_and_promote(

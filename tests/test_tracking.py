@@ -4,10 +4,12 @@ retried tasks leave one finished run; the grid's summary run."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import clone_workdir, store_at
 
 from leukemia.features import load_images
 from leukemia.model import ModelConfig
@@ -18,21 +20,38 @@ SIZE = 48
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture()
-def trained(smear_dir: Path, mlflow_env: Path) -> dict:
-    import mlflow
-
+@pytest.fixture(scope="module")
+def trained_once(smear_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One configuration trained with the defaults (5-fold CV, augmented copies) for the module."""
+    workdir = tmp_path_factory.mktemp("tracking")
     cfg = TrainConfig(optimizer="adam", batch_size=8, epochs=3, model=ModelConfig(SIZE, "none"))
     tags = {"airflow_run_id": "manual__1", "airflow_map_index": "0"}
-    done = train_folder(smear_dir, cfg, mlflow_env, (0.5, 0.25, 0.25), "float32", tags=tags)
-    info, rows, ex, result = done["split"], done["rows"], done["features"], done["result"]
+    with store_at(workdir):
+        done = train_folder(smear_dir, cfg, workdir, (0.5, 0.25, 0.25), "float32", tags=tags)
+    return {"workdir": workdir, "cfg": cfg, **done}
+
+
+@pytest.fixture()
+def trained(trained_once: dict, mlflow_env: Path) -> dict:
+    """The module's trained state in this test's own copy of the store (a test may write to it)."""
+    import mlflow
+
+    from leukemia import tracking
+
+    source = trained_once["workdir"]
+    clone_workdir(source, mlflow_env)
+    tracking.setup()  # MLflow pointed at the copy
+    info = replace(
+        trained_once["split"], path=trained_once["split"].path.replace(str(source), str(mlflow_env))
+    )
+    result = trained_once["result"]
     return {
         "result": result,
         "run": mlflow.get_run(result.run_id),
         "info": info,
-        "rows": rows,
-        "cache": ex.cache_dir,
-        "cfg": cfg,
+        "rows": trained_once["rows"],
+        "cache": str(trained_once["features"].cache_dir).replace(str(source), str(mlflow_env)),
+        "cfg": trained_once["cfg"],
     }
 
 
