@@ -242,7 +242,10 @@ def test_audit_step_logs_metrics_artifacts_and_the_warning_tag_to_the_candidate_
     from leukemia.tasks import training_dag as steps
     from leukemia.training import TrainConfig
 
-    cfg = TrainConfig(batch_size=8, epochs=2, model=ModelConfig(48, "none"))
+    # the audit step reads the run's model, not how it was selected: no CV, no augmented copies
+    cfg = TrainConfig(
+        batch_size=8, epochs=2, cv_folds=1, augment_copies=0, model=ModelConfig(48, "none")
+    )
     tags = {"airflow_run_id": "manual__1"}
     done = runs.train_folder(smear_dir, cfg, mlflow_env, (0.5, 0.25, 0.25), "float32", tags)
     run_id = done["result"].run_id
