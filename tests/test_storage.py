@@ -38,11 +38,14 @@ from leukemia.dev.embedded import (
     aws_connection_json,
 )
 from leukemia.images import iter_image_files, validate_image
+from leukemia.manifest_store import ManifestStore
 from leukemia.storage import (
     MANIFEST_NAME,
     REPORT_NAME,
+    STATE_NAME,
     SyncResult,
     dataset_digest,
+    load_manifest,
     s3_client,
     sync_images,
     upload_folder,
@@ -261,15 +264,20 @@ def test_noop_resync_only_lists_and_rewrites_nothing(
     put_all(client, bucket, good_set(12))
     cfg = StorageConfig(bucket=bucket, local_dir=images_dir)
     first = sync_images(cfg)
-    stamps = {p: p.stat().st_mtime_ns for p in iter_image_files_paths(images_dir)}
+    files = [*iter_image_files_paths(images_dir), images_dir / MANIFEST_NAME]
+    stamps = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files}
     aws_env.requests.reset()
 
     again = sync_images(cfg)
 
     assert aws_env.requests.counts == {"LIST": 1}
     assert (again.unchanged, again.downloaded, again.stored, again.deleted) == (12, 0, 0, 0)
-    assert again.digest == first.digest
-    assert {p: p.stat().st_mtime_ns for p in iter_image_files_paths(images_dir)} == stamps
+    assert (
+        again.digest
+        == first.digest
+        == json.loads((images_dir / MANIFEST_NAME).read_text())["digest"]
+    )
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files} == stamps
 
 
 def test_resync_into_an_empty_folder_from_a_given_manifest_only_lists(
@@ -354,7 +362,7 @@ _KILLED_SYNC = textwrap.dedent(
     import boto3
 
     from leukemia.config import StorageConfig
-    from leukemia.storage import MANIFEST_NAME, sync_images
+    from leukemia.storage import load_manifest, sync_images
 
     endpoint, bucket, local_dir, kill_at = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name=os.environ["AWS_DEFAULT_REGION"])
@@ -372,7 +380,7 @@ _KILLED_SYNC = textwrap.dedent(
                 # Wait for a checkpoint, then die the way an OOM kill or a lost worker does:
                 # at once, whatever the other threads are doing.
                 deadline = time.monotonic() + 20
-                while not (local_dir / MANIFEST_NAME).exists() and time.monotonic() < deadline:
+                while not load_manifest(local_dir)["images"] and time.monotonic() < deadline:
                     time.sleep(0.005)
                 os.kill(os.getpid(), signal.SIGKILL)
             return s3.get_object(**kwargs)
@@ -405,14 +413,14 @@ def test_killed_sync_leaves_only_whole_images_and_the_next_sync_finishes_the_res
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
     # Whatever the kill interrupted: every visible image is whole and is the object's bytes,
-    # and the checkpointed manifest is valid JSON whose entries match the files.
+    # and the checkpointed manifest's entries match the files.
     by_path = {local_path(images_dir, k): b for k, b in objects.items()}
     visible = iter_image_files_paths(images_dir)
     assert 0 < len(visible) < len(objects)
     for path in visible:
         validate_image(path.read_bytes())
         assert path.read_bytes() == by_path[path]
-    recorded = json.loads((images_dir / MANIFEST_NAME).read_text())["images"]
+    recorded = load_manifest(images_dir)["images"]
     assert 5 <= len(recorded) < len(objects)
     for entry in recorded.values():
         assert (
@@ -441,12 +449,12 @@ def test_files_written_after_the_last_checkpoint_and_then_deleted_from_s3_go_to_
     put_all(client, bucket, first)
     cfg = StorageConfig(bucket=bucket, local_dir=images_dir)
     sync_images(cfg)
-    checkpoint = (images_dir / MANIFEST_NAME).read_bytes()
+    checkpoint = (images_dir / STATE_NAME).read_bytes()
     later = {f"raw/{c}/late-{c}.jpg": jpeg(700 + i) for i, c in enumerate(CLASSES[:3])}
     put_all(client, bucket, later)
     sync_images(cfg)
     # Killed after writing the three files, before the manifest checkpoint that records them ...
-    (images_dir / MANIFEST_NAME).write_bytes(checkpoint)
+    (images_dir / STATE_NAME).write_bytes(checkpoint)
     # ... and two of those objects are deleted from S3 before the next sync.
     gone = ["raw/Benign/late-Benign.jpg", "raw/Early/late-Early.jpg"]
     for key in gone:
@@ -487,16 +495,12 @@ def test_ctrl_c_stops_the_sync_at_once_and_the_next_sync_resumes(
 
     # Ctrl-C reaches the main thread while it collects results: raise it there, at the first
     # manifest checkpoint (deterministic, unlike a real signal's timing under load)
-    real_write = storage._atomic_write_json
-
-    def interrupted(path: Path, payload: Any, indent: int | None = 1) -> None:
-        if indent is None:
-            raise KeyboardInterrupt
-        real_write(path, payload, indent)
+    def interrupted(store: ManifestStore) -> None:
+        raise KeyboardInterrupt
 
     cfg = StorageConfig(bucket=bucket, local_dir=images_dir)
     with (
-        mock.patch.object(storage, "_atomic_write_json", interrupted),
+        mock.patch.object(ManifestStore, "commit", interrupted),
         pytest.raises(KeyboardInterrupt),
     ):
         sync_images(cfg, client=Counting(), workers=4, checkpoint_every=5)
@@ -509,6 +513,126 @@ def test_ctrl_c_stops_the_sync_at_once_and_the_next_sync_resumes(
     for key, body in objects.items():
         assert local_path(images_dir, key).read_bytes() == body
     assert list(images_dir.rglob("*.part")) == []
+
+
+_KILLED_IN_A_CHECKPOINT = textwrap.dedent(
+    """
+    import os, signal, sys, threading
+    from pathlib import Path
+
+    import boto3
+
+    from leukemia.config import StorageConfig
+    from leukemia.manifest_store import ManifestStore
+    from leukemia.storage import sync_images
+
+    endpoint, bucket, local_dir, kill_in = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name=os.environ["AWS_DEFAULT_REGION"])
+    real_commit, commits = ManifestStore.commit, [0]
+
+    def commit(self):
+        commits[0] += 1
+        if commits[0] == kill_in:
+            # SIGKILL from another thread, which runs as soon as the commit releases the GIL:
+            # the process dies while SQLite writes the checkpoint.
+            threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGKILL)).start()
+        real_commit(self)
+
+    ManifestStore.commit = commit
+    sync_images(StorageConfig(bucket=bucket, local_dir=local_dir), client=s3, workers=4,
+                checkpoint_every=25)
+    """
+)
+
+
+def class_folder_files(root: Path) -> dict[str, bytes]:
+    """`<Class>/<name>` -> bytes of every file in the class folders of `root`."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for folder in CLASSES
+        if (root / folder).is_dir()
+        for p in (root / folder).iterdir()
+    }
+
+
+def test_sync_killed_mid_checkpoint_resumes_to_the_same_files_and_manifest_as_a_clean_sync(
+    aws_env: S3Server, bucket: str, client: Any, tmp_path: Path
+) -> None:
+    objects = good_set(240)
+    put_all(client, bucket, objects)
+    clean_dir, killed_dir = tmp_path / "clean", tmp_path / "killed"
+    clean = sync_images(StorageConfig(bucket=bucket, local_dir=clean_dir))
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": LOCAL_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": LOCAL_SECRET_KEY,
+        "AWS_DEFAULT_REGION": LOCAL_REGION,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "include"), *sys.path]),
+    }
+    args = [aws_env.endpoint_url, bucket, str(killed_dir), "4"]
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_IN_A_CHECKPOINT, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+    # The state holds whole checkpoints only: the three committed, or the fourth when the kill
+    # came after SQLite finished it, never part of one.
+    recorded = load_manifest(killed_dir)["images"]
+    assert len(recorded) in (75, 100)
+    aws_env.requests.reset()
+
+    resumed = sync_images(StorageConfig(bucket=bucket, local_dir=killed_dir))
+
+    assert gets(aws_env) == len(objects) - len(recorded)
+    assert (resumed.unchanged, resumed.images, resumed.failed) == (len(recorded), 240, [])
+    assert resumed.digest == clean.digest
+    assert class_folder_files(killed_dir) == class_folder_files(clean_dir)
+    assert (killed_dir / MANIFEST_NAME).read_bytes() == (clean_dir / MANIFEST_NAME).read_bytes()
+
+
+def test_manifest_file_deleted_between_syncs_is_written_again_byte_identical_without_a_get(
+    aws_env: S3Server, bucket: str, client: Any, images_dir: Path
+) -> None:
+    objects = good_set(6)
+    objects["raw/Pro/broken.jpg"] = b"not a jpeg at all"
+    put_all(client, bucket, objects)
+    cfg = StorageConfig(bucket=bucket, local_dir=images_dir)
+    sync_images(cfg)
+    written = (images_dir / MANIFEST_NAME).read_bytes()
+    (images_dir / MANIFEST_NAME).unlink()
+    aws_env.requests.reset()
+
+    again = sync_images(cfg)
+
+    assert aws_env.requests.counts == {"LIST": 1}
+    assert (images_dir / MANIFEST_NAME).read_bytes() == written
+    # The format is json.dumps(manifest, indent=1, sort_keys=True), as before the state database.
+    manifest = json.loads(written)
+    assert written == json.dumps(manifest, indent=1, sort_keys=True).encode()
+    assert set(manifest["images"]) == set(objects) - {"raw/Pro/broken.jpg"}
+    assert set(manifest["rejected"]) == {"raw/Pro/broken.jpg"}
+    assert manifest["digest"] == again.digest
+
+
+def test_folder_synced_before_the_state_database_existed_resumes_from_its_json_manifest(
+    aws_env: S3Server, bucket: str, client: Any, images_dir: Path
+) -> None:
+    put_all(client, bucket, good_set(10))
+    cfg = StorageConfig(bucket=bucket, local_dir=images_dir)
+    first = sync_images(cfg)
+    written = (images_dir / MANIFEST_NAME).read_bytes()
+    (images_dir / STATE_NAME).unlink()  # as an older version of the sync left the folder
+    aws_env.requests.reset()
+
+    again = sync_images(cfg)
+
+    assert aws_env.requests.counts == {"LIST": 1}
+    assert (again.unchanged, again.downloaded, again.digest) == (10, 0, first.digest)
+    assert (images_dir / MANIFEST_NAME).read_bytes() == written
 
 
 # --- bad inputs -------------------------------------------------------------------------------
@@ -869,7 +993,7 @@ def test_unexpected_error_storing_one_object_is_recorded_as_failed_and_the_rest_
     broken = "raw/Pre/img-002.jpg"
     real_write = storage._write_temp
 
-    def disk_full_for_one(path: Path, data: bytes) -> Path:
+    def disk_full_for_one(path: Path, data: Iterable[bytes]) -> Path:
         if path.name == "img-002.jpg":
             raise OSError(28, "No space left on device", str(path))
         return real_write(path, data)

@@ -18,7 +18,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -36,11 +36,11 @@ from leukemia.images import (
     iter_image_files,
     validate_image,
 )
+from leukemia.manifest_store import MANIFEST_NAME, STATE_NAME, ManifestStore
 from leukemia.objectstore import s3_client
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "sync_manifest.json"
 REPORT_NAME = "sync_report.json"
 #: Held (flock) by the sync writing to a folder; holds the pid and host of that sync.
 LOCK_NAME = ".sync.lock"
@@ -186,8 +186,13 @@ def label_conflicts(entries: Iterable[tuple[str, str, str]]) -> list[LabelConfli
 
 def dataset_digest(entries: Iterable[tuple[str, str]]) -> str:
     """Hash of the sorted (class, sha256) list: changes exactly when the image set changes."""
+    return _digest_of_sorted(sorted(entries))
+
+
+def _digest_of_sorted(entries: Iterable[tuple[str, str]]) -> str:
+    """`dataset_digest` of entries already sorted (streamed from the manifest store)."""
     h = hashlib.sha256()
-    for label, sha in sorted(entries):
+    for label, sha in entries:
         h.update(f"{label}\t{sha}\n".encode())
     return h.hexdigest()
 
@@ -204,13 +209,14 @@ def _identity(obj: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _write_temp(path: Path, data: bytes) -> Path:
-    """Write `data` to a fsync'd temporary file beside `path` (a short name, whatever `path` is)."""
+def _write_temp(path: Path, chunks: Iterable[bytes]) -> Path:
+    """Write `chunks` to a fsync'd temporary file beside `path` (a short name, whatever `path` is)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{uuid.uuid4().hex}.part")
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
+        with open(tmp, "wb", buffering=1 << 16) as fh:
+            for chunk in chunks:
+                fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())
     except BaseException:
@@ -219,9 +225,9 @@ def _write_temp(path: Path, data: bytes) -> Path:
     return tmp
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, chunks: Iterable[bytes]) -> None:
     """Write to a temporary file beside `path`, then rename it over `path`."""
-    tmp = _write_temp(path, data)
+    tmp = _write_temp(path, chunks)
     try:
         os.replace(tmp, path)
     except BaseException:
@@ -229,8 +235,12 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _atomic_write_json(path: Path, payload: Any, indent: int | None = 1) -> None:
-    _atomic_write_bytes(path, json.dumps(payload, indent=indent, sort_keys=True).encode())
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write(path, (data,))
+
+
+def _atomic_write_json(path: Path, payload: Any) -> None:
+    _atomic_write_bytes(path, json.dumps(payload, indent=1, sort_keys=True).encode())
 
 
 def _move_aside(src: Path, root: Path, folder: str, rel: str) -> Path | None:
@@ -326,8 +336,16 @@ def list_objects(client: Any, bucket: str, prefix: str) -> Iterator[dict[str, An
 
 
 def load_manifest(local_dir: Path) -> dict[str, Any]:
-    """The sync manifest of `local_dir` (empty when there is none yet)."""
-    path = Path(local_dir) / MANIFEST_NAME
+    """The sync manifest of `local_dir` as its last checkpoint left it (empty when there is none).
+
+    The folder's state database is the truth while a sync runs or after one was killed;
+    `sync_manifest.json` is its export at the end of a sync.
+    """
+    root = Path(local_dir)
+    if (root / STATE_NAME).exists():
+        with ManifestStore.open(root) as store:
+            return store.to_dict()
+    path = root / MANIFEST_NAME
     if not path.exists():
         return {"images": {}, "rejected": {}}
     return json.loads(path.read_text())
@@ -351,23 +369,15 @@ class _Sync:
     client: Any
     root: Path
     prefix: str
-    manifest: dict[str, Any]
+    store: ManifestStore
     attempts: int
     limits: ImageLimits
     result: SyncResult = field(default_factory=SyncResult)
 
-    @property
-    def images(self) -> dict[str, Any]:
-        return self.manifest["images"]
-
-    @property
-    def rejected(self) -> dict[str, Any]:
-        return self.manifest["rejected"]
-
     def skip(self, key: str, reason: str, remember: dict[str, Any] | None = None) -> None:
         """Report `key` as skipped; with its identity, remember the reason until the object changes."""
         if remember is not None:
-            self.rejected[key] = {**remember, "reason": reason}
+            self.store.put_rejected(key, {**remember, "reason": reason})
         self.result.skipped.append({"key": key, "reason": reason})
 
 
@@ -384,9 +394,11 @@ def sync_images(
     """Bring `cfg.local_dir` in line with `s3://bucket/prefix`: new and changed objects only.
 
     Images land atomically under `<local_dir>/<Class>/<name>`; rejects go to `quarantine/`, local
-    copies of deleted or replaced objects to `trash/`. The manifest is checkpointed while downloading,
-    so a sync killed at any point resumes where it stopped. Objects over the byte cap of `limits`
-    (default: the settings) are never downloaded; images over its pixel cap are never decoded.
+    copies of deleted or replaced objects to `trash/`. The manifest lives in `sync_state.sqlite`
+    (see `manifest_store`), committed every `checkpoint_every` objects at a constant cost per
+    object, so a sync killed at any point resumes where it stopped; `sync_manifest.json` is written
+    from it at the end. Objects over the byte cap of `limits` (default: the settings) are never
+    downloaded; images over its pixel cap are never decoded.
 
     One sync at a time writes to a folder: another one waits up to `lock_wait_s` seconds, then
     raises SyncLocked. `manifest` (e.g. the work store's copy) replaces the folder's own: objects it
@@ -401,92 +413,85 @@ def sync_images(
         for stale in root.rglob(".*.part"):  # temporary files of a sync killed mid-write
             stale.unlink(missing_ok=True)
         prefix = cfg.prefix if not cfg.prefix or cfg.prefix.endswith("/") else cfg.prefix + "/"
-        known = manifest if manifest is not None else load_manifest(root)
-        known = {"images": {}, "rejected": {}, **known}
-        run = _Sync(cfg, client, root, prefix, known, attempts, limits)
-        listing = _list(run)
-        _forget_deleted(run, listing)
-        _fetch_all(run, _plan(run, listing), workers, checkpoint_every)
-        _reconcile(run)
-        return _finish(run, started)
+        with ManifestStore.open(root) as store:
+            if manifest is not None:
+                store.replace(manifest)
+            run = _Sync(cfg, client, root, prefix, store, attempts, limits)
+            _list(run)
+            _forget_deleted(run)
+            _plan(run)
+            _fetch_all(run, workers, checkpoint_every)
+            _reconcile(run)
+            return _finish(run, started)
 
 
-def _list(run: _Sync) -> dict[str, dict[str, Any]]:
-    """key → listing entry of every object under the prefix; a clear error when it cannot be listed."""
+def _list(run: _Sync) -> None:
+    """Hold the listing of every object under the prefix, to compare with the manifest."""
+    run.result.listed = run.store.set_listing(_listing_rows(run))
+
+
+def _listing_rows(run: _Sync) -> Iterator[tuple[str, int, str, str]]:
+    """(key, size, ETag, last modified) of each object, page by page; a clear error when the
+    prefix cannot be listed."""
     cfg = run.cfg
     try:
-        listing = {o["Key"]: o for o in list_objects(run.client, cfg.bucket, run.prefix)}
+        for obj in list_objects(run.client, cfg.bucket, run.prefix):
+            ident = _identity(obj)
+            yield obj["Key"], ident["size"], ident["etag"], ident["last_modified"]
     except Exception as exc:
         raise RuntimeError(
             f"cannot list s3://{cfg.bucket}/{run.prefix} through connection {cfg.conn_id!r}: {exc}. "
             "Check that the bucket exists and the connection's credentials and endpoint_url."
         ) from exc
-    run.result.listed = len(listing)
-    return listing
 
 
-def _forget_deleted(run: _Sync, listing: dict[str, Any]) -> None:
+def _forget_deleted(run: _Sync) -> None:
     """Objects gone from S3: forget them, keep their local copies in trash/."""
-    for key in [k for k in run.images if k not in listing]:
-        entry = run.images.pop(key)
+    for key, path in run.store.unlisted_images():
+        run.store.drop_image(key)
         run.result.deleted += 1
         try:
-            _move_aside(run.root / entry["path"], run.root, "trash", entry["path"])
+            _move_aside(run.root / path, run.root, "trash", path)
         except Exception as exc:  # left in place; the reconciliation tries again next sync
             reason = f"deleted from S3, but its local copy stays: {first_line(exc)}"
             run.result.failed.append({"key": key, "reason": reason})
             continue
         log.info("Object %s was deleted from S3; local copy moved to trash/", key)
-    for key in [k for k in run.rejected if k not in listing]:
-        run.rejected.pop(key)
+    run.store.drop_unlisted_rejected()
 
 
-def _plan(run: _Sync, listing: dict[str, dict[str, Any]]) -> list[_Download]:
-    """The objects to download; unchanged ones and those that cannot be used are tallied instead."""
-    owners = {e["path"]: k for k, e in run.images.items()}
-    todo: list[_Download] = []
-    for key, obj in sorted(listing.items()):
-        if key.endswith("/") and int(obj["Size"]) == 0:  # made by consoles' "create folder"
+def _plan(run: _Sync) -> None:
+    """Queue the objects to download; unchanged ones and those that cannot be used are tallied."""
+    run.result.unchanged = run.store.unchanged()
+    for key, ident, rejected_for, old in run.store.changed_listing():
+        if key.endswith("/") and ident["size"] == 0:  # made by consoles' "create folder"
             run.skip(key, FOLDER_MARKER)
-            continue
-        ident = _identity(obj)
-        if _same(run.images.get(key), ident):
-            run.result.unchanged += 1
-        elif _same(run.rejected.get(key), ident):
-            run.skip(key, run.rejected[key]["reason"])
-        elif (item := _triage(run, key, ident, owners)) is not None:
-            todo.append(item)
-    return todo
+        elif rejected_for is not None:  # this very object was rejected before
+            run.skip(key, rejected_for)
+        else:
+            _triage(run, key, ident, old)
 
 
-def _same(entry: dict[str, Any] | None, ident: dict[str, Any]) -> bool:
-    """True when a manifest entry was made from exactly this listing identity."""
-    return entry is not None and all(entry[k] == v for k, v in ident.items())
-
-
-def _triage(
-    run: _Sync, key: str, ident: dict[str, Any], owners: dict[str, str]
-) -> _Download | None:
-    """A new or changed object: the download to make, or None when the listing alone rejects it."""
+def _triage(run: _Sync, key: str, ident: dict[str, Any], old: str | None) -> None:
+    """A new or changed object: queue its download, unless the listing alone rejects it."""
     where = classify_key(key, run.prefix)
     if isinstance(where, str):
         run.skip(key, where, remember=ident)
-        return None
+        return
     if ident["size"] == 0:
         run.skip(key, "empty object (0 bytes)", remember=ident)
-        return None
+        return
     try:
         run.limits.check_bytes(ident["size"])
     except ImageRejected as exc:
         run.skip(key, str(exc), remember=ident)
-        return None
+        return
     rel = f"{where[0]}/{where[1]}"
-    if owners.get(rel, key) != key:
-        run.skip(key, f"another key ({owners[rel]}) already maps to the local file {rel}")
-        return None
-    owners[rel] = key
-    old = run.images.get(key)
-    return _Download(key, ident, rel, old["path"] if old else None)
+    owner = run.store.queued_owner(rel) or run.store.image_owner(rel)
+    if owner is not None and owner != key:
+        run.skip(key, f"another key ({owner}) already maps to the local file {rel}")
+        return
+    run.store.enqueue(key, ident, rel, old)
 
 
 def _fetch(run: _Sync, item: _Download) -> tuple[str, str]:
@@ -525,7 +530,7 @@ def _store(run: _Sync, item: _Download, data: bytes) -> tuple[str, str]:
         if item.old is not None:  # the object was replaced by a bad version
             _move_aside(root / item.old, root, "trash", item.old)
         return "rejected", str(exc)
-    tmp = _write_temp(root / item.rel, data)  # first, so that a full disk leaves the old copy
+    tmp = _write_temp(root / item.rel, (data,))  # first, so that a full disk leaves the old copy
     try:
         if item.old is not None:
             _move_aside(root / item.old, root, "trash", item.old)
@@ -541,43 +546,56 @@ def _apply(run: _Sync, item: _Download, outcome: str, detail: str) -> None:
         run.result.failed.append({"key": item.key, "reason": detail})
         log.warning("%s failed, will retry next sync: %s", item.key, detail)
         if item.old is not None and not (run.root / item.old).exists():
-            run.images.pop(item.key, None)  # its old copy went to trash before the failure
+            run.store.drop_image(item.key)  # its old copy went to trash before the failure
         return
     run.result.downloaded += 1
     if outcome == "rejected":
-        run.images.pop(item.key, None)
+        run.store.drop_image(item.key)
         run.skip(item.key, detail, remember=item.ident)
         log.warning("Quarantined %s: %s", item.key, detail)
         return
-    run.rejected.pop(item.key, None)
+    run.store.drop_rejected(item.key)
     run.result.stored += 1
     label = item.rel.split("/")[0]
-    run.images[item.key] = {**item.ident, "path": item.rel, "label": label, "sha256": detail}
+    run.store.put_image(
+        item.key, {**item.ident, "path": item.rel, "label": label, "sha256": detail}
+    )
 
 
-def _fetch_all(run: _Sync, todo: list[_Download], workers: int, checkpoint_every: int) -> None:
-    """Fetch `todo` on `workers` threads; checkpoint the manifest every `checkpoint_every` objects."""
+def _fetch_all(run: _Sync, workers: int, checkpoint_every: int) -> None:
+    """Fetch the queued objects on `workers` threads; commit the manifest every `checkpoint_every`.
+
+    At most two downloads per thread are submitted ahead, so memory does not grow with the queue.
+    """
     log.info(
         "Syncing s3://%s/%s: %d listed, %d unchanged, %d to download",
         run.cfg.bucket,
         run.prefix,
         run.result.listed,
         run.result.unchanged,
-        len(todo),
+        total := run.store.count_queued(),
     )
-    done = 0
+    done, window = 0, 2 * max(1, workers)
+    queued = (_Download(*row) for row in run.store.queued())
+    pending: dict[Future[tuple[str, str]], _Download] = {}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, _cancel_on_interrupt(pool):
-        futures = {pool.submit(_fetch, run, item): item for item in todo}
-        for future in as_completed(futures):
-            outcome, detail = future.result()
-            _apply(run, futures[future], outcome, detail)
-            if outcome == "failed":
-                continue
-            done += 1
-            if done % checkpoint_every == 0:  # compact: indented JSON has no C encoder
-                _atomic_write_json(run.root / MANIFEST_NAME, run.manifest, indent=None)
-            if done % PROGRESS_EVERY == 0:
-                log.info("Downloaded %d/%d objects", done, len(todo))
+        while True:
+            while len(pending) < window and (item := next(queued, None)) is not None:
+                pending[pool.submit(_fetch, run, item)] = item
+            if not pending:
+                break
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                outcome, detail = future.result()
+                _apply(run, pending.pop(future), outcome, detail)
+                if outcome == "failed":
+                    continue
+                done += 1
+                if done % checkpoint_every == 0:
+                    run.store.commit()
+                if done % PROGRESS_EVERY == 0:
+                    log.info("Downloaded %d/%d objects", done, total)
+    run.store.commit()
 
 
 def _reconcile(run: _Sync) -> None:
@@ -586,14 +604,14 @@ def _reconcile(run: _Sync) -> None:
     A sync killed after writing files but before its next manifest checkpoint leaves such files;
     the resumed sync fetches again those still in S3, and the others would stay forever.
     """
-    recorded = {e["path"] for e in run.images.values()}
     for folder in sorted(p for p in run.root.iterdir() if p.is_dir() and class_of_folder(p.name)):
-        for path in sorted(folder.iterdir()):
-            rel = path.relative_to(run.root).as_posix()
-            if rel in recorded or not path.is_file() or not is_image_name(path.name):
-                continue
+        with os.scandir(folder) as entries:  # streamed into the store: no list of every file
+            strays = run.store.unrecorded(
+                f"{folder.name}/{e.name}" for e in entries if e.is_file() and is_image_name(e.name)
+            )
+        for rel in strays:
             try:
-                _move_aside(path, run.root, "trash", rel)
+                _move_aside(run.root / rel, run.root, "trash", rel)
             except Exception as exc:  # left in place; tried again next sync
                 reason = f"not in the manifest, and cannot move to trash: {first_line(exc)}"
                 run.result.failed.append({"key": rel, "reason": reason})
@@ -604,23 +622,31 @@ def _reconcile(run: _Sync) -> None:
 
 def _report_conflicts(run: _Sync) -> None:
     """Name every stored copy of content found under two classes in the report (they stay stored)."""
-    entries = ((key, e["label"], e["sha256"]) for key, e in run.images.items())
-    for conflict in label_conflicts(entries):
+    for conflict in label_conflicts(run.store.conflicting_entries()):
         keys = [key for names in conflict.copies.values() for key in names]
         log.warning("%s: %s", conflict.reason, ", ".join(keys))
         for key in keys:
             run.skip(key, conflict.reason)
 
 
+def _export_manifest(run: _Sync) -> None:
+    """Write `sync_manifest.json` from the store, unless the file already holds exactly that."""
+    path = run.root / MANIFEST_NAME
+    head = {"bucket": run.cfg.bucket, "digest": run.result.digest, "prefix": run.prefix}
+    if run.store.export_is_current(path, head):
+        return
+    _atomic_write(path, (chunk.encode() for chunk in run.store.manifest_chunks(head)))
+    run.store.mark_exported(path, head)
+    run.store.commit()
+
+
 def _finish(run: _Sync, started: float) -> SyncResult:
     """Write the final manifest (with the digest) and the report; log the tally."""
     _report_conflicts(run)
     result, root = run.result, run.root
-    result.images = len(run.images)
-    result.digest = dataset_digest((e["label"], e["sha256"]) for e in run.images.values())
-    run.manifest["digest"] = result.digest
-    run.manifest["bucket"], run.manifest["prefix"] = run.cfg.bucket, run.prefix
-    _atomic_write_json(root / MANIFEST_NAME, run.manifest)
+    result.images = run.store.count_images()
+    result.digest = _digest_of_sorted(run.store.digest_entries())
+    _export_manifest(run)
     result.seconds = round(time.monotonic() - started, 3)
     result.manifest_path = str(root / MANIFEST_NAME)
     result.report_path = str(root / REPORT_NAME)
