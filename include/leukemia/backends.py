@@ -248,14 +248,25 @@ def derive_int8(
     return compile_int8(folder, key)
 
 
+def keras_extractor(cfg: ModelConfig, precision: str, activations: bool = False) -> Any:
+    """`features.build_extractor`; with `activations`, the one that also returns block 4's output
+    (an extractor that cannot says so in one line)."""
+    from leukemia.features import build_extractor
+
+    if not activations:
+        return build_extractor(cfg, precision)
+    try:
+        return build_extractor(cfg, precision, activations)  # type: ignore[call-arg]
+    except TypeError:
+        raise ValueError("this extractor cannot return block 4's activations yet") from None
+
+
 def int8_extractor(
     cfg: ModelConfig, calibration: Calibration, cache_root: str | Path, activations: bool = False
 ) -> Int8Extractor:
-    """The int8 copy of `features.build_extractor(cfg, "float32", activations)`."""
-    from leukemia.features import build_extractor
-
+    """The int8 copy of `keras_extractor(cfg, "float32", activations)`."""
     return derive_int8(
-        lambda: build_extractor(cfg, "float32", activations),
+        lambda: keras_extractor(cfg, "float32", activations),
         extractor_source(cfg, activations),
         calibration,
         cache_root,
@@ -272,8 +283,6 @@ def extractor_for(
 ) -> tuple[Any, str]:
     """(extractor, backend used): the int8 extractor for `int8` where it can run, else the Keras
     extractor in `precision` (one warning line says why the int8 one could not be had)."""
-    from leukemia.features import build_extractor
-
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == INT8:
@@ -286,7 +295,7 @@ def extractor_for(
             except Exception as exc:  # conversion, calibration or compilation: same fallback
                 reason = f"cannot derive or compile the int8 network: {first_line(exc)}"
         log.warning("int8 backend unavailable (%s): extracting with keras %s", reason, precision)
-    return build_extractor(cfg, precision, activations), KERAS
+    return keras_extractor(cfg, precision, activations), KERAS
 
 
 def agreement(head: Any, reference: Any, candidate: Any) -> dict[str, float]:
