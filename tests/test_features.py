@@ -242,3 +242,109 @@ def test_augmented_copies_reuse_each_decoded_image_and_equal_copies_from_fresh_r
         load_copies(kept.cache_dir, augment, "multiscale", 2),
         load_copies(fresh.cache_dir, augment, "multiscale", 2),
     )
+
+
+def test_cached_block4_activations_equal_block4_output_within_float16_rounding(
+    cached: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tolerance: float16 keeps 11 significant bits, so each cached value is within 2**-11 of the
+    float32 one relatively (rtol 1e-3), or within float16's spacing near zero (atol 1e-3 of the
+    largest value)."""
+    from leukemia import features
+    from leukemia.features import ACTIVATION_KEYS, load_activations
+    from leukemia.model import build_preprocess
+
+    cfg = ModelConfig(input_size=SIZE, weights="none")
+    reads: list[int] = []
+    real_read_all = features.read_all
+    monkeypatch.setattr(features, "read_all", lambda p: reads.append(len(p)) or real_read_all(p))
+    out = extract_features(
+        cached["paths"], cached["shas"], cfg, tmp_path, "float32", activations=True
+    )
+    shas = sorted(set(cached["shas"]))
+    assert out.computed == len(shas) and out.activations
+    assert sum(reads) == len(shas)  # features and activations from one pass over the pixels
+    acts = load_activations(out.cache_dir, shas)
+    assert set(acts) == set(ACTIVATION_KEYS)
+    assert acts["block4_pool"].dtype == np.float16 and acts["block4_pool"].shape[1:] == (3, 3, 512)
+    path = dict(zip(cached["shas"], cached["paths"], strict=True))
+    pixels = load_images([path[s] for s in shas], SIZE)
+    block3, block4, _ = build_trunk(cfg)(build_preprocess(SIZE, cfg.mask_overlay)(pixels))
+    direct = np.asarray(block4)
+    np.testing.assert_allclose(
+        acts["block4_pool"].astype("float32"), direct, rtol=1e-3, atol=1e-3 * np.abs(direct).max()
+    )
+    assert np.abs(direct).max() > 0  # a real comparison, not of zeros
+    # block 3's pooled outputs are stored beside them, equal to the cached features' columns
+    multiscale = load_features(out.cache_dir, shas, "multiscale")
+    np.testing.assert_array_equal(acts["block3_pool_gap"], multiscale[:, :256])
+    np.testing.assert_array_equal(acts["block3_pool_gmp"], multiscale[:, 256:512])
+    np.testing.assert_allclose(acts["block3_pool_gap"], np.asarray(block3).mean((1, 2)), rtol=1e-4)
+
+
+def test_activations_of_cached_features_and_augmented_copies_are_computed_once(
+    cached: dict, tmp_path: Path
+) -> None:
+    from leukemia.features import activations_dir, augmented_dir, load_activations, load_copies
+
+    cfg = ModelConfig(input_size=SIZE, weights="none")
+    shas, augment = cached["shas"], sorted(set(cached["shas"]))[:4]
+    plain = extract_features(
+        cached["paths"], shas, cfg, tmp_path, "float32", augment=augment, copies=1
+    )
+    parts = sorted(Path(plain.cache_dir).glob("part-*.npz"))
+    # features cached before: only the activations are computed, the feature files stay as they are
+    out = extract_features(
+        cached["paths"], shas, cfg, tmp_path, "float32", augment=augment, copies=1, activations=True
+    )
+    assert out.computed == len(set(shas)) and out.augmented == len(augment)
+    assert sorted(Path(plain.cache_dir).glob("part-*.npz")) == parts
+    assert Path(activations_dir(augmented_dir(out.cache_dir, 0))).is_dir()
+    copy = load_activations(augmented_dir(out.cache_dir, 0), augment)
+    np.testing.assert_array_equal(
+        copy["block3_pool_gap"], load_copies(out.cache_dir, augment, "multiscale", 1)[0][:, :256]
+    )
+    with pytest.raises(FileNotFoundError, match="no cached block-4 activations"):
+        load_activations(augmented_dir(out.cache_dir, 0), sorted(set(shas))[4:5])
+    again = extract_features(
+        cached["paths"], shas, cfg, tmp_path, "float32", augment=augment, copies=1, activations=True
+    )
+    assert again.computed == 0 and again.augmented == 0 and again.parts_written == 0
+
+
+def test_a_changed_mask_or_weights_file_keys_another_activation_cache(
+    cached: dict, tmp_path: Path
+) -> None:
+    import keras
+
+    from leukemia.features import activations_dir, cache_dir_for, cache_key
+
+    masked = ModelConfig(input_size=SIZE, weights="none", mask_overlay=True)
+    unmasked = ModelConfig(input_size=SIZE, weights="none", mask_overlay=False)
+    a, b = (activations_dir(cache_dir_for(tmp_path, c, "float32")) for c in (masked, unmasked))
+    assert a != b and a.startswith(cache_dir_for(tmp_path, masked, "float32"))
+    paths, shas = cached["paths"][:2], cached["shas"][:2]
+    first = extract_features(paths, shas, masked, tmp_path, "float32", activations=True)
+    other = extract_features(paths, shas, unmasked, tmp_path, "float32", activations=True)
+    assert first.computed == other.computed == 2  # the unmasked activations are not reused
+    # a weights file keys the cache by its content: rewritten, it keys another folder
+    weights = tmp_path / "vgg16.weights.h5"
+    keras.utils.set_random_seed(1)
+    keras.applications.VGG16(weights=None, include_top=False, input_shape=(32, 32, 3)).save_weights(
+        weights
+    )
+    cfg = ModelConfig(input_size=SIZE, weights=str(weights))
+    before = activations_dir(cache_dir_for(tmp_path, cfg, "float32"))
+    done = extract_features(paths, shas, cfg, tmp_path, "float32", activations=True)
+    keras.utils.set_random_seed(2)
+    keras.applications.VGG16(weights=None, include_top=False, input_shape=(32, 32, 3)).save_weights(
+        weights
+    )
+    after = activations_dir(cache_dir_for(tmp_path, cfg, "float32"))
+    assert after != before
+    again = extract_features(paths, shas, cfg, tmp_path, "float32", activations=True)
+    assert done.computed == again.computed == 2
+    # the cache folder names its key: what fine-tuning re-derives from it
+    assert cache_key(first.cache_dir, masked) == (str(tmp_path), "float32")
+    with pytest.raises(ValueError, match="not a feature cache"):
+        cache_key(first.cache_dir, unmasked)

@@ -11,6 +11,13 @@ With `augment_copies` n, the train and val images also get n augmented copies (`
 jitter, background patches from other images, lighting), extracted by the same shards and cached in
 the sub-folders `augmented-<version>-<copy>/` of the same cache folder, keyed by the original
 image's sha256 (`augmented_dir`, `load_copies`).
+
+With `activations`, the same pass also keeps what fine-tuning VGG16's block 5 needs
+(`finetune.py`, source `activations`): each image's `block4_pool` output (14 x 14 x 512 at 224 px)
+as float16, beside its block-3 pooled outputs, in shard files of the sub-folder
+`activations_dir(<cache folder>)` (of the originals and of each augmented copy's folder), so that
+they are keyed like the features (weights, input size, precision, overlay mask, augmentation
+version). About 200 KB an image at 224 px, 25 times its features (`load_activations`).
 """
 
 from __future__ import annotations
@@ -30,13 +37,12 @@ from typing import Any
 
 from leukemia.augment import AUGMENT_VERSION
 from leukemia.config import CLASSES, PRECISIONS
-from leukemia.model import POOL_WIDTHS, POOLED_KEYS, VARIANTS, ModelConfig
+from leukemia.model import POOL_LAYERS, POOL_WIDTHS, POOLED_KEYS, VARIANTS, ModelConfig
 from leukemia.objectstore import Store, join, open_store, read_all
 from leukemia.weights import weights_identity
 
 log = logging.getLogger(__name__)
 
-PROGRESS_EVERY = 256
 #: Most bytes of decoded images an extraction keeps for its augmented copies (`PixelMemo`): 3,500
 #: images of 224 px; a shard of more reads the rest again.
 MEMO_BYTES = 512 * 2**20
@@ -47,6 +53,12 @@ MAX_SHARDS = 64
 #: The array of a shard file that names its images, row by row.
 SHA_KEY = "sha256"
 PART_PREFIX, PART_SUFFIX = "part-", ".npz"
+#: The trunk output cached for fine-tuning block 5, the sub-folder it goes in, its stored dtype.
+ACTIVATION_LAYER = "block4_pool"
+ACTIVATION_DTYPE = "float16"
+#: The arrays of an activation shard file: block 5's input, and block 3's pooled outputs (the
+#: `multiscale` features that do not depend on block 4 or 5).
+ACTIVATION_KEYS = (ACTIVATION_LAYER, "block3_pool_gap", "block3_pool_gmp")
 
 
 def _offsets() -> dict[str, tuple[int, int]]:
@@ -100,6 +112,25 @@ def augmented_dir(cache_dir: str | Path, copy: int) -> str:
     return join(cache_dir, f"augmented-{AUGMENT_VERSION}-{copy}")
 
 
+def activations_dir(cache_dir: str | Path) -> str:
+    """Where the block-4 activations of the images of a feature cache folder (`cache_dir_for`, or
+    one of its `augmented_dir`s) are cached: a sub-folder, so that they share its key."""
+    return join(cache_dir, ACTIVATION_LAYER)
+
+
+def cache_key(cache_dir: str | Path, cfg: ModelConfig) -> tuple[str, str]:
+    """The (cache root, precision) that `cache_dir_for` made `cache_dir` from, checked against the
+    configuration's weights, input size and overlay mask (another configuration's folder raises)."""
+    root, _, name = str(cache_dir).rstrip("/").rpartition("/")
+    named = {Path(cache_dir_for("cache", cfg, p)).name: p for p in PRECISIONS[1:]}
+    if name not in named:
+        raise ValueError(
+            f"{cache_dir} is not a feature cache of weights {cfg.weights}, {cfg.input_size} px, "
+            f"overlay mask {cfg.mask_overlay}: expected a folder named one of {', '.join(named)}"
+        )
+    return root, named[name]
+
+
 def shard_count(images: int, requested: int = 0) -> int:
     """Extraction shards for `images` images: `requested`, or one per `IMAGES_PER_SHARD` (capped)."""
     if requested < 0:
@@ -145,8 +176,9 @@ def iter_image_batches(paths: Sequence[str | Path], size: int, batch_size: int) 
             yield batch
 
 
-def build_extractor(cfg: ModelConfig, precision: str = "float32") -> Any:
-    """preprocess → trunk → every pooled output, concatenated in `POOLED_KEYS` order (float32 out)."""
+def build_extractor(cfg: ModelConfig, precision: str = "float32", activations: bool = False) -> Any:
+    """preprocess → trunk → every pooled output, concatenated in `POOLED_KEYS` order (float32 out);
+    with `activations`, a second output: `ACTIVATION_LAYER`'s (float32)."""
     import keras
 
     from leukemia.model import build_pool, build_preprocess, build_trunk
@@ -162,6 +194,8 @@ def build_extractor(cfg: ModelConfig, precision: str = "float32") -> Any:
     pooled = trunk(pre(inputs), training=False)
     pooled = [keras.ops.cast(t, "float32") for t in pooled]
     out = build_pool(cfg.input_size, "multiscale")(pooled)
+    if activations:
+        out = [out, pooled[POOL_LAYERS.index(ACTIVATION_LAYER)]]
     return keras.Model(inputs, out, name=f"extractor_{precision}")
 
 
@@ -172,16 +206,36 @@ def part_name(shas: Sequence[str]) -> str:
     )
 
 
-def write_part(store: Store, shas: Sequence[str], rows: Any) -> str:
-    """One shard file: the images' sha256 and one array per pooled output; returns its name."""
+def write_arrays(store: Store, shas: Sequence[str], arrays: dict[str, Any]) -> str:
+    """One shard file: the images' sha256 and the named arrays (a row per image); its name."""
     import numpy as np
 
-    arrays = {key: rows[:, slice(*_OFFSETS[key])] for key in POOLED_KEYS}
     buffer = io.BytesIO()
     np.savez(buffer, **{SHA_KEY: np.asarray(shas, dtype="S64")}, **arrays)
     name = part_name(shas)
     store.write_bytes(name, buffer.getvalue())
     return name
+
+
+def write_part(store: Store, shas: Sequence[str], rows: Any) -> str:
+    """One shard file: the images' sha256 and one array per pooled output; returns its name."""
+    return write_arrays(store, shas, {key: rows[:, slice(*_OFFSETS[key])] for key in POOLED_KEYS})
+
+
+def write_activations(store: Store, shas: Sequence[str], activations: Any, rows: Any) -> str:
+    """One activation shard file (`ACTIVATION_KEYS`): the images' `ACTIVATION_LAYER` outputs as
+    `ACTIVATION_DTYPE` and their block-3 pooled features from `rows`; its name. Refuses values
+    that float16 cannot hold (they would train block 5 on infinities)."""
+    import numpy as np
+
+    compact = np.asarray(activations).astype(ACTIVATION_DTYPE, copy=False)
+    if not np.isfinite(compact).all():
+        raise ValueError(
+            f"{ACTIVATION_LAYER} outputs exceed the {ACTIVATION_DTYPE} range (±65,504) in "
+            f"{int((~np.isfinite(compact)).sum())} values: these weights need a wider cache dtype"
+        )
+    arrays = {key: rows[:, slice(*_OFFSETS[key])] for key in ACTIVATION_KEYS[1:]}
+    return write_arrays(store, shas, {ACTIVATION_LAYER: compact, **arrays})
 
 
 def read_arrays(
@@ -244,6 +298,7 @@ class ExtractResult:
     parts_written: int = 0
     copies: int = 0  # augmented copies of each train and val image
     augmented: int = 0  # augmented rows computed by this call
+    activations: bool = False  # block-4 activations cached too (`activations_dir`)
 
 
 class PixelMemo:
@@ -275,9 +330,87 @@ class PixelMemo:
             yield np.stack([self.pixels[s] for s in chunk]).astype("float32")
 
 
+@dataclass
+class Pending:
+    """What one cache folder (the originals', or one augmented copy's) still lacks: the images
+    without features and, when activations are asked for, those without activations."""
+
+    store: Store
+    features: list[str]
+    activations: list[str] | None = None  # None: not asked for
+    activation_store: Store | None = None
+
+    @property
+    def todo(self) -> list[str]:
+        """The images a pass computes: those that lack either, sorted."""
+        return sorted({*self.features, *(self.activations or ())})
+
+    def write(self, part: Sequence[str], rows: Any, acts: Any) -> int:
+        """Write what this folder lacks of `part`'s computed rows and activations; files written."""
+        written = 0
+        wanted = set(self.features)
+        keep = [i for i, sha in enumerate(part) if sha in wanted]
+        if keep:
+            write_part(self.store, [part[i] for i in keep], rows[keep])
+            written += 1
+        wanted = set(self.activations or ())
+        keep = [i for i, sha in enumerate(part) if sha in wanted]
+        if keep and self.activation_store is not None:
+            shas = [part[i] for i in keep]
+            write_activations(self.activation_store, shas, acts[keep], rows[keep])
+            written += 1
+        return written
+
+
+def _lacking(folder: str, shas: Sequence[str], activations: bool) -> Pending:
+    """`Pending` of one cache folder for `shas` (one listing of it, and of its activations)."""
+    store = open_store(folder)
+    done = cache_index(store)
+    pending = Pending(store, [sha for sha in shas if sha not in done])
+    if activations:
+        pending.activation_store = open_store(activations_dir(folder))
+        have = cache_index(pending.activation_store)
+        pending.activations = [sha for sha in shas if sha not in have]
+    return pending
+
+
+def _compute(
+    part: Sequence[str],
+    source: dict[str, str | Path],
+    extractor: Any,
+    size: int,
+    batch_size: int,
+    transform: Any = None,
+    memo: PixelMemo | None = None,
+) -> tuple[Any, Any]:
+    """The feature rows (and, for an extractor with two outputs, the `ACTIVATION_DTYPE`
+    activations) of `part`'s images, `transform(pixels, shas)` applied to each batch first."""
+    import numpy as np
+
+    rows, acts = np.empty((len(part), CACHE_WIDTH), dtype="float32"), None
+    if memo is None:
+        batches = iter_image_batches([source[s] for s in part], size, batch_size)
+    else:
+        batches = memo.batches(part, source, size, batch_size)
+    for i, batch in enumerate(batches):
+        start = i * batch_size
+        shas = part[start : start + len(batch)]
+        if memo is not None:
+            memo.keep(shas, batch)
+        if transform is not None:
+            batch = transform(batch, shas)
+        out = extractor.predict_on_batch(batch)
+        if isinstance(out, (list, tuple)):
+            out, block = out
+            if acts is None:
+                acts = np.empty((len(part), *block.shape[1:]), dtype=ACTIVATION_DTYPE)
+            acts[start : start + len(batch)] = np.asarray(block)
+        rows[start : start + len(batch)] = np.asarray(out, dtype="float32")
+    return rows, acts
+
+
 def _extract_into(
-    store: Store,
-    todo: Sequence[str],
+    pending: Pending,
     source: dict[str, str | Path],
     extractor: Any,
     size: int,
@@ -285,50 +418,23 @@ def _extract_into(
     transform: Any = None,
     memo: PixelMemo | None = None,
 ) -> int:
-    """Features of the `todo` images (sha256s), `transform(pixels, shas)` applied to each batch
-    first when given, written as shard files of `IMAGES_PER_SHARD` rows; returns the files written.
+    """Compute what one cache folder lacks (`pending.todo`), `IMAGES_PER_SHARD` images at a time,
+    each written as the shard files it lacks (`Pending.write`); returns the files written.
     `memo` keeps the decoded images later passes need, or gives them back."""
-    import numpy as np
-
+    todo = pending.todo
     started, written = time.monotonic(), 0
     for first in range(0, len(todo), IMAGES_PER_SHARD):
         part = todo[first : first + IMAGES_PER_SHARD]
-        rows = np.empty((len(part), CACHE_WIDTH), dtype="float32")
-        if memo is None:
-            batches = iter_image_batches([source[s] for s in part], size, batch_size)
-        else:
-            batches = memo.batches(part, source, size, batch_size)
-        for i, batch in enumerate(batches):
-            start = i * batch_size
-            if memo is not None:
-                memo.keep(part[start : start + len(batch)], batch)
-            if transform is not None:
-                batch = transform(batch, part[start : start + len(batch)])
-            rows[start : start + len(batch)] = np.asarray(
-                extractor.predict_on_batch(batch), dtype="float32"
-            )
-            done = first + start + len(batch)
-            if done % PROGRESS_EVERY < batch_size or done == len(todo):
-                rate = done / max(time.monotonic() - started, 1e-9)
-                log.info("Extracted %d/%d images (%.1f images/s)", done, len(todo), rate)
-        write_part(store, part, rows)
-        written += 1
+        rows, acts = _compute(part, source, extractor, size, batch_size, transform, memo)
+        written += pending.write(part, rows, acts)
+        done = first + len(part)
+        log.info(
+            "Extracted %d/%d images (%.1f images/s)",
+            done,
+            len(todo),
+            done / max(time.monotonic() - started, 1e-9),
+        )
     return written
-
-
-def _pending(
-    mine: list[str], store: Any, cache: str, wanted: set[str], copies: int
-) -> tuple[list[str], list[str], dict[int, list[str]]]:
-    """What a shard still has to compute: its images without cached features, its train and val
-    images (`wanted`), and per augmented copy those of them not cached yet."""
-    cached = cache_index(store)  # once: it lists the folder and reads every shard's sha256s
-    todo = [sha for sha in mine if sha not in cached]
-    augmented = [sha for sha in mine if sha in wanted]
-    copy_todo = {}
-    for copy in range(copies):
-        done = cache_index(open_store(augmented_dir(cache, copy)))
-        copy_todo[copy] = [sha for sha in augmented if sha not in done]
-    return todo, augmented, copy_todo
 
 
 def extract_features(
@@ -342,14 +448,16 @@ def extract_features(
     shards: int = 1,
     augment: Sequence[str] = (),
     copies: int = 0,
+    activations: bool = False,
 ) -> ExtractResult:
     """Compute and cache the pooled features of shard `shard` of `shards` of the images.
 
     `paths` are local paths or `s3://` URIs, one per sha256; the shard reads only its own images and
     only those no shard file holds yet, and writes a shard file every `IMAGES_PER_SHARD` images (so a
     killed shard resumes from its last file). Then, for each of `copies` augmented copies, the same
-    for its images named in `augment` (the train and val images), into `augmented_dir`. Run again,
-    it computes nothing.
+    for its images named in `augment` (the train and val images), into `augmented_dir`. With
+    `activations`, the same passes also cache the images' block-4 activations (`activations_dir`)
+    and compute the images that lack only those. Run again, it computes nothing.
     """
     from leukemia.augment import augment_batch
 
@@ -357,48 +465,47 @@ def extract_features(
         raise ValueError(f"augment_copies must be 0 (no augmentation) or more, got {copies}")
     precision = resolve_precision(precision)
     cache = cache_dir_for(cache_root, cfg, precision)
-    store = open_store(cache)
     source: dict[str, str | Path] = {}
     for path, sha in zip(paths, shas, strict=True):
         source.setdefault(sha, path)
     mine = shard_of(list(source), shard, shards)
-    todo, augmented, copy_todo = _pending(mine, store, cache, set(augment), copies)
+    wanted = set(augment)
+    augmented = [sha for sha in mine if sha in wanted]
+    originals = _lacking(cache, mine, activations)
+    copy_todo = [_lacking(augmented_dir(cache, c), augmented, activations) for c in range(copies)]
     log.info(
-        "Features of shard %d/%d (%d images) in %s: %d cached, %d to compute (%s); "
-        "%d augmented copies of its %d train and val images: %d to compute",
+        "Features%s of shard %d/%d (%d images) in %s: %d to compute (%s); %d augmented copies "
+        "of its %d train and val images: %d to compute",
+        " and block-4 activations" if activations else "",
         shard + 1,
         shards,
         len(mine),
         cache,
-        len(mine) - len(todo),
-        len(todo),
+        len(originals.todo),
         precision,
         copies,
         len(augmented),
-        sum(len(t) for t in copy_todo.values()),
+        sum(len(p.todo) for p in copy_todo),
     )
     started, written = time.monotonic(), 0
-    if todo or any(copy_todo.values()):
-        extractor = build_extractor(cfg, precision)
+    if originals.todo or any(p.todo for p in copy_todo):
+        extractor = build_extractor(cfg, precision, activations)
         started = time.monotonic()  # the rate is the extraction's, not the model build's
-        memo = PixelMemo({sha for pending in copy_todo.values() for sha in pending})
+        memo = PixelMemo({sha for p in copy_todo for sha in p.todo})
         size = cfg.input_size
-        written = _extract_into(store, todo, source, extractor, size, batch_size, memo=memo)
-        for copy, pending in copy_todo.items():
-            if pending:
-                log.info("Augmented copy %d/%d of %d images", copy + 1, copies, len(pending))
-            augmented_store = open_store(augmented_dir(cache, copy))
+        written = _extract_into(originals, source, extractor, size, batch_size, memo=memo)
+        for copy, pending in enumerate(copy_todo):
+            if pending.todo:
+                log.info("Augmented copy %d/%d of %d images", copy + 1, copies, len(pending.todo))
             transform = functools.partial(augment_batch, copy=copy)
-            written += _extract_into(
-                augmented_store, pending, source, extractor, size, batch_size, transform, memo
-            )
+            written += _extract_into(pending, source, extractor, size, batch_size, transform, memo)
     seconds = time.monotonic() - started
-    computed = len(todo) + sum(len(t) for t in copy_todo.values())
+    computed = len(originals.todo) + sum(len(p.todo) for p in copy_todo)
     return ExtractResult(
         cache_dir=cache,
         images=len(mine),
-        computed=len(todo),
-        cached=len(mine) - len(todo),
+        computed=len(originals.todo),
+        cached=len(mine) - len(originals.todo),
         seconds=round(seconds, 3),
         images_per_s=round(computed / seconds, 2) if computed and seconds > 0 else 0.0,
         precision=precision,
@@ -406,7 +513,8 @@ def extract_features(
         shards=shards,
         parts_written=written,
         copies=copies,
-        augmented=computed - len(todo),
+        augmented=computed - len(originals.todo),
+        activations=activations,
     )
 
 
@@ -467,6 +575,40 @@ def load_copies(cache_dir: str | Path, shas: Sequence[str], variant: str, copies
             f"augmented copies missing: {exc}; extract with the same augment_copies "
             f"({copies}) as training uses"
         ) from None
+
+
+def load_activations(
+    cache_dir: str | Path, shas: Sequence[str], keys: Sequence[str] = ACTIVATION_KEYS
+) -> dict[str, Any]:
+    """The cached activation arrays `keys` (of `ACTIVATION_KEYS`) of the given images, row i for
+    `shas[i]`, from `activations_dir(cache_dir)` (`cache_dir`: a feature cache folder, or one of
+    its `augmented_dir`s). Reads one shard file at a time: memory holds the result and one file."""
+    import numpy as np
+
+    if not shas:
+        raise ValueError("no images: load_activations needs at least one sha256")
+    store = open_store(activations_dir(cache_dir))
+    index = cache_index(store)
+    missing = [s for s in shas if s not in index]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} images have no cached block-4 activations in {store.uri()} (first: "
+            f"{missing[0]}): extract them with activations=True (the extraction does when "
+            "fine-tuning from activations is asked for)"
+        )
+    by_part: dict[str, tuple[list[int], list[int]]] = {}
+    for i, sha in enumerate(shas):
+        name, row = index[sha]
+        at, rows = by_part.setdefault(name, ([], []))
+        at.append(i)
+        rows.append(row)
+    out: dict[str, Any] = {}
+    for name, (at, rows) in sorted(by_part.items()):
+        for key, array in read_arrays(store, name, keys).items():
+            if key not in out:
+                out[key] = np.empty((len(shas), *array.shape[1:]), dtype=array.dtype)
+            out[key][at] = array[rows]
+    return out
 
 
 def labels_to_index(labels: Sequence[str]) -> Any:

@@ -11,6 +11,8 @@ The full model is three parts, each a Keras model of its own so the pipeline can
 The trunk's pooled outputs never change for an image, so `features.py` caches them and training only
 fits the head; `assemble` joins the parts into one model that takes raw pixels, which is what is logged.
 `build_ensemble` joins one trunk to several heads (of either variant) and averages their softmax.
+`build_from_block4` is the network above `block4_pool` (block 5, the pooling): fine-tuning block 5
+trains it on cached block-4 activations (`finetune.py`), then `assemble` takes the trunk it updated.
 """
 
 from __future__ import annotations
@@ -193,6 +195,57 @@ def build_pool(input_size: int, variant: str) -> Any:
         else keras.layers.Concatenate(name="features")([by_key[k] for k in keys])
     )
     return keras.Model(inputs, out, name=f"pool_{variant}")
+
+
+#: VGG16's block 5, in order: what fine-tuning from cached block-4 activations trains.
+BLOCK5_LAYERS = ("block5_conv1", "block5_conv2", "block5_conv3", "block5_pool")
+
+
+def block5_inputs(variant: str) -> tuple[str, ...]:
+    """The cached arrays (`features.ACTIVATION_KEYS`) the variant's features need besides block 5:
+    `block4_pool` always, block 3's pooled outputs when the variant uses them."""
+    return ("block4_pool", *(k for k in VARIANTS[variant] if k.startswith("block3_pool")))
+
+
+def build_from_block4(cfg: ModelConfig, trunk: Any, precision: str = "float32") -> Any:
+    """The variant's features from `block4_pool` activations (and block 3's pooled outputs):
+    block 5 as trainable copies of `trunk`'s layers and weights, then the variant's pooling and
+    concatenation, in `build_pool`'s order. The same network as `trunk` → `build_pool` above
+    `block4_pool`: given an image's activations it gives the image's features.
+
+    Inputs: a dict named by `block5_inputs(cfg.variant)`. `precision` "bfloat16" computes block 5
+    in mixed bfloat16 (float32 weights); the features are float32 either way.
+    """
+    import keras
+
+    side = cfg.input_size // 16
+    inputs = {
+        "block4_pool": keras.Input((side, side, POOL_WIDTHS["block4_pool"]), name="block4_pool")
+    }
+    for key in block5_inputs(cfg.variant)[1:]:
+        inputs[key] = keras.Input((POOL_WIDTHS["block3_pool"],), name=key)
+    x = inputs["block4_pool"]
+    policy = "mixed_bfloat16" if precision == "bfloat16" else "float32"
+    for name in BLOCK5_LAYERS:
+        frozen = trunk.get_layer(name)
+        layer = frozen.__class__.from_config(
+            {**frozen.get_config(), "dtype": policy, "trainable": True}
+        )
+        x = layer(x)
+        layer.set_weights(frozen.get_weights())
+    by_layer = {"block4_pool": inputs["block4_pool"], "block5_pool": keras.ops.cast(x, "float32")}
+    features = []
+    for key in VARIANTS[cfg.variant]:
+        name, how = key.rsplit("_", 1)
+        if name == "block3_pool":
+            features.append(inputs[key])
+            continue
+        pool = (
+            keras.layers.GlobalAveragePooling2D if how == "gap" else keras.layers.GlobalMaxPooling2D
+        )
+        features.append(pool(name=key)(by_layer[name]))
+    out = features[0] if len(features) == 1 else keras.layers.Concatenate(name="features")(features)
+    return keras.Model(inputs, out, name=f"from_block4_{cfg.variant}")
 
 
 def adapted_normalization(x_train: Any, relative_floor: float = 1e-2) -> Any:
