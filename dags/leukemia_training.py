@@ -140,17 +140,7 @@ def leukemia_training() -> None:
 
     @task(**HEAVY)
     def fine_tune(candidate: dict[str, Any], split: dict[str, Any]) -> dict[str, Any]:
-        run = _request()
-        return steps.fine_tune(
-            candidate,
-            split,
-            run.fine_tune,
-            run.fine_tune_blocks,
-            run.fine_tune_learning_rate,
-            run.fine_tune_epochs,
-            run.patience,
-            steps.run_tags(),
-        )
+        return steps.fine_tune(candidate, split, _request(), steps.run_tags())
 
     # the shortcut audit of the run the gate registers: warnings on the run and its version, not a
     # gate (its failure fails the DAG run before anything is registered)

@@ -265,7 +265,7 @@ def test_fine_tuned_run_logs_a_model_that_loads_in_safe_mode_and_reproduces_its_
     from leukemia.tracking import log_full_model
 
     candidate, split_info = source_run["candidate"], source_run["split_info"]
-    assert fine_tune(candidate, split_info, enabled=False) == candidate  # off: nothing runs
+    assert fine_tune(candidate, split_info) == candidate  # off by default: nothing runs
     assert len(mlflow.search_runs(output_format="list")) == 1
     ft = FineTuneConfig(epochs=2, patience=5, learning_rate=1e-4, source=source)
     with caplog.at_level(logging.INFO, logger="leukemia.finetune"):
@@ -315,3 +315,51 @@ def test_fine_tuned_run_logs_a_model_that_loads_in_safe_mode_and_reproduces_its_
     for name, moved in (("block5_conv3", True), ("block1_conv1", False)):
         same = np.array_equal(tuned.get_layer(name).kernel, frozen.get_layer(name).kernel)
         assert same is not moved, name
+
+
+def test_the_extraction_plan_caches_activations_only_when_block5_is_fine_tuned_from_them(
+    tmp_path: Path,
+) -> None:
+    from leukemia.tasks.training_dag import RunRequest, plan_extraction
+
+    split_info = {"work_uri": str(tmp_path), "images": 10}
+    asked = {
+        "off": RunRequest(weights="none"),
+        "block5": RunRequest(weights="none", fine_tune=True),
+        "pixels": RunRequest(weights="none", fine_tune=True, fine_tune_source="pixels"),
+        "blocks 4-5": RunRequest(weights="none", fine_tune=True, fine_tune_blocks=2),
+    }
+    cached = {k: plan_extraction(split_info, r)[0]["activations"] for k, r in asked.items()}
+    assert cached == {"off": False, "block5": True, "pixels": False, "blocks 4-5": False}
+
+
+@pytest.mark.slow
+def test_the_dag_steps_fine_tune_block5_from_the_activations_their_extraction_cached(
+    source_run: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The extract step of a run with fine_tune on caches the activations in the same pass, so
+    the fine_tune step (its settings from the run's request) makes no second pass."""
+    import mlflow
+
+    from leukemia.features import cache_key
+    from leukemia.tasks.training_dag import RunRequest, extract, fine_tune
+    from leukemia.tracking import run_config
+    from leukemia.watch import FEATURES_TAG
+
+    candidate, split_info = source_run["candidate"], source_run["split_info"]
+    source = mlflow.get_run(candidate["run_id"])
+    cfg, cache_dir = run_config(source), source.data.tags[FEATURES_TAG]
+    root, precision = cache_key(cache_dir, cfg.model)
+    shard = {"shard": 0, "shards": 1, "cache_root": root, "cache_dir": cache_dir}
+    shard |= {"weights": "none", "input_size": 48, "precision": precision, "activations": True}
+    shard |= {"augment_copies": cfg.augment_copies, "mask_overlay": cfg.model.mask_overlay}
+    done = extract(split_info, shard)
+    assert done["activations"] and done["computed"] == len(source_run["rows"])
+    request = RunRequest(fine_tune=True, fine_tune_epochs=1, fine_tune_learning_rate=1e-4)
+    with caplog.at_level(logging.INFO, logger="leukemia.finetune"):
+        out = fine_tune(candidate, split_info, request)
+    assert not [r for r in caplog.records if "second pass" in r.message]
+    info = out["fine_tune"]
+    assert info["source"] == "activations" and info["epochs_run"] == 1
+    params = mlflow.get_run(info["run_id"]).data.params
+    assert params["fine_tune_learning_rate"] == "0.0001" and params["fine_tune_source"] == "auto"

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from leukemia.config import FINE_TUNE_SOURCES, PRECISIONS, RUN_DEFAULTS
+from leukemia.config import FINE_TUNE_SOURCES, PRECISIONS, RUN_DEFAULTS, RunDefaults
 from leukemia.model import ModelConfig
 from leukemia.training import TrainConfig
 
@@ -80,6 +80,18 @@ class FineTuneConfig:
                 "learning_rate must be > 0 and epochs, batch_size >= 1, got "
                 f"{self.learning_rate}, {self.epochs}, {self.batch_size}"
             )
+
+    @classmethod
+    def of(cls, settings: RunDefaults) -> FineTuneConfig:
+        """The fine-tuning a run's settings ask for (`fine_tune_*`, `patience`, `seed`)."""
+        return cls(
+            blocks=settings.fine_tune_blocks,
+            learning_rate=settings.fine_tune_learning_rate,
+            epochs=settings.fine_tune_epochs,
+            patience=settings.patience,
+            seed=settings.seed,
+            source=settings.fine_tune_source,
+        )
 
     @property
     def unfrozen(self) -> tuple[str, ...]:

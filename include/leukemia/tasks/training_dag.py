@@ -168,6 +168,14 @@ def needs_training(digest: str, force: bool = False, model_name: str | None = No
     return True
 
 
+def fine_tunes_from_activations(request: RunDefaults) -> bool:
+    """Whether the run fine-tunes block 5 from block-4 activations, which its extraction pass
+    then caches too (`finetune.FineTuneConfig.from_activations`)."""
+    from leukemia.finetune import FineTuneConfig
+
+    return request.fine_tune and FineTuneConfig.of(request).from_activations
+
+
 def plan_extraction(split_info: dict[str, Any], request: RunRequest) -> list[dict[str, Any]]:
     """The extraction shards: one small dict each, saying which slice and where the features go.
 
@@ -203,6 +211,7 @@ def plan_extraction(split_info: dict[str, Any], request: RunRequest) -> list[dic
         "mask_overlay": request.mask_overlay,
         "precision": precision,
         "augment_copies": request.augment_copies,
+        "activations": fine_tunes_from_activations(request),
     }
     return [{"shard": i, "shards": shards, **where} for i in range(shards)]
 
@@ -232,6 +241,7 @@ def extract(split_info: dict[str, Any], shard: dict[str, Any]) -> dict[str, Any]
         shards=shard["shards"],
         augment=training_shas(rows),
         copies=int(shard.get("augment_copies", 0)),
+        activations=bool(shard.get("activations", False)),
     )
     if result.cache_dir != shard["cache_dir"]:
         raise ValueError(
@@ -392,24 +402,19 @@ def ensemble(
 def fine_tune(
     candidate: dict[str, Any],
     split_info: dict[str, Any],
-    enabled: bool,
-    blocks: int = RUN_DEFAULTS.fine_tune_blocks,
-    learning_rate: float = RUN_DEFAULTS.fine_tune_learning_rate,
-    epochs: int = RUN_DEFAULTS.fine_tune_epochs,
-    patience: int = RUN_DEFAULTS.patience,
+    request: RunDefaults = RUN_DEFAULTS,
     tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The candidate, or its fine-tuned run when that scores higher on validation
-    (`finetune.fine_tune_candidate`). Off unless `enabled`."""
+    (`finetune.fine_tune_candidate`, as `request`'s `fine_tune_*` settings ask). Off unless
+    `request.fine_tune`."""
     from leukemia.finetune import FineTuneConfig, fine_tune_candidate
 
-    if not enabled:
+    if not request.fine_tune:
         return candidate
     if tags and "airflow_run_id" in tags:  # a retry fails this task's earlier run, not the grid's
         tags = {**tags, "airflow_task_id": "fine_tune"}
-    ft = FineTuneConfig(
-        blocks=blocks, learning_rate=learning_rate, epochs=epochs, patience=patience
-    )
+    ft = FineTuneConfig.of(request)
     return fine_tune_candidate(candidate, split_info["path"], split_info["images_uri"], ft, tags)
 
 
