@@ -242,3 +242,27 @@ def test_card_audit_rows_name_metrics_the_audit_logs() -> None:
     logged |= {f"{r}_region_accuracy" for r in REGIONS}
     logged |= {f"{s}_swap_{k}" for s in SWAPS for k in ("changed", "to_donor")}
     assert {key.removeprefix("audit_") for key, _ in AUDIT_LINES} <= logged
+
+
+def test_card_says_whether_the_base_was_frozen_or_which_blocks_were_fine_tuned_and_the_cost() -> (
+    None
+):
+    frozen = render(_facts())
+    assert "VGG16 preprocessing → frozen VGG16 base → pooling" in frozen
+    assert "fine-tuned**" not in frozen
+    facts = _facts()
+    facts.params |= {
+        "fine_tune_unfrozen": "block5",
+        "fine_tune_source_used": "activations",
+        "fine_tune_learning_rate": "1e-06",
+        "epochs_run": "7",
+        "source_run_id": "run5",
+    }
+    facts.metrics = {"fine_tune_seconds": 312.4}
+    card = render(facts)
+    assert (
+        "VGG16 base: **block5 fine-tuned** with the head on the block-4 activations cached by the "
+        "extraction, 7 epochs in 312 s (learning rate 1e-06), the earlier blocks frozen; run "
+        "`run5` was the starting point." in card
+    )
+    assert "VGG16 preprocessing → VGG16 base → pooling" in card

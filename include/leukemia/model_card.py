@@ -42,6 +42,7 @@ class CardFacts:
     gate: dict[str, Any] | None
     card_url: str = ""
     aliases: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)  # the training run's
 
 
 def _interval(evaluation: dict[str, Any] | None, metric: str) -> str:
@@ -89,7 +90,31 @@ def _data(gate: dict[str, Any] | None, tags: dict[str, str]) -> list[str]:
     ]
 
 
-def _model(params: dict[str, str], tags: dict[str, str]) -> list[str]:
+def base_line(params: dict[str, str], metrics: dict[str, float]) -> str:
+    """Which VGG16 base the model has: "" for the frozen base (the card's first line says so), else
+    which blocks were fine-tuned, from what, and what it cost."""
+    unfrozen = params.get("fine_tune_unfrozen")
+    if not unfrozen:
+        return ""
+    source = params.get("fine_tune_source_used", "?")
+    how = (
+        "on the block-4 activations cached by the extraction"
+        if source == "activations"
+        else "from pixels"
+    )
+    seconds = metrics.get("fine_tune_seconds")
+    cost = f" in {seconds:.0f} s" if seconds is not None else ""
+    return (
+        f"VGG16 base: **{unfrozen.replace(',', ', ')} fine-tuned** with the head {how}, "
+        f"{params.get('epochs_run', '?')} epochs{cost} (learning rate "
+        f"{params.get('fine_tune_learning_rate', '?')}), the earlier blocks frozen; run "
+        f"`{params.get('source_run_id', '?')}` was the starting point.\n"
+    )
+
+
+def _model(facts: CardFacts) -> list[str]:
+    params, tags = facts.params, facts.tags
+    tuned = base_line(params, facts.metrics)
     keys = (
         "weights",
         "variant",
@@ -108,9 +133,10 @@ def _model(params: dict[str, str], tags: dict[str, str]) -> list[str]:
     )
     rows = [f"| {k} | {params[k]} |" for k in keys if k in params]
     return [
-        "VGG16 transfer learning: raw RGB pixels → VGG16 preprocessing → frozen VGG16 base → pooling "
-        "→ dense head → 4-way softmax.",
+        "VGG16 transfer learning: raw RGB pixels → VGG16 preprocessing → "
+        f"{'VGG16 base' if tuned else 'frozen VGG16 base'} → pooling → dense head → 4-way softmax.",
         "",
+        *([tuned] if tuned else []),
         "| setting | value |",
         "|---|---|",
         *rows,
@@ -306,7 +332,7 @@ def render(facts: CardFacts) -> str:
         "",
         "## Model",
         "",
-        *_model(facts.params, facts.tags),
+        *_model(facts),
         "",
         "## Test metrics",
         "",
@@ -367,6 +393,7 @@ def gather(name: str, version: str) -> CardFacts:
         gate=gate,
         card_url=url,
         aliases=list(getattr(found, "aliases", []) or []),
+        metrics=dict(run.data.metrics),
     )
 
 
