@@ -18,9 +18,10 @@ from datetime import timedelta
 from typing import Any
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import dag, get_current_context, task
 
 from leukemia.tasks.assets import champion_asset
+from leukemia.tasks.params import param
 
 
 @dag(
@@ -32,14 +33,14 @@ from leukemia.tasks.assets import champion_asset
     tags=["leukemia", "registry"],
     default_args={"retries": 1, "retry_delay": timedelta(seconds=30)},
     params={
-        "to_version": Param(
+        "to_version": param(
             None,
             type="integer",
             minimum=1,
             title="Roll back to version",
             description="The registered version of leukemia-classifier to make @champion again.",
         ),
-        "reason": Param(
+        "reason": param(
             "",
             type="string",
             minLength=1,

@@ -12,10 +12,10 @@ from datetime import timedelta
 from typing import Any
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import dag, get_current_context, task
 
 from leukemia.tasks.assets import raw_images_asset
-from leukemia.tasks.params import s3_params
+from leukemia.tasks.params import param, s3_params
 
 
 @dag(
@@ -30,7 +30,7 @@ from leukemia.tasks.params import s3_params
         "retry_exponential_backoff": True,
     },
     params={
-        "source": Param(
+        "source": param(
             "",
             type="string",
             title="Folder",

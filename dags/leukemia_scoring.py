@@ -29,10 +29,10 @@ from datetime import timedelta
 from typing import Any
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import dag, get_current_context, task
 
 from leukemia.tasks.assets import champion_asset, incoming_images_asset, referrals_alias
-from leukemia.tasks.params import s3_params, task_defaults
+from leukemia.tasks.params import param, s3_params, task_defaults
 
 IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": True}
 
@@ -49,7 +49,7 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
         **s3_params(
             "Bucket holding incoming/ and predictions/.", "incoming/", prefix_key="incoming_prefix"
         ),
-        "model_uri": Param(
+        "model_uri": param(
             "",
             type="string",
             title="Model URI",
@@ -57,7 +57,7 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
             "version of that model that passed the promotion gate: models:/<name>@challenger or "
             "models:/<name>/<version>. Other URIs are refused (use `leukemia predict`).",
         ),
-        "batch_size": Param(
+        "batch_size": param(
             32,
             type="integer",
             minimum=1,
@@ -65,7 +65,7 @@ IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponen
             title="Batch size",
             description="Images scored at once; bounds the task's memory.",
         ),
-        "explain": Param(
+        "explain": param(
             "referred",
             type=["string", "boolean"],  # true/false: the older boolean form (all/none)
             enum=["referred", "all", "none", True, False],

@@ -63,6 +63,27 @@ def test_policy(dagbag: Any) -> None:
             assert task.retries >= 1, f"{dag.dag_id}.{task.task_id} has no retries"
 
 
+def test_every_param_of_every_dag_declares_draft07_and_still_refuses_a_bad_value(
+    dagbag: Any,
+) -> None:
+    """The dialect `tasks.params.param` declares (cheaper to validate than jsonschema's default),
+    with the bounds and enums still enforced under it."""
+    from airflow.sdk import Param
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    from leukemia.tasks.params import DIALECT
+
+    for dag in dagbag.dags.values():
+        for name in dag.params:
+            schema = dag.params.get_param(name).schema
+            assert schema.get("$schema") == DIALECT, f"{dag.dag_id}: Param {name}"
+    training = dagbag.dags["leukemia_training"].params
+    for name, bad in (("fine_tune_blocks", 6), ("precision", "fp8"), ("conformal_coverage", 1.0)):
+        with pytest.raises(ParamValidationError):
+            Param(None, schema=training.get_param(name).schema).resolve(bad)
+    assert Param(None, schema=training.get_param("fine_tune_blocks").schema).resolve(5) == 5
+
+
 def test_training_dag_structure(dagbag: Any) -> None:
     dag = dagbag.dags["leukemia_training"]
     edges = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}

@@ -18,9 +18,9 @@ from datetime import timedelta
 from typing import Any
 
 from airflow.providers.standard.operators.hitl import HITLBranchOperator
-from airflow.sdk import Param
 
 from leukemia.promotion import DECISION_TASKS, KEEP
+from leukemia.tasks.params import param
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class ReviewOperator(HITLBranchOperator):
             defaults=[KEEP],
             options_mapping=dict(DECISION_TASKS),
             params={
-                "comment": Param(
+                "comment": param(
                     "",
                     type="string",
                     title="Comment",

@@ -8,6 +8,21 @@ from typing import Any
 
 from leukemia.config import env
 
+#: The JSON-schema dialect every Param declares. Airflow validates each Param of a run many times a
+#: task (serializing the DAG, building each task's context: about 4,500 times in a tiny training run)
+#: with jsonschema, which without a `$schema` uses draft 2020-12 and first checks the schema against
+#: that dialect's large metaschema; with draft-07's a validation takes about half the time
+#: (`bench/params.py`). The Params use nothing newer than draft-07.
+DIALECT = "http://json-schema.org/draft-07/schema#"
+
+
+def param(default: Any, **schema: Any) -> Any:
+    """An Airflow `Param` with `default` and the JSON-schema keywords `schema` (type, title,
+    description, bounds, enum...), in the `DIALECT` every Param of the project declares."""
+    from airflow.sdk import Param
+
+    return Param(default, **{"$schema": DIALECT, **schema})
+
 
 def task_defaults() -> dict[str, Any]:
     """`default_args` of the training, scoring and review DAGs: one retry after 30 s, then the
@@ -27,19 +42,17 @@ def s3_params(
     bucket_description: str, prefix: str | None = None, prefix_key: str = "prefix"
 ) -> dict[str, Any]:
     """`bucket`, a prefix and `conn_id` Params (the prefix defaults to the raw-image prefix)."""
-    from airflow.sdk import Param
-
     return {
-        "bucket": Param(
+        "bucket": param(
             env("LEUKEMIA_BUCKET"), type="string", title="S3 bucket", description=bucket_description
         ),
-        prefix_key: Param(
+        prefix_key: param(
             prefix if prefix is not None else env("LEUKEMIA_RAW_PREFIX"),
             type="string",
             title="S3 prefix",
             description="Prefix of the images, e.g. raw/ (class folders below it) or incoming/.",
         ),
-        "conn_id": Param(
+        "conn_id": param(
             env("LEUKEMIA_AWS_CONN_ID"),
             type="string",
             title="AWS connection",
@@ -53,8 +66,6 @@ def training_params() -> dict[str, Any]:
     type from the field's type, the default from `RUN_DEFAULTS` (or the environment setting the
     declaration names), title, description and bounds from its metadata. The promotion policy's
     bounds are `policy_params`."""
-    from airflow.sdk import Param
-
     from leukemia.config import RUN_DEFAULTS, RunDefaults, env
 
     hints, policy = typing.get_type_hints(RunDefaults), policy_params()
@@ -69,7 +80,7 @@ def training_params() -> dict[str, Any]:
             schema["items"] = {**schema["items"], **spec.pop("items")}
         if isinstance(default, tuple):
             default = list(default)
-        out[name] = Param(default, **schema, **spec)
+        out[name] = param(default, **schema, **spec)
     return out
 
 
@@ -88,8 +99,6 @@ def policy_params() -> dict[str, Any]:
     """The gate's thresholds and the approval Params: empty means the deployment's policy
     (`policy.Policy.from_env`); the schema refuses a looser value when the run is triggered, and
     `RunRequest.from_params` refuses it again when a task reads it (the policy on the worker)."""
-    from airflow.sdk import Param
-
     from leukemia.config import RunDefaults
     from leukemia.policy import (
         APPROVAL_VARIABLE,
@@ -101,7 +110,7 @@ def policy_params() -> dict[str, Any]:
 
     policy, declared = Policy.from_env(), RunDefaults.params()
     params: dict[str, Any] = {
-        name: Param(
+        name: param(
             None,
             type=["null", "number"],
             # a minimum may only rise to 1; a maximum (`policy.MAXIMA`) may only fall to 0
@@ -115,7 +124,7 @@ def policy_params() -> dict[str, Any]:
         for name, variable in THRESHOLD_VARIABLES.items()
     }
     approval = "on" if policy.require_approval else "off"
-    params["require_approval"] = Param(
+    params["require_approval"] = param(
         None,
         type=["null", "boolean"],
         enum=[None, True] if policy.require_approval else [None, True, False],
@@ -125,7 +134,7 @@ def policy_params() -> dict[str, Any]:
         "on, never off.",
     )
     allowed = list(policy.approval_respondents)
-    params["approval_respondents"] = Param(
+    params["approval_respondents"] = param(
         [],
         type="array",
         items={"type": "string", **({"enum": allowed} if allowed else {})},

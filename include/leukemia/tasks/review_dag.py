@@ -52,12 +52,11 @@ def apply_labels(bucket: str, conn_id: str, answer: dict[str, Any]) -> dict[str,
 
 def form_params(manifest: dict[str, Any]) -> dict[str, Any]:
     """One Param per image: the four classes, unusable or skip (the default, also on timeout)."""
-    from airflow.sdk import Param
-
     from leukemia import review
+    from leukemia.tasks.params import param
 
     return {
-        entry["param"]: Param(
+        entry["param"]: param(
             review.SKIP,
             type="string",
             enum=list(review.CHOICES),
