@@ -29,7 +29,7 @@ import logging
 import math
 import time
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -409,23 +409,15 @@ def _compute(
     return rows, acts
 
 
-def _extract_into(
-    pending: Pending,
-    source: dict[str, str | Path],
-    extractor: Any,
-    size: int,
-    batch_size: int,
-    transform: Any = None,
-    memo: PixelMemo | None = None,
-) -> int:
-    """Compute what one cache folder lacks (`pending.todo`), `IMAGES_PER_SHARD` images at a time,
-    each written as the shard files it lacks (`Pending.write`); returns the files written.
-    `memo` keeps the decoded images later passes need, or gives them back."""
+def _extract_into(pending: Pending, compute: Callable[[Sequence[str]], tuple[Any, Any]]) -> int:
+    """Compute what one cache folder lacks (`pending.todo`), `IMAGES_PER_SHARD` images at a time
+    (`compute(shas)`: `_compute` with the pass's extractor, transform and memo), each written as the
+    shard files it lacks (`Pending.write`); returns the files written."""
     todo = pending.todo
     started, written = time.monotonic(), 0
     for first in range(0, len(todo), IMAGES_PER_SHARD):
         part = todo[first : first + IMAGES_PER_SHARD]
-        rows, acts = _compute(part, source, extractor, size, batch_size, transform, memo)
+        rows, acts = compute(part)
         written += pending.write(part, rows, acts)
         done = first + len(part)
         log.info(
@@ -492,13 +484,20 @@ def extract_features(
         extractor = build_extractor(cfg, precision, activations)
         started = time.monotonic()  # the rate is the extraction's, not the model build's
         memo = PixelMemo({sha for p in copy_todo for sha in p.todo})
-        size = cfg.input_size
-        written = _extract_into(originals, source, extractor, size, batch_size, memo=memo)
+        compute = functools.partial(
+            _compute,
+            source=source,
+            extractor=extractor,
+            size=cfg.input_size,
+            batch_size=batch_size,
+            memo=memo,
+        )
+        written = _extract_into(originals, compute)
         for copy, pending in enumerate(copy_todo):
             if pending.todo:
                 log.info("Augmented copy %d/%d of %d images", copy + 1, copies, len(pending.todo))
             transform = functools.partial(augment_batch, copy=copy)
-            written += _extract_into(pending, source, extractor, size, batch_size, transform, memo)
+            written += _extract_into(pending, functools.partial(compute, transform=transform))
     seconds = time.monotonic() - started
     computed = len(originals.todo) + sum(len(p.todo) for p in copy_todo)
     return ExtractResult(
