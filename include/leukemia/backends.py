@@ -328,6 +328,7 @@ def features_key(cfg: ModelConfig, calibration: Calibration) -> str:
 
 
 def _fall_back(reason: str, precision: str) -> str:
+    """Say in one warning line why extraction goes on with Keras at `precision`; `keras`."""
     log.warning("int8 backend unavailable (%s): extracting with keras %s", reason, precision)
     return KERAS
 
