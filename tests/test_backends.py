@@ -3,7 +3,12 @@ cached by what it depends on, and a fallback to Keras that says why in one line.
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import logging
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +181,140 @@ def test_agreement_of_a_head_on_float32_and_int8_features(derived: dict) -> None
     }
     same = agreement(head, ref, ref)
     assert same["argmax_agreement"] == 1.0 and same["max_probability_difference"] == 0.0
+
+
+# --- the int8 backend in the pipeline: a run trained on int8 features, served on the same trunk ----
+
+MODEL_NAME = "leukemia-classifier"
+
+
+@pytest.fixture(scope="module")
+def int8_champion(smear_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """A champion trained on int8 features (32 px, no base weights, two epochs) and promoted the
+    pipeline's way, in an MLflow store and data folder of its own."""
+    from conftest import quick_train_config, store_at
+
+    from leukemia import promotion, tracking
+    from leukemia.gate import Thresholds
+    from leukemia.runs import train_folder
+
+    root = tmp_path_factory.mktemp("int8-champion")
+    cfg = quick_train_config(SIZE)
+    cfg = replace(cfg, model=replace(cfg.model, backend="int8"))
+    with store_at(root), pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        done = train_folder(
+            smear_dir, cfg, root, (0.5, 0.25, 0.25), "float32", tags={"airflow_run_id": "m__i"}
+        )
+        anything = Thresholds(0.0, 0.0, 0.0, 0.0, max_test_ece=1.0)  # the gate only reports
+        decided = promotion.select_and_promote(
+            tracking.setup(), done["split"].path, smear_dir, "m__i", anything
+        )
+        yield {**done, "root": root, "version": decided["version"], "cfg": cfg}
+
+
+def _test_features(champion: dict) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """The test rows, their cached int8 features and their float32 Keras ones (seed variant)."""
+    from leukemia.features import load_features, reference_dir
+
+    rows = [r for r in champion["rows"] if r["split"] == "test"]
+    shas, cache = [r["sha256"] for r in rows], champion["features"].cache_dir
+    variant = champion["cfg"].model.variant
+    fp32 = load_features(reference_dir(cache, champion["cfg"].model), shas, variant)
+    return rows, load_features(cache, shas, variant), fp32
+
+
+def test_a_run_on_int8_features_logs_its_backend_and_its_agreement_with_the_float32_trunk(
+    int8_champion: dict,
+) -> None:
+    from conftest import store_at
+
+    from leukemia import tracking
+
+    run_id = int8_champion["result"].run_id
+    assert int8_champion["features"].backend == "int8"
+    with store_at(int8_champion["root"]):
+        run = tracking.get_run(run_id)
+        head = tracking.load_head(run_id)  # calibrated: the probabilities scoring gives
+    assert run.data.params["backend"] == "int8"
+    assert json.loads(run.data.tags["config"])["backend"] == "int8"
+    rows, int8, fp32 = _test_features(int8_champion)
+    found = agreement(head, fp32, int8)
+    metrics = run.data.metrics
+    assert found["images"] == len(rows) > 0
+    assert metrics["int8_test_argmax_agreement"] == pytest.approx(found["argmax_agreement"])
+    assert metrics["int8_test_max_probability_difference"] == pytest.approx(
+        found["max_probability_difference"]
+    )
+    assert 0 < metrics["int8_test_max_probability_difference"]  # two trunks, not one twice
+
+
+def test_predict_with_an_int8_trained_model_feeds_its_head_the_int8_features(
+    int8_champion: dict, smear_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import store_at
+
+    from leukemia import predict
+
+    rows, int8, fp32 = _test_features(int8_champion)
+    paths = [smear_dir / r["path"] for r in rows]
+    uri = f"models:/{MODEL_NAME}/{int8_champion['version']}"
+    with store_at(int8_champion["root"]):
+        loaded = predict.load_model(uri)
+        found, _ = predict.predict([str(p) for p in paths], uri)
+    assert loaded.int8 is not None
+    pixels = load_images(paths, SIZE)
+    features, probs = loaded.int8.predict(pixels)
+    # the trunk the head was trained on: the cached int8 features, not the float32 ones
+    np.testing.assert_allclose(features, int8, rtol=1e-5, atol=1e-5 * np.abs(int8).max())
+    assert not np.allclose(features, fp32, rtol=1e-3)
+    head = loaded.model.get_layer("head")
+    np.testing.assert_allclose(probs, head.predict_on_batch(int8), rtol=1e-5, atol=1e-6)
+    assert [p.image for p in found] == [str(p) for p in paths]
+    np.testing.assert_allclose([p.probabilities for p in found], probs, rtol=1e-5, atol=1e-6)
+
+
+def test_scoring_an_int8_champion_serves_its_int8_trunk_and_falls_back_with_one_line(
+    int8_champion: dict,
+    smear_dir: Path,
+    bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from conftest import store_at
+
+    from leukemia import predict
+    from leukemia.config import CLASSES
+    from leukemia.scoring import score_incoming
+    from leukemia.storage import s3_client
+
+    rows, int8, _ = _test_features(int8_champion)
+    client = s3_client("aws_default")
+    for r in rows:
+        client.put_object(
+            Bucket=bucket,
+            Key=f"incoming/{r['sha256']}.jpg",
+            Body=(smear_dir / r["path"]).read_bytes(),
+        )
+    with store_at(int8_champion["root"]):
+        scored = score_incoming(bucket, "incoming/", explain="none")
+        body = client.get_object(Bucket=bucket, Key=scored.predictions_uri.split("/", 3)[3])
+        csv_rows = {r["key"]: r for r in csv.DictReader(io.StringIO(body["Body"].read().decode()))}
+        loaded = predict.load_model(f"models:/{MODEL_NAME}/{int8_champion['version']}")
+        expected = np.asarray(loaded.model.get_layer("head").predict_on_batch(int8))
+        got = [[float(csv_rows[f"incoming/{r['sha256']}.jpg"][c]) for c in CLASSES] for r in rows]
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+        real = backends.importlib.util.find_spec
+        monkeypatch.setattr(
+            backends.importlib.util,
+            "find_spec",
+            lambda name, *a: None if name == "openvino" else real(name, *a),
+        )
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="leukemia.backends"):
+            fallback = predict.load_model(f"models:/{MODEL_NAME}/{int8_champion['version']}")
+    assert fallback.int8 is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "int8 backend unavailable (openvino not installed (pip install -r requirements.txt)): "
+        "serving on the model's float32 trunk"
+    ]

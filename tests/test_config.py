@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from leukemia.config import (
+    BACKENDS,
     OPTIMIZERS,
     PRECISIONS,
     RUN_DEFAULTS,
@@ -56,13 +57,20 @@ def test_a_runs_conformal_coverage_reaches_every_configuration_and_is_bounded() 
             TrainConfig(conformal_coverage=bad)
 
 
-def test_allowed_values_equal_what_the_library_accepts() -> None:
+def test_allowed_values_equal_what_the_library_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from leukemia import backends, features
     from leukemia.features import resolve_precision
     from leukemia.model import VARIANTS as MODEL_VARIANTS
+    from leukemia.model import ModelConfig
     from leukemia.training import OPTIMIZERS as TRAINING_OPTIMIZERS
 
     assert OPTIMIZERS == TRAINING_OPTIMIZERS
     assert VARIANTS == tuple(MODEL_VARIANTS)
+    assert BACKENDS == backends.BACKENDS == (RUN_DEFAULTS.backend, "int8")
+    assert [ModelConfig(backend=b).backend for b in BACKENDS] == list(BACKENDS)
+    with pytest.raises(ValueError, match="unknown backend 'fp16': choose one of keras, int8"):
+        ModelConfig(backend="fp16")
+    monkeypatch.setattr(features, "bf16_supported", lambda: True)  # bfloat16 is refused without
     assert [resolve_precision(p) for p in PRECISIONS if p != "auto"] == ["float32", "bfloat16"]
     with pytest.raises(ValueError, match="auto, float32 or bfloat16"):
         resolve_precision("float16")

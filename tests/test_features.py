@@ -220,14 +220,14 @@ def test_augmented_copies_are_extracted_for_the_named_images_only_and_once(
 def test_augmented_copies_reuse_each_decoded_image_and_equal_copies_from_fresh_reads(
     cached: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from leukemia import features
+    from leukemia import features, objectstore
     from leukemia.features import load_copies
 
     cfg = ModelConfig(input_size=SIZE, weights="none")
     shas, augment = cached["shas"], sorted(set(cached["shas"]))[:6]
     reads: list[int] = []
-    real_read_all = features.read_all
-    monkeypatch.setattr(features, "read_all", lambda p: reads.append(len(p)) or real_read_all(p))
+    real_read_all = objectstore.read_all  # what `load_images` reads through
+    monkeypatch.setattr(objectstore, "read_all", lambda p: reads.append(len(p)) or real_read_all(p))
     kept = extract_features(
         cached["paths"], shas, cfg, tmp_path / "kept", "float32", augment=augment, copies=2
     )
@@ -250,14 +250,14 @@ def test_cached_block4_activations_equal_block4_output_within_float16_rounding(
     """Tolerance: float16 keeps 11 significant bits, so each cached value is within 2**-11 of the
     float32 one relatively (rtol 1e-3), or within float16's spacing near zero (atol 1e-3 of the
     largest value)."""
-    from leukemia import features
+    from leukemia import objectstore
     from leukemia.features import ACTIVATION_KEYS, load_activations
     from leukemia.model import build_preprocess
 
     cfg = ModelConfig(input_size=SIZE, weights="none")
     reads: list[int] = []
-    real_read_all = features.read_all
-    monkeypatch.setattr(features, "read_all", lambda p: reads.append(len(p)) or real_read_all(p))
+    real_read_all = objectstore.read_all  # what `load_images` reads through
+    monkeypatch.setattr(objectstore, "read_all", lambda p: reads.append(len(p)) or real_read_all(p))
     out = extract_features(
         cached["paths"], cached["shas"], cfg, tmp_path, "float32", activations=True
     )
@@ -345,6 +345,112 @@ def test_a_changed_mask_or_weights_file_keys_another_activation_cache(
     again = extract_features(paths, shas, cfg, tmp_path, "float32", activations=True)
     assert done.computed == again.computed == 2
     # the cache folder names its key: what fine-tuning re-derives from it
-    assert cache_key(first.cache_dir, masked) == (str(tmp_path), "float32")
+    assert cache_key(first.cache_dir, masked) == (str(tmp_path), "float32", "")
     with pytest.raises(ValueError, match="not a feature cache"):
         cache_key(first.cache_dir, unmasked)
+
+
+# --- precision and extraction backends ------------------------------------------------------------
+
+
+def test_an_explicit_bfloat16_is_refused_where_onednn_cannot_run_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from leukemia import features
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN then has no bfloat16 path
+    assert features.cpu_bf16() is False
+    monkeypatch.setattr(features, "bf16_supported", lambda: False)  # and no GPU
+    with pytest.raises(ValueError, match="bfloat16 needs a GPU or a CPU with AVX-512 BF16"):
+        resolve_precision("bfloat16")
+    assert resolve_precision("auto") == resolve_precision("float32") == "float32"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    monkeypatch.setattr(features.Path, "read_text", lambda self: "flags: fpu avx512_bf16 avx2")
+    assert features.cpu_bf16() is True
+
+
+def test_keras_cache_folders_keep_their_names_and_int8_ones_name_their_network() -> None:
+    from leukemia.backends import Calibration, features_key
+    from leukemia.features import backend_of, cache_dir_for, cache_key
+
+    cfg = ModelConfig(input_size=SIZE, weights="none", backend="int8")
+    keras = cache_dir_for("s3://b/features", cfg, "float32")
+    assert keras == f"s3://b/features/none-{SIZE}px-float32-masked"  # as before the backend
+    ones, zeros = (Calibration.from_pixels(np.full((2, 4, 4, 3), v)) for v in (1, 0))
+    key = features_key(cfg, ones)
+    assert key != features_key(cfg, zeros) and len(key) == 16
+    int8 = cache_dir_for("s3://b/features", cfg, "float32", key)
+    assert int8 == f"s3://b/features/none-{SIZE}px-int8-{key}-masked"
+    assert int8 == cache_dir_for("s3://b/features", cfg, "bfloat16", key)  # no precision in it
+    assert (backend_of(keras), backend_of(int8)) == ("keras", "int8")
+    assert cache_key(int8, cfg) == ("s3://b/features", "float32", key)
+    assert cache_key(int8, cfg).backend == "int8" and cache_key(keras, cfg).backend == "keras"
+    with pytest.raises(ValueError, match="not a feature cache"):
+        cache_key(int8.replace("-masked", ""), cfg)
+
+
+def test_int8_asked_where_it_cannot_run_extracts_into_the_keras_folder_with_one_line(
+    cached: dict, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from leukemia import backends
+
+    real = backends.importlib.util.find_spec
+    monkeypatch.setattr(
+        backends.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "openvino" else real(name, *a),
+    )
+    cfg = ModelConfig(input_size=SIZE, weights="none", backend="int8")
+    with caplog.at_level(logging.WARNING):
+        out = extract_features(
+            cached["paths"], cached["shas"], cfg, cached["root"], "float32", augment=cached["shas"]
+        )
+    assert out.backend == "keras" and out.cache_dir == cached["first"].cache_dir
+    assert out.computed == 0 and out.reference == 0  # the Keras features, already cached
+    assert [r.getMessage() for r in caplog.records] == [
+        "int8 backend unavailable (openvino not installed (pip install -r requirements.txt)): "
+        "extracting with keras float32"
+    ]
+
+
+@pytest.mark.skipif(
+    not __import__("leukemia.backends").backends.available(), reason="OpenVINO/NNCF not installed"
+)
+def test_int8_extraction_caches_the_int8_features_and_the_test_images_float32_ones(
+    smear_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from leukemia import backends
+    from leukemia.features import build_extractor, cache_dir_for, reference_dir
+
+    monkeypatch.setenv("LEUKEMIA_DATA_DIR", str(tmp_path / "data"))  # the worker's int8 cache
+    records = build_manifest(smear_dir)
+    paths, shas = [smear_dir / r.path for r in records], [r.sha256 for r in records]
+    train, test = shas[:16], shas[16:]
+    cfg = ModelConfig(input_size=32, weights="none", backend="int8")
+    root = tmp_path / "features"
+    out = extract_features(paths, shas, cfg, root, "float32", augment=train, reference=test)
+    calibration = backends.training_calibration(dict(zip(shas, paths, strict=True)), train, 32)
+    assert calibration is not None and calibration.images == tuple(
+        (str(paths[shas.index(s)]), s) for s in sorted(train)
+    )
+    key = backends.features_key(cfg, calibration)
+    assert out.backend == "int8" and out.computed == len(shas) and out.reference == len(test)
+    assert out.cache_dir == cache_dir_for(root, cfg, "float32", key)
+    int8 = backends.int8_extractor(cfg, calibration, backends.cache_root())
+    pixels = load_images(paths, 32)
+    expected = int8.predict_on_batch(pixels)
+    cached = load_features(out.cache_dir, shas, "multiscale")
+    np.testing.assert_allclose(cached, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    fp32 = np.asarray(build_extractor(cfg, "float32").predict_on_batch(pixels[16:]))
+    reference = load_features(reference_dir(out.cache_dir, cfg), test, "multiscale")
+    np.testing.assert_allclose(reference, fp32, rtol=1e-5, atol=1e-5 * np.abs(fp32).max())
+    assert not np.allclose(reference, cached[16:], rtol=1e-4)  # two trunks, not one twice
+
+    def no_derivation(*args: object) -> None:
+        raise AssertionError("the worker's cached int8 network was derived again")
+
+    monkeypatch.setattr(backends, "quantize_model", no_derivation)
+    again = extract_features(paths, shas, cfg, root, "float32", augment=train, reference=test)
+    assert (again.backend, again.computed, again.cache_dir) == ("int8", 0, out.cache_dir)

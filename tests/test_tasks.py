@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from leukemia.config import RUN_DEFAULTS
@@ -91,12 +93,48 @@ def test_plan_extraction_settles_weights_precision_and_cache_folder_for_every_sh
     done = [{"cache_dir": "s3://b/work/f/k", "images": 5, "computed": 1}] * 2
     assert features_of(done) == {
         "cache_dir": "s3://b/work/f/k",
+        "backend": "keras",
         "images": 10,
         "computed": 2,
         "shards": 2,
     }
     with pytest.raises(ValueError, match="expected one cache folder"):
         features_of([*done, {"cache_dir": "s3://b/work/f/other", "images": 1, "computed": 0}])
+
+
+def test_int8_extraction_is_planned_into_its_networks_folder_and_mixed_backends_are_refused(
+    tmp_path: Path,
+) -> None:
+    from leukemia import backends
+    from leukemia.dataset import write_split_csv
+    from leukemia.features import backend_of, cache_dir_for
+    from leukemia.model import ModelConfig
+    from leukemia.tasks.training_dag import features_of, plan_extraction
+
+    rows = [
+        {"path": f"Benign/{i}.jpg", "label": "Benign", "sha256": f"{i:064x}", "split": split}
+        for i, split in enumerate(["train"] * 6 + ["val", "test"])
+    ]
+    path = write_split_csv(rows, tmp_path / "split.csv")
+    split = {"images": len(rows), "work_uri": "s3://b/work/", "path": str(path)}
+    request = RunRequest(weights="none", input_size=64, precision="float32", backend="int8")
+    shard = plan_extraction(split, request)[0]
+    cfg = ModelConfig(input_size=64, weights="none", backend="int8")
+    calibration = backends.training_calibration(
+        {r["sha256"]: r["path"] for r in rows}, [r["sha256"] for r in rows[:7]], 64
+    )
+    key = backends.features_key(cfg, calibration)
+    assert shard["backend"] == "int8" and backend_of(shard["cache_dir"]) == "int8"
+    assert shard["cache_dir"] == cache_dir_for("s3://b/work/features", cfg, "float32", key)
+    assert shard["cache_dir"] == f"s3://b/work/features/none-64px-int8-{key}-masked"
+    assert shard["fallback_cache_dir"] == "s3://b/work/features/none-64px-float32-masked"
+    keras = plan_extraction(split, RunRequest(weights="none", input_size=64, precision="float32"))
+    assert keras[0]["cache_dir"] == keras[0]["fallback_cache_dir"] == shard["fallback_cache_dir"]
+    done = {"images": 4, "computed": 4}
+    fell_back = {"cache_dir": shard["fallback_cache_dir"], "backend": "keras", **done}
+    with pytest.raises(ValueError, match="some workers could not run int8 and fell back"):
+        features_of([{"cache_dir": shard["cache_dir"], "backend": "int8", **done}, fell_back])
+    assert features_of([fell_back])["backend"] == "keras"
 
 
 def test_plan_has_one_config_per_head_and_carries_the_cv_folds() -> None:

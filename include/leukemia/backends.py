@@ -15,11 +15,18 @@ The source of truth stays the float32 Keras network.
 
 `extractor_for` is what extraction calls: it returns the int8 extractor when asked and possible,
 else the Keras one, with one log line saying why, and always the backend it actually returns, so
-that the caller keys its cache and logs its configuration by the numbers it gets.
+that the caller keys its cache and logs its configuration by the numbers it gets. Extraction
+calibrates on `training_calibration` of the split (a seeded sample of its train and val images).
+
+`serving_int8` is what scoring and `predict` call for a model whose run trained on int8 features:
+the same derivation, from the registered model's own preprocessing and trunk (`model_extractor`:
+the `.keras` model stays the source of truth) and the calibration images the run logged
+(`CALIBRATION_ARTIFACT`), so the head is fed the numbers it was trained on.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -29,20 +36,19 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from leukemia.config import BACKENDS, data_dir
 from leukemia.errors import first_line
 from leukemia.model import ModelConfig
 from leukemia.weights import weights_identity
 
 log = logging.getLogger(__name__)
 
-KERAS, INT8 = "keras", "int8"
-#: The extraction backends, the default first.
-BACKENDS: tuple[str, ...] = (KERAS, INT8)
+KERAS, INT8 = BACKENDS  # the extraction backends (`config.BACKENDS`), the default first
 #: The packages the int8 backend needs (installed with the pinned versions of requirements.txt).
 TOOLCHAIN: tuple[str, ...] = ("openvino", "nncf")
 #: Training images the int8 ranges are calibrated on by default (NNCF's own default subset size).
@@ -52,6 +58,10 @@ CALIBRATION_SEED = 0
 #: cached int8 networks are derived again.
 DERIVATION = 1
 MODEL_FILE = "model.xml"
+#: The sub-folder of a worker's local folder (LEUKEMIA_DATA_DIR) that holds its int8 networks.
+CACHE_FOLDER = "extractors"
+#: Where a run that serves on int8 features logs the images its int8 network is calibrated on.
+CALIBRATION_ARTIFACT = "int8/calibration.json"
 #: OpenVINO's CPU settings: float32 wherever the network is not int8 (OpenVINO would otherwise round
 #: those parts to bfloat16 on some CPUs), and parallel streams (one per core here): 1.17 times the
 #: images/s of one stream over both cores (bench/backends.py's machine, measured under load).
@@ -65,10 +75,14 @@ class BackendUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class Calibration:
     """The images an int8 network is calibrated on: a stable identity (part of the cache key) and
-    a loader of their raw pixels (n, size, size, 3), float32 0-255, called only on a cache miss."""
+    a loader of their raw pixels (n, size, size, 3), float32 0-255, called only on a cache miss;
+    calibration on image files also keeps them (`size`, `images`: (path, sha256) pairs) so that
+    a run can log them (`to_json`) and scoring calibrate on the same (`from_json`)."""
 
     identity: str
     load: Callable[[], Any]
+    size: int = 0
+    images: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     @classmethod
     def from_pixels(cls, pixels: Any) -> Calibration:
@@ -85,12 +99,46 @@ class Calibration:
     ) -> Calibration:
         """Calibration on image files (paths or `s3://` URIs, one per sha256); the identity hashes
         the sha256s in order and the size, so the images are read only when the network is derived."""
-        from leukemia.features import load_images
+        from leukemia.images import load_images
 
         if len(paths) != len(shas) or not shas:
             raise ValueError(f"calibration needs one sha256 per path, got {len(paths)}/{len(shas)}")
         digest = hashlib.sha256(f"{size}\n{chr(10).join(shas)}".encode()).hexdigest()
-        return cls(f"images-{digest[:16]}", lambda: load_images(list(paths), size))
+        images = tuple((str(p), s) for p, s in zip(paths, shas, strict=True))
+        return cls(f"images-{digest[:16]}", lambda: load_images(list(paths), size), size, images)
+
+    def to_json(self) -> str:
+        """The identity, size and images of a calibration on image files, as JSON."""
+        if not self.images:
+            raise ValueError("only a calibration on image files (from_images) can be written")
+        about = {"identity": self.identity, "size": self.size, "images": list(self.images)}
+        return json.dumps(about, indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Calibration:
+        """The calibration `to_json` wrote (its identity checked)."""
+        about = json.loads(text)
+        paths, shas = zip(*about["images"], strict=True)
+        found = cls.from_images(paths, shas, int(about["size"]))
+        if found.identity != about["identity"]:
+            raise ValueError(f"calibration {about['identity']} reads back as {found.identity}")
+        return found
+
+
+def training_calibration(
+    paths: Mapping[str, str | Path], training: Sequence[str], size: int
+) -> Calibration | None:
+    """The calibration of an int8 network for a split: `calibration_sample` of its training
+    images `training` (sha256s; the train and val images), read from `paths` (sha256 → path or
+    URI) at `size` px; None without training images. Extraction and scoring both call it, so
+    they calibrate on the same images."""
+    sample = calibration_sample(training)
+    return Calibration.from_images([paths[s] for s in sample], sample, size) if sample else None
+
+
+def cache_root() -> Path:
+    """This worker's folder of int8 networks: local, a cache that may be empty at any task."""
+    return data_dir() / CACHE_FOLDER
 
 
 def calibration_sample(
@@ -249,9 +297,9 @@ def derive_int8(
 
 
 def keras_extractor(cfg: ModelConfig, precision: str, activations: bool = False) -> Any:
-    """`features.build_extractor`; with `activations`, the one that also returns block 4's output
+    """`model.build_extractor`; with `activations`, the one that also returns block 4's output
     (an extractor that cannot says so in one line)."""
-    from leukemia.features import build_extractor
+    from leukemia.model import build_extractor
 
     if not activations:
         return build_extractor(cfg, precision)
@@ -273,6 +321,32 @@ def int8_extractor(
     )
 
 
+def features_key(cfg: ModelConfig, calibration: Calibration) -> str:
+    """The key of the int8 network whose features `features.cache_dir_for` keys a folder by: the
+    one without block 4's output (the network with it gives the same features)."""
+    return int8_key(extractor_source(cfg), calibration.identity)
+
+
+def _fall_back(reason: str, precision: str) -> str:
+    """Say in one warning line why extraction goes on with Keras at `precision`; `keras`."""
+    log.warning("int8 backend unavailable (%s): extracting with keras %s", reason, precision)
+    return KERAS
+
+
+def usable_backend(backend: str, calibration: Calibration | None, precision: str) -> str:
+    """`backend`, or `keras` (one warning line says why) when int8 cannot run here or has no
+    calibration images. Checks only the toolchain: deriving may still fail (`extractor_for`)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == INT8:
+        reason = unavailable_reason()
+        if reason is None and calibration is None:
+            reason = "no calibration images given"
+        if reason is not None:
+            return _fall_back(reason, precision)
+    return backend
+
+
 def extractor_for(
     backend: str,
     cfg: ModelConfig,
@@ -283,18 +357,11 @@ def extractor_for(
 ) -> tuple[Any, str]:
     """(extractor, backend used): the int8 extractor for `int8` where it can run, else the Keras
     extractor in `precision` (one warning line says why the int8 one could not be had)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == INT8:
-        reason = unavailable_reason()
-        if reason is None and calibration is None:
-            reason = "no calibration images given"
-        if reason is None:
-            try:
-                return int8_extractor(cfg, calibration, cache_root, activations), INT8
-            except Exception as exc:  # conversion, calibration or compilation: same fallback
-                reason = f"cannot derive or compile the int8 network: {first_line(exc)}"
-        log.warning("int8 backend unavailable (%s): extracting with keras %s", reason, precision)
+    if usable_backend(backend, calibration, precision) == INT8:
+        try:
+            return int8_extractor(cfg, calibration, cache_root, activations), INT8
+        except Exception as exc:  # conversion, calibration or compilation: same fallback
+            _fall_back(f"cannot derive or compile the int8 network: {first_line(exc)}", precision)
     return keras_extractor(cfg, precision, activations), KERAS
 
 
@@ -313,3 +380,47 @@ def agreement(head: Any, reference: Any, candidate: Any) -> dict[str, float]:
         "max_probability_difference": float(np.abs(p - q).max()),
         "images": len(p),
     }
+
+
+# --- serving a model trained on int8 features ------------------------------------------------------
+
+
+def model_extractor(model: Any) -> Any:
+    """The extractor network (`model.extractor_from`: every pooled output) of a logged
+    pixels-to-probabilities model, from its own preprocessing and trunk (the source of truth)."""
+    from leukemia.model import extractor_from
+
+    pre, trunk = model.get_layer("preprocess"), model.get_layer("vgg16_trunk")
+    return extractor_from(pre, trunk, int(model.input_shape[1]), name="extractor_float32")
+
+
+def model_source(model: Any) -> str:
+    """Identity of a logged model's trunk (what its int8 network is derived from): the weights of
+    its preprocessing and trunk, and its input size."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for name in ("preprocess", "vgg16_trunk"):
+        for weights in model.get_layer(name).get_weights():
+            digest.update(np.ascontiguousarray(weights).tobytes())
+    return f"model:{digest.hexdigest()[:16]}:{int(model.input_shape[1])}px"
+
+
+def serving_int8(
+    model: Any, calibration: Calibration | None, cache_root: str | Path
+) -> Int8Extractor | None:
+    """The int8 extractor a model whose heads trained on int8 features serves on: the int8 copy
+    of its own trunk (`model_extractor`) with the run's calibration (deterministic, cached under
+    `cache_root`); None, with one warning line saying why, where that cannot be had (it then
+    serves on its float32 trunk, the run's int8 agreement metrics bounding the difference)."""
+    reason = unavailable_reason()
+    if reason is None and calibration is None:
+        reason = "the run logged no calibration images"
+    if reason is None:
+        try:
+            build = functools.partial(model_extractor, model)
+            return derive_int8(build, model_source(model), calibration, cache_root)
+        except Exception as exc:  # conversion, calibration or compilation: same fallback
+            reason = f"cannot derive or compile the int8 network: {first_line(exc)}"
+    log.warning("int8 backend unavailable (%s): serving on the model's float32 trunk", reason)
+    return None

@@ -2,7 +2,7 @@
 
 Infrastructure settings come from environment variables (read when called, never at import time);
 run-time choices (grid, epochs, margin) are DAG Params whose defaults and allowed values are
-`RUN_DEFAULTS`, `OPTIMIZERS`, `VARIANTS` and `PRECISIONS` here.
+`RUN_DEFAULTS`, `OPTIMIZERS`, `VARIANTS`, `PRECISIONS` and `BACKENDS` here.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ VARIANTS: tuple[str, ...] = ("seed", "multiscale")
 HEADS: tuple[str, ...] = ("mlp", "linear")
 #: Feature-extraction precisions; `auto` is bfloat16 where the CPU or GPU runs it fast.
 PRECISIONS: tuple[str, ...] = ("auto", "float32", "bfloat16")
+#: Feature-extraction backends (`backends.py`): `keras` (the Keras VGG16 in `PRECISIONS`), `int8` (an
+#: OpenVINO int8 copy of it, calibrated on training images).
+BACKENDS: tuple[str, ...] = ("keras", "int8")
 #: Where fine-tuning trains from (`finetune.FineTuneConfig.source`): `activations` (VGG16's block 5 on
 #: the block-4 activations the extraction cached), `pixels` (any number of blocks, from the images),
 #: `auto` (activations when only block 5 is fine-tuned).
@@ -146,6 +149,14 @@ class RunDefaults:
         "Extraction precision",
         "auto: bfloat16 where the CPU/GPU supports it.",
         enum=list(PRECISIONS),
+    )
+    backend: str = setting(
+        "keras",
+        "Extraction backend",
+        "keras: the Keras VGG16 at the precision above; int8: an OpenVINO int8 copy of it, "
+        "calibrated on 300 training images (falls back to keras, in one log line, where it cannot "
+        "run). Part of the feature-cache key; scoring uses the backend the model was trained on.",
+        enum=list(BACKENDS),
     )
     extract_shards: int = setting(
         0,

@@ -27,18 +27,27 @@ import hashlib
 import io
 import logging
 import math
+import re
 import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from leukemia.augment import AUGMENT_VERSION
 from leukemia.config import CLASSES, PRECISIONS
-from leukemia.model import POOL_LAYERS, POOL_WIDTHS, POOLED_KEYS, VARIANTS, ModelConfig
-from leukemia.objectstore import Store, join, open_store, read_all
+from leukemia.images import load_images
+from leukemia.model import (
+    ACTIVATION_LAYER,
+    POOL_WIDTHS,
+    POOLED_KEYS,
+    VARIANTS,
+    ModelConfig,
+    build_extractor,
+)
+from leukemia.objectstore import Store, join, open_store
 from leukemia.weights import weights_identity
 
 log = logging.getLogger(__name__)
@@ -53,12 +62,14 @@ MAX_SHARDS = 64
 #: The array of a shard file that names its images, row by row.
 SHA_KEY = "sha256"
 PART_PREFIX, PART_SUFFIX = "part-", ".npz"
-#: The trunk output cached for fine-tuning block 5, the sub-folder it goes in, its stored dtype.
-ACTIVATION_LAYER = "block4_pool"
+#: The trunk output cached for fine-tuning block 5 (`model.ACTIVATION_LAYER`), the sub-folder it
+#: goes in (named after it), its stored dtype.
 ACTIVATION_DTYPE = "float16"
 #: The arrays of an activation shard file: block 5's input, and block 3's pooled outputs (the
 #: `multiscale` features that do not depend on block 4 or 5).
 ACTIVATION_KEYS = (ACTIVATION_LAYER, "block3_pool_gap", "block3_pool_gmp")
+#: An int8 network's key in a cache folder's name (`backends.int8_key`).
+KEY_PATTERN = "[0-9a-f]{16}"
 
 
 def _offsets() -> dict[str, tuple[int, int]]:
@@ -75,13 +86,35 @@ _OFFSETS = _offsets()
 CACHE_WIDTH = max(end for _, end in _OFFSETS.values())  # 2,560 floats per image
 
 
-def bf16_supported() -> bool:
-    """True where bfloat16 matmuls are fast: a GPU, or a CPU with AVX-512 BF16 / AMX."""
+#: oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) below AVX-512 BF16: under one, oneDNN has no bfloat16 path.
+NO_BF16_ISAS = (
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+)
+
+
+def cpu_bf16() -> bool:
+    """True where oneDNN runs bfloat16 on this CPU: AVX-512 BF16 or AMX in /proc/cpuinfo, and no
+    ONEDNN_MAX_CPU_ISA cap below them."""
+    import os
+
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in NO_BF16_ISAS:
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         flags = ""
-    if "avx512_bf16" in flags or "amx_bf16" in flags:
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_supported() -> bool:
+    """True where bfloat16 matmuls are fast: a GPU, or a CPU with AVX-512 BF16 / AMX."""
+    if cpu_bf16():
         return True
     import tensorflow as tf
 
@@ -89,22 +122,45 @@ def bf16_supported() -> bool:
 
 
 def resolve_precision(precision: str) -> str:
-    """'auto' → 'bfloat16' where supported, else 'float32'."""
+    """'auto' → 'bfloat16' where supported, else 'float32'; an explicit 'bfloat16' where it is
+    not is refused (oneDNN aborts the process on a CPU without AVX-512 BF16)."""
     if precision == "auto":
         return "bfloat16" if bf16_supported() else "float32"
     if precision not in PRECISIONS:
         choices = f"{', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}"
         raise ValueError(f"precision must be {choices}, got {precision!r}")
+    if precision == "bfloat16" and not bf16_supported():
+        raise ValueError(
+            "precision bfloat16 needs a GPU or a CPU with AVX-512 BF16 (or AMX), and this machine "
+            "has neither (or ONEDNN_MAX_CPU_ISA caps it below them): choose float32, or auto "
+            "(bfloat16 only where it runs)"
+        )
     return precision
 
 
-def cache_dir_for(root: str | Path, cfg: ModelConfig, precision: str) -> str:
-    """The cache folder (path or URI) for one (weights, input size, precision, overlay mask).
+def cache_dir_for(root: str | Path, cfg: ModelConfig, precision: str, int8: str = "") -> str:
+    """The cache folder (path or URI) for one (weights, input size, precision, overlay mask); with
+    `int8` (an int8 network's key, `backends.features_key`), the folder of that int8 network's
+    features, precision aside (`<weights>-<size>px-int8-<key>[-masked]`).
 
-    Unmasked features keep the folder name they had before the mask existed.
+    Unmasked features keep the folder name they had before the mask existed, Keras ones the name
+    they had before the int8 backend existed.
     """
     masked = "-masked" if cfg.mask_overlay else ""
-    return join(root, f"{weights_identity(cfg.weights)}-{cfg.input_size}px-{precision}{masked}")
+    trunk = f"int8-{int8}" if int8 else precision
+    return join(root, f"{weights_identity(cfg.weights)}-{cfg.input_size}px-{trunk}{masked}")
+
+
+def backend_of(cache_dir: str | Path) -> str:
+    """The backend whose features a cache folder (`cache_dir_for`) holds: `int8` or `keras`."""
+    name = str(cache_dir).rstrip("/").rpartition("/")[2]
+    return "int8" if re.search(rf"-int8-{KEY_PATTERN}(-masked)?$", name) else "keras"
+
+
+def reference_dir(cache_dir: str | Path, cfg: ModelConfig) -> str:
+    """The float32 Keras cache folder beside an int8 one: where the features an int8 run is
+    compared with (`reference` of `extract_features`) are cached."""
+    return cache_dir_for(cache_key(cache_dir, cfg).root, cfg, "float32")
 
 
 def augmented_dir(cache_dir: str | Path, copy: int) -> str:
@@ -118,17 +174,36 @@ def activations_dir(cache_dir: str | Path) -> str:
     return join(cache_dir, ACTIVATION_LAYER)
 
 
-def cache_key(cache_dir: str | Path, cfg: ModelConfig) -> tuple[str, str]:
-    """The (cache root, precision) that `cache_dir_for` made `cache_dir` from, checked against the
-    configuration's weights, input size and overlay mask (another configuration's folder raises)."""
+class CacheKey(NamedTuple):
+    """What `cache_dir_for` made a cache folder from: its root, the precision, and the int8
+    network's key ("" for Keras features; their precision is then "float32", the float parts')."""
+
+    root: str
+    precision: str
+    int8: str = ""
+
+    @property
+    def backend(self) -> str:
+        return "int8" if self.int8 else "keras"
+
+
+def cache_key(cache_dir: str | Path, cfg: ModelConfig) -> CacheKey:
+    """The `CacheKey` of `cache_dir`, checked against the configuration's weights, input size and
+    overlay mask (another configuration's folder raises)."""
     root, _, name = str(cache_dir).rstrip("/").rpartition("/")
     named = {Path(cache_dir_for("cache", cfg, p)).name: p for p in PRECISIONS[1:]}
-    if name not in named:
+    if name in named:
+        return CacheKey(root, named[name])
+    int8 = Path(cache_dir_for("cache", cfg, "float32", "<key>")).name
+    prefix, _, suffix = int8.partition("<key>")
+    key = name[len(prefix) : len(name) - len(suffix)]
+    if not (name.startswith(prefix) and name.endswith(suffix) and re.fullmatch(KEY_PATTERN, key)):
         raise ValueError(
             f"{cache_dir} is not a feature cache of weights {cfg.weights}, {cfg.input_size} px, "
-            f"overlay mask {cfg.mask_overlay}: expected a folder named one of {', '.join(named)}"
+            f"overlay mask {cfg.mask_overlay}: expected a folder named one of {', '.join(named)} "
+            f"or {int8}"
         )
-    return root, named[name]
+    return CacheKey(root, "float32", key)
 
 
 def shard_count(images: int, requested: int = 0) -> int:
@@ -149,19 +224,6 @@ def shard_of(shas: Sequence[str], shard: int, shards: int) -> list[str]:
     return unique[len(unique) * shard // shards : len(unique) * (shard + 1) // shards]
 
 
-def load_images(paths: Sequence[str | Path], size: int) -> Any:
-    """A batch of images (paths or `s3://` URIs, fetched in parallel) as one float32 array
-    (n, size, size, 3), each decoded by `images.load_image`."""
-    import numpy as np
-
-    from leukemia.images import load_image
-
-    if not paths:
-        return np.zeros((0, size, size, 3), dtype="float32")
-    datas = read_all(paths)
-    return np.stack([load_image(io.BytesIO(d), size) for d in datas])
-
-
 def iter_image_batches(paths: Sequence[str | Path], size: int, batch_size: int) -> Iterator[Any]:
     """`load_images` batch by batch, the next batch fetched while the caller works on this one."""
     chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
@@ -174,29 +236,6 @@ def iter_image_batches(paths: Sequence[str | Path], size: int, batch_size: int) 
             if i + 1 < len(chunks):
                 pending = pool.submit(load_images, chunks[i + 1], size)
             yield batch
-
-
-def build_extractor(cfg: ModelConfig, precision: str = "float32", activations: bool = False) -> Any:
-    """preprocess → trunk → every pooled output, concatenated in `POOLED_KEYS` order (float32 out);
-    with `activations`, a second output: `ACTIVATION_LAYER`'s (float32)."""
-    import keras
-
-    from leukemia.model import build_pool, build_preprocess, build_trunk
-
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
-    try:
-        trunk = build_trunk(cfg)
-        pre = build_preprocess(cfg.input_size, cfg.mask_overlay)
-    finally:
-        keras.config.set_dtype_policy(previous)
-    inputs = keras.Input((cfg.input_size, cfg.input_size, 3), name="pixels")
-    pooled = trunk(pre(inputs), training=False)
-    pooled = [keras.ops.cast(t, "float32") for t in pooled]
-    out = build_pool(cfg.input_size, "multiscale")(pooled)
-    if activations:
-        out = [out, pooled[POOL_LAYERS.index(ACTIVATION_LAYER)]]
-    return keras.Model(inputs, out, name=f"extractor_{precision}")
 
 
 def part_name(shas: Sequence[str]) -> str:
@@ -299,6 +338,10 @@ class ExtractResult:
     copies: int = 0  # augmented copies of each train and val image
     augmented: int = 0  # augmented rows computed by this call
     activations: bool = False  # block-4 activations cached too (`activations_dir`)
+    backend: str = "keras"  # the trunk the features came from (int8 asked may fall back to keras)
+    reference: int = (
+        0  # images whose float32 Keras features an int8 shard keeps beside (`reference`)
+    )
 
 
 class PixelMemo:
@@ -429,6 +472,99 @@ def _extract_into(pending: Pending, compute: Callable[[Sequence[str]], tuple[Any
     return written
 
 
+def _pending(
+    cache: str, mine: Sequence[str], augmented: Sequence[str], copies: int, activations: bool
+) -> tuple[Pending, list[Pending]]:
+    """What a cache folder lacks of the shard's images, and each augmented copy's folder of its
+    train and val images."""
+    originals = _lacking(cache, mine, activations)
+    return originals, [
+        _lacking(augmented_dir(cache, c), augmented, activations) for c in range(copies)
+    ]
+
+
+def _log_todo(
+    shard: str,
+    images: int,
+    cache: str,
+    originals: Pending,
+    copy_todo: Sequence[Pending],
+    augmented: int,
+    trunk: str,
+    activations: bool,
+) -> None:
+    """One line: what a shard will compute, where, with which trunk (a precision, or int8)."""
+    log.info(
+        "Features%s of shard %s (%d images) in %s: %d to compute (%s); %d augmented copies "
+        "of its %d train and val images: %d to compute",
+        " and block-4 activations" if activations else "",
+        shard,
+        images,
+        cache,
+        len(originals.todo),
+        trunk,
+        len(copy_todo),
+        augmented,
+        sum(len(p.todo) for p in copy_todo),
+    )
+
+
+def _shard_images(
+    paths: Sequence[str | Path], shas: Sequence[str], shard: int, shards: int
+) -> tuple[dict[str, str | Path], list[str]]:
+    """(sha256 → its first path, the sha256s of shard `shard` of `shards`)."""
+    source: dict[str, str | Path] = {}
+    for path, sha in zip(paths, shas, strict=True):
+        source.setdefault(sha, path)
+    return source, shard_of(list(source), shard, shards)
+
+
+def _among(shas: Sequence[str], named: Sequence[str]) -> list[str]:
+    """The `shas` that `named` names, in their order."""
+    wanted = set(named)
+    return [sha for sha in shas if sha in wanted]
+
+
+def _backend_choice(
+    cfg: ModelConfig, source: dict[str, str | Path], augment: Sequence[str], precision: str
+) -> tuple[str, Any, str]:
+    """(backend, calibration, int8 key) an extraction starts with: int8 where `cfg` asks for it and
+    it runs here, calibrated on a seeded sample of the `augment` images (`backends.
+    training_calibration`); else keras (one log line says why), with no calibration and no key."""
+    from leukemia import backends
+
+    if cfg.backend != backends.INT8:
+        return backends.usable_backend(cfg.backend, None, precision), None, ""
+    calibration = backends.training_calibration(source, augment, cfg.input_size)
+    if backends.usable_backend(cfg.backend, calibration, precision) != backends.INT8:
+        return backends.KERAS, None, ""
+    return backends.INT8, calibration, backends.features_key(cfg, calibration)
+
+
+def _extract_reference(
+    shas: Sequence[str],
+    source: dict[str, str | Path],
+    cfg: ModelConfig,
+    root: str | Path,
+    batch_size: int,
+) -> int:
+    """Cache the float32 Keras features of `shas` (an int8 extraction's reference images) in
+    their folder; returns how many it computed."""
+    if not shas:
+        return 0
+    folder = cache_dir_for(root, cfg, "float32")
+    pending = _lacking(folder, shas, False)
+    log.info(
+        "float32 Keras features of %d reference images (the int8 agreement's) in %s: %d to compute",
+        len(shas),
+        folder,
+        len(pending.todo),
+    )
+    if pending.todo:
+        _extract_into(pending, source, build_extractor(cfg, "float32"), cfg.input_size, batch_size)
+    return len(pending.todo)
+
+
 def extract_features(
     paths: Sequence[str | Path],
     shas: Sequence[str],
@@ -441,6 +577,7 @@ def extract_features(
     augment: Sequence[str] = (),
     copies: int = 0,
     activations: bool = False,
+    reference: Sequence[str] = (),
 ) -> ExtractResult:
     """Compute and cache the pooled features of shard `shard` of `shards` of the images.
 
@@ -450,56 +587,43 @@ def extract_features(
     for its images named in `augment` (the train and val images), into `augmented_dir`. With
     `activations`, the same passes also cache the images' block-4 activations (`activations_dir`)
     and compute the images that lack only those. Run again, it computes nothing.
+
+    `cfg.backend` int8: the int8 copy of the trunk (`backends.py`), calibrated on a sample of the
+    `augment` images, derived once per worker; where it cannot be had, Keras (one log line says
+    why): the features go to the folder of the backend used (`ExtractResult.backend`). An int8
+    shard also caches the float32 Keras features of its `reference` images (the test split), what
+    a run's int8 agreement is measured against (`reference_dir`).
     """
-    from leukemia.augment import augment_batch
+    from leukemia import backends
 
     if copies < 0:
         raise ValueError(f"augment_copies must be 0 (no augmentation) or more, got {copies}")
     precision = resolve_precision(precision)
-    cache = cache_dir_for(cache_root, cfg, precision)
-    source: dict[str, str | Path] = {}
-    for path, sha in zip(paths, shas, strict=True):
-        source.setdefault(sha, path)
-    mine = shard_of(list(source), shard, shards)
-    wanted = set(augment)
-    augmented = [sha for sha in mine if sha in wanted]
-    originals = _lacking(cache, mine, activations)
-    copy_todo = [_lacking(augmented_dir(cache, c), augmented, activations) for c in range(copies)]
-    log.info(
-        "Features%s of shard %d/%d (%d images) in %s: %d to compute (%s); %d augmented copies "
-        "of its %d train and val images: %d to compute",
-        " and block-4 activations" if activations else "",
-        shard + 1,
-        shards,
-        len(mine),
-        cache,
-        len(originals.todo),
-        precision,
-        copies,
-        len(augmented),
-        sum(len(p.todo) for p in copy_todo),
-    )
+    source, mine = _shard_images(paths, shas, shard, shards)
+    augmented = _among(mine, augment)
+    backend, calibration, key = _backend_choice(cfg, source, augment, precision)
+    cache = cache_dir_for(cache_root, cfg, precision, key)
+    originals, copy_todo = _pending(cache, mine, augmented, copies, activations)
+    trunk = backend if key else precision
+    where = (f"{shard + 1}/{shards}", len(mine), cache)
+    _log_todo(*where, originals, copy_todo, len(augmented), trunk, activations)
     started, written = time.monotonic(), 0
     if originals.todo or any(p.todo for p in copy_todo):
-        extractor = build_extractor(cfg, precision, activations)
-        started = time.monotonic()  # the rate is the extraction's, not the model build's
-        memo = PixelMemo({sha for p in copy_todo for sha in p.todo})
-        compute = functools.partial(
-            _compute,
-            source=source,
-            extractor=extractor,
-            size=cfg.input_size,
-            batch_size=batch_size,
-            memo=memo,
+        local = backends.cache_root()
+        extractor, used = backends.extractor_for(
+            backend, cfg, precision, calibration, local, activations
         )
-        written = _extract_into(originals, compute)
-        for copy, pending in enumerate(copy_todo):
-            if pending.todo:
-                log.info("Augmented copy %d/%d of %d images", copy + 1, copies, len(pending.todo))
-            transform = functools.partial(augment_batch, copy=copy)
-            written += _extract_into(pending, functools.partial(compute, transform=transform))
+        if used != backend:  # the int8 network could not be derived (logged): the Keras folder
+            backend, cache = used, cache_dir_for(cache_root, cfg, precision)
+            originals, copy_todo = _pending(cache, mine, augmented, copies, activations)
+        started = time.monotonic()  # the rate is the extraction's, not the model build's
+        written = _extract_passes(
+            originals, copy_todo, source, extractor, cfg.input_size, batch_size
+        )
     seconds = time.monotonic() - started
     computed = len(originals.todo) + sum(len(p.todo) for p in copy_todo)
+    checked = _among(mine, reference if backend == backends.INT8 else ())
+    _extract_reference(checked, source, cfg, cache_root, batch_size)
     return ExtractResult(
         cache_dir=cache,
         images=len(mine),
@@ -514,7 +638,35 @@ def extract_features(
         copies=copies,
         augmented=computed - len(originals.todo),
         activations=activations,
+        backend=backend,
+        reference=len(checked),
     )
+
+
+def _extract_passes(
+    originals: Pending,
+    copy_todo: Sequence[Pending],
+    source: dict[str, str | Path],
+    extractor: Any,
+    size: int,
+    batch_size: int,
+) -> int:
+    """The originals' pass, then each augmented copy's (`_extract_into`); the files written."""
+    from leukemia.augment import augment_batch
+
+    memo = PixelMemo({sha for p in copy_todo for sha in p.todo})
+    compute = functools.partial(
+        _compute, source=source, extractor=extractor, size=size, batch_size=batch_size, memo=memo
+    )
+    written = _extract_into(originals, compute)
+    for copy, pending in enumerate(copy_todo):
+        if pending.todo:
+            log.info(
+                "Augmented copy %d/%d of %d images", copy + 1, len(copy_todo), len(pending.todo)
+            )
+        transform = functools.partial(augment_batch, copy=copy)
+        written += _extract_into(pending, functools.partial(compute, transform=transform))
+    return written
 
 
 def select_variant(cached: Any, variant: str) -> Any:

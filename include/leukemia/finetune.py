@@ -32,7 +32,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -411,13 +411,13 @@ def ensure_activations(
     from leukemia.features import cache_key, extract_features
     from leukemia.objectstore import join
 
-    root, precision = cache_key(cache_dir, cfg.model)
+    key = cache_key(cache_dir, cfg.model)
     done = extract_features(
         [join(images_dir, r["path"]) for r in rows],
         [r["sha256"] for r in rows],
-        cfg.model,
-        root,
-        precision=precision,
+        replace(cfg.model, backend=key.backend),  # the folder's trunk, its calibration the same
+        key.root,
+        precision=key.precision,
         augment=training_shas(rows),
         copies=cfg.augment_copies,
         activations=True,

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from leukemia.config import CLASSES, env
 
@@ -274,3 +274,16 @@ def fit_in_box(image: np.ndarray | str | Path, box: int) -> np.ndarray:
             arr = arr * 255.0
         pil = Image.fromarray(np.clip(np.nan_to_num(arr), 0, 255).astype("uint8")).convert("RGB")
     return np.asarray(ImageOps.contain(pil, (box, box)))
+
+
+def load_images(paths: Sequence[str | Path], size: int) -> Any:
+    """A batch of images (paths or `s3://` URIs, fetched in parallel) as one float32 array
+    (n, size, size, 3), each decoded by `images.load_image`."""
+    import numpy as np
+
+    from leukemia.objectstore import read_all
+
+    if not paths:
+        return np.zeros((0, size, size, 3), dtype="float32")
+    datas = read_all(paths)
+    return np.stack([load_image(io.BytesIO(d), size) for d in datas])

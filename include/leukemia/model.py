@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from leukemia.config import CLASSES, HEADS, RUN_DEFAULTS
+from leukemia.config import BACKENDS, CLASSES, HEADS, RUN_DEFAULTS
 from leukemia.errors import first_line
 from leukemia.weights import (
     IMAGENET,
@@ -40,6 +40,8 @@ VGG_MEAN_BGR = (103.939, 116.779, 123.68)
 POOL_LAYERS = ("block3_pool", "block4_pool", "block5_pool")
 POOL_WIDTHS = {"block3_pool": 256, "block4_pool": 512, "block5_pool": 512}
 POOLED_KEYS = tuple(f"{layer}_{how}" for layer in POOL_LAYERS for how in ("gap", "gmp"))
+#: The trunk output fine-tuning block 5 starts from (`build_extractor` with activations).
+ACTIVATION_LAYER = "block4_pool"
 #: Feature variants: which pooled outputs feed the head, concatenated in this order.
 VARIANTS: dict[str, tuple[str, ...]] = {
     "seed": ("block5_pool_gmp",),  # the reference: block5 → GlobalMaxPooling2D, 512 values
@@ -72,6 +74,9 @@ class ModelConfig:
     mask_overlay: bool = RUN_DEFAULTS.mask_overlay  # fill the overlay square (see OVERLAY_START)
     head: str = RUN_DEFAULTS.head  # "mlp" (head_units, dropout) or "linear" (l2)
     l2: float = RUN_DEFAULTS.l2
+    #: the trunk the head's features come from (`backends.py`): asked for at extraction, the one
+    #: used (`features.backend_of` the cache folder) in a run's logged configuration
+    backend: str = RUN_DEFAULTS.backend
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -82,6 +87,10 @@ class ModelConfig:
             raise ValueError(f"unknown head {self.head!r}: choose one of {', '.join(HEADS)}")
         if self.l2 < 0:
             raise ValueError(f"l2 must be >= 0, got {self.l2}")
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"unknown backend {self.backend!r}: choose one of {', '.join(BACKENDS)}"
+            )
         if self.input_size < 32:
             raise ValueError(
                 f"input_size must be at least 32 (VGG16 pools 5 times), got {self.input_size}"
@@ -319,13 +328,13 @@ def shared_trunk(models: Sequence[ModelConfig]) -> ModelConfig:
         raise ValueError("an ensemble needs at least one member")
 
     def key(m: ModelConfig) -> tuple[Any, ...]:
-        return (m.input_size, m.weights, m.mask_overlay)
+        return (m.input_size, m.weights, m.mask_overlay, m.backend)
 
     differ = sorted({key(m) for m in models})
     if len(differ) > 1:
         raise ValueError(
-            f"ensemble members differ in (input size, weights, overlay mask): {differ}; one trunk "
-            "serves only members trained on the same features"
+            f"ensemble members differ in (input size, weights, overlay mask, backend): {differ}; "
+            "one trunk serves only members trained on the same features"
         )
     return models[0]
 
@@ -376,3 +385,34 @@ def trainable_params(model: Any) -> int:
     import numpy as np
 
     return int(sum(np.prod(w.shape) for w in model.trainable_weights))
+
+
+def build_extractor(cfg: ModelConfig, precision: str = "float32", activations: bool = False) -> Any:
+    """preprocess → trunk → every pooled output, concatenated in `POOLED_KEYS` order (float32 out);
+    with `activations`, a second output: `ACTIVATION_LAYER`'s (float32)."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+    try:
+        trunk = build_trunk(cfg)
+        pre = build_preprocess(cfg.input_size, cfg.mask_overlay)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    return extractor_from(pre, trunk, cfg.input_size, activations, f"extractor_{precision}")
+
+
+def extractor_from(
+    pre: Any, trunk: Any, size: int, activations: bool = False, name: str = "extractor"
+) -> Any:
+    """The extractor network (`build_extractor`) of a given preprocessing and trunk: those of a
+    configuration, or a logged model's own (`backends.model_extractor`): the network `features.py` caches the outputs of."""
+    import keras
+
+    inputs = keras.Input((size, size, 3), name="pixels")
+    pooled = trunk(pre(inputs), training=False)
+    pooled = [keras.ops.cast(t, "float32") for t in pooled]
+    out = build_pool(size, "multiscale")(pooled)
+    if activations:
+        out = [out, pooled[POOL_LAYERS.index(ACTIVATION_LAYER)]]
+    return keras.Model(inputs, out, name=name)

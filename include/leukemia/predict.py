@@ -14,14 +14,19 @@ whether to refer it to a person: the set holds more than one class, or the batch
 external reason (e.g. drift) that refers every image in it.
 
 The model is resolved and loaded through `registry` (fail-closed lookup, sha256-verified `.keras`
-file, Keras safe mode). Every failure the user can fix (no champion yet, tracking server down, a
+file, Keras safe mode). A model whose run trained on int8 features (`backend` int8) is served on
+the int8 copy of its own trunk (`ServedInt8`, `backends.serving_int8`), so that its head sees the
+numbers it was trained on; where int8 cannot run, on its float32 trunk, with one log line. Every
+failure the user can fix (no champion yet, tracking server down, a
 model that fails verification or has the wrong shape) is a `registry.ModelError` (`PredictionError`
 for this module's own checks) whose message is one line saying what happened and what to do.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -80,6 +85,9 @@ class LoadedModel:
     reference: Any = None
     background: Any = None
     features_model: Any = None
+    #: the model served on the int8 copy of its trunk (`ServedInt8`) when its head was
+    #: trained on int8 features; None: the Keras model itself
+    int8: Any = None
 
     @property
     def version(self) -> str:
@@ -89,6 +97,38 @@ class LoadedModel:
     def threshold(self) -> float | None:
         """The conformal threshold of the prediction sets; None without calibration."""
         return self.calibration.threshold if self.calibration is not None else None
+
+
+def model_heads(model: Any) -> list[tuple[str, Any]]:
+    """(variant, head) of each head of a logged model: one (`model.assemble`) or k
+    (`model.build_ensemble`), each variant told by the head's input width."""
+    from leukemia.model import VARIANTS, feature_width
+
+    by_width = {feature_width(v): v for v in VARIANTS}
+    heads = [layer for layer in model.layers if re.fullmatch(r"head(_\d+)?", layer.name)]
+    if not heads:
+        raise ValueError(f"model {model.name} has no head layer: not a pipeline model")
+    return [(by_width[int(h.input_shape[-1])], h) for h in heads]
+
+
+class ServedInt8:
+    """A logged model served on the int8 copy of its own trunk (`backends.serving_int8`): its
+    heads (`model_heads`; their mean, for an ensemble) on the int8 network's features, as
+    training fed them the int8 features."""
+
+    def __init__(self, extractor: Any, heads: list[tuple[str, Any]]) -> None:
+        self.extractor, self.heads = extractor, heads
+
+    def predict(self, pixels: Any) -> tuple[Any, Any]:
+        """Raw pixels → (the first head's input features, the class probabilities), float32."""
+        import numpy as np
+
+        from leukemia.features import select_variant
+
+        cached = np.asarray(self.extractor.predict_on_batch(pixels), dtype="float32")
+        features = {v: select_variant(cached, v) for v, _ in self.heads}
+        probs = [np.asarray(h.predict_on_batch(features[v])) for v, h in self.heads]
+        return features[self.heads[0][0]], np.mean(probs, axis=0, dtype="float32")
 
 
 def check_model_shape(model: Any, uri: str) -> int:
@@ -138,7 +178,49 @@ def load_model(model: str | ModelRef | None = None) -> LoadedModel:
         )
     loaded = LoadedModel(ref=ref, model=keras_model, input_size=size, calibration=calibration)
     _attach_watch(loaded, tags)
+    _attach_backend(loaded)
     return loaded
+
+
+def source_run_id(ref: ModelRef) -> str | None:
+    """The MLflow run a model was logged by: a registered version's, or a `runs:/` URI's; None
+    for a model outside the tracking server."""
+    from leukemia.registry import registered_version
+
+    if ref.version:
+        return str(registered_version(ref).run_id)
+    if ref.uri.startswith("runs:/"):
+        return ref.uri.removeprefix("runs:/").split("/", 1)[0]
+    return None
+
+
+def _attach_backend(loaded: LoadedModel) -> None:
+    """Serve on the trunk the model's head was trained on: the int8 one when its run's logged
+    configuration says int8 (`backends.serving_int8`, calibrated on the images the run logged);
+    a Keras run's model, or a model outside the tracking server, serves as it is."""
+    from leukemia import backends, tracking
+
+    run_id = source_run_id(loaded.ref)
+    if run_id is None:
+        return
+    try:
+        tags = tracking.get_run(run_id).data.tags
+    except Exception as exc:
+        raise PredictionError(
+            f"cannot read run {run_id} of {loaded.ref.describe()} (which trunk its head was "
+            f"trained on): {first_line(exc)}"
+        ) from None
+    if json.loads(tags.get("config") or "{}").get("backend", backends.KERAS) != backends.INT8:
+        return
+    try:
+        text = Path(tracking.download(run_id, backends.CALIBRATION_ARTIFACT)).read_text()
+        calibration = backends.Calibration.from_json(text)
+    except Exception as exc:  # an int8 run logged before its calibration was: the fallback says so
+        log.info("Run %s has no readable %s: %s", run_id, backends.CALIBRATION_ARTIFACT, exc)
+        calibration = None
+    extractor = backends.serving_int8(loaded.model, calibration, backends.cache_root())
+    if extractor is not None:
+        loaded.int8 = ServedInt8(extractor, model_heads(loaded.model))
 
 
 def version_tags(ref: ModelRef) -> dict[str, str]:
@@ -499,9 +581,14 @@ def _forward(model: LoadedModel, pixels: Any) -> tuple[Any, Any, Any]:
 
     if not len(pixels):
         return np.zeros((0, len(CLASSES)), "float32"), None, None
-    if model.features_model is None:
+    if model.int8 is not None:
+        features, probs = model.int8.predict(pixels)
+        if model.features_model is None:
+            return probs, None, None
+    elif model.features_model is None:
         return np.asarray(model.model.predict_on_batch(pixels), dtype="float32"), None, None
-    features, probs = model.features_model.predict_on_batch(pixels)
+    else:
+        features, probs = model.features_model.predict_on_batch(pixels)
     features = np.asarray(features, dtype="float32")
     scores = ood_scores(model.reference, features)
     return np.asarray(probs, dtype="float32"), features, scores

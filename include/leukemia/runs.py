@@ -147,6 +147,47 @@ def inherit_calibration(selected: Any, head: Any, test: tuple[Any, Any]) -> tupl
     return head, evaluate(test[1], probs)
 
 
+def features_config(cfg: TrainConfig, cache_dir: str | Path) -> TrainConfig:
+    """`cfg` with the backend of the features in `cache_dir` (`features.backend_of`): a run logs
+    the trunk its head is trained on, which is what scoring serves it on, whatever was asked."""
+    from leukemia.features import backend_of
+
+    return replace(cfg, model=replace(cfg.model, backend=backend_of(cache_dir)))
+
+
+def log_int8_agreement(
+    cfg: TrainConfig, head: Any, cache_dir: str | Path, test: tuple[Any, Any, list[dict[str, str]]]
+) -> dict[str, float]:
+    """For a run on int8 features: how far its head's test answers move between the float32 Keras
+    features of the test images (`features.reference_dir`) and the int8 ones it is evaluated on
+    (`backends.agreement`), logged to the active run as `int8_test_argmax_agreement` and
+    `int8_test_max_probability_difference`; {} for a run on Keras features."""
+    from leukemia import tracking
+    from leukemia.backends import INT8, agreement
+    from leukemia.features import load_features, reference_dir
+
+    if cfg.model.backend != INT8:
+        return {}
+    x, _, rows = test
+    shas = [r["sha256"] for r in rows]
+    reference = load_features(reference_dir(cache_dir, cfg.model), shas, cfg.model.variant)
+    found = agreement(head, reference, x)
+    metrics = {
+        f"int8_test_{k}": float(found[k])
+        for k in ("argmax_agreement", "max_probability_difference")
+    }
+    tracking.log_values(metrics=metrics)
+    log.info(
+        "%s: int8 vs float32 trunk on %d test images: same class for %.1f %%, probabilities "
+        "within %.4f",
+        cfg.name,
+        found["images"],
+        100 * found["argmax_agreement"],
+        found["max_probability_difference"],
+    )
+    return metrics
+
+
 def _run_name(cfg: TrainConfig) -> str:
     return cfg.name.replace(" · ", "-")
 
@@ -165,6 +206,7 @@ def train_run(
     from leukemia.training import best_epoch, copy_arrays, fit_head, split_arrays, with_copies
 
     started = time.monotonic()
+    cfg = features_config(cfg, cache_dir)
     rows = read_split(split_path)
     data = split_arrays(rows, cache_dir, cfg.model.variant)
     copies = copy_arrays(data, cache_dir, cfg.model.variant, cfg.augment_copies)
@@ -186,6 +228,7 @@ def train_run(
         tracking.log_values(metrics={"best_epoch": kept})
         cv, oof = cross_validation(cfg, data, copies) if cfg.cv_folds > 1 else ({}, None)
         head, results = calibrate(cfg, head, data, oof)
+        log_int8_agreement(cfg, head, cache_dir, data["test"])
         head_uri = tracking.log_outcome(
             cfg, head, history, results, rows, images_dir, split_path, epochs_run, dataset_digest
         )
@@ -277,7 +320,7 @@ def refit_run(
     rows = read_split(split_path)
     data = split_arrays(rows, cache_dir, variant)
     x, y, _ = train_val_arrays(data)
-    cfg = _refit_config(selected, len(data["train"][1]), len(y), scaled)
+    cfg = features_config(_refit_config(selected, len(data["train"][1]), len(y), scaled), cache_dir)
     copies = train_val_copies(copy_arrays(data, cache_dir, variant, cfg.augment_copies))
     digest = selected.data.tags.get("dataset_digest", "")
     run_tags = {
@@ -299,6 +342,7 @@ def refit_run(
             on_epoch=tracking.log_epoch,
         )
         head, test = inherit_calibration(selected, head, data["test"][:2])
+        log_int8_agreement(cfg, head, cache_dir, data["test"])
         head_uri = tracking.log_outcome(
             cfg, head, history, {"test": test}, rows, images_dir, split_path, cfg.epochs, digest
         )
@@ -335,8 +379,8 @@ def train_folder(
     precision: str = "auto",
     tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Split → extract (with `cfg.augment_copies` copies of the train and val images) → train one
-    configuration on a local `<Class>/<name>` folder (no Airflow).
+    """Split → extract (with `cfg.augment_copies` copies of the train and val images, on
+    `cfg.model.backend`) → train one configuration on a local `<Class>/<name>` folder (no Airflow).
 
     For the CLI, benchmarks and tests; returns the split info, extraction and training results.
     """
@@ -354,6 +398,7 @@ def train_folder(
         precision=precision,
         augment=training_shas(rows),
         copies=cfg.augment_copies,
+        reference=[r["sha256"] for r in rows if r["split"] == "test"],
     )
     result = train_run(
         cfg, info.path, images_dir, extracted.cache_dir, tags=tags, dataset_digest=info.digest

@@ -483,9 +483,38 @@ def log_model(run_id: str, full: Any, images_dir: str | Path, split_path: str | 
         split_copy = out / split_location(split_path)[1]
         split_copy.write_bytes(read_location(split_path))
         client.log_artifact(run_id, str(split_copy), artifact_path="split")
+        log_int8_calibration(client, run_id, rows, images_dir, size)
     client.set_tag(run_id, "model_uri", info.model_uri)
     log.info("Logged the full model of run %s: %s", run_id, info.model_uri)
     return info.model_uri
+
+
+def log_int8_calibration(
+    client: Any, run_id: str, rows: list[dict[str, str]], images_dir: str | Path, size: int
+) -> None:
+    """For a run whose configuration says int8 features: the images its int8 network was
+    calibrated on (`backends.training_calibration` of its split, as extraction chose them), as
+    `backends.CALIBRATION_ARTIFACT`, so that scoring derives the same int8 network."""
+    from leukemia import backends
+    from leukemia.dataset import training_shas
+    from leukemia.objectstore import join
+
+    config = json.loads(client.get_run(run_id).data.tags.get("config") or "{}")
+    if config.get("backend") != backends.INT8:
+        return
+    paths: dict[str, str | Path] = {}
+    for row in rows:
+        paths.setdefault(row["sha256"], join(images_dir, row["path"]))
+    calibration = backends.training_calibration(paths, training_shas(rows), size)
+    if calibration is None:
+        log.warning("Run %s has no training images to log as its int8 calibration", run_id)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(backends.CALIBRATION_ARTIFACT).name
+        path.write_text(calibration.to_json())
+        client.log_artifact(
+            run_id, str(path), artifact_path=str(Path(backends.CALIBRATION_ARTIFACT).parent)
+        )
 
 
 def log_full_model(run_id: str, images_dir: str | Path, split_path: str | Path) -> str:

@@ -181,7 +181,9 @@ def plan_extraction(split_info: dict[str, Any], request: RunRequest) -> list[dic
 
     Settles once what every shard must agree on: the weights (resolved first: `WeightsUnavailable`,
     one line with the fix, before any image is read; a weights file is loaded once to check it),
-    the precision (`auto` resolved here) and the cache folder they key.
+    the precision (`auto` resolved here), the backend and the cache folder they key: for int8, the
+    folder of the int8 network calibrated on the split's training images (`backends.features_key`),
+    and the Keras one a worker that cannot run int8 falls back to (`fallback_cache_dir`).
     """
     from leukemia.features import cache_dir_for, resolve_precision, shard_count
     from leukemia.model import ModelConfig, build_trunk
@@ -193,33 +195,58 @@ def plan_extraction(split_info: dict[str, Any], request: RunRequest) -> list[dic
         build_trunk(ModelConfig(input_size=32, weights=weights))  # a bad file fails here, once
     precision = resolve_precision(request.precision)
     cfg = ModelConfig(
-        input_size=request.input_size, weights=weights, mask_overlay=request.mask_overlay
+        input_size=request.input_size,
+        weights=weights,
+        mask_overlay=request.mask_overlay,
+        backend=request.backend,
     )
     root = join(split_info["work_uri"], "features")
+    keras_dir = cache_dir_for(root, cfg, precision)
+    cache_dir = _int8_cache_dir(split_info, cfg, root, precision) or keras_dir
     shards = shard_count(int(split_info["images"]), request.extract_shards)
     log.info(
         "Extracting features of %d images in %d shards into %s",
         split_info["images"],
         shards,
-        cache_dir_for(root, cfg, precision),
+        cache_dir,
     )
     where = {
         "cache_root": root,
-        "cache_dir": cache_dir_for(root, cfg, precision),
+        "cache_dir": cache_dir,
+        "fallback_cache_dir": keras_dir,
         "weights": weights,
         "input_size": request.input_size,
         "mask_overlay": request.mask_overlay,
         "precision": precision,
+        "backend": request.backend,
         "augment_copies": request.augment_copies,
         "activations": fine_tunes_from_activations(request),
     }
     return [{"shard": i, "shards": shards, **where} for i in range(shards)]
 
 
+def _int8_cache_dir(split_info: dict[str, Any], cfg: Any, root: str, precision: str) -> str | None:
+    """The folder of the split's int8 features (`extract_features` calibrates on the same
+    training images); None for the keras backend or a split without training images."""
+    from leukemia import backends
+    from leukemia.dataset import read_split, training_shas
+    from leukemia.features import cache_dir_for
+
+    if cfg.backend != backends.INT8:
+        return None
+    rows = read_split(split_info["path"])
+    paths = {r["sha256"]: r["path"] for r in rows}  # the identity hashes the sha256s only
+    calibration = backends.training_calibration(paths, training_shas(rows), cfg.input_size)
+    if calibration is None:
+        return None
+    return cache_dir_for(root, cfg, precision, backends.features_key(cfg, calibration))
+
+
 def extract(split_info: dict[str, Any], shard: dict[str, Any]) -> dict[str, Any]:
     """One extraction shard (a `plan_extraction` item): its images read from S3, those not cached
     computed, a shard file per 500 of them in the work store; then the augmented copies of its
-    train and val images (`augment_copies`), the same way."""
+    train and val images (`augment_copies`), the same way; on int8, the float32 Keras features of
+    its test images too (what the runs' int8 agreement is measured against)."""
     from leukemia.dataset import read_split, training_shas
     from leukemia.features import extract_features
     from leukemia.model import ModelConfig
@@ -230,6 +257,7 @@ def extract(split_info: dict[str, Any], shard: dict[str, Any]) -> dict[str, Any]
         input_size=shard["input_size"],
         weights=shard["weights"],
         mask_overlay=bool(shard.get("mask_overlay", True)),
+        backend=shard.get("backend", "keras"),
     )
     result = extract_features(
         [join(split_info["images_uri"], r["path"]) for r in rows],
@@ -242,22 +270,33 @@ def extract(split_info: dict[str, Any], shard: dict[str, Any]) -> dict[str, Any]
         augment=training_shas(rows),
         copies=int(shard.get("augment_copies", 0)),
         activations=bool(shard.get("activations", False)),
+        reference=[r["sha256"] for r in rows if r["split"] == "test"],
     )
-    if result.cache_dir != shard["cache_dir"]:
+    if result.cache_dir not in (shard["cache_dir"], shard.get("fallback_cache_dir")):
         raise ValueError(
             f"this worker's weights {shard['weights']} key the cache {result.cache_dir}, not "
-            f"{shard['cache_dir']}: give every worker the same weights file"
+            f"{shard['cache_dir']}: give every worker the same weights file (and, for int8, the "
+            "same openvino and nncf versions)"
         )
     return asdict(result)
 
 
 def features_of(shards: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the extraction shards made, as one small dict: the cache folder they all wrote to."""
+    """What the extraction shards made, as one small dict: the cache folder they all wrote to and
+    the backend they used."""
     folders = sorted({s["cache_dir"] for s in shards})
+    used = sorted({s.get("backend", "keras") for s in shards})
+    if len(used) > 1:
+        raise ValueError(
+            f"the extraction shards used the backends {', '.join(used)}: some workers could not "
+            "run int8 and fell back to keras (their task logs say why); install the int8 "
+            "toolchain on every worker, or run with backend keras"
+        )
     if len(folders) != 1:
         raise ValueError(f"the extraction shards wrote to {folders}: expected one cache folder")
     return {
         "cache_dir": folders[0],
+        "backend": used[0],
         "images": sum(s["images"] for s in shards),
         "computed": sum(s["computed"] for s in shards),
         "shards": len(shards),
@@ -279,6 +318,7 @@ def plan(request: RunRequest) -> list[dict[str, Any]]:
             "head_units": request.head_units,
             "dropout": request.dropout,
             "mask_overlay": request.mask_overlay,
+            "backend": request.backend,
             "augment_copies": request.augment_copies,
             "cv_folds": request.cv_folds,
             "conformal_coverage": request.conformal_coverage,
