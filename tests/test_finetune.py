@@ -349,7 +349,7 @@ def test_the_dag_steps_fine_tune_block5_from_the_activations_their_extraction_ca
     candidate, split_info = source_run["candidate"], source_run["split_info"]
     source = mlflow.get_run(candidate["run_id"])
     cfg, cache_dir = run_config(source), source.data.tags[FEATURES_TAG]
-    root, precision = cache_key(cache_dir, cfg.model)
+    root, precision, _ = cache_key(cache_dir, cfg.model)
     shard = {"shard": 0, "shards": 1, "cache_root": root, "cache_dir": cache_dir}
     shard |= {"weights": "none", "input_size": 48, "precision": precision, "activations": True}
     shard |= {"augment_copies": cfg.augment_copies, "mask_overlay": cfg.model.mask_overlay}

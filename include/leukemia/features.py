@@ -561,7 +561,17 @@ def _extract_reference(
         len(pending.todo),
     )
     if pending.todo:
-        _extract_into(pending, source, build_extractor(cfg, "float32"), cfg.input_size, batch_size)
+        extractor = build_extractor(cfg, "float32")
+        _extract_into(
+            pending,
+            functools.partial(
+                _compute,
+                source=source,
+                extractor=extractor,
+                size=cfg.input_size,
+                batch_size=batch_size,
+            ),
+        )
     return len(pending.todo)
 
 
