@@ -679,6 +679,19 @@ def _extract_passes(
     return written
 
 
+def _index_of(store: Store, shas: Sequence[str], what: str, fix: str) -> dict[str, tuple[str, int]]:
+    """`cache_index` of one cache folder, which must hold every image of `shas`: else a
+    FileNotFoundError naming how many lack `what`, the first of them, and `fix`."""
+    index = cache_index(store)
+    missing = [s for s in shas if s not in index]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} images have no cached {what} in {store.uri()} (first: "
+            f"{missing[0]}): {fix}"
+        )
+    return index
+
+
 def select_variant(cached: Any, variant: str) -> Any:
     """The variant's columns of cached rows (n, CACHE_WIDTH) → (n, feature_width(variant))."""
     import numpy as np
@@ -696,13 +709,7 @@ def load_features(cache_dir: str | Path, shas: Sequence[str], variant: str) -> A
     from leukemia.model import feature_width
 
     store = open_store(cache_dir)
-    index = cache_index(store)
-    missing = [s for s in shas if s not in index]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} images have no cached features in {store.uri()} (first: "
-            f"{missing[0]}); run extract_features for this split first"
-        )
+    index = _index_of(store, shas, "features", "run extract_features for this split first")
     keys = VARIANTS[variant]
     needed = sorted({index[s][0] for s in shas})
 
@@ -749,14 +756,13 @@ def load_activations(
     if not shas:
         raise ValueError("no images: load_activations needs at least one sha256")
     store = open_store(activations_dir(cache_dir))
-    index = cache_index(store)
-    missing = [s for s in shas if s not in index]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} images have no cached block-4 activations in {store.uri()} (first: "
-            f"{missing[0]}): extract them with activations=True (the extraction does when "
-            "fine-tuning from activations is asked for)"
-        )
+    index = _index_of(
+        store,
+        shas,
+        "block-4 activations",
+        "extract them with activations=True (the extraction does when fine-tuning from "
+        "activations is asked for)",
+    )
     by_part: dict[str, tuple[list[int], list[int]]] = {}
     for i, sha in enumerate(shas):
         name, row = index[sha]
