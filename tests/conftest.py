@@ -37,6 +37,37 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.path.name not in FIRST)
 
 
+def _waits(scope: str) -> bool:
+    """Whether a pytest-xdist work unit (a test file's path, `--dist loadfile`) is in FIRST."""
+    return Path(scope.split("::", 1)[0]).name in FIRST
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadfile` that never queues a FIRST file behind another on one worker.
+
+    A worker only starts its last pending test once it has been sent more work (it must know the
+    next test), so pytest-xdist sends each worker a second file early: behind test_approval.py
+    (one test) that was test_stack.py, and the two waited in series while other workers idled.
+    Here a worker still busy with a FIRST file is sent the next other file instead.
+    """
+    if config.getoption("dist", None) != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class WaitingFilesApart(LoadFileScheduling):  # type: ignore[misc]
+        def _assign_work_unit(self, node: Any) -> None:
+            busy = any(
+                _waits(scope) and not all(unit.values())
+                for scope, unit in self.assigned_work.get(node, {}).items()
+            )
+            scopes = list(self.workqueue)
+            pick = next((s for s in scopes if not (busy and _waits(s))), scopes[0])
+            self.workqueue.move_to_end(pick, last=False)
+            super()._assign_work_unit(node)
+
+    return WaitingFilesApart(config, log)
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """One moto S3 server for the whole session; tests use their own buckets."""

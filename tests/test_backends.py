@@ -318,3 +318,36 @@ def test_scoring_an_int8_champion_serves_its_int8_trunk_and_falls_back_with_one_
         "int8 backend unavailable (openvino not installed (pip install -r requirements.txt)): "
         "serving on the model's float32 trunk"
     ]
+
+
+def test_the_gate_measures_an_int8_champion_as_scoring_serves_it(
+    int8_champion: dict, smear_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate evaluates the version through the int8 path scoring serves (every test image),
+    and its confusion matrix is the head's on the int8 features."""
+    from conftest import store_at
+
+    from leukemia import gate, predict, tracking
+    from leukemia.features import labels_to_index
+
+    rows, int8, _ = _test_features(int8_champion)
+    served: list[int] = []
+    real = predict.ServedInt8.predict
+
+    def spy(self: object, pixels: np.ndarray) -> tuple:
+        served.append(len(pixels))
+        return real(self, pixels)
+
+    monkeypatch.setattr(predict.ServedInt8, "predict", spy)
+    with store_at(int8_champion["root"]):
+        split, experiment = int8_champion["split"].path, tracking.setup()
+        evaluation, _ = gate.evaluate_version(
+            MODEL_NAME, int8_champion["version"], split, smear_dir, experiment, "g"
+        )
+        head = predict.load_model(f"models:/{MODEL_NAME}/{int8_champion['version']}")
+    assert sum(served) == len(rows)
+    y = np.asarray(labels_to_index([r["label"] for r in rows]))
+    counts = np.zeros((4, 4), dtype="int64")
+    probs = head.model.get_layer("head").predict_on_batch(int8)
+    np.add.at(counts, (y, np.asarray(probs).argmax(1)), 1)
+    assert evaluation.confusion_matrix == counts.tolist()

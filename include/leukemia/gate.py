@@ -1,7 +1,8 @@
 """The promotion gate: the candidate and the champion measured on the same test split, and the
 decision taken by MLflow on clinical thresholds.
 
-- **Measured with MLflow.** Each model version is loaded the verified way (`registry.load_keras`),
+- **Measured with MLflow.** Each model version is loaded the verified way, as scoring serves it
+  (`predict.ServedModel`: on the int8 copy of its trunk when its head was trained on int8 features),
   its test-split predictions go to `mlflow.models.evaluate(..., model_type="classifier")` as a
   static table (so MLflow never loads the model itself, which would skip the sha256 check), with
   the clinical metrics as `extra_metrics` built on scikit-learn. Each evaluation is an MLflow run
@@ -228,7 +229,8 @@ def evaluate_version(
     """Measure one registered version on the test split as an MLflow evaluation run.
 
     Returns the evaluation and MLflow's `EvaluationResult` (what `validate_evaluation_results`
-    reads). The model is loaded only after its file matched the recorded sha256.
+    reads). The model is loaded as scoring loads it (`predict.ServedModel`), only after its file
+    matched the recorded sha256.
     """
     import mlflow
     import numpy as np
@@ -237,8 +239,11 @@ def evaluate_version(
 
     from leukemia import registry, tracking
     from leukemia.evaluation import predict_split
+    from leukemia.predict import ServedModel
 
-    model = registry.load_keras(registry.version_ref(name, version))
+    # as serving computes it (`predict.ServedModel`, sha256-verified): on the int8 copy of the
+    # trunk when the version's head was trained on int8 features
+    model = ServedModel.of(registry.version_ref(name, version))
     y_true, probs = predict_split(model, split_path, images_dir)
     labels = np.asarray(CLASSES)
     frame = pd.DataFrame({"label": labels[y_true], "prediction": labels[probs.argmax(axis=1)]})

@@ -131,6 +131,31 @@ class ServedInt8:
         return features[self.heads[0][0]], np.mean(probs, axis=0, dtype="float32")
 
 
+class ServedModel:
+    """A `LoadedModel` as serving computes it, behind the Keras calls an evaluation makes
+    (`input_shape`, `predict_on_batch`: pixels → probabilities): the int8 path when the model
+    serves on it, else the Keras model. The gate measures this, so it measures what ships."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.input_shape = loaded.model.input_shape
+
+    @classmethod
+    def of(cls, ref: ModelRef) -> ServedModel:
+        """Load a version for measuring it: verified (`registry.load_keras`, whose errors it
+        raises as they are), on the trunk it serves on; no drift references or calibration."""
+        keras_model = load_keras(ref)
+        loaded = LoadedModel(ref, keras_model, int(keras_model.input_shape[1]))
+        _attach_backend(loaded)
+        return cls(loaded)
+
+    def predict_on_batch(self, pixels: Any) -> Any:
+        """The class probabilities of a batch of raw pixels."""
+        if self.loaded.int8 is not None:
+            return self.loaded.int8.predict(pixels)[1]
+        return self.loaded.model.predict_on_batch(pixels)
+
+
 def check_model_shape(model: Any, uri: str) -> int:
     """The input size S of a model that maps (n, S, S, 3) to (n, 4); PredictionError otherwise."""
     try:
@@ -154,7 +179,8 @@ def check_model_shape(model: Any, uri: str) -> int:
 
 
 def load_model(model: str | ModelRef | None = None) -> LoadedModel:
-    """Resolve (if needed) and load the model once, verified (`registry.load_keras`); check its shape."""
+    """Resolve (if needed) and load the model once, verified (`registry.load_keras`); check its
+    shape; attach its drift references and the trunk it serves on."""
     ref = model if isinstance(model, ModelRef) else resolve_model(model)
     try:
         keras_model = load_keras(ref)
