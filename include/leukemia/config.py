@@ -238,8 +238,8 @@ class RunDefaults:
         minimum=0,
     )
     # after selection: train the last VGG16 blocks of the candidate with its head; off: on the real
-    # images it made 7 test errors against 9 over two resplits, short of issue 27's 25 % (bench/
-    # finetune_block5.py, RESULTS.md)
+    # images it made 26 test errors against the frozen default's 28 over five resplits, short of
+    # issue 27's 25 % (bench/finetune_block5.py, RESULTS.md)
     fine_tune: bool = setting(
         False,
         "Fine-tune the winner",
