@@ -234,18 +234,38 @@ def test_the_assembled_model_gives_the_cached_paths_probabilities(
     np.testing.assert_allclose(probs, on_pixels, atol=1e-5)
 
 
-@pytest.fixture()
-def source_run(smear_dir: Path, mlflow_env: Path) -> dict:
-    from leukemia.runs import train_folder
-    from leukemia.training import TrainConfig
+@pytest.fixture(scope="module")
+def source_once(smear_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The run fine-tuning starts from, trained once for the module in a store of its own."""
+    from conftest import store_at
 
+    from leukemia.runs import train_folder
+
+    workdir = tmp_path_factory.mktemp("source")
     cfg = TrainConfig(optimizer="adam", batch_size=8, epochs=2, model=ModelConfig(48, "none"))
-    done = train_folder(smear_dir, cfg, mlflow_env, (0.5, 0.25, 0.25), "float32")
-    info = done["split"]
+    with store_at(workdir):
+        done = train_folder(smear_dir, cfg, workdir, (0.5, 0.25, 0.25), "float32")
+    return {"workdir": workdir, **done}
+
+
+@pytest.fixture()
+def source_run(source_once: dict, smear_dir: Path, mlflow_env: Path) -> dict:
+    """The module's source run in this test's own copy of the store (the test logs runs to it)."""
+    from conftest import clone_workdir
+
+    from leukemia import tracking
+
+    clone_workdir(source_once["workdir"], mlflow_env)
+    tracking.setup()
+    info = source_once["split"]
     return {
-        "candidate": {"run_id": done["result"].run_id},
-        "split_info": {"path": info.path, "images_uri": str(smear_dir), "digest": info.digest},
-        "rows": done["rows"],
+        "candidate": {"run_id": source_once["result"].run_id},
+        "split_info": {
+            "path": info.path.replace(str(source_once["workdir"]), str(mlflow_env)),
+            "images_uri": str(smear_dir),
+            "digest": info.digest,
+        },
+        "rows": source_once["rows"],
     }
 
 
