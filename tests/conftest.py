@@ -26,12 +26,12 @@ for _name in ("MLFLOW_TRACKING_URI", "LEUKEMIA_DATA_DIR", "LEUKEMIA_WEIGHTS"):
     os.environ.pop(_name, None)  # a developer's settings must not leak into the tests
 
 
-#: Test files that mostly wait on servers and subprocesses, started first, in this order, so that
-#: pytest-xdist (`--dist loadfile` hands files out in collection order) runs them while the other
-#: workers train. test_approval.py comes last: a worker only starts its last pending test once it
-#: has been sent more work, so it is sent a second file at once; behind the one-test approval file
-#: that second file was test_stack.py, and the two ran in series while the other workers idled.
-FIRST = ("test_stack.py", "test_demo.py", "test_dags.py", "test_approval.py")
+#: Test files that mostly wait on servers and subprocesses: collected first, so that pytest-xdist
+#: (`--dist loadfile` hands files out in collection order) starts them while the other workers
+#: train, instead of leaving one worker on them alone at the end.
+#: test_approval.py must not run after test_dags.py in one worker: there its approval task never
+#: waited for an answer and the reviewer timed out (seen once on 2026-12-03, not yet explained).
+FIRST = ("test_stack.py", "test_demo.py", "test_approval.py", "test_dags.py")
 
 
 #: Then the files that take longest on a worker (about 45 to 145 s each, `make test` in a fresh
@@ -55,14 +55,44 @@ def _order(item: pytest.Item) -> tuple[int, int]:
     """Where a test's file goes: FIRST, then LONG in its order, then the rest."""
     name = item.path.name
     if name in FIRST:
-        return 0, FIRST.index(name)
+        return 0, 0
     return 1, LONG.index(name) if name in LONG else len(LONG)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """FIRST's files at the front, then LONG's, each in its tuple's order; then the rest (the sort
-    keeps the order of the tests in a file)."""
+    """Put the files in FIRST at the front, then those in LONG; the sort keeps each file's order."""
     items.sort(key=_order)
+
+
+def _waits(scope: str) -> bool:
+    """Whether a pytest-xdist work unit (a test file's path, `--dist loadfile`) is in FIRST."""
+    return Path(scope.split("::", 1)[0]).name in FIRST
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadfile` that never queues a FIRST file behind another on one worker.
+
+    A worker only starts its last pending test once it has been sent more work (it must know the
+    next test), so pytest-xdist sends each worker a second file early: behind test_approval.py
+    (one test) that was test_stack.py, and the two waited in series while other workers idled.
+    Here a worker still busy with a FIRST file is sent the next other file instead.
+    """
+    if config.getoption("dist", None) != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class WaitingFilesApart(LoadFileScheduling):  # type: ignore[misc]
+        def _assign_work_unit(self, node: Any) -> None:
+            busy = any(
+                _waits(scope) and not all(unit.values())
+                for scope, unit in self.assigned_work.get(node, {}).items()
+            )
+            scopes = list(self.workqueue)
+            pick = next((s for s in scopes if not (busy and _waits(s))), scopes[0])
+            self.workqueue.move_to_end(pick, last=False)
+            super()._assign_work_unit(node)
+
+    return WaitingFilesApart(config, log)
 
 
 @pytest.fixture(scope="session")
