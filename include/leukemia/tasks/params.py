@@ -11,8 +11,8 @@ from leukemia.config import env
 #: The JSON-schema dialect every Param declares. Airflow validates each Param of a run many times a
 #: task (serializing the DAG, building each task's context: about 4,500 times in a tiny training run)
 #: with jsonschema, which without a `$schema` uses draft 2020-12 and first checks the schema against
-#: that dialect's large metaschema; with draft-07's a validation takes about half the time
-#: (`bench/params.py`). The Params use nothing newer than draft-07.
+#: that dialect's large metaschema; with draft-07's a validation is 2 to 3.3 times faster
+#: (`bench/params.py`, RESULTS.md). The Params use nothing newer than draft-07.
 DIALECT = "http://json-schema.org/draft-07/schema#"
 
 
