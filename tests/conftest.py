@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sqlite3
@@ -141,11 +142,33 @@ def airflow_db() -> Path:
     return _AIRFLOW_HOME
 
 
+@functools.cache
+def _empty_mlflow_store() -> Path:
+    """An MLflow SQLite store with its tables created and nothing in them, made once per process.
+
+    MLflow creates a new store's tables by running its schema migrations, about 1.5 s of CPU each
+    time: a test's store starts as a copy of this one instead (0.05 s), the same file MLflow would
+    have made.
+    """
+    import mlflow
+
+    folder = Path(tempfile.mkdtemp(prefix="leukemia-mlflow-template-"))
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    return folder / "mlflow.db"
+
+
+def new_mlflow_store(folder: Path) -> str:
+    """A new, empty MLflow store at `folder`/mlflow.db (a copy of `_empty_mlflow_store`); its URI."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_empty_mlflow_store(), folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
 @pytest.fixture()
 def mlflow_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh local MLflow store and data folder for one test."""
     monkeypatch.setenv("LEUKEMIA_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", new_mlflow_store(tmp_path))
     return tmp_path
 
 
@@ -198,7 +221,9 @@ def store_at(workdir: Path) -> Iterator[Path]:
     a test): a module fixture trains there once, and each test gets a copy (`clone_workdir`)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LEUKEMIA_DATA_DIR", str(workdir / "data"))
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
+        exists = (workdir / "mlflow.db").exists()
+        uri = f"sqlite:///{workdir / 'mlflow.db'}" if exists else new_mlflow_store(workdir)
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
         yield workdir
 
 

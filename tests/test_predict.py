@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import quick_train_config
+from conftest import new_mlflow_store, quick_train_config
 
 from leukemia.config import CLASSES
 
@@ -41,7 +41,7 @@ def champion(smear_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("LEUKEMIA_DATA_DIR", str(root / "data"))
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.setenv("MLFLOW_TRACKING_URI", new_mlflow_store(root))
         cfg = quick_train_config(SIZE)  # the card / predictions do not depend on selection
         done = train_folder(
             smear_dir, cfg, root, (0.5, 0.25, 0.25), "float32", tags={"airflow_run_id": "manual__p"}

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from airflow_events import asset_events
+from conftest import new_mlflow_store
 
 from leukemia.config import CLASSES
 from leukemia.ledger import ledger_key, pending, version_folder
@@ -75,7 +76,7 @@ def champion(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)  # MLflow's artifacts land here
         mp.setenv("LEUKEMIA_DATA_DIR", str(root / "data"))
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.setenv("MLFLOW_TRACKING_URI", new_mlflow_store(root))
         tracking.setup()
         with mlflow.start_run():
             info = mlflow.keras.log_model(
