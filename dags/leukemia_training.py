@@ -3,8 +3,9 @@
 
 Syncs new blood-smear images from S3, splits them (identical images kept together), extracts frozen
 VGG16 features once (mapped over shards), trains one head per **optimizer × batch size × variant ×
-head** (mapped, one MLflow run each, scored by k-fold cross-validation over train + validation),
-selects the best by **mean cross-validated** macro-F1, trains it again on train + validation
+head** (mapped, one MLflow run each, scored by k-fold cross-validation over train + validation; with
+`halving`, in rounds that prune all but the best third), selects the best by **mean cross-validated**
+macro-F1, trains it again on train + validation
 (`refit`), optionally replaces it by an ensemble or a fine-tuned model (`ensemble_top_k`,
 `fine_tune`), runs the **shortcut audit** on it, registers it as `leukemia-classifier` and
 **gates** it against the champion on the same test split (`mlflow.validate_evaluation_results` on
@@ -97,7 +98,7 @@ def leukemia_training() -> None:
 
     @task
     def plan_grid() -> list[dict[str, Any]]:
-        return [{"config": c} for c in steps.plan(_request())]
+        return [{"config": c, "halving": _request().halving} for c in steps.plan(_request())]
 
     @task(
         map_index_template="{{ config_label }}",
@@ -105,19 +106,30 @@ def leukemia_training() -> None:
         **HEAVY,
     )
     def train(
-        config: dict[str, Any], split: dict[str, Any], shards: list[dict[str, Any]]
+        config: dict[str, Any],
+        split: dict[str, Any],
+        shards: list[dict[str, Any]],
+        halving: bool = False,
+        round_number: int = 1,
+        run_id: str | None = None,
     ) -> dict[str, Any]:
         get_current_context()["config_label"] = config_label(
             config["optimizer"], config["batch_size"], config["variant"], config.get("head", "mlp")
         )
         features = steps.features_of(steps.mapped_items(shards))
-        return steps.train_one(config, split, features, steps.run_tags())
+        tags = steps.run_tags()
+        return steps.train_one(config, split, features, tags, round_number, run_id, halving)
 
-    # a failed configuration must not stop the others from being compared and gated; the split
-    # is pulled rather than wired in, so that the training tasks are the only upstream: when none
-    # of them succeeded, nothing is selected
-    @task(trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)
-    def select_candidate(results: list[dict[str, Any]]) -> dict[str, Any]:
+    # successive halving (`halving`): after each round the best third goes on to more folds; it
+    # skips when there is no next round (halving off, the last round done, nothing scored)
+    @task(trigger_rule=TriggerRule.ALL_DONE)
+    def prune(round_number: int) -> list[dict[str, Any]]:
+        return steps.prune(get_current_context()["run_id"], round_number)
+
+    # a failed configuration must not stop the others from being compared and gated; when no
+    # configuration finished, it skips (the failed training tasks say why)
+    @task(trigger_rule=TriggerRule.ALL_DONE)
+    def select_candidate() -> dict[str, Any]:
         return steps.select_candidate(get_current_context()["run_id"])
 
     # the selected configuration trained again on train + val (off: the selected run goes on)
@@ -128,8 +140,7 @@ def leukemia_training() -> None:
         features = steps.features_of(steps.mapped_items(shards))
         return steps.refit(candidate, split, features, _request().refit, steps.run_tags())
 
-    # optional stages after selection; each returns the candidate dict, with `run_id` naming the
-    # run the gate registers (unchanged when the stage is off or does not beat the candidate)
+    # optional stages after selection; each returns the candidate, `run_id` the run to register
     @task
     def ensemble(
         candidate: dict[str, Any], split: dict[str, Any], shards: list[dict[str, Any]]
@@ -142,8 +153,7 @@ def leukemia_training() -> None:
     def fine_tune(candidate: dict[str, Any], split: dict[str, Any]) -> dict[str, Any]:
         return steps.fine_tune(candidate, split, _request(), steps.run_tags())
 
-    # the shortcut audit of the run the gate registers: warnings on the run and its version, not a
-    # gate (its failure fails the DAG run before anything is registered)
+    # the shortcut audit of the run the gate registers: warnings on the run and version, not a gate
     @task(**HEAVY)
     def audit(candidate: dict[str, Any], split: dict[str, Any]) -> dict[str, Any]:
         return steps.audit(candidate, split, _request().audit_images)
@@ -181,13 +191,8 @@ def leukemia_training() -> None:
     @task(trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)
     def report(results: list[dict[str, Any]], gated: dict[str, Any] | None) -> dict[str, Any]:
         run, finished = _request(), steps.mapped_items(results)  # a failed config: no result
-        return steps.report(
-            [r for r in finished if r],
-            gated,
-            get_current_context()["run_id"],
-            run.work_uri,
-            run.require_approval,
-        )
+        done, airflow_run = [r for r in finished if r], get_current_context()["run_id"]
+        return steps.report(done, gated, airflow_run, run.work_uri, run.require_approval)
 
     split = build_split(sync_images())
     plan = plan_extraction(split)
@@ -195,7 +200,17 @@ def leukemia_training() -> None:
     grid = plan_grid()
     data_changed(split) >> [plan, grid]
     results = train.partial(split=split, shards=shards).expand_kwargs(grid)
-    candidate = select_candidate(results)
+    rounds = [results]
+    for n in (2, 3):  # more folds for the best third of the round before (none without halving)
+        survivors = prune.override(task_id=f"prune_round{n - 1}")(n - 1)
+        rounds[-1] >> survivors
+        rounds.append(
+            train.override(task_id=f"train_round{n}")
+            .partial(split=split, shards=shards)
+            .expand_kwargs(survivors)
+        )
+    candidate = select_candidate()
+    rounds >> candidate
     candidate = refit(candidate, split, shards)
     candidate = ensemble(candidate, split, shards)
     candidate = fine_tune(candidate, split)

@@ -130,12 +130,19 @@ def test_training_dag_structure(dagbag: Any) -> None:
             "plan_extraction",
             "refit",
             "train",
+            "train_round2",
+            "train_round3",
         ],
         "data_changed": ["plan_extraction", "plan_grid"],
         "plan_extraction": ["extract_features"],
-        "extract_features": ["ensemble", "refit", "train"],
+        "extract_features": ["ensemble", "refit", "train", "train_round2", "train_round3"],
         "plan_grid": ["train"],
-        "train": ["report", "select_candidate"],
+        # successive halving's rounds (`halving`): each round's survivors, picked by prune
+        "train": ["prune_round1", "report", "select_candidate"],
+        "prune_round1": ["train_round2"],
+        "train_round2": ["prune_round2", "select_candidate"],
+        "prune_round2": ["train_round3"],
+        "train_round3": ["select_candidate"],
         "select_candidate": ["refit"],
         "refit": ["ensemble"],
         "ensemble": ["fine_tune"],
@@ -151,6 +158,10 @@ def test_training_dag_structure(dagbag: Any) -> None:
     train = dag.get_task("train")
     assert train.max_active_tis_per_dagrun == 1
     assert train.map_index_template == "{{ config_label }}"
+    for later in ("train_round2", "train_round3"):  # the same task, named by configuration
+        assert dag.get_task(later).map_index_template == "{{ config_label }}"
+        assert dag.get_task(later).queue == train.queue
+    assert {dag.get_task(f"prune_round{n}").trigger_rule for n in (1, 2)} == {"all_done"}
     extract = dag.get_task("extract_features")
     assert extract.map_index_template == "{{ shard_label }}"  # mapped over shards of the images
     assert extract.queue == train.queue
@@ -490,6 +501,76 @@ def test_training_dag_end_to_end_with_an_empty_local_folder_for_every_task(
 
 
 @pytest.mark.slow
+def test_training_dag_with_halving_trains_rounds_prunes_and_gates_a_finalist(
+    airflow_db: Path,
+    dagbag: Any,
+    bucket: str,
+    mlflow_env: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    worker_per_task: list[str],
+) -> None:
+    """`halving` on a grid of 4 with 3-fold CV: round 1 fits one fold of each, the best 2 fit the
+    other two folds and finish; the third round has nobody; a finalist is selected and gated."""
+    from leukemia import halving, registry, selection, tracking
+    from leukemia.dev.synthetic import generate
+    from leukemia.objectstore import open_store
+    from leukemia.storage import upload_folder
+
+    monkeypatch.setenv("LEUKEMIA_BUCKET", bucket)
+    for name, value in DEMO_POLICY.items():
+        monkeypatch.setenv(name, value)
+    generate(tmp_path / "source", n_per_class=8, size=48, seed=9)
+    upload_folder(tmp_path / "source", bucket, "raw/")
+    dag = dagbag.dags["leukemia_training"]
+    conf = {
+        "bucket": bucket,
+        "optimizers": ["adam", "sgd"],
+        "batch_sizes": [8, 16],
+        "variants": ["seed"],
+        "heads": ["mlp"],
+        "halving": True,
+        "cv_folds": 3,
+        "augment_copies": 0,
+        "audit_images": 0,
+        "refit": False,
+        "epochs": 2,
+        "input_size": 48,
+        "weights": "none",
+        "precision": "float32",
+    }
+    run = dag.test(run_conf=conf)
+    assert str(run.state) == "success"
+    states = _states(dag, run.run_id)
+    assert states["train"] == ["success"] * 4 and states["train_round2"] == ["success"] * 2
+    assert states["prune_round1"] == ["success"]  # 3 folds: two rounds, then nothing to prune
+    assert states["prune_round2"] == states["train_round3"] == ["skipped"]
+    assert "train_round2[1]" in worker_per_task  # each round's task on a worker of its own
+    experiment = tracking.setup()
+    finalists = selection.finished_runs(experiment, run.run_id)
+    assert len(finalists) == 2 and all("cv_f1_macro_mean" in r.data.metrics for r in finalists)
+    import mlflow
+
+    query = f"tags.{halving.PRUNED_TAG} = 'true' and tags.airflow_run_id = '{run.run_id}'"
+    pruned = mlflow.search_runs([experiment], query, output_format="list")  # one fold's score
+    assert len(pruned) == 2
+    assert all(r.data.metrics[halving.PRUNED_SCORE_METRIC] >= 0 for r in pruned)
+    best = selection.best_run(finalists)
+    champion = registry.current_champion("leukemia-classifier")
+    assert champion is not None and champion.run_id == best.info.run_id, sorted(states.items())
+    report = json.loads(
+        open_store(f"s3://{bucket}/work/").read_bytes(f"reports/{run.run_id}/grid_results.json")
+    )
+    assert sorted(str(r.get("pruned_after_round", "")) for r in report["rows"]) == [
+        "",
+        "",
+        "1",
+        "1",
+    ]
+    assert [r["run_id"] for r in report["rows"] if r["selected"]] == [best.info.run_id]
+
+
+@pytest.mark.slow
 def test_training_dag_fails_once_without_retries_when_weights_cannot_be_had(
     airflow_db: Path,
     dagbag: Any,
@@ -528,7 +609,9 @@ def test_training_dag_fails_once_without_retries_when_weights_cannot_be_had(
     assert states["plan_extraction"] == ["failed"]
     assert set(states["extract_features"]) <= {"upstream_failed"}
     assert set(states["train"]) <= {"upstream_failed"}
-    assert states["select_candidate"] == ["upstream_failed"]
+    # the rounds' bookkeeping runs after any outcome and finds nothing to prune or select
+    assert states["prune_round1"] == states["prune_round2"] == ["skipped"]
+    assert states["select_candidate"] == ["skipped"]
     assert states["refit"] == ["upstream_failed"]
     assert states["register_and_gate"] == ["upstream_failed"]
     assert states["audit"] == ["upstream_failed"]

@@ -266,9 +266,11 @@ def test_failed_demo_ends_with_a_short_diagnosis(offline: dict[str, str], tmp_pa
     assert tail[1].startswith(
         f"  plan_extraction: AirflowFailException: cannot load VGG16 weights from {bad}"
     )
+    # (select_candidate and the halving rounds' prune steps ran, and skipped: nothing finished)
     assert tail[2] == (
         "  not run because of them: approval, audit, ensemble, extract_features, fine_tune, "
-        "keep_champion, promote, refit, register_and_gate, reject, report, select_candidate, train"
+        "keep_champion, promote, refit, register_and_gate, reject, report, train, train_round2, "
+        "train_round3"
     )
     assert tail[3] == f"Full output with the task logs: {workdir / 'last_run.log'}"
     log = (workdir / "last_run.log").read_text()

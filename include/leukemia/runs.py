@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -192,46 +192,54 @@ def _run_name(cfg: TrainConfig) -> str:
     return cfg.name.replace(" · ", "-")
 
 
-def train_run(
-    cfg: TrainConfig,
-    split_path: str | Path,
-    images_dir: str | Path,
-    cache_dir: str | Path,
-    tags: dict[str, str] | None = None,
-    dataset_digest: str = "",
-) -> TrainResult:
-    """Train, evaluate and log one configuration as one MLflow run; the run ends FAILED on error."""
-    from leukemia import tracking
+def _loaded(cfg: TrainConfig, split_path: str | Path, cache_dir: str | Path) -> tuple[Any, ...]:
+    """(cfg with its features' backend, split rows, `split_arrays`, `copy_arrays`) of a run."""
     from leukemia.dataset import read_split
-    from leukemia.training import best_epoch, copy_arrays, fit_head, split_arrays, with_copies
+    from leukemia.training import copy_arrays, split_arrays
 
-    started = time.monotonic()
     cfg = features_config(cfg, cache_dir)
     rows = read_split(split_path)
     data = split_arrays(rows, cache_dir, cfg.model.variant)
-    copies = copy_arrays(data, cache_dir, cfg.model.variant, cfg.augment_copies)
-    run_tags = {
-        "dataset_digest": dataset_digest,
-        **training_run_tags(cache_dir, "train"),  # registration fits its drift reference from them
-        **(tags or {}),
-    }
-    with tracking.training_run(tracking.RunKind.TRAINING, _run_name(cfg), run_tags) as run:
-        tracking.log_config(cfg, dataset_digest)
-        head, history = fit_head(
-            cfg,
-            *with_copies(*data["train"][:2], copies["train"]),
-            *data["val"][:2],
-            on_epoch=tracking.log_epoch,
-        )
-        epochs_run = len(history.get("loss", []))
-        kept = best_epoch(history)
-        tracking.log_values(metrics={"best_epoch": kept})
-        cv, oof = cross_validation(cfg, data, copies) if cfg.cv_folds > 1 else ({}, None)
-        head, results = calibrate(cfg, head, data, oof)
-        log_int8_agreement(cfg, head, cache_dir, data["test"])
-        head_uri = tracking.log_outcome(
-            cfg, head, history, results, rows, images_dir, split_path, epochs_run, dataset_digest
-        )
+    return cfg, rows, data, copy_arrays(data, cache_dir, cfg.model.variant, cfg.augment_copies)
+
+
+@dataclass
+class _Inputs:
+    """What the rest of a run needs after its cross-validation (`_finish`)."""
+
+    cfg: TrainConfig
+    rows: list[dict[str, str]]
+    data: dict[str, Any]
+    copies: dict[str, Any]
+    split_path: str | Path
+    images_dir: str | Path
+    cache_dir: str | Path
+    dataset_digest: str
+    started: float
+
+
+def _finish(run: Any, inputs: _Inputs, cv: dict[str, float], oof: Any | None) -> TrainResult:
+    """The rest of a training run once its cross-validation is done: the head fitted on train
+    (early stopping on val), calibrated on the out-of-fold probabilities (else val's), evaluated
+    and logged to the active run `run`."""
+    from leukemia import tracking
+    from leukemia.training import best_epoch, fit_head, with_copies
+
+    cfg, data = inputs.cfg, inputs.data
+    head, history = fit_head(
+        cfg,
+        *with_copies(*data["train"][:2], inputs.copies["train"]),
+        *data["val"][:2],
+        on_epoch=tracking.log_epoch,
+    )
+    epochs_run, kept = len(history.get("loss", [])), best_epoch(history)
+    tracking.log_values(metrics={"best_epoch": kept})
+    head, results = calibrate(cfg, head, data, oof)
+    log_int8_agreement(cfg, head, inputs.cache_dir, data["test"])
+    head_uri = tracking.log_outcome(
+        cfg, head, history, results, inputs.rows, inputs.images_dir, inputs.split_path,
+        epochs_run, inputs.dataset_digest,
+    )  # fmt: skip
     result = TrainResult(
         run_id=run.info.run_id,
         head_uri=head_uri,
@@ -240,7 +248,7 @@ def train_run(
         val=results["val"]["metrics"],
         test=results["test"]["metrics"],
         epochs_run=epochs_run,
-        seconds=round(time.monotonic() - started, 2),
+        seconds=round(time.monotonic() - inputs.started, 2),
         best_epoch=kept,
         cv=cv,
         images=len(data["train"][1]),
@@ -256,6 +264,148 @@ def train_run(
         result.run_id,
     )
     return result
+
+
+def _run_tags(cache_dir: str | Path, dataset_digest: str, tags: dict[str, str] | None) -> dict:
+    return {
+        "dataset_digest": dataset_digest,
+        **training_run_tags(cache_dir, "train"),  # registration fits its drift reference from them
+        **(tags or {}),
+    }
+
+
+def train_run(
+    cfg: TrainConfig,
+    split_path: str | Path,
+    images_dir: str | Path,
+    cache_dir: str | Path,
+    tags: dict[str, str] | None = None,
+    dataset_digest: str = "",
+) -> TrainResult:
+    """Train, evaluate and log one configuration as one MLflow run; the run ends FAILED on error."""
+    from leukemia import tracking
+
+    started = time.monotonic()
+    cfg, rows, data, copies = _loaded(cfg, split_path, cache_dir)
+    inputs = _Inputs(
+        cfg, rows, data, copies, split_path, images_dir, cache_dir, dataset_digest, started
+    )
+    run_tags = _run_tags(cache_dir, dataset_digest, tags)
+    with tracking.training_run(tracking.RunKind.TRAINING, _run_name(cfg), run_tags) as run:
+        tracking.log_config(cfg, dataset_digest)
+        cv, oof = cross_validation(cfg, data, copies) if cfg.cv_folds > 1 else ({}, None)
+        return _finish(run, inputs, cv, oof)
+
+
+def train_round(
+    cfg: TrainConfig,
+    split_path: str | Path,
+    images_dir: str | Path,
+    cache_dir: str | Path,
+    number: int = 1,
+    run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    dataset_digest: str = "",
+) -> dict[str, Any]:
+    """Round `number` of one configuration under successive halving (`halving`): round 1 starts
+    its run, a later one resumes `run_id`. Fits the round's folds and logs them with the score so
+    far; the last round (all k folds done) finishes the run as `train_run` does and returns its
+    `TrainResult` dict, an earlier one `{run_id, config, round, halving_f1_macro, seconds}`."""
+    import mlflow
+
+    from leukemia import halving, tracking
+
+    started = time.monotonic()
+    cfg, rows, data, copies = _loaded(cfg, split_path, cache_dir)
+    inputs = _Inputs(
+        cfg, rows, data, copies, split_path, images_dir, cache_dir, dataset_digest, started
+    )
+    x, y, shas = train_val_arrays(data)
+    k = _usable_folds(cfg, y, shas)
+    plan = halving.rounds(k, True)
+    this = plan[number - 1]
+    if number == 1:
+        context = tracking.training_run(
+            tracking.RunKind.TRAINING, _run_name(cfg), _run_tags(cache_dir, dataset_digest, tags)
+        )
+    else:
+        context = tracking.resumed_run(str(run_id))
+    with context as run:
+        if number == 1:
+            tracking.log_config(cfg, dataset_digest)
+            tracking.log_values(params={"cv_folds_used": k, "halving": True})
+            mlflow.set_tag("config", json.dumps(cfg.to_dict(), sort_keys=True))
+        if not this.folds:  # too few images for two folds: the single validation split
+            return asdict(_finish(run, inputs, {}, None))
+        f1 = _fit_round(cfg, run.info.run_id, this, (x, y, shas), copies)
+        if not this.final:
+            return {
+                "run_id": run.info.run_id,
+                "config": cfg.to_dict(),
+                "round": number,
+                "halving_f1_macro": f1,
+                "seconds": round(time.monotonic() - started, 2),
+            }
+        cv, oof = _all_folds(run.info.run_id, k, shas)
+        return asdict(_finish(run, inputs, cv, oof))
+
+
+def _usable_folds(cfg: TrainConfig, y: Any, shas: list[str]) -> int:
+    from leukemia.training import usable_folds
+
+    return usable_folds(y, shas, cfg.cv_folds) if cfg.cv_folds > 1 else 1
+
+
+def _fit_round(
+    cfg: TrainConfig, run_id: str, this: Any, arrays: tuple[Any, Any, list[str]], copies: Any
+) -> float:
+    """Fit and log one round's folds on the active run (metrics, out-of-fold rows, the score of
+    every fold so far); returns that score's macro-F1."""
+    import numpy as np
+
+    from leukemia import halving, tracking
+    from leukemia.training import cross_validate
+
+    x, y, shas = arrays
+    k = halving.rounds(_usable_folds(cfg, y, shas), True)[-1].stop
+    cv = cross_validate(
+        cfg, x, y, shas, k, train_val_copies(copies) if copies else None, only=this.folds
+    )
+    tracking.log_folds(cv["folds"])
+    held = np.asarray(cv["held_out"])
+    tracking.log_fold_probabilities(held, cv["oof"][held], this.first, this.stop)
+    f1, loss = halving.score(tracking.get_run(run_id).data.metrics, this.stop)
+    tracking.log_values(metrics={halving.SCORE_METRIC: f1, halving.LOSS_METRIC: loss})
+    tracking.tag_run(run_id, {halving.ROUND_TAG: str(this.number)})
+    log.info(
+        "%s: round %d, folds %d-%d of %d: CV macro-F1 %.4f, log-loss %.4f so far",
+        cfg.name, this.number, this.first + 1, this.stop, k, f1, loss,
+    )  # fmt: skip
+    return f1
+
+
+def _all_folds(run_id: str, k: int, shas: list[str]) -> tuple[dict[str, float], Any]:
+    """A halving run's k folds, from what its rounds logged, as `cross_validation` returns them
+    (means and standard deviations logged, the whole out-of-fold table as `OOF_ARTIFACT`)."""
+    from leukemia import tracking
+    from leukemia.config import CLASSES
+    from leukemia.training import CV_METRICS, fold_summary
+
+    metrics = tracking.get_run(run_id).data.metrics
+    folds = [
+        {
+            "number": i,
+            **{
+                m: metrics[f"cv_fold{i}_{m}" if m == "best_epoch" else f"cv_fold{i}_val_{m}"]
+                for m in CV_METRICS
+            },
+            "images": metrics[f"cv_fold{i}_images"],
+        }
+        for i in range(1, k + 1)
+    ]
+    oof = tracking.merged_fold_probabilities(run_id, len(shas), len(CLASSES))
+    cv = {"folds": folds, "oof": oof, **fold_summary(folds)}
+    return tracking.log_cross_validation(cv, shas), oof
 
 
 #: Whether the refit scales the epoch count early stopping found by (refit images / images of the

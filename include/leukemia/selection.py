@@ -19,14 +19,38 @@ SELECTION_METRIC = "val_f1_macro"
 CV_SELECTION_METRIC = "cv_f1_macro_mean"
 
 
-def finished_runs(experiment_id: str, airflow_run_id: str | None = None) -> list[Any]:
-    """FINISHED runs of the experiment that hold a model (optionally of one Airflow DAG run)."""
+def _training_runs(experiment_id: str, airflow_run_id: str | None = None) -> list[Any]:
+    """FINISHED training runs of the experiment (optionally of one Airflow DAG run)."""
     import mlflow
 
     query = f"attributes.status = 'FINISHED' and tags.kind = '{RunKind.TRAINING.value}'"
     if airflow_run_id:
         query += f" and tags.airflow_run_id = '{airflow_run_id}'"
     return mlflow.search_runs([experiment_id], filter_string=query, output_format="list")
+
+
+def finished_runs(experiment_id: str, airflow_run_id: str | None = None) -> list[Any]:
+    """FINISHED training runs that hold a model (optionally of one Airflow DAG run): not those
+    successive halving pruned, nor one still between its rounds (`halving`)."""
+    from leukemia.halving import PRUNED_TAG, ROUND_TAG
+
+    return [
+        r
+        for r in _training_runs(experiment_id, airflow_run_id)
+        if r.data.tags.get(PRUNED_TAG) != "true"
+        and (ROUND_TAG not in r.data.tags or "head_uri" in r.data.tags)
+    ]
+
+
+def round_runs(experiment_id: str, airflow_run_id: str, number: int) -> list[Any]:
+    """The runs of one DAG run that round `number` of successive halving scored and did not prune."""
+    from leukemia.halving import PRUNED_TAG, ROUND_TAG
+
+    return [
+        r
+        for r in _training_runs(experiment_id, airflow_run_id)
+        if r.data.tags.get(ROUND_TAG) == str(number) and r.data.tags.get(PRUNED_TAG) != "true"
+    ]
 
 
 def selection_key(run: Any, cross_validated: bool = True) -> tuple[float, float]:

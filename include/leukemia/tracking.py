@@ -20,7 +20,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -117,6 +117,30 @@ def training_run(kind: RunKind, name: str, tags: Mapping[str, str] | None = None
     fail_stale_runs(run_tags)
     with mlflow.start_run(run_name=name, tags=run_tags) as run:
         yield run
+
+
+@contextmanager
+def resumed_run(run_id: str) -> Iterator[Any]:
+    """The run `run_id` active again for the block (a later round of successive halving); it ends
+    FINISHED, or FAILED when the block raises."""
+    import mlflow
+
+    setup()
+    with mlflow.start_run(run_id=run_id) as run:
+        yield run
+
+
+def tag_run(
+    run_id: str, tags: Mapping[str, str], metrics: Mapping[str, float] | None = None
+) -> None:
+    """Tags (and metrics) on a run that is not active."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    for key, value in (metrics or {}).items():
+        client.log_metric(run_id, key, value)
 
 
 def log_epoch(epoch: int, logs: Mapping[str, float]) -> None:
@@ -304,16 +328,56 @@ def log_cross_validation(cv: Mapping[str, Any], shas: list[str]) -> dict[str, fl
         path = Path(tmp) / Path(OOF_ARTIFACT).name
         np.savez(path, sha256=np.asarray(shas), probabilities=cv["oof"])
         mlflow.log_artifact(str(path), artifact_path=str(Path(OOF_ARTIFACT).parent))
-    for i, fold in enumerate(cv["folds"], 1):
-        mlflow.log_metrics(
-            {
-                (f"cv_fold{i}_{k}" if k in ("best_epoch", "images") else f"cv_fold{i}_val_{k}"): v
-                for k, v in fold.items()
-            }
-        )
-    summary = {f"cv_{k}": v for k, v in cv.items() if k not in ("folds", "oof")}
+    log_folds(cv["folds"])
+    summary = {f"cv_{k}": v for k, v in cv.items() if k.endswith(("_mean", "_std"))}
     mlflow.log_metrics(summary)
     return summary
+
+
+def log_fold_probabilities(rows: Any, probabilities: Any, first: int, stop: int) -> None:
+    """The out-of-fold probabilities of folds `first`..`stop` (0-based) on the active run: `rows`
+    (their positions in train + val) and `probabilities`, as `cv/oof_folds_<first>-<stop>.npz`
+    (`merged_fold_probabilities` joins a run's parts)."""
+    import mlflow
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"oof_folds_{first}-{stop}.npz"
+        np.savez(path, rows=np.asarray(rows), probabilities=np.asarray(probabilities))
+        mlflow.log_artifact(str(path), artifact_path=str(Path(OOF_ARTIFACT).parent))
+
+
+def merged_fold_probabilities(run_id: str, n: int, classes: int) -> Any:
+    """The (n, classes) out-of-fold probabilities of a run from its `log_fold_probabilities`
+    parts; a row no part holds is an error (a fold was never fitted)."""
+    import numpy as np
+
+    out = np.full((n, classes), np.nan, dtype="float32")
+    folder = str(Path(OOF_ARTIFACT).parent)
+    for name in sorted(artifact_names(run_id, folder)):
+        if Path(name).name.startswith("oof_folds_"):
+            with np.load(download(run_id, f"{folder}/{Path(name).name}")) as part:
+                out[part["rows"]] = part["probabilities"]
+    missing = int(np.isnan(out).any(axis=1).sum())
+    if missing:
+        raise ValueError(f"run {run_id}: {missing} of {n} images have no out-of-fold probabilities")
+    return out
+
+
+def log_folds(folds: Sequence[Mapping[str, Any]]) -> None:
+    """Each fold's metrics (`training.cross_validate`'s `folds`) on the active run, named by the
+    fold's `number`: `cv_fold<i>_val_<metric>`, `cv_fold<i>_best_epoch`, `cv_fold<i>_images`."""
+    import mlflow
+
+    for i, fold in enumerate(folds, 1):
+        n = fold.get("number", i)
+        mlflow.log_metrics(
+            {
+                (f"cv_fold{n}_{k}" if k in ("best_epoch", "images") else f"cv_fold{n}_val_{k}"): v
+                for k, v in fold.items()
+                if k != "number"
+            }
+        )
 
 
 #: Where a run keeps its calibration's reliability diagram and numbers (`log_calibration`).
@@ -595,6 +659,7 @@ GRID_COLUMNS = (
     "test_f1_macro",
     "test_malignant_sensitivity",
     "selected",
+    "pruned_after_round",
 )
 
 
@@ -617,10 +682,15 @@ def grid_rows(results: list[dict[str, Any]], selected_run_id: str | None) -> lis
                 "head": r["config"].get("head", "mlp"),
                 "optimizer": r["config"]["optimizer"],
                 "batch_size": r["config"]["batch_size"],
-                "epochs_run": r["epochs_run"],
+                "epochs_run": r.get("epochs_run", ""),
                 **{k: round(v, 4) for k, v in r.get("cv", {}).items()},
-                **{f"val_{k}": round(v, 4) for k, v in r["val"].items()},
-                **{f"test_{k}": round(v, 4) for k, v in r["test"].items()},
+                **{f"val_{k}": round(v, 4) for k, v in r.get("val", {}).items()},
+                **{f"test_{k}": round(v, 4) for k, v in r.get("test", {}).items()},
+                **(
+                    {"pruned_after_round": r["pruned_after_round"]}
+                    if "pruned_after_round" in r
+                    else {}
+                ),
                 "run_id": r["run_id"],
                 "selected": r["run_id"] == selected_run_id,
             }
@@ -669,6 +739,7 @@ def log_grid_summary(
         panels = [
             {**r, "variant": r["variant"] + ("" if r["head"] == "mlp" else f" · {r['head']}")}
             for r in rows
+            if "pruned_after_round" not in r  # halving stopped it: no val or test metrics
         ]
         metrics = ("val_f1_macro", "val_accuracy", "test_accuracy")
         if any("cv_f1_macro_mean" in r for r in rows):

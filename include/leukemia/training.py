@@ -285,37 +285,51 @@ def cross_validate(
     groups: list[str],
     k: int | None = None,
     copies: Any | None = None,
+    only: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Fit the configuration on each of k folds of (x, y) (train + val) and score it on the held-out
     fold, early stopping on that fold as the single split does. `copies` (c, n, width): the images'
     augmented copies, added to the training folds only (a held-out image is scored as it is).
+    `only`: the folds to fit (0-based; successive halving fits a few per round), default all.
 
-    Returns `folds` (one metrics dict per fold: f1_macro, log_loss, accuracy, best_epoch, images),
-    `<metric>_mean` / `<metric>_std` over the folds, and `oof`: every image's probabilities from the
-    fold that held it out (in the order of `x`).
+    Returns `folds` (one metrics dict per fold fitted: `number` (1-based), f1_macro, log_loss,
+    accuracy, best_epoch, images), `<metric>_mean` / `<metric>_std` over them, and `oof`: every
+    image's probabilities from the fold that held it out (in the order of `x`; zero for the images
+    of folds not fitted).
     """
     import numpy as np
 
     from leukemia.evaluation import evaluate
 
     x, y = np.asarray(x, dtype="float32"), np.asarray(y, dtype="int64")
-    folds = []
+    folds, held = [], []
     oof = np.zeros((len(y), len(CLASSES)), dtype="float32")
-    for train_idx, val_idx in cv_folds(y, groups, k or cfg.cv_folds, cfg.seed):
+    for number, (train_idx, val_idx) in enumerate(cv_folds(y, groups, k or cfg.cv_folds, cfg.seed)):
+        if only is not None and number not in only:
+            continue
         fold_copies = None if copies is None else np.asarray(copies)[:, train_idx]
         head, history = fit_head(
             cfg, *with_copies(x[train_idx], y[train_idx], fold_copies), x[val_idx], y[val_idx]
         )
         oof[val_idx] = np.asarray(head(x[val_idx], training=False))
+        held.extend(int(i) for i in val_idx)
         metrics = evaluate(y[val_idx], oof[val_idx])["metrics"]
         folds.append(
             {
+                "number": number + 1,
                 **{m: metrics[m] for m in CV_METRICS if m in metrics},
                 "best_epoch": best_epoch(history),
                 "images": len(val_idx),
             }
         )
-    out: dict[str, Any] = {"folds": folds, "oof": oof}
+    return {"folds": folds, "oof": oof, "held_out": held, **fold_summary(folds)}
+
+
+def fold_summary(folds: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """`<metric>_mean` and `<metric>_std` of `CV_METRICS` over folds (`cross_validate`'s `folds`)."""
+    import numpy as np
+
+    out = {}
     for m in CV_METRICS:
         values = np.asarray([f[m] for f in folds], dtype="float64")
         out[f"{m}_mean"], out[f"{m}_std"] = float(values.mean()), float(values.std())

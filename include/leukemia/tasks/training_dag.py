@@ -343,30 +343,53 @@ def train_one(
     split_info: dict[str, Any],
     features_info: dict[str, Any],
     tags: dict[str, str] | None = None,
+    round_number: int = 1,
+    run_id: str | None = None,
+    halving: bool = False,
 ) -> dict[str, Any]:
-    """Train and log one configuration from the cached features; returns the run id, head URI and
-    metrics."""
-    from leukemia.runs import train_run
+    """Train and log one configuration from the cached features (with `halving`: its round
+    `round_number`, `runs.train_round`); returns the run id, head URI and metrics (an earlier
+    round of halving: its score so far)."""
+    from leukemia.runs import train_round, train_run
     from leukemia.training import TrainConfig
 
-    result = train_run(
-        TrainConfig.from_dict(config),
-        split_info["path"],
-        split_info["images_uri"],
-        features_info["cache_dir"],
-        tags=tags,
-        dataset_digest=split_info["digest"],
-    )
-    return asdict(result)
+    cfg = TrainConfig.from_dict(config)
+    where = (split_info["path"], split_info["images_uri"], features_info["cache_dir"])
+    if halving:
+        return train_round(cfg, *where, round_number, run_id, tags, split_info["digest"])
+    return asdict(train_run(cfg, *where, tags=tags, dataset_digest=split_info["digest"]))
+
+
+def prune(airflow_run_id: str, round_number: int) -> list[dict[str, Any]]:
+    """After round `round_number` of successive halving: the next round's configurations
+    (`halving.prune`, which tags the others pruned); skipped (so is the next round) without
+    halving, after the last round, or when no configuration finished this one."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from leukemia import halving, selection, tracking
+
+    runs = selection.round_runs(tracking.setup(), airflow_run_id, round_number)
+    onward = halving.prune(runs, round_number)
+    if not onward:
+        raise AirflowSkipException(f"no round after round {round_number}: nothing to prune")
+    return onward
 
 
 def select_candidate(airflow_run_id: str | None) -> dict[str, Any]:
     """The best run of this DAG run by mean CV macro-F1 (validation macro-F1 when `cv_folds` is 1):
     `{"run_id", "selection", "val", "configurations"}`. Registers nothing; what the gate registers
     is the `run_id` it is given."""
-    from leukemia import promotion, tracking
+    from airflow.sdk.exceptions import AirflowSkipException
 
-    return promotion.select_candidate(tracking.setup(), airflow_run_id)
+    from leukemia import promotion, selection, tracking
+
+    experiment_id = tracking.setup()
+    if not selection.finished_runs(experiment_id, airflow_run_id):
+        raise AirflowSkipException(
+            "no configuration finished training: nothing to select (the failed training tasks "
+            "say why)"
+        )
+    return promotion.select_candidate(experiment_id, airflow_run_id)
 
 
 def refit(
@@ -508,10 +531,12 @@ def report(
     (`gate.md`, one line per threshold), and its table as
     `reports/<airflow run id>/grid_results.json` in the work store."""
     from leukemia import promotion as decisions
+    from leukemia.halving import outcomes
     from leukemia.objectstore import open_store
     from leukemia.selection import with_selected_run
     from leukemia.tracking import grid_rows, log_grid_summary
 
+    results = outcomes(results)  # with halving: the runs' final outcomes, or where they stopped
     promotion = decisions.summary_of(gated, require_approval)
     summary = log_grid_summary(results, with_selected_run(promotion), airflow_run_id)
     decisions.annotate_summary(summary["summary_run_id"], gated, require_approval)
