@@ -46,9 +46,82 @@ def grids() -> dict[str, dict]:
             "augment_copies": 0,
         },
         "default": default,
+        "default-halving": {**default, "halving": True},
         "default-without-augmentation": {**default, "augment_copies": 0},
         "default-both-variants": {**default, "variants": ["seed", "multiscale"]},
     }
+
+
+def scored_config(cfg, data: dict, copies: dict, cv: dict | None = None) -> tuple[tuple, int]:  # noqa: ANN001
+    """A configuration as its training task scores it: the train→val fit, then its k-fold CV (or
+    `cv`, the folds successive halving fitted in rounds); the `run_grid` entry and the fits made."""
+    from leukemia.evaluation import evaluate
+    from leukemia.runs import train_val_arrays, train_val_copies
+    from leukemia.training import best_epoch, cross_validate, fit_head, with_copies
+
+    train = with_copies(*data["train"][:2], copies["train"])
+    head, history = fit_head(cfg, *train, *data["val"][:2])
+    fits = 1
+    val = evaluate(data["val"][1], head.predict(data["val"][0], verbose=0))["metrics"]
+    score = (val["f1_macro"], -val["log_loss"])
+    fit_images, epoch = len(data["train"][1]), best_epoch(history)
+    if cfg.cv_folds > 1:
+        x, y, groups = train_val_arrays(data)
+        if cv is None:
+            cv = cross_validate(cfg, x, y, groups, copies=train_val_copies(copies))
+            fits += cfg.cv_folds
+        score = (cv["f1_macro_mean"], -cv["log_loss_mean"])
+        fit_images, epoch = len(y) * (cfg.cv_folds - 1) / cfg.cv_folds, cv["best_epoch_mean"]
+    return (score, cfg, data, copies, fit_images, epoch, head), fits
+
+
+def halving_grid(name: str, configs: list, rows: list, cache_dir: str, started: float) -> tuple:  # noqa: ANN001
+    """The grid under successive halving as the training DAG runs it (`leukemia.halving`): each
+    round fits its folds of the configurations still in, the best third goes on; the finalists
+    are scored as `scored_config` does, on the folds their rounds fitted."""
+    from leukemia import halving
+    from leukemia.runs import train_val_arrays, train_val_copies
+    from leukemia.training import copy_arrays, cross_validate, fold_summary, split_arrays
+
+    arrays, folds, fits = {}, {}, 0
+    alive = list(configs)
+    for this in halving.rounds(configs[0].cv_folds, True):
+        for cfg in alive:
+            if cfg.model.variant not in arrays:
+                data = split_arrays(rows, cache_dir, cfg.model.variant)
+                arrays[cfg.model.variant] = (
+                    data,
+                    copy_arrays(data, cache_dir, cfg.model.variant, cfg.augment_copies),
+                )
+            data, copies = arrays[cfg.model.variant]
+            x, y, groups = train_val_arrays(data)
+            cv = cross_validate(cfg, x, y, groups, copies=train_val_copies(copies), only=this.folds)
+            folds.setdefault(cfg.name, []).extend(cv["folds"])
+            fits += len(this.folds)
+            print(
+                f"  {name}: round {this.number} {cfg.name} {time.perf_counter() - started:.0f} s",
+                flush=True,
+            )
+        if not this.final:
+            ranked = sorted(
+                alive,
+                key=lambda c: (
+                    -fold_summary(folds[c.name])["f1_macro_mean"],
+                    fold_summary(folds[c.name])["log_loss_mean"],
+                ),
+            )
+            alive = ranked[: halving.survivors(len(ranked))]
+            print(
+                f"  {name}: after round {this.number}: " + ", ".join(c.name for c in alive),
+                flush=True,
+            )
+    scored = []
+    for cfg in alive:
+        data, copies = arrays[cfg.model.variant]
+        entry, n = scored_config(cfg, data, copies, fold_summary(folds[cfg.name]))
+        scored.append(entry)
+        fits += n
+    return scored, fits
 
 
 def run_grid(name: str, spec: dict, rows: list, cache_dir: str) -> dict:  # noqa: ANN001
@@ -58,9 +131,7 @@ def run_grid(name: str, spec: dict, rows: list, cache_dir: str) -> dict:  # noqa
     from leukemia.runs import refit_epochs, train_val_arrays, train_val_copies
     from leukemia.training import (
         TrainConfig,
-        best_epoch,
         copy_arrays,
-        cross_validate,
         fit_head,
         grid,
         split_arrays,
@@ -75,25 +146,18 @@ def run_grid(name: str, spec: dict, rows: list, cache_dir: str) -> dict:  # noqa
         base,
         spec["heads"],
     )
-    scored, fits = [], 0
     started = time.perf_counter()
-    for cfg in configs:
-        data = split_arrays(rows, cache_dir, cfg.model.variant)
-        copies = copy_arrays(data, cache_dir, cfg.model.variant, cfg.augment_copies)
-        train = with_copies(*data["train"][:2], copies["train"])
-        head, history = fit_head(cfg, *train, *data["val"][:2])
-        fits += 1
-        val = evaluate(data["val"][1], head.predict(data["val"][0], verbose=0))["metrics"]
-        score = (val["f1_macro"], -val["log_loss"])
-        fit_images, epoch = len(data["train"][1]), best_epoch(history)
-        if cfg.cv_folds > 1:
-            x, y, groups = train_val_arrays(data)
-            cv = cross_validate(cfg, x, y, groups, copies=train_val_copies(copies))
-            fits += cfg.cv_folds
-            score = (cv["f1_macro_mean"], -cv["log_loss_mean"])
-            fit_images, epoch = len(y) * (cfg.cv_folds - 1) / cfg.cv_folds, cv["best_epoch_mean"]
-        scored.append((score, cfg, data, copies, fit_images, epoch, head))
-        print(f"  {name}: {cfg.name} {time.perf_counter() - started:.0f} s", flush=True)
+    if spec.get("halving"):
+        scored, fits = halving_grid(name, configs, rows, cache_dir, started)
+    else:
+        scored, fits = [], 0
+        for cfg in configs:
+            data = split_arrays(rows, cache_dir, cfg.model.variant)
+            copies = copy_arrays(data, cache_dir, cfg.model.variant, cfg.augment_copies)
+            entry, n = scored_config(cfg, data, copies)
+            scored.append(entry)
+            fits += n
+            print(f"  {name}: {cfg.name} {time.perf_counter() - started:.0f} s", flush=True)
     grid_s = time.perf_counter() - started
     score, cfg, data, copies, fit_images, epoch, head = max(scored, key=lambda s: s[0])
     refit_s = 0.0
@@ -105,7 +169,9 @@ def run_grid(name: str, spec: dict, rows: list, cache_dir: str) -> dict:  # noqa
         head, _ = fit_head(replace(cfg, epochs=epochs, cv_folds=1), x, y, None, None)
         fits += 1
         refit_s = time.perf_counter() - t
-    test = evaluate(data["test"][1], head.predict(data["test"][0], verbose=0))["metrics"]
+    probabilities = head.predict(data["test"][0], verbose=0)
+    test = evaluate(data["test"][1], probabilities)["metrics"]
+    errors = int((probabilities.argmax(axis=1) != data["test"][1]).sum())
     return {
         "grid": name,
         "augmented copies": spec["augment_copies"],
@@ -115,6 +181,8 @@ def run_grid(name: str, spec: dict, rows: list, cache_dir: str) -> dict:  # noqa
         "refit s": refit_s,
         "selected": cfg.name,
         "test acc": test["accuracy"],
+        "test errors": f"{errors} / {len(data['test'][1])}",
+        "malignant sens.": test["malignant_sensitivity"],
     }
 
 

@@ -91,6 +91,7 @@ def test_halving_prunes_in_mlflow_and_selection_sees_only_the_finalist(
         for i, c in enumerate(configs)
     ]
     assert all("val" not in r and r["round"] == 1 for r in first)  # one fold each, no outcome
+    assert all(r["mlflow_url"].endswith(r["run_id"]) for r in first)  # the task's UI link
     experiment = tracking.setup()
     scored = selection.round_runs(experiment, "manual__h", 1)
     assert len(scored) == 4 and selection.finished_runs(experiment, "manual__h") == []

@@ -310,7 +310,8 @@ def train_round(
     """Round `number` of one configuration under successive halving (`halving`): round 1 starts
     its run, a later one resumes `run_id`. Fits the round's folds and logs them with the score so
     far; the last round (all k folds done) finishes the run as `train_run` does and returns its
-    `TrainResult` dict, an earlier one `{run_id, config, round, halving_f1_macro, seconds}`."""
+    `TrainResult` dict, an earlier one `{run_id, mlflow_url (the UI's link), config, round,
+    halving_f1_macro, seconds}`."""
     import mlflow
 
     from leukemia import halving, tracking
@@ -341,6 +342,7 @@ def train_round(
         if not this.final:
             return {
                 "run_id": run.info.run_id,
+                "mlflow_url": tracking.run_url(run.info.experiment_id, run.info.run_id),
                 "config": cfg.to_dict(),
                 "round": number,
                 "halving_f1_macro": f1,
