@@ -359,7 +359,7 @@ def _strings(value: Any) -> Iterator[str]:
 
 
 @pytest.mark.slow
-def test_training_dag_end_to_end_with_an_empty_local_folder_for_every_task(
+def test_training_dag_end_to_end_with_an_empty_local_folder_for_every_task_and_halving_rounds(
     airflow_db: Path,
     dagbag: Any,
     bucket: str,
@@ -369,8 +369,8 @@ def test_training_dag_end_to_end_with_an_empty_local_folder_for_every_task(
     worker_per_task: list[str],
 ) -> None:
     """Full runs with dag.test(), each task on a fresh worker: train, gate and promote, skip on
-    unchanged data, keep a better champion (the candidate gets @challenger); the hand-offs are in
-    the object store and XCom holds no path."""
+    unchanged data, keep a better champion (the candidate, picked by successive halving in rounds,
+    gets @challenger); the hand-offs are in the object store and XCom holds no path."""
     import mlflow
 
     from leukemia import registry, selection, tracking
@@ -480,94 +480,44 @@ def test_training_dag_end_to_end_with_an_empty_local_folder_for_every_task(
     assert states["audit"] == ["skipped"]
     assert selection.finished_runs(experiment_id, second.run_id) == []
 
-    # the comparison with the champion only needs a candidate: one head, no CV, no audit
-    cheap = {"heads": ["linear"], "cv_folds": 1, "audit_images": 0}
-    third = dag.test(run_conf={**conf, **cheap, "force_retrain": True, "promotion_margin": 1.0})
+    # the comparison with the champion only needs a candidate, which successive halving picks
+    # (`halving`): both heads fit fold 1 of 3, the better fits folds 2-3 and finishes, the other
+    # is pruned; no audit
+    halved = {"halving": True, "audit_images": 0}
+    third = dag.test(run_conf={**conf, **halved, "force_retrain": True, "promotion_margin": 1.0})
     assert str(third.state) == "success"
+    states = _states(dag, third.run_id)
+    assert states["train"] == ["success", "success"] and states["train_round2"] == ["success"]
+    assert states["prune_round1"] == ["success"]  # 3 folds: two rounds, then nothing to prune
+    assert states["prune_round2"] == states["train_round3"] == ["skipped"]
+    assert "train_round2[0]" in worker_per_task  # a round's task on a worker of its own too
     extracted = _xcoms(dag, third.run_id)["extract_features"]
     assert [(x["computed"], x["augmented"], x["parts_written"]) for x in extracted] == [
         (0, 0, 0),
         (0, 0, 0),
     ]
     assert sum(x["cached"] for x in extracted) == 48
+    finalists = selection.finished_runs(experiment_id, third.run_id)
+    assert len(finalists) == 1 and "cv_fold3_val_f1_macro" in finalists[0].data.metrics
+    query = f"tags.pruned = 'true' and tags.airflow_run_id = '{third.run_id}'"
+    pruned = mlflow.search_runs([experiment_id], query, output_format="list")
+    assert len(pruned) == 1 and pruned[0].data.tags["pruned_after_round"] == "1"
+    assert pruned[0].data.metrics["pruned_score"] == pytest.approx(
+        pruned[0].data.metrics["cv_fold1_val_f1_macro"]
+    )
     assert registry.current_champion("leukemia-classifier").version == champion.version
     challenger = mlflow.MlflowClient().get_model_version_by_alias(
         "leukemia-classifier", "challenger"
     )
     assert int(challenger.version) > int(champion.version)
+    assert mlflow.get_run(challenger.run_id).data.tags["refit_of"] == finalists[0].info.run_id
     assert challenger.tags["decision"] == "kept as challenger"
     assert "does not beat the champion" in challenger.tags["decision_reason"]
     assert challenger.tags["gate.min_gain_over_champion"].startswith("failed: macro-F1")
-
-
-@pytest.mark.slow
-def test_training_dag_with_halving_trains_rounds_prunes_and_gates_a_finalist(
-    airflow_db: Path,
-    dagbag: Any,
-    bucket: str,
-    mlflow_env: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    worker_per_task: list[str],
-) -> None:
-    """`halving` on a grid of 4 with 3-fold CV: round 1 fits one fold of each, the best 2 fit the
-    other two folds and finish; the third round has nobody; a finalist is selected and gated."""
-    from leukemia import halving, registry, selection, tracking
-    from leukemia.dev.synthetic import generate
-    from leukemia.objectstore import open_store
-    from leukemia.storage import upload_folder
-
-    monkeypatch.setenv("LEUKEMIA_BUCKET", bucket)
-    for name, value in DEMO_POLICY.items():
-        monkeypatch.setenv(name, value)
-    generate(tmp_path / "source", n_per_class=8, size=48, seed=9)
-    upload_folder(tmp_path / "source", bucket, "raw/")
-    dag = dagbag.dags["leukemia_training"]
-    conf = {
-        "bucket": bucket,
-        "optimizers": ["adam", "sgd"],
-        "batch_sizes": [8, 16],
-        "variants": ["seed"],
-        "heads": ["mlp"],
-        "halving": True,
-        "cv_folds": 3,
-        "augment_copies": 0,
-        "audit_images": 0,
-        "refit": False,
-        "epochs": 2,
-        "input_size": 48,
-        "weights": "none",
-        "precision": "float32",
-    }
-    run = dag.test(run_conf=conf)
-    assert str(run.state) == "success"
-    states = _states(dag, run.run_id)
-    assert states["train"] == ["success"] * 4 and states["train_round2"] == ["success"] * 2
-    assert states["prune_round1"] == ["success"]  # 3 folds: two rounds, then nothing to prune
-    assert states["prune_round2"] == states["train_round3"] == ["skipped"]
-    assert "train_round2[1]" in worker_per_task  # each round's task on a worker of its own
-    experiment = tracking.setup()
-    finalists = selection.finished_runs(experiment, run.run_id)
-    assert len(finalists) == 2 and all("cv_f1_macro_mean" in r.data.metrics for r in finalists)
-    import mlflow
-
-    query = f"tags.{halving.PRUNED_TAG} = 'true' and tags.airflow_run_id = '{run.run_id}'"
-    pruned = mlflow.search_runs([experiment], query, output_format="list")  # one fold's score
-    assert len(pruned) == 2
-    assert all(r.data.metrics[halving.PRUNED_SCORE_METRIC] >= 0 for r in pruned)
-    best = selection.best_run(finalists)
-    champion = registry.current_champion("leukemia-classifier")
-    assert champion is not None and champion.run_id == best.info.run_id, sorted(states.items())
-    report = json.loads(
-        open_store(f"s3://{bucket}/work/").read_bytes(f"reports/{run.run_id}/grid_results.json")
-    )
-    assert sorted(str(r.get("pruned_after_round", "")) for r in report["rows"]) == [
-        "",
-        "",
-        "1",
-        "1",
-    ]
-    assert [r["run_id"] for r in report["rows"] if r["selected"]] == [best.info.run_id]
+    report = json.loads(open_store(f"s3://{bucket}/work/").read_bytes(
+        f"reports/{third.run_id}/grid_results.json"
+    ))  # fmt: skip
+    assert sorted(str(r.get("pruned_after_round", "")) for r in report["rows"]) == ["", "1"]
 
 
 @pytest.mark.slow
