@@ -103,13 +103,7 @@ def halving_grid(name: str, configs: list, rows: list, cache_dir: str, started: 
                 flush=True,
             )
         if not this.final:
-            ranked = sorted(
-                alive,
-                key=lambda c: (
-                    -fold_summary(folds[c.name])["f1_macro_mean"],
-                    fold_summary(folds[c.name])["log_loss_mean"],
-                ),
-            )
+            ranked = sorted(alive, key=lambda c: halving.rank_key(folds[c.name]))
             alive = ranked[: halving.survivors(len(ranked))]
             print(
                 f"  {name}: after round {this.number}: " + ", ".join(c.name for c in alive),

@@ -17,9 +17,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from leukemia.training import fold_summary
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ log = logging.getLogger(__name__)
 ETA = 3
 #: Rounds the training DAG has (a mapped training task each); `rounds` never plans more.
 MAX_ROUNDS = 3
-#: Tags and metrics a run gets (`record_round`, `prune`).
+#: Tags and metrics a run gets (`runs.train_round`, `prune`).
 ROUND_TAG = "halving_round"
 PRUNED_TAG = "pruned"
 PRUNED_AFTER_TAG = "pruned_after_round"
@@ -70,19 +72,32 @@ def survivors(n: int) -> int:
     return max(1, math.ceil(n / ETA))
 
 
+def fold_score(folds: Sequence[Mapping[str, float]]) -> tuple[float, float]:
+    """(mean macro-F1, mean log-loss) of the folds fitted so far (`training.cross_validate`'s
+    `folds` entries)."""
+    summary = fold_summary(folds)
+    return summary["f1_macro_mean"], summary["log_loss_mean"]
+
+
+def rank_key(folds: Sequence[Mapping[str, float]]) -> tuple[float, float]:
+    """Best first when sorted: higher mean macro-F1, then lower mean log-loss, as selection ranks
+    by the full CV means."""
+    f1, loss = fold_score(folds)
+    return -f1, loss
+
+
 def score(metrics: Mapping[str, float], folds: int) -> tuple[float, float]:
-    """(mean macro-F1, mean log-loss) of a run's first `folds` folds (`cv_fold<i>_val_*` metrics)."""
-    f1 = [metrics[f"cv_fold{i}_val_f1_macro"] for i in range(1, folds + 1)]
-    loss = [metrics.get(f"cv_fold{i}_val_log_loss", math.inf) for i in range(1, folds + 1)]
-    return sum(f1) / len(f1), sum(loss) / len(loss)
+    """`fold_score` of the first `folds` folds a run logged (`tracking.logged_folds`)."""
+    from leukemia.tracking import logged_folds
+
+    return fold_score(logged_folds(metrics, folds))
 
 
 def ranked(runs: list[Any], folds: int) -> list[Any]:
-    """Runs best first by `score` over their first `folds` folds: higher macro-F1, then lower
-    log-loss, as selection ranks by the full CV means."""
-    return sorted(
-        runs, key=lambda r: (-score(r.data.metrics, folds)[0], score(r.data.metrics, folds)[1])
-    )
+    """Runs best first by `rank_key` over their first `folds` folds."""
+    from leukemia.tracking import logged_folds
+
+    return sorted(runs, key=lambda r: rank_key(logged_folds(r.data.metrics, folds)))
 
 
 def next_round(run: Any, number: int) -> dict[str, Any]:

@@ -338,7 +338,7 @@ def train_round(
             mlflow.set_tag("config", json.dumps(cfg.to_dict(), sort_keys=True))
         if not this.folds:  # too few images for two folds: the single validation split
             return asdict(_finish(run, inputs, {}, None))
-        f1 = _fit_round(cfg, run.info.run_id, this, (x, y, shas), copies)
+        f1 = _fit_round(cfg, run.info.run_id, this, k, (x, y, shas), copies)
         if not this.final:
             return {
                 "run_id": run.info.run_id,
@@ -359,17 +359,21 @@ def _usable_folds(cfg: TrainConfig, y: Any, shas: list[str]) -> int:
 
 
 def _fit_round(
-    cfg: TrainConfig, run_id: str, this: Any, arrays: tuple[Any, Any, list[str]], copies: Any
+    cfg: TrainConfig,
+    run_id: str,
+    this: Any,
+    k: int,
+    arrays: tuple[Any, Any, list[str]],
+    copies: Any,
 ) -> float:
-    """Fit and log one round's folds on the active run (metrics, out-of-fold rows, the score of
-    every fold so far); returns that score's macro-F1."""
+    """Fit and log one round's folds (of k) on the active run (metrics, out-of-fold rows, the
+    score of every fold so far); returns that score's macro-F1."""
     import numpy as np
 
     from leukemia import halving, tracking
     from leukemia.training import cross_validate
 
     x, y, shas = arrays
-    k = halving.rounds(_usable_folds(cfg, y, shas), True)[-1].stop
     cv = cross_validate(
         cfg, x, y, shas, k, train_val_copies(copies) if copies else None, only=this.folds
     )
@@ -391,20 +395,9 @@ def _all_folds(run_id: str, k: int, shas: list[str]) -> tuple[dict[str, float], 
     (means and standard deviations logged, the whole out-of-fold table as `OOF_ARTIFACT`)."""
     from leukemia import tracking
     from leukemia.config import CLASSES
-    from leukemia.training import CV_METRICS, fold_summary
+    from leukemia.training import fold_summary
 
-    metrics = tracking.get_run(run_id).data.metrics
-    folds = [
-        {
-            "number": i,
-            **{
-                m: metrics[f"cv_fold{i}_{m}" if m == "best_epoch" else f"cv_fold{i}_val_{m}"]
-                for m in CV_METRICS
-            },
-            "images": metrics[f"cv_fold{i}_images"],
-        }
-        for i in range(1, k + 1)
-    ]
+    folds = tracking.logged_folds(tracking.get_run(run_id).data.metrics, k)
     oof = tracking.merged_fold_probabilities(run_id, len(shas), len(CLASSES))
     cv = {"folds": folds, "oof": oof, **fold_summary(folds)}
     return tracking.log_cross_validation(cv, shas), oof

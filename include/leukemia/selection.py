@@ -15,6 +15,12 @@ from typing import Any
 from leukemia.tracking import REFIT_OF_TAG, RunKind
 
 SELECTION_METRIC = "val_f1_macro"
+
+
+class NoFinishedRuns(ValueError):
+    """No configuration finished training: there is nothing to select."""
+
+
 #: Selection by cross-validation (runs trained with cv_folds > 1), ties by the mean CV log-loss.
 CV_SELECTION_METRIC = "cv_f1_macro_mean"
 
@@ -72,7 +78,9 @@ def best_run(runs: list[Any]) -> Any:
     cross-validated (cv_folds > 1); else highest validation macro-F1, ties to the lower validation
     log-loss (of the kept weights). Test metrics never decide."""
     if not runs:
-        raise ValueError("no finished training runs to choose from: did every training task fail?")
+        raise NoFinishedRuns(
+            "no finished training runs to choose from: did every training task fail?"
+        )
     by_cv = cross_validated(runs)
     return max(runs, key=lambda r: selection_key(r, by_cv))
 

@@ -380,6 +380,24 @@ def log_folds(folds: Sequence[Mapping[str, Any]]) -> None:
         )
 
 
+def logged_folds(metrics: Mapping[str, float], folds: int) -> list[dict[str, float]]:
+    """The first `folds` folds a run logged (`log_folds`), read back from its metrics as
+    `training.cross_validate`'s `folds` entries (`number`, the CV metrics, `images`)."""
+    from leukemia.training import CV_METRICS
+
+    return [
+        {
+            "number": i,
+            **{
+                m: metrics[f"cv_fold{i}_{m}" if m == "best_epoch" else f"cv_fold{i}_val_{m}"]
+                for m in CV_METRICS
+            },
+            "images": metrics[f"cv_fold{i}_images"],
+        }
+        for i in range(1, folds + 1)
+    ]
+
+
 #: Where a run keeps its calibration's reliability diagram and numbers (`log_calibration`).
 CALIBRATION_ARTIFACTS = "calibration"
 

@@ -383,13 +383,13 @@ def select_candidate(airflow_run_id: str | None) -> dict[str, Any]:
 
     from leukemia import promotion, selection, tracking
 
-    experiment_id = tracking.setup()
-    if not selection.finished_runs(experiment_id, airflow_run_id):
+    try:
+        return promotion.select_candidate(tracking.setup(), airflow_run_id)
+    except selection.NoFinishedRuns:
         raise AirflowSkipException(
             "no configuration finished training: nothing to select (the failed training tasks "
             "say why)"
-        )
-    return promotion.select_candidate(experiment_id, airflow_run_id)
+        ) from None
 
 
 def refit(
