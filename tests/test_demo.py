@@ -215,6 +215,10 @@ def test_offline_demo_falls_back_registers_a_champion_and_writes_only_its_workdi
     assert "leukemia-classifier v1" in proc.stdout
     # progress, not Airflow's log: one line per task, the grid's k of n; the log in its file
     assert len(proc.stdout.splitlines()) <= 60, proc.stdout
+    # no library lines on the terminal: TensorFlow's C++ start-up lines, Airflow's, MLflow's and
+    # our own INFO logging stay off stderr (TensorFlow's in setup.log)
+    assert proc.stderr.strip() == "", proc.stderr[-3000:]
+    assert (workdir / "setup.log").is_file()
     assert "[DAG TEST]" not in proc.stdout and "Task instance state updated" not in proc.stdout
     assert re.search(r"^sync_images +success +\d+\.\d s ", proc.stdout, re.MULTILINE)
     assert re.search(r"^train\[\d\] +success .* grid 2/(2|\?) done$", proc.stdout, re.MULTILINE)

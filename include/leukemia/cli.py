@@ -80,7 +80,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     conf = json.loads(args.conf) if args.conf else {}
     if args.weights:
         conf["weights"] = args.weights
-    summary = run_demo(args.data, args.workdir, args.per_class, args.size, conf)
+    summary = run_demo(args.data, args.workdir, args.per_class, args.size, conf, args.verbose)
     return 0 if summary else 1
 
 

@@ -28,6 +28,7 @@ import io
 import logging
 import math
 import re
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -277,6 +278,12 @@ def write_activations(store: Store, shas: Sequence[str], activations: Any, rows:
     return write_arrays(store, shas, {ACTIVATION_LAYER: compact, **arrays})
 
 
+#: CPython 3.11's `ast` is not thread-safe (python/cpython#106905): parsing in two threads at once
+#: can raise "SystemError: AST constructor recursion depth mismatch" (seen in `cache_index`'s
+#: pool). The reads run in parallel, the parsing of the bytes read does not.
+_PARSE_LOCK = threading.Lock()
+
+
 def read_arrays(
     store: Store, name: str, keys: Sequence[str], size: int | None = None
 ) -> dict[str, Any]:
@@ -284,9 +291,9 @@ def read_arrays(
     import numpy as np
 
     with store.open(name, size) as fh, zipfile.ZipFile(fh) as archive:
-        return {
-            key: np.lib.format.read_array(io.BytesIO(archive.read(f"{key}.npy"))) for key in keys
-        }
+        raw = {key: archive.read(f"{key}.npy") for key in keys}
+    with _PARSE_LOCK:  # numpy parses each header with ast.literal_eval: one thread at a time
+        return {key: np.lib.format.read_array(io.BytesIO(data)) for key, data in raw.items()}
 
 
 def _parts(store: Store) -> dict[str, int]:

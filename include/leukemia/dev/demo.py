@@ -13,7 +13,9 @@ import json
 import logging
 import os
 import subprocess
-from contextlib import closing
+import sys
+from collections.abc import Iterator
+from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,9 @@ DEMO_POLICY: dict[str, str] = {
     "LEUKEMIA_MAX_TEST_ECE": "1",
     "LEUKEMIA_REQUIRE_APPROVAL": "false",
 }
+
+#: Where the demo process's own library lines go (the terminal shows progress and the summary).
+SETUP_LOG = "setup.log"
 
 #: Input size of the synthetic demo when the VGG16 trunk is randomly initialised (see `demo_size`).
 RANDOM_TRUNK_SIZE = 64
@@ -84,6 +89,33 @@ def embedded_env(workdir: Path, endpoint_url: str) -> dict[str, str]:
         "NO_PROXY": no_proxy,
         "no_proxy": no_proxy,
     }
+
+
+def quiet_console() -> None:
+    """Library INFO lines off the terminal (the demo prints its own progress): the root logger and
+    Airflow's logging configuration of this process at WARNING (`airflow dags test` keeps INFO, in
+    its log file), MLflow's logger too (it sets its own level when imported)."""
+    os.environ["AIRFLOW__LOGGING__LOGGING_LEVEL"] = "WARNING"  # the subprocesses get INFO back
+    logging.getLogger().setLevel(logging.WARNING)
+    import mlflow  # noqa: F401  (its import sets the level that the next line overrides)
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+@contextmanager
+def native_stderr_to(path: Path) -> Iterator[None]:
+    """The process's file descriptor 2 goes to `path` for the block: TensorFlow's C++ start-up
+    lines are written before its logger is set up, so TF_CPP_MIN_LOG_LEVEL does not reach them."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with path.open("ab") as fh:
+            os.dup2(fh.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def choose_weights(requested: str, synthetic: bool) -> tuple[str, str | None]:
@@ -190,24 +222,31 @@ def run_demo(
     per_class: int = 30,
     size: int | None = None,
     conf: dict[str, Any] | None = None,
+    verbose: bool = False,
 ) -> dict[str, Any] | None:
     """Run the whole training pipeline once on the embedded stack and return the champion summary.
 
     Returns None when the pipeline failed (after printing which tasks failed and why). Raises
     `WeightsUnavailable` before starting anything when real images are given and the weights
-    cannot be had.
+    cannot be had. Unless `verbose`, library lines stay off the terminal (`quiet_console`;
+    TensorFlow's start-up lines in `<workdir>/setup.log`).
     """
     workdir = (workdir or project_root() / "data" / "demo").resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.update(hermetic_env(workdir))  # before anything imports Airflow, Keras or matplotlib
+    if not verbose:
+        quiet_console()
     from leukemia.dev.embedded import S3Server
     from leukemia.dev.synthetic import generate
     from leukemia.storage import upload_folder
 
     run_conf: dict[str, Any] = dict(conf or {})
-    weights, notice = choose_weights(
-        str(run_conf.get("weights") or env("LEUKEMIA_WEIGHTS")), synthetic=data is None
-    )
+    with nullcontext() if verbose else native_stderr_to(workdir / SETUP_LOG):
+        import keras  # noqa: F401  (TensorFlow starts here, its C++ lines into the file)
+
+        weights, notice = choose_weights(
+            str(run_conf.get("weights") or env("LEUKEMIA_WEIGHTS")), synthetic=data is None
+        )
     run_conf["weights"] = weights
     size = demo_size(run_conf.pop("input_size", size), weights)
     run_conf["input_size"] = size
@@ -226,7 +265,12 @@ def run_demo(
                 for k in ("AIRFLOW_CONN_AWS_DEFAULT", "LEUKEMIA_DATA_DIR", "NO_PROXY", "no_proxy")
             }
         )
-        upload_folder(data, bucket, env("LEUKEMIA_RAW_PREFIX"))
+        uploaded = upload_folder(data, bucket, env("LEUKEMIA_RAW_PREFIX"))
+        print(
+            f"Uploaded {uploaded} images from {data} to s3://{bucket}/{env('LEUKEMIA_RAW_PREFIX')} "
+            f"on a local S3 server ({s3.endpoint_url})",
+            flush=True,
+        )
         airflow(["db", "migrate"], environ, quiet=True)
         before = champion_summary(environ)
         print(
