@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
@@ -91,6 +92,21 @@ def local_path(root: Path, key: str) -> Path:
 def gets(server: S3Server) -> int:
     """Object GETs the server answered since the last reset (listings are counted apart)."""
     return server.requests.counts.get("GET", 0)
+
+
+def reset_when_settled(server: S3Server, quiet_s: float = 0.5, limit_s: float = 10.0) -> None:
+    """Reset the request counts once no request has arrived for `quiet_s`: a killed client's
+    last request can still be in the server's queue when the client is gone, and must not be
+    counted against the next sync."""
+    deadline = time.monotonic() + limit_s
+    seen = dict(server.requests.counts)
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        now = dict(server.requests.counts)
+        if now == seen:
+            break
+        seen = now
+    server.requests.reset()
 
 
 def iter_image_files_paths(root: Path) -> list[Path]:
@@ -583,7 +599,7 @@ def test_sync_killed_mid_checkpoint_resumes_to_the_same_files_and_manifest_as_a_
     # came after SQLite finished it, never part of one.
     recorded = load_manifest(killed_dir)["images"]
     assert len(recorded) in (75, 100)
-    aws_env.requests.reset()
+    reset_when_settled(aws_env)
 
     resumed = sync_images(StorageConfig(bucket=bucket, local_dir=killed_dir))
 
