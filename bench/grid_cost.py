@@ -11,7 +11,12 @@ the augmented copies of the train and val images a grid asks for; the copies the
 the cache `bench/shortcuts.py` fills, extracted here if missing), so that the last column is the
 whole run's compute, the part the grid's settings change and the part they do not.
 
-    python bench/grid_cost.py [--sample 48] [--grids before,default]
+`--seeds`: the splits to run on, 0 the project split, 1-5 the grouped resplits of
+bench/quality.py (the copies of each split's train and val images are extracted as needed); with
+more than one, a pooled table per grid follows (test errors summed over the splits, and how often
+each grid selected the same configuration as the first grid).
+
+    python bench/grid_cost.py [--sample 48] [--grids before,default] [--seeds 0]
 """
 
 from __future__ import annotations
@@ -188,6 +193,9 @@ def main() -> None:
     parser.add_argument(
         "--grids", default="before,default", help="comma-separated: " + ", ".join(grids())
     )
+    parser.add_argument(
+        "--seeds", default="0", help="comma-separated split seeds (0: the project split)"
+    )
     args = parse_real_data_args(parser)
 
     from leukemia.dataset import make_split, read_split, training_shas
@@ -195,16 +203,15 @@ def main() -> None:
     from leukemia.model import ModelConfig
 
     work = OUT / "quality"  # bench/quality.py's split and feature cache
-    info = make_split(args.data, work / "splits")
-    rows = read_split(info.path)
     model_cfg = ModelConfig(input_size=224, weights=str(args.weights))
+    copies = max(spec["augment_copies"] for spec in grids().values())
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    splits = {
+        seed: read_split(make_split(args.data, work / "splits", seed=seed).path) for seed in seeds
+    }
+    rows = splits[seeds[0]]
     paths = [args.data / r["path"] for r in rows]
     shas = [r["sha256"] for r in rows]
-    train_val = training_shas(rows)
-    copies = max(spec["augment_copies"] for spec in grids().values())
-    ex = extract_features(
-        paths, shas, model_cfg, work / "features", "auto", augment=train_val, copies=copies
-    )
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         sample = extract_features(
@@ -218,21 +225,61 @@ def main() -> None:
     )
     results = []
     specs = grids()
-    for name in args.grids.split(","):
-        results.append(run_grid(name, specs[name], rows, ex.cache_dir))
-    before = next((r for r in results if r["grid"] == "before"), results[0])
-    for r in results:
-        # the copies are extracted as the originals are: the same images/s
-        r["extraction s"] = extraction_s * (
-            1 + r["augmented copies"] * len(set(train_val)) / len(set(shas))
+    for seed, rows in splits.items():
+        train_val = training_shas(rows)
+        ex = extract_features(
+            paths, shas, model_cfg, work / "features", "auto", augment=train_val, copies=copies
         )
-        r["total s"] = r["extraction s"] + r["grid s"] + r["refit s"]
-        r["training × before"] = (r["grid s"] + r["refit s"]) / (
-            before["grid s"] + before["refit s"]
-        )
-        r["total × before"] = r["total s"] / before["total s"]
+        on_split = [
+            {"split": seed, **run_grid(name, specs[name], rows, ex.cache_dir)}
+            for name in args.grids.split(",")
+        ]
+        before = next((r for r in on_split if r["grid"] == "before"), on_split[0])
+        for r in on_split:
+            # the copies are extracted as the originals are: the same images/s
+            r["extraction s"] = extraction_s * (
+                1 + r["augmented copies"] * len(set(train_val)) / len(set(shas))
+            )
+            r["total s"] = r["extraction s"] + r["grid s"] + r["refit s"]
+            r["training × before"] = (r["grid s"] + r["refit s"]) / (
+                before["grid s"] + before["refit s"]
+            )
+            r["total × before"] = r["total s"] / before["total s"]
+        results += on_split
+        print(f"\nSplit seed {seed} done:\n{table(on_split)}\n", flush=True)
     print("\nTraining compute of each grid (one process; the DAG spreads it over its workers):")
     print(table(results))
+    if len(splits) > 1:
+        print(f"\nPooled over split seeds {args.seeds}:")
+        print(table(pooled(results, args.grids.split(","))))
+
+
+def pooled(results: list[dict], names: list[str]) -> list[dict]:
+    """Per grid: head fits, training seconds, test errors and malignant misses summed over the
+    splits, the training time against the first grid's, and on how many splits it selected the
+    first grid's configuration."""
+    first = [r for r in results if r["grid"] == names[0]]
+    out = []
+    for name in names:
+        mine = [r for r in results if r["grid"] == name]
+        errors = [tuple(map(int, r["test errors"].split(" / "))) for r in mine]
+        training = sum(r["grid s"] + r["refit s"] for r in mine)
+        out.append(
+            {
+                "grid": name,
+                "splits": len(mine),
+                "head fits": sum(r["head fits"] for r in mine),
+                "training s": training,
+                f"training × {names[0]}": training / sum(r["grid s"] + r["refit s"] for r in first),
+                "test errors": f"{sum(e for e, _ in errors)} / {sum(n for _, n in errors)}",
+                "per split": ", ".join(str(e) for e, _ in errors),
+                f"same selection as {names[0]}": sum(
+                    a["selected"] == b["selected"] for a, b in zip(mine, first, strict=True)
+                ),
+                "malignant sens. (mean)": sum(r["malignant sens."] for r in mine) / len(mine),
+            }
+        )
+    return out
 
 
 if __name__ == "__main__":
