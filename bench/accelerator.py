@@ -77,18 +77,6 @@ def best_rate(run: Callable[[], None], items: int, rounds: int) -> float:
     return items / best
 
 
-def with_policy(precision: str, build: Callable[[], Any]) -> Any:
-    """`build()` under Keras' float32 or mixed_bfloat16 dtype policy."""
-    import keras
-
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
-    try:
-        return build()
-    finally:
-        keras.config.set_dtype_policy(previous)
-
-
 def extract_rate(precision: str, images: Any, batch: int, rounds: int) -> float:
     """images/s of the pipeline's extractor."""
     from leukemia.model import ModelConfig, build_extractor
@@ -151,17 +139,15 @@ def pixels_rate(
     import numpy as np
 
     from leukemia.finetune import FineTuneConfig, build_finetune_model
-    from leukemia.model import ModelConfig, assemble, build_head
+    from leukemia.model import ModelConfig, assemble, build_head, dtype_policy
 
     cfg = ModelConfig(weights="none", mask_overlay=True)
     ft = FineTuneConfig(blocks=1, source="pixels")
 
-    def build() -> Any:
+    with dtype_policy(precision):
         full = build_finetune_model(cfg, build_head(cfg), ft)
         layers = [full.get_layer(name) for name in augment]
-        return assemble(cfg, full.get_layer("vgg16_trunk"), full.get_layer("head"), augment=layers)
-
-    model = with_policy(precision, build)
+        model = assemble(cfg, full.get_layer("vgg16_trunk"), full.get_layer("head"), augment=layers)
     labels = np.random.default_rng(0).integers(0, 4, len(images))
     return _train_rate(model, images, labels, batch, rounds)
 

@@ -255,9 +255,9 @@ def main() -> None:
 
 
 def pooled(results: list[dict], names: list[str]) -> list[dict]:
-    """Per grid: head fits, training seconds, test errors and malignant misses summed over the
-    splits, the training time against the first grid's, and on how many splits it selected the
-    first grid's configuration."""
+    """Per grid: head fits, training seconds and test errors summed over the splits, the mean
+    malignant sensitivity, the training time against the first grid's, and on how many splits it
+    selected the first grid's configuration."""
     first = [r for r in results if r["grid"] == names[0]]
     out = []
     for name in names:

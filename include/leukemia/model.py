@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -234,7 +235,7 @@ def build_from_block4(cfg: ModelConfig, trunk: Any, precision: str = "float32") 
     for key in block5_inputs(cfg.variant)[1:]:
         inputs[key] = keras.Input((POOL_WIDTHS["block3_pool"],), name=key)
     x = inputs["block4_pool"]
-    policy = "mixed_bfloat16" if precision == "bfloat16" else "float32"
+    policy = policy_name(precision)
     for name in BLOCK5_LAYERS:
         frozen = trunk.get_layer(name)
         layer = frozen.__class__.from_config(
@@ -387,18 +388,32 @@ def trainable_params(model: Any) -> int:
     return int(sum(np.prod(w.shape) for w in model.trainable_weights))
 
 
-def build_extractor(cfg: ModelConfig, precision: str = "float32", activations: bool = False) -> Any:
-    """preprocess → trunk → every pooled output, concatenated in `POOLED_KEYS` order (float32 out);
-    with `activations`, a second output: `ACTIVATION_LAYER`'s (float32)."""
+def policy_name(precision: str) -> str:
+    """Keras' dtype policy for a precision: mixed_bfloat16 (float32 weights) or float32."""
+    return "mixed_bfloat16" if precision == "bfloat16" else "float32"
+
+
+@contextmanager
+def dtype_policy(precision: str) -> Iterator[None]:
+    """Layers built in the block compute in `precision` (`policy_name`); the previous global
+    policy comes back after it."""
     import keras
 
     previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+    keras.config.set_dtype_policy(policy_name(precision))
     try:
-        trunk = build_trunk(cfg)
-        pre = build_preprocess(cfg.input_size, cfg.mask_overlay)
+        yield
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+def build_extractor(cfg: ModelConfig, precision: str = "float32", activations: bool = False) -> Any:
+    """preprocess → trunk → every pooled output, concatenated in `POOLED_KEYS` order (float32 out);
+    with `activations`, a second output: `ACTIVATION_LAYER`'s (float32)."""
+
+    with dtype_policy(precision):
+        trunk = build_trunk(cfg)
+        pre = build_preprocess(cfg.input_size, cfg.mask_overlay)
     return extractor_from(pre, trunk, cfg.input_size, activations, f"extractor_{precision}")
 
 

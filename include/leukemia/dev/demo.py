@@ -39,7 +39,7 @@ DEMO_POLICY: dict[str, str] = {
     "LEUKEMIA_REQUIRE_APPROVAL": "false",
 }
 
-#: Where the demo process's own library lines go (the terminal shows progress and the summary).
+#: Where TensorFlow's C++ start-up lines go (`native_stderr_to`), in the demo's workdir.
 SETUP_LOG = "setup.log"
 
 #: Input size of the synthetic demo when the VGG16 trunk is randomly initialised (see `demo_size`).
@@ -265,9 +265,10 @@ def run_demo(
                 for k in ("AIRFLOW_CONN_AWS_DEFAULT", "LEUKEMIA_DATA_DIR", "NO_PROXY", "no_proxy")
             }
         )
-        uploaded = upload_folder(data, bucket, env("LEUKEMIA_RAW_PREFIX"))
+        prefix = env("LEUKEMIA_RAW_PREFIX")
+        uploaded = upload_folder(data, bucket, prefix)
         print(
-            f"Uploaded {uploaded} images from {data} to s3://{bucket}/{env('LEUKEMIA_RAW_PREFIX')} "
+            f"Uploaded {uploaded} images from {data} to s3://{bucket}/{prefix} "
             f"on a local S3 server ({s3.endpoint_url})",
             flush=True,
         )

@@ -112,17 +112,16 @@ class S3Server:
                 pass
 
         class S3Only(DomainDispatcherApplication):
-            """Every request to moto's S3 app (moto's own `/moto-api` as moto routes it): moto's
-            dispatcher otherwise matches each request's signed host against every AWS service's
-            URL patterns, under a lock, about a millisecond of CPU per request."""
+            """Every request to moto's S3 app, built once (moto's own `/moto-api` as moto routes
+            it): moto's dispatcher otherwise matches each request's signed host against every AWS
+            service's URL patterns, under a lock, about a millisecond of CPU per request."""
+
+            s3_app = create_backend_app("s3")
 
             def get_application(self, environ: dict[str, Any]) -> Any:
                 if environ.get("PATH_INFO", "").startswith("/moto-api"):
                     return super().get_application(environ)
-                with self.lock:
-                    if "s3" not in self.app_instances:
-                        self.app_instances["s3"] = self.create_app("s3")
-                    return self.app_instances["s3"]
+                return self.s3_app
 
         app = _middleware(S3Only(create_backend_app), self.delay_s, self.requests)
         self._server = make_server(
