@@ -8,9 +8,16 @@ last end of the `extract_features` shards, mapped over `extract_shards`) and gri
 wall time (the same over `train`), and per image: extraction seconds, image bytes, feature bytes,
 MLflow artifact bytes. Target: 2 workers at least 1.8x one worker for extraction.
 
+`--grid small` (the default here) is a 4-configuration grid of 5 epochs; `--grid default` is the
+training DAG's own grid and settings (successive halving on, the default). `--halving`: at each
+worker count, the full grid (`halving` off) and then a second run in the same stack with halving on
+(its features come from the first run's cache in the work store, so it differs from the first only
+in the grid). A halving grid's wall time spans all its rounds.
+
     python bench/scale.py                                   # 160 synthetic 224 px smears
     python bench/scale.py --real                            # real images, ../shared weights
     python bench/scale.py --per-class 80 --epochs 10 --workers 1 2
+    python bench/scale.py --data DIR --grid default --halving --workers 2 --conf '{"audit_images": 0}'
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, OUT, ROOT, WEIGHTS, machine, require, table  # noqa: E402
 
 TARGET = 1.8
+GRID_TASKS = ("train", "train_round2", "train_round3")  # the rounds of a halving grid
 
 
 def parse_args() -> argparse.Namespace:
@@ -41,7 +49,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--per-class", type=int, default=40, help="synthetic images per class")
     parser.add_argument("--size", type=int, default=224, help="synthetic image and input size")
     parser.add_argument("--weights", help="default: none (synthetic), ../shared weights (real)")
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=5, help="with --grid small")
+    parser.add_argument("--grid", choices=["small", "default"], default="small")
+    parser.add_argument("--halving", action="store_true", help="also run the grid with halving")
+    parser.add_argument("--conf", type=json.loads, default={}, help="more of the run's conf (JSON)")
     parser.add_argument("--shards", type=int, default=2, help="the run's extract_shards")
     parser.add_argument("--keep", action="store_true", help="keep the stacks' folders")
     return parser.parse_args()
@@ -56,41 +67,74 @@ def bucket_bytes(stack: Any, bucket: str, prefix: str = "") -> int:
     return total
 
 
-def measure(workers: int, source: Path, conf: dict[str, Any], keep: bool) -> dict:
-    """One fresh stack with `workers` pinned workers, one DAG run; the figures of that run."""
+def run_figures(result: Any, session: Any, halving: bool) -> dict:
+    """The figures of one finished DAG run on the session's stack."""
     from leukemia.config import env
-    from leukemia.dev.stack import ARTIFACT_BUCKET, StackError, open_session, summary_lines
+    from leukemia.dev.stack import ARTIFACT_BUCKET
+
+    stack, images = session.stack, session.images
+    extraction = result.of("extract_features")
+    trains = [t for t in result.of(*GRID_TASKS) if t.state != "skipped"]  # an empty round is
+    raw_bytes = bucket_bytes(stack, stack.bucket, env("LEUKEMIA_RAW_PREFIX"))
+    return {
+        "workers": len(stack.workers),
+        "halving": halving,
+        "images": images,
+        "extraction tasks": len(extraction),
+        "extraction s": result.span_s("extract_features"),
+        "extraction task-s per image": sum(t.seconds or 0 for t in extraction) / images,
+        "train tasks": len(trains),
+        "grid s": result.span_s(*GRID_TASKS),
+        "train task-s mean": sum(t.seconds or 0 for t in trains) / max(1, len(trains)),
+        "run s": result.wall_s,
+        "hosts of train": ",".join(sorted(result.hosts(*GRID_TASKS))),
+        "image bytes per image": raw_bytes / images,
+        "feature bytes per image": bucket_bytes(stack, stack.bucket, "work/features/") / images,
+        "artifact bytes per run": bucket_bytes(stack, ARTIFACT_BUCKET),
+        "load average after": round(os.getloadavg()[0], 1),  # other jobs skew every ratio
+    }
+
+
+def measure(workers: int, source: Path, confs: list[dict[str, Any]], keep: bool) -> list[dict]:
+    """One fresh stack with `workers` pinned workers, one DAG run per conf; each run's figures."""
+    from leukemia.config import RUN_DEFAULTS
+    from leukemia.dev.stack import StackError, open_session, summary_lines
 
     root = Path(tempfile.mkdtemp(prefix=f"leukemia-scale-{workers}w-"))
+    rows = []
     with open_session(root, data=source, workers=workers, cpus=list(range(workers))) as session:
         stack = session.stack
-        result = stack.run(conf, timeout_s=3600)
-        print("\n".join(summary_lines(result)), flush=True)
-        if result.state != "success":
-            raise StackError(stack.diagnosis(result))
-        extraction = result.of("extract_features")
-        features = bucket_bytes(stack, stack.bucket, "work/features/")  # the feature shards
-        figures = {
-            "workers": workers,
-            "images": session.images,
-            "extraction tasks": len(extraction),
-            "extraction s": result.span_s("extract_features"),
-            "extraction task-s per image": sum(t.seconds or 0 for t in extraction) / session.images,
-            "train tasks": len(result.of("train")),
-            "grid s": result.span_s("train"),
-            "train task-s mean": sum(t.seconds or 0 for t in result.of("train"))
-            / max(1, len(result.of("train"))),
-            "run s": result.wall_s,
-            "hosts of train": ",".join(sorted(result.hosts("train"))),
-            "image bytes per image": bucket_bytes(stack, stack.bucket, env("LEUKEMIA_RAW_PREFIX"))
-            / session.images,
-            "feature bytes per image": features / session.images,
-            "artifact bytes per run": bucket_bytes(stack, ARTIFACT_BUCKET),
-            "load average after": round(os.getloadavg()[0], 1),  # other jobs skew every ratio
-        }
+        for conf in confs:
+            result = stack.run(conf, timeout_s=3600)
+            print("\n".join(summary_lines(result)), flush=True)
+            if result.state != "success":
+                raise StackError(stack.diagnosis(result))
+            row = run_figures(result, session, conf.get("halving", RUN_DEFAULTS.halving))
+            row["artifact bytes per run"] -= sum(r["artifact bytes per run"] for r in rows)
+            rows.append(row)  # the bucket holds every run of this stack so far
     if not keep:
         shutil.rmtree(root, ignore_errors=True)
-    return figures
+    return rows
+
+
+def print_ratios(rows: list[dict]) -> None:
+    """More workers against one, each grid against itself; halving against the full grid."""
+    for row in rows:
+        one = next((r for r in rows if r["workers"] == 1 and r["halving"] == row["halving"]), None)
+        grid = "halving grid" if row["halving"] else "full grid"
+        if one is not None and row is not one:
+            for what in ("grid s", "run s") + (() if row["halving"] else ("extraction s",)):
+                if one[what] and row[what]:
+                    ratio = one[what] / row[what]
+                    print(f"{what} ({grid}): {row['workers']} workers {ratio:.2f}x one worker")
+            if not row["halving"]:
+                met = one["extraction s"] / row["extraction s"] >= TARGET
+                print(f"extraction target ({TARGET}x): {'met' if met else 'not met'}")
+        full = next((r for r in rows if r["workers"] == row["workers"] and not r["halving"]), None)
+        if row["halving"] and full and full["grid s"] and row["grid s"]:
+            ratio = row["grid s"] / full["grid s"]
+            on = f"{row['workers']} worker" + ("s" if row["workers"] > 1 else "")
+            print(f"grid s on {on}: halving {ratio:.2f}x the full grid")
 
 
 def main() -> None:
@@ -107,20 +151,18 @@ def main() -> None:
         source = Path(tempfile.mkdtemp(prefix="leukemia-scale-source-"))
         generate(source, n_per_class=args.per_class, size=args.size, seed=11)
         weights, size = args.weights or "none", args.size
-    conf = {
-        "optimizers": ["adam", "rmsprop"],
-        "batch_sizes": [16, 32],
-        "variants": ["seed"],
-        "epochs": args.epochs,
-        "input_size": size,
-        "weights": weights,
-        "precision": "float32",
-        "extract_shards": args.shards,
-    }
+    conf: dict[str, Any] = {"input_size": size, "weights": weights, "extract_shards": args.shards}
+    if args.grid == "small":
+        conf |= {"optimizers": ["adam", "rmsprop"], "batch_sizes": [16, 32], "variants": ["seed"]}
+        conf |= {"epochs": args.epochs, "precision": "float32"}
+    conf |= args.conf
+    confs = [conf]
+    if args.halving:  # the second run trains again on the same images: force_retrain
+        confs = [{**conf, "halving": False}, {**conf, "halving": True, "force_retrain": True}]
     load_before = os.getloadavg()
     print(f"{machine()}; load average {load_before[0]:.1f}", flush=True)
     try:
-        rows = [measure(n, source, conf, args.keep) for n in args.workers]
+        rows = [row for n in args.workers for row in measure(n, source, confs, args.keep)]
     finally:
         if not (args.real or args.data or args.keep):
             shutil.rmtree(source, ignore_errors=True)  # the synthetic smears made above
@@ -133,6 +175,7 @@ def main() -> None:
     )
     columns = [
         "workers",
+        "halving",
         "images",
         "extraction tasks",
         "extraction s",
@@ -143,19 +186,11 @@ def main() -> None:
         "load average after",
     ]
     print(table(rows, columns))
-    per_image = ["workers", "extraction task-s per image", "image bytes per image"]
+    per_image = ["workers", "halving", "extraction task-s per image", "image bytes per image"]
     per_image += ["feature bytes per image", "artifact bytes per run", "train task-s mean"]
     print()
     print(table(rows, per_image))
-    one = next((r for r in rows if r["workers"] == 1), None)
-    for row in rows:
-        if one is None or row is one:
-            continue
-        for what in ("extraction s", "grid s", "run s"):
-            if one[what] and row[what]:
-                print(f"{what}: {row['workers']} workers {one[what] / row[what]:.2f}x one worker")
-        verdict = "met" if one["extraction s"] / row["extraction s"] >= TARGET else "not met"
-        print(f"extraction target ({TARGET}x): {verdict}")
+    print_ratios(rows)
     OUT.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out = OUT / f"scale-{stamp}.json"

@@ -192,6 +192,7 @@ def test_training_dag_structure(dagbag: Any) -> None:
     ]
     assert params["force_retrain"] is False
     assert params["heads"] == ["mlp", "linear"] and params["cv_folds"] == 5 and params["refit"]
+    assert params["halving"] is True  # successive halving by default since issue 26
 
 
 def test_training_dag_params_are_the_declared_settings_and_round_trip_to_the_defaults(
@@ -389,6 +390,7 @@ def test_training_dag_end_to_end_with_an_empty_local_folder_for_every_task_and_h
         "variants": ["seed"],
         "heads": ["mlp", "linear"],
         "cv_folds": 3,
+        "halving": False,  # the full grid: every configuration on every fold (the third run halves)
         "epochs": 4,
         "input_size": 48,
         "weights": "none",

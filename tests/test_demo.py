@@ -135,6 +135,21 @@ def test_progress_without_the_instance_count_still_counts_what_is_done(utc: None
     ]
 
 
+def test_progress_names_the_halving_rounds_grid_round_2_and_3(utc: None) -> None:
+    out = io.StringIO()
+    stream = [
+        *_instance("train_round2", 0, 40.0, 45.0, "success"),
+        *_instance("train_round3", 0, 46.0, 52.0, "success"),
+    ]
+    with DagTestProgress(out, live=False, total=lambda task_id: 1) as progress:
+        for line in stream:
+            progress.feed(line + "\n")
+    assert [line.split("   ")[-1] for line in out.getvalue().splitlines()] == [
+        "grid round 2 1/1 done",
+        "grid round 3 1/1 done",
+    ]
+
+
 def test_progress_on_a_terminal_prints_the_same_lines_above_its_bar(utc: None) -> None:
     out = io.StringIO()
     with DagTestProgress(out, live=True, total=lambda task_id: 2) as progress:

@@ -91,7 +91,7 @@ def _record(task_id: str, map_index: int, host: str, start_s: float, end_s: floa
     return TaskRecord(task_id, map_index, "success", host, at(start_s), at(end_s), 1)
 
 
-def test_run_result_reports_hosts_spans_and_breaches() -> None:
+def test_run_result_reports_hosts_spans_over_several_tasks_and_breaches() -> None:
     result = RunResult(
         "run-1",
         "success",
@@ -99,6 +99,7 @@ def test_run_result_reports_hosts_spans_and_breaches() -> None:
             _record("extract_features", 0, "worker-a", 10, 40),
             _record("extract_features", 1, "worker-b", 12, 45),
             _record("train", 0, "worker-a", 50, 60),
+            _record("train_round2", 0, "worker-b", 62, 75),
         ],
         70.0,
         fence_hits=[{"host": "worker-a", "task_id": "train", "event": "open", "path": "/s/b/x"}],
@@ -107,6 +108,9 @@ def test_run_result_reports_hosts_spans_and_breaches() -> None:
     assert result.hosts("extract_features") == {"worker-a", "worker-b"}
     assert result.span_s("extract_features") == 35.0
     assert result.span_s("report") is None
+    assert result.span_s("train", "train_round2") == 25.0  # all rounds of a halving grid
+    assert len(result.of("train", "train_round2")) == 2
+    assert result.hosts("train", "train_round2") == {"worker-a", "worker-b"}
     assert result.share_nothing_report() == [
         "worker-a: task train (open) reached /s/b/x",
         "XCom carries a local path: build_split: path = /s/workers/worker-b/data/splits/s.csv",

@@ -31,7 +31,12 @@ _FAILED = "Task failed with exception"
 FINAL_STATES = frozenset({"success", "failed", "skipped", "upstream_failed", "removed"})
 
 #: What the bar of a mapped task is called.
-BAR_NAMES = {"extract_features": "extraction", "train": "grid"}
+BAR_NAMES = {
+    "extract_features": "extraction",
+    "train": "grid",
+    "train_round2": "grid round 2",
+    "train_round3": "grid round 3",
+}
 
 
 def _clock(moment: datetime | None) -> str:

@@ -31,15 +31,17 @@ class RunResult:
     fence_hits: list[dict[str, str]] = field(default_factory=list)
     xcom_paths: list[str] = field(default_factory=list)
 
-    def of(self, task_id: str) -> list[TaskRecord]:
-        return [t for t in self.tasks if t.task_id == task_id]
+    def of(self, *task_ids: str) -> list[TaskRecord]:
+        """The instances of these tasks (every map index of a mapped one)."""
+        return [t for t in self.tasks if t.task_id in task_ids]
 
-    def hosts(self, task_id: str) -> set[str]:
-        return {t.hostname for t in self.of(task_id) if t.hostname}
+    def hosts(self, *task_ids: str) -> set[str]:
+        """The workers that ran instances of these tasks."""
+        return {t.hostname for t in self.of(*task_ids) if t.hostname}
 
-    def span_s(self, task_id: str) -> float | None:
-        """Wall time of a (mapped) task: first start to last end of its instances."""
-        spans = [(t.start, t.end) for t in self.of(task_id) if t.start and t.end]
+    def span_s(self, *task_ids: str) -> float | None:
+        """Wall time of (mapped) tasks: first start to last end of their instances."""
+        spans = [(t.start, t.end) for t in self.of(*task_ids) if t.start and t.end]
         if not spans:
             return None
         return (max(end for _, end in spans) - min(start for start, _ in spans)).total_seconds()
