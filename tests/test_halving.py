@@ -79,7 +79,7 @@ def test_folds_fitted_in_rounds_equal_every_fold_at_once(cached: dict[str, Any])
 def test_halving_prunes_in_mlflow_and_selection_sees_only_the_finalist(
     cached: dict[str, Any], mlflow_env: Path
 ) -> None:
-    from leukemia import halving, selection, tracking
+    from leukemia import halving, promotion, selection, tracking
     from leukemia.runs import train_round, train_run
 
     split = cached["split"]
@@ -116,6 +116,13 @@ def test_halving_prunes_in_mlflow_and_selection_sees_only_the_finalist(
     assert {r.info.run_id for r in finalists} == {o["run_id"] for o in onward}
     assert all("cv_fold3_val_f1_macro" in r.data.metrics for r in finalists)
     assert selection.best_run(finalists).info.run_id in {d["run_id"] for d in done}
+    assert len(selection.pruned_runs(experiment, "manual__h")) == 2
+    chosen = promotion.select_candidate(experiment, "manual__h")
+    assert chosen["configurations"] == 2
+    assert (
+        " of 2 finalist(s) of 4 configurations (halving) trained by manual__h"
+        in chosen["selection"]
+    )
     # a finalist's CV means, validation and test metrics equal an unhalved run of its config
     same = train_run(TrainConfig.from_dict(done[0]["config"]), *where)
     assert done[0]["cv"]["cv_f1_macro_mean"] == pytest.approx(same.cv["cv_f1_macro_mean"])

@@ -125,6 +125,7 @@ def select_candidate(experiment_id: str, airflow_run_id: str | None = None) -> d
         best_run,
         cross_validated,
         finished_runs,
+        pruned_runs,
     )
 
     runs = finished_runs(experiment_id, airflow_run_id)
@@ -132,9 +133,13 @@ def select_candidate(experiment_id: str, airflow_run_id: str | None = None) -> d
     val = {k: v for k, v in run.data.metrics.items() if k.startswith("val_")}
     # best_run ranks by the CV mean when every run was cross-validated: say which one decided
     metric = CV_SELECTION_METRIC if cross_validated(runs) else SELECTION_METRIC
+    pruned = len(pruned_runs(experiment_id, airflow_run_id))
+    compared = f"{len(runs)} configuration(s)"
+    if pruned:  # successive halving: only the finalists were compared
+        compared = f"{len(runs)} finalist(s) of {len(runs) + pruned} configurations (halving)"
     selection = (
         f"best {metric} {run.data.metrics.get(metric, float('nan')):.4f} of "
-        f"{len(runs)} configuration(s) trained by {airflow_run_id or 'this experiment'}"
+        f"{compared} trained by {airflow_run_id or 'this experiment'}"
     )
     log.info("Selected run %s: %s", run.info.run_id, selection)
     return {

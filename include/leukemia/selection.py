@@ -48,6 +48,14 @@ def finished_runs(experiment_id: str, airflow_run_id: str | None = None) -> list
     ]
 
 
+def pruned_runs(experiment_id: str, airflow_run_id: str | None = None) -> list[Any]:
+    """FINISHED training runs that successive halving pruned (optionally of one DAG run)."""
+    from leukemia.halving import PRUNED_TAG
+
+    runs = _training_runs(experiment_id, airflow_run_id)
+    return [r for r in runs if r.data.tags.get(PRUNED_TAG) == "true"]
+
+
 def round_runs(experiment_id: str, airflow_run_id: str, number: int) -> list[Any]:
     """The runs of one DAG run that round `number` of successive halving scored and did not prune."""
     from leukemia.halving import PRUNED_TAG, ROUND_TAG
