@@ -231,13 +231,13 @@ def main() -> None:
     )
     results = []
     specs = grids()
-    for seed, rows in splits.items():
-        train_val = training_shas(rows)
+    for seed, split_rows in splits.items():
+        train_val = training_shas(split_rows)
         ex = extract_features(
             paths, shas, model_cfg, work / "features", "auto", augment=train_val, copies=copies
         )
         on_split = [
-            {"split": seed, **run_grid(name, specs[name], rows, ex.cache_dir)}
+            {"split": seed, **run_grid(name, specs[name], split_rows, ex.cache_dir)}
             for name in args.grids.split(",")
         ]
         before = next((r for r in on_split if r["grid"] == "before"), on_split[0])

@@ -8,8 +8,9 @@ last end of the `extract_features` shards, mapped over `extract_shards`) and gri
 wall time (the same over `train`), and per image: extraction seconds, image bytes, feature bytes,
 MLflow artifact bytes. Target: 2 workers at least 1.8x one worker for extraction.
 
-`--grid small` (the default here) is a 4-configuration grid of 5 epochs; `--grid default` is the
-training DAG's own grid and settings (successive halving on, the default). `--halving`: at each
+`--grid small` (the default here) is 2 optimizers x 2 batch sizes x the default heads, 5 epochs;
+`--grid default` is the training DAG's own grid. Both keep the other defaults (halving on among
+them) unless `--conf` says otherwise. `--halving`: at each
 worker count, the full grid (`halving` off) and then a second run in the same stack with halving on
 (its features come from the first run's cache in the work store, so it differs from the first only
 in the grid). A halving grid's wall time spans all its rounds.
@@ -67,14 +68,15 @@ def bucket_bytes(stack: Any, bucket: str, prefix: str = "") -> int:
     return total
 
 
-def run_figures(result: Any, session: Any, halving: bool) -> dict:
-    """The figures of one finished DAG run on the session's stack."""
+def run_figures(result: Any, session: Any, halving: bool, artifacts_before: int) -> dict:
+    """The figures of one finished DAG run on the session's stack (`artifacts_before`: the
+    artifact bucket's bytes before the run)."""
     from leukemia.config import env
     from leukemia.dev.stack import ARTIFACT_BUCKET
 
     stack, images = session.stack, session.images
     extraction = result.of("extract_features")
-    trains = [t for t in result.of(*GRID_TASKS) if t.state != "skipped"]  # an empty round is
+    trains = [t for t in result.of(*GRID_TASKS) if t.state != "skipped"]  # empty rounds skip
     raw_bytes = bucket_bytes(stack, stack.bucket, env("LEUKEMIA_RAW_PREFIX"))
     return {
         "workers": len(stack.workers),
@@ -90,7 +92,7 @@ def run_figures(result: Any, session: Any, halving: bool) -> dict:
         "hosts of train": ",".join(sorted(result.hosts(*GRID_TASKS))),
         "image bytes per image": raw_bytes / images,
         "feature bytes per image": bucket_bytes(stack, stack.bucket, "work/features/") / images,
-        "artifact bytes per run": bucket_bytes(stack, ARTIFACT_BUCKET),
+        "artifact bytes per run": bucket_bytes(stack, ARTIFACT_BUCKET) - artifacts_before,
         "load average after": round(os.getloadavg()[0], 1),  # other jobs skew every ratio
     }
 
@@ -98,20 +100,20 @@ def run_figures(result: Any, session: Any, halving: bool) -> dict:
 def measure(workers: int, source: Path, confs: list[dict[str, Any]], keep: bool) -> list[dict]:
     """One fresh stack with `workers` pinned workers, one DAG run per conf; each run's figures."""
     from leukemia.config import RUN_DEFAULTS
-    from leukemia.dev.stack import StackError, open_session, summary_lines
+    from leukemia.dev.stack import ARTIFACT_BUCKET, StackError, open_session, summary_lines
 
     root = Path(tempfile.mkdtemp(prefix=f"leukemia-scale-{workers}w-"))
     rows = []
     with open_session(root, data=source, workers=workers, cpus=list(range(workers))) as session:
         stack = session.stack
         for conf in confs:
+            artifacts_before = bucket_bytes(stack, ARTIFACT_BUCKET)  # the runs before this one
             result = stack.run(conf, timeout_s=3600)
             print("\n".join(summary_lines(result)), flush=True)
             if result.state != "success":
                 raise StackError(stack.diagnosis(result))
-            row = run_figures(result, session, conf.get("halving", RUN_DEFAULTS.halving))
-            row["artifact bytes per run"] -= sum(r["artifact bytes per run"] for r in rows)
-            rows.append(row)  # the bucket holds every run of this stack so far
+            halving = conf.get("halving", RUN_DEFAULTS.halving)
+            rows.append(run_figures(result, session, halving, artifacts_before))
     if not keep:
         shutil.rmtree(root, ignore_errors=True)
     return rows

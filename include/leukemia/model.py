@@ -410,7 +410,6 @@ def dtype_policy(precision: str) -> Iterator[None]:
 def build_extractor(cfg: ModelConfig, precision: str = "float32", activations: bool = False) -> Any:
     """preprocess → trunk → every pooled output, concatenated in `POOLED_KEYS` order (float32 out);
     with `activations`, a second output: `ACTIVATION_LAYER`'s (float32)."""
-
     with dtype_policy(precision):
         trunk = build_trunk(cfg)
         pre = build_preprocess(cfg.input_size, cfg.mask_overlay)
