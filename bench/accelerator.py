@@ -7,7 +7,7 @@ which is how a GPU worker was measured) and prints images/s for:
 - **extract**: `model.build_extractor` (preprocessing, overlay mask, VGG16 conv base, every pooled
   output): what `features.extract_features` runs per image;
 - **block5 (activations)**: one training step of block 5 + the head on cached block-4 activations
-  (`model.build_from_block4` → `model.build_head`), what `finetune.tune_activations` runs;
+  (`model.build_tail` → `model.build_head`), what `finetune.tune_activations` runs;
 - **block5 (pixels, flip + rotation)**: one training step of the full model with block 5 trainable
   and the augmentation layers (`finetune.build_finetune_model`), what `finetune.tune_pixels` runs;
   `pixels-flip` and `pixels-noaug` drop the rotation layer, or both, to show what they cost;
@@ -106,19 +106,19 @@ def activations_rate(precision: str, n: int, batch: int, rounds: int) -> float:
 
     from leukemia.model import (
         ModelConfig,
-        block5_inputs,
-        build_from_block4,
         build_head,
+        build_tail,
         build_trunk,
+        tail_inputs,
     )
 
     cfg = ModelConfig(weights="none", mask_overlay=True)
-    tail = build_from_block4(cfg, build_trunk(cfg), precision)
+    tail = build_tail(cfg, build_trunk(cfg), precision)
     model = keras.Model(tail.input, build_head(cfg)(tail.output), name="block5_head")
     rng = np.random.default_rng(0)
     side = cfg.input_size // 16
     x = {"block4_pool": rng.random((n, side, side, 512), dtype="float32")}
-    for key in block5_inputs(cfg.variant)[1:]:
+    for key in tail_inputs(cfg.variant)[1:]:
         x[key] = rng.random((n, 256), dtype="float32")
     return _train_rate(model, x, rng.integers(0, 4, n), batch, rounds)
 

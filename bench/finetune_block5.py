@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -278,10 +279,17 @@ def print_epoch(epoch: int, logs: dict[str, float]) -> None:
 
 
 def fine_tuned(
-    frozen: dict[str, Any], rows: list[dict[str, str]], cache_dir: str, args: Any, precision: str
+    frozen: dict[str, Any],
+    rows: list[dict[str, str]],
+    cache_dir: str,
+    args: Any,
+    precision: str,
+    load: Callable[[], dict[str, Any]] | None = None,
+    blocks: int = 1,
 ) -> dict[str, Any]:
-    """Block 5 and the selected train-only head trained on the cached activations: wall times,
-    peak RSS, validation macro-F1 and test predictions."""
+    """Block 5 (`blocks` 2: blocks 4-5) and the selected train-only head trained on the cached
+    activations (`load()`'s, by default `finetune.load_activation_splits`'): wall times, peak RSS,
+    validation macro-F1 and test predictions."""
     import keras
     import numpy as np
 
@@ -301,9 +309,9 @@ def fine_tuned(
     )
     with PeakRss() as mem:
         started = time.perf_counter()
-        data = load_activation_splits(cfg, rows, cache_dir)
+        data = load() if load else load_activation_splits(cfg, rows, cache_dir)
         load_s = time.perf_counter() - started
-        tuned = tune_activations(cfg, head, data, ft, on_epoch=print_epoch)
+        tuned = tune_activations(cfg, head, data, ft, on_epoch=print_epoch, blocks=blocks)
         total_s = time.perf_counter() - started
     del data
     val = evaluate(
@@ -330,7 +338,11 @@ def fine_tuned(
 
 
 def audit_rows(
-    frozen: dict[str, Any], tuned: dict[str, Any], rows: list[dict[str, str]], args: Any
+    frozen: dict[str, Any],
+    tuned: dict[str, Any],
+    rows: list[dict[str, str]],
+    args: Any,
+    label: str = "fine-tuned block 5",
 ) -> list[dict[str, Any]]:
     """The shortcut audit of the frozen default and the fine-tuned model (pixels-to-softmax)."""
     from leukemia.audit import AuditConfig, audit_model
@@ -339,7 +351,7 @@ def audit_rows(
     cfg = frozen["cfg"].model
     models = {
         "frozen default": assemble(cfg, build_trunk(cfg), frozen["refit"]),
-        "fine-tuned block 5": assemble(cfg, tuned["tuned"].trunk, tuned["tuned"].head),
+        label: assemble(cfg, tuned["tuned"].trunk, tuned["tuned"].head),
     }
     out = []
     for name, model in models.items():
@@ -407,23 +419,28 @@ def cost_table(split: dict[str, Any]) -> str:
     return table(out)
 
 
-def main() -> None:
-    parser = real_data_parser(__doc__)
+def add_arguments(parser: Any, epochs: int, patience: int, resplits: int, audit: int) -> None:
+    """The options this bench shares with bench/finetune_blocks45.py, with its defaults."""
     parser.add_argument("--precision", default="auto", help="extraction precision")
     parser.add_argument("--copies", type=int, default=2, help="augmented copies per image")
     parser.add_argument("--cost-images", type=int, default=64)
     parser.add_argument("--cost-repeats", type=int, default=2, help="0: no cost measurement")
-    parser.add_argument("--cost-only", action="store_true", help="stop after the caching cost")
-    parser.add_argument("--resplits", type=int, default=0, help="grouped resplits besides seed 0")
+    parser.add_argument("--resplits", type=int, default=resplits, help="resplits besides seed 0")
     parser.add_argument("--cv-folds", type=int, default=5)
     parser.add_argument("--optimizers", nargs="+", default=["adam", "sgd", "rmsprop"])
     parser.add_argument("--ft-lr", type=float, default=RUN_DEFAULTS.fine_tune_learning_rate)
-    parser.add_argument("--ft-epochs", type=int, default=RUN_DEFAULTS.fine_tune_epochs)
-    parser.add_argument("--ft-patience", type=int, default=RUN_DEFAULTS.patience)
+    parser.add_argument("--ft-epochs", type=int, default=epochs)
+    parser.add_argument("--ft-patience", type=int, default=patience)
     parser.add_argument("--ft-batch-size", type=int, default=32)
-    parser.add_argument("--ft-precisions", nargs="+", default=["auto"])
-    parser.add_argument("--audit", type=int, default=200, help="audit images (0: no audit)")
+    parser.add_argument("--audit", type=int, default=audit, help="audit images (0: no audit)")
     parser.add_argument("--bootstrap", type=int, default=1000)
+
+
+def main() -> None:
+    parser = real_data_parser(__doc__)
+    add_arguments(parser, RUN_DEFAULTS.fine_tune_epochs, RUN_DEFAULTS.patience, 0, 200)
+    parser.add_argument("--cost-only", action="store_true", help="stop after the caching cost")
+    parser.add_argument("--ft-precisions", nargs="+", default=["auto"])
     args = parse_real_data_args(parser)
 
     from leukemia.dataset import make_split, read_split, training_shas

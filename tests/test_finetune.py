@@ -1,7 +1,8 @@
 """Fine-tuning: from pixels, only the unfrozen VGG16 blocks (and the head) change and the flips and
 rotations act while training and never at inference; from cached block-4 activations, block 5 and
 the head train, blocks 1-4 do not, each epoch shows every training image once (original or copy),
-and the assembled pixels-to-softmax model gives the cached path's probabilities; the fine-tuned
+and the assembled pixels-to-softmax model gives the cached path's probabilities; from block-3
+activations, blocks 4-5 train and their tail gives the extractor's features; the fine-tuned
 run (either source) logs a full model that loads in safe mode and reproduces its logged metrics;
 the stage is off unless asked for."""
 
@@ -232,6 +233,46 @@ def test_the_assembled_model_gives_the_cached_paths_probabilities(
     assert np.abs(cached - 0.25).max() > 1e-3  # not a flat softmax
     _, probs = GradCam(loaded)(pixels)
     np.testing.assert_allclose(probs, on_pixels, atol=1e-5)
+
+
+def test_blocks_4_5_train_on_block3_activations_and_their_tail_gives_the_extractors_features(
+    activations: dict, smear_dir: Path
+) -> None:
+    """The bench's deeper step (bench/finetune_blocks45.py): `build_tail(blocks=2)` on an image's
+    `block3_pool` output computes the extractor's features exactly (float32 both ways), and one epoch
+    moves blocks 4 and 5 and the head, never blocks 1-3."""
+    import keras
+
+    from leukemia.features import labels_to_index, load_images
+    from leukemia.model import build_extractor, build_head, build_tail, build_trunk, tail_layers
+
+    cfg, rows = activations["cfg"], activations["rows"]
+    pixels = load_images([smear_dir / r["path"] for r in rows], 48)
+    features, block3 = build_extractor(cfg.model, "float32", True, "block3_pool").predict(
+        pixels, verbose=0
+    )
+    assert block3.shape == (len(rows), 6, 6, 256)
+    tail = build_tail(cfg.model, build_trunk(cfg.model), "float32", blocks=2)
+    np.testing.assert_allclose(tail.predict({"block3_pool": block3}, verbose=0), features, atol=1e-5)
+    data = {}
+    for split in ("train", "val", "test"):
+        idx = [i for i, r in enumerate(rows) if r["split"] == split]
+        y = labels_to_index([rows[i]["label"] for i in idx])
+        data[split] = ([{"block3_pool": block3[idx]}], y)
+    keras.utils.set_random_seed(0)
+    ft = FineTuneConfig(learning_rate=1e-3, epochs=1, batch_size=4)
+    tuned = tune_activations(cfg, build_head(cfg.model), data, ft, blocks=2)
+    fresh = build_trunk(cfg.model)
+    moved = {
+        layer.name
+        for layer in fresh.layers
+        if layer.name.endswith(("conv1", "conv2", "conv3"))
+        and not np.array_equal(layer.kernel, tuned.trunk.get_layer(layer.name).kernel)
+    }
+    assert moved == {n for n in tail_layers(2) if "conv" in n}  # block4_conv1 ... block5_conv3
+    assert tuned.data["test"][0].shape == (4, 2560)
+    with pytest.raises(ValueError, match="blocks 5 \\(1\\) or 4-5 \\(2\\)"):
+        tail_layers(3)
 
 
 @pytest.fixture(scope="module")

@@ -424,7 +424,7 @@ def _lacking(folder: str, shas: Sequence[str], activations: bool) -> Pending:
     return pending
 
 
-def _compute(
+def compute_part(
     part: Sequence[str],
     source: dict[str, str | Path],
     extractor: Any,
@@ -461,7 +461,7 @@ def _compute(
 
 def _extract_into(pending: Pending, compute: Callable[[Sequence[str]], tuple[Any, Any]]) -> int:
     """Compute what one cache folder lacks (`pending.todo`), `IMAGES_PER_SHARD` images at a time
-    (`compute(shas)`: `_compute` with the pass's extractor, transform and memo), each written as the
+    (`compute(shas)`: `compute_part` with the pass's extractor, transform and memo), each written as the
     shard files it lacks (`Pending.write`); returns the files written."""
     todo = pending.todo
     started, written = time.monotonic(), 0
@@ -572,7 +572,7 @@ def _extract_reference(
         _extract_into(
             pending,
             functools.partial(
-                _compute,
+                compute_part,
                 source=source,
                 extractor=extractor,
                 size=cfg.input_size,
@@ -673,7 +673,12 @@ def _extract_passes(
 
     memo = PixelMemo({sha for p in copy_todo for sha in p.todo})
     compute = functools.partial(
-        _compute, source=source, extractor=extractor, size=size, batch_size=batch_size, memo=memo
+        compute_part,
+        source=source,
+        extractor=extractor,
+        size=size,
+        batch_size=batch_size,
+        memo=memo,
     )
     written = _extract_into(originals, compute)
     for copy, pending in enumerate(copy_todo):

@@ -9,7 +9,7 @@ on the validation loss (best epoch kept). Two sources (`FineTuneConfig.source`, 
 - **activations** (block 5 only; `auto` picks it for 1 block): blocks 1-4 are frozen, so an image's
   `block4_pool` output never changes. The extraction caches it once (`features.activations_dir`,
   float16, the augmented copies' too), and block 5 and the head train on it
-  (`model.build_from_block4`): an epoch costs block 5's forward and backward pass, about a fifth
+  (`model.build_tail`): an epoch costs block 5's forward and backward pass, about a fifth
   of a pass over the pixels; on a CPU with bfloat16 (`FineTuneConfig.precision`) in mixed
   precision. Each epoch shows each training image once, as the original or as one of its cached
   augmented copies (`augment.py`), drawn at random: the copies are its augmentation.
@@ -346,12 +346,12 @@ def _activation_dataset(
 def load_activation_splits(
     cfg: TrainConfig, rows: list[dict[str, str]], cache_dir: str | Path
 ) -> dict[str, tuple[list[dict[str, Any]], Any]]:
-    """Each split's cached activations (`model.block5_inputs` of the variant) and labels: split
+    """Each split's cached activations (`model.tail_inputs` of the variant) and labels: split
     → ([originals, copy 1, ...], labels), the copies (`cfg.augment_copies`) for train only."""
     from leukemia.features import augmented_dir, labels_to_index, load_activations
-    from leukemia.model import block5_inputs
+    from leukemia.model import tail_inputs
 
-    keys = block5_inputs(cfg.model.variant)
+    keys = tail_inputs(cfg.model.variant)
     out = {}
     for split in ("train", "val", "test"):
         part = [r for r in rows if r["split"] == split]
@@ -372,27 +372,30 @@ def tune_activations(
     data: dict[str, tuple[list[dict[str, Any]], Any]],
     ft: FineTuneConfig,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    blocks: int = 1,
 ) -> Tuned:
     """Fine-tune block 5 and the head on cached block-4 activations (`data`:
     `load_activation_splits`), in `ft.precision`; the trained block 5 goes into a fresh trunk
     (blocks 1-4 as loaded), and the val and test features are computed from the activations in
-    float32 by the tuned network (`model.build_from_block4`)."""
+    float32 by the tuned network (`model.build_tail`). `blocks` 2 trains blocks 4-5 from cached
+    `block3_pool` activations instead (`bench/finetune_blocks45.py`; the pipeline caches block 4's
+    only)."""
     import keras
     import numpy as np
 
     from leukemia.features import resolve_precision
-    from leukemia.model import BLOCK5_LAYERS, build_from_block4, build_trunk
+    from leukemia.model import build_tail, build_trunk, tail_layers
 
     trunk = build_trunk(cfg.model)
     keras.utils.set_random_seed(ft.seed)
-    tail = build_from_block4(cfg.model, trunk, resolve_precision(ft.precision))
-    model = keras.Model(tail.input, head(tail.output, training=False), name="block5_head")
+    tail = build_tail(cfg.model, trunk, resolve_precision(ft.precision), blocks)
+    model = keras.Model(tail.input, head(tail.output, training=False), name="tail_head")
     train = _activation_dataset(*data["train"], ft.batch_size, seed=ft.seed)
     val = _activation_dataset(*data["val"], ft.batch_size)
     history, seconds, start = _fit(model, ft, train, val, on_epoch)
-    for name in BLOCK5_LAYERS:
+    for name in tail_layers(blocks):
         trunk.get_layer(name).set_weights(tail.get_layer(name).get_weights())
-    tuned = build_from_block4(cfg.model, trunk, "float32")
+    tuned = build_tail(cfg.model, trunk, "float32", blocks)
     out = {}
     for split in ("val", "test"):
         (arrays,), y = data[split]

@@ -11,8 +11,9 @@ The full model is three parts, each a Keras model of its own so the pipeline can
 The trunk's pooled outputs never change for an image, so `features.py` caches them and training only
 fits the head; `assemble` joins the parts into one model that takes raw pixels, which is what is logged.
 `build_ensemble` joins one trunk to several heads (of either variant) and averages their softmax.
-`build_from_block4` is the network above `block4_pool` (block 5, the pooling): fine-tuning block 5
-trains it on cached block-4 activations (`finetune.py`), then `assemble` takes the trunk it updated.
+`build_tail` is the network above `block4_pool` (block 5, the pooling; or above `block3_pool`:
+blocks 4-5): fine-tuning trains it on cached activations (`finetune.py`), then `assemble` takes the
+trunk it updated.
 """
 
 from __future__ import annotations
@@ -207,55 +208,74 @@ def build_pool(input_size: int, variant: str) -> Any:
     return keras.Model(inputs, out, name=f"pool_{variant}")
 
 
-#: VGG16's block 5, in order: what fine-tuning from cached block-4 activations trains.
-BLOCK5_LAYERS = ("block5_conv1", "block5_conv2", "block5_conv3", "block5_pool")
+#: VGG16's blocks 4 and 5, in order: what fine-tuning from cached activations trains (the last
+#: `blocks` of them, `tail_layers`).
+TAIL_LAYERS = {
+    "block4": ("block4_conv1", "block4_conv2", "block4_conv3", "block4_pool"),
+    "block5": ("block5_conv1", "block5_conv2", "block5_conv3", "block5_pool"),
+}
+#: The trunk output a tail of `blocks` trained blocks starts from.
+TAIL_START = {1: ACTIVATION_LAYER, 2: "block3_pool"}
 
 
-def block5_inputs(variant: str) -> tuple[str, ...]:
-    """The cached arrays (`features.ACTIVATION_KEYS`) the variant's features need besides block 5:
-    `block4_pool` always, block 3's pooled outputs when the variant uses them."""
-    return ("block4_pool", *(k for k in VARIANTS[variant] if k.startswith("block3_pool")))
+def tail_layers(blocks: int = 1) -> tuple[str, ...]:
+    """The VGG16 layers a tail of the last `blocks` (1 or 2) conv blocks trains, in order."""
+    if blocks not in TAIL_START:
+        raise ValueError(f"a tail trains blocks 5 (1) or 4-5 (2), not {blocks} blocks")
+    return tuple(n for block in list(TAIL_LAYERS)[-blocks:] for n in TAIL_LAYERS[block])
 
 
-def build_from_block4(cfg: ModelConfig, trunk: Any, precision: str = "float32") -> Any:
-    """The variant's features from `block4_pool` activations (and block 3's pooled outputs):
-    block 5 as trainable copies of `trunk`'s layers and weights, then the variant's pooling and
-    concatenation, in `build_pool`'s order. The same network as `trunk` → `build_pool` above
-    `block4_pool`: given an image's activations it gives the image's features.
+def tail_inputs(variant: str, blocks: int = 1) -> tuple[str, ...]:
+    """The cached arrays a tail of `blocks` needs: its start layer (`TAIL_START`), and for block 5
+    alone block 3's pooled outputs when the variant uses them (`features.ACTIVATION_KEYS`)."""
+    tail_layers(blocks)
+    if blocks == 2:
+        return (TAIL_START[2],)
+    return (ACTIVATION_LAYER, *(k for k in VARIANTS[variant] if k.startswith("block3_pool")))
 
-    Inputs: a dict named by `block5_inputs(cfg.variant)`. `precision` "bfloat16" computes block 5
-    in mixed bfloat16 (float32 weights); the features are float32 either way.
+
+def build_tail(cfg: ModelConfig, trunk: Any, precision: str = "float32", blocks: int = 1) -> Any:
+    """The variant's features from cached activations: the last `blocks` conv blocks (1: block 5
+    from `block4_pool`; 2: blocks 4-5 from `block3_pool`) as trainable copies of `trunk`'s layers
+    and weights, then the variant's pooling and concatenation, in `build_pool`'s order. The same
+    network as `trunk` → `build_pool` above its start layer: given an image's activations it gives
+    the image's features.
+
+    Inputs: a dict named by `tail_inputs(cfg.variant, blocks)`. `precision` "bfloat16" computes the
+    blocks in mixed bfloat16 (float32 weights); the features are float32 either way.
     """
     import keras
 
-    side = cfg.input_size // 16
-    inputs = {
-        "block4_pool": keras.Input((side, side, POOL_WIDTHS["block4_pool"]), name="block4_pool")
-    }
-    for key in block5_inputs(cfg.variant)[1:]:
+    layers = tail_layers(blocks)
+    start = TAIL_START[blocks]
+    side = cfg.input_size // (16 if blocks == 1 else 8)
+    inputs = {start: keras.Input((side, side, POOL_WIDTHS[start]), name=start)}
+    for key in tail_inputs(cfg.variant, blocks)[1:]:
         inputs[key] = keras.Input((POOL_WIDTHS["block3_pool"],), name=key)
-    x = inputs["block4_pool"]
+    x = inputs[start]
+    by_layer = {start: x}
     policy = policy_name(precision)
-    for name in BLOCK5_LAYERS:
+    for name in layers:
         frozen = trunk.get_layer(name)
         layer = frozen.__class__.from_config(
             {**frozen.get_config(), "dtype": policy, "trainable": True}
         )
         x = layer(x)
         layer.set_weights(frozen.get_weights())
-    by_layer = {"block4_pool": inputs["block4_pool"], "block5_pool": keras.ops.cast(x, "float32")}
+        if name in POOL_LAYERS:
+            by_layer[name] = x
     features = []
     for key in VARIANTS[cfg.variant]:
         name, how = key.rsplit("_", 1)
-        if name == "block3_pool":
+        if name not in by_layer:  # block 3's pooled outputs, cached beside block4_pool
             features.append(inputs[key])
             continue
         pool = (
             keras.layers.GlobalAveragePooling2D if how == "gap" else keras.layers.GlobalMaxPooling2D
         )
-        features.append(pool(name=key)(by_layer[name]))
+        features.append(pool(name=key)(keras.ops.cast(by_layer[name], "float32")))
     out = features[0] if len(features) == 1 else keras.layers.Concatenate(name="features")(features)
-    return keras.Model(inputs, out, name=f"from_block4_{cfg.variant}")
+    return keras.Model(inputs, out, name=f"from_{start}_{cfg.variant}")
 
 
 def adapted_normalization(x_train: Any, relative_floor: float = 1e-2) -> Any:
@@ -407,20 +427,31 @@ def dtype_policy(precision: str) -> Iterator[None]:
         keras.config.set_dtype_policy(previous)
 
 
-def build_extractor(cfg: ModelConfig, precision: str = "float32", activations: bool = False) -> Any:
+def build_extractor(
+    cfg: ModelConfig,
+    precision: str = "float32",
+    activations: bool = False,
+    layer: str = ACTIVATION_LAYER,
+) -> Any:
     """preprocess → trunk → every pooled output, concatenated in `POOLED_KEYS` order (float32 out);
-    with `activations`, a second output: `ACTIVATION_LAYER`'s (float32)."""
+    with `activations`, a second output: `layer`'s (one of `POOL_LAYERS`, float32)."""
     with dtype_policy(precision):
         trunk = build_trunk(cfg)
         pre = build_preprocess(cfg.input_size, cfg.mask_overlay)
-    return extractor_from(pre, trunk, cfg.input_size, activations, f"extractor_{precision}")
+    return extractor_from(pre, trunk, cfg.input_size, activations, f"extractor_{precision}", layer)
 
 
 def extractor_from(
-    pre: Any, trunk: Any, size: int, activations: bool = False, name: str = "extractor"
+    pre: Any,
+    trunk: Any,
+    size: int,
+    activations: bool = False,
+    name: str = "extractor",
+    layer: str = ACTIVATION_LAYER,
 ) -> Any:
     """The extractor network (`build_extractor`) of a given preprocessing and trunk: those of a
-    configuration, or a logged model's own (`backends.model_extractor`): the network `features.py` caches the outputs of."""
+    configuration, or a logged model's own (`backends.model_extractor`): the network `features.py`
+    caches the outputs of; with `activations`, `layer`'s output second."""
     import keras
 
     inputs = keras.Input((size, size, 3), name="pixels")
@@ -428,5 +459,5 @@ def extractor_from(
     pooled = [keras.ops.cast(t, "float32") for t in pooled]
     out = build_pool(size, "multiscale")(pooled)
     if activations:
-        out = [out, pooled[POOL_LAYERS.index(ACTIVATION_LAYER)]]
+        out = [out, pooled[POOL_LAYERS.index(layer)]]
     return keras.Model(inputs, out, name=name)
