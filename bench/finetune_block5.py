@@ -294,6 +294,7 @@ def fine_tuned(
     import numpy as np
 
     from leukemia.evaluation import evaluate
+    from leukemia.features import resolve_precision
     from leukemia.finetune import FineTuneConfig, load_activation_splits, tune_activations
 
     with tempfile.TemporaryDirectory() as tmp:  # a fresh copy of the head for every run
@@ -320,7 +321,7 @@ def fine_tuned(
     test_prob = np.asarray(tuned.head.predict(tuned.data["test"][0], verbose=0))
     return {
         "tuned": tuned,
-        "precision": precision,
+        "precision": resolve_precision(precision),  # auto: what it resolved to
         "val_f1": val["metrics"]["f1_macro"],
         "pred": test_prob.argmax(1),
         "load_s": load_s,
