@@ -16,7 +16,7 @@ Side by side in one run:
    frozen default exactly as bench/finetune_block5.py fits it (the default grid, CV selection, the
    scaled refit), and blocks 4-5 with the selected configuration's train-only head trained on the
    cached activations (`finetune.tune_activations(blocks=2)`, `--ft-precision`), Adam at
-   `--ft-lr`, at most `--ft-epochs` epochs with patience `--ft-patience` (an epoch costs about 4.4
+   `--ft-lr`, at most `--ft-epochs` epochs with patience `--ft-patience` (an epoch costs several
    times block 5's: the defaults are 5 and 2, not the pipeline's 10 and 5); `pipeline`: what the
    DAG with fine-tuning on would register (`finetune.fine_tune_wins`).
 4. Test errors, accuracy, malignant sensitivity and benign specificity with bootstrap 95 %

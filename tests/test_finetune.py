@@ -253,7 +253,9 @@ def test_blocks_4_5_train_on_block3_activations_and_their_tail_gives_the_extract
     )
     assert block3.shape == (len(rows), 6, 6, 256)
     tail = build_tail(cfg.model, build_trunk(cfg.model), "float32", blocks=2)
-    np.testing.assert_allclose(tail.predict({"block3_pool": block3}, verbose=0), features, atol=1e-5)
+    np.testing.assert_allclose(
+        tail.predict({"block3_pool": block3}, verbose=0), features, atol=1e-5
+    )
     data = {}
     for split in ("train", "val", "test"):
         idx = [i for i, r in enumerate(rows) if r["split"] == split]
