@@ -402,14 +402,14 @@ def quality_table(results: list[dict[str, Any]], resamples: int) -> str:
     return table(out, ["model", "errors", *METRICS])
 
 
-def cost_table(split: dict[str, Any]) -> str:
-    """Fine-tuning's wall time and memory."""
+def cost_table(tuned: list[dict[str, Any]], blocks: str = "block 5") -> str:
+    """Fine-tuning's wall time and memory (`fine_tuned`'s results)."""
     out = []
-    for t in split["tuned"]:
+    for t in tuned:
         epochs = t["epoch_s"]
         out.append(
             {
-                "fine-tuning": f"block 5 + head, {t['precision']}",
+                "fine-tuning": f"{blocks} + head, {t['precision']}",
                 "load activations s": t["load_s"],
                 "epochs": len(epochs),
                 "s/epoch (mean)": sum(epochs) / len(epochs),
@@ -472,7 +472,7 @@ def main() -> None:
             print("\nProject split (seed 0), test images:")
             print(quality_table(results, args.bootstrap))
             print("\nCost of the fine-tuning (project split):")
-            print(cost_table(results[0]), flush=True)
+            print(cost_table(results[0]["tuned"]), flush=True)
             today = extraction["all_rows"] / cost[0]["images/s"] if cost else float("nan")
             print(
                 f"Today's extraction of the same {extraction['all_rows']} rows (images and copies) "

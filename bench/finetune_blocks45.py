@@ -39,6 +39,7 @@ from finetune_block5 import (  # noqa: E402
     PeakRss,
     add_arguments,
     audit_rows,
+    cost_table,
     fine_tuned,
     frozen_default,
     quality_table,
@@ -48,6 +49,22 @@ WORK = OUT / "finetune_blocks45"
 SIZE = 224
 LAYER = "block3_pool"
 LABEL = "fine-tuned blocks 4-5"
+
+
+def shape() -> tuple[int, int, int]:
+    """One image's `LAYER` output at `SIZE` px."""
+    from leukemia.model import POOL_STRIDES, POOL_WIDTHS
+
+    return SIZE // POOL_STRIDES[LAYER], SIZE // POOL_STRIDES[LAYER], POOL_WIDTHS[LAYER]
+
+
+def activation_bytes() -> int:
+    """Bytes of one image's cached `LAYER` output."""
+    import numpy as np
+
+    from leukemia.features import ACTIVATION_DTYPE
+
+    return int(np.prod(shape())) * np.dtype(ACTIVATION_DTYPE).itemsize
 
 
 def extractor(args: Any, activations: bool) -> Any:
@@ -82,7 +99,7 @@ def caching_cost(args: Any, rows: list[dict[str, str]]) -> list[dict[str, Any]]:
             "images": n,
             "images/s": n / seconds[act],
             "s/image": seconds[act] / n,
-            f"{LAYER} KB/image": (SIZE // 8) ** 2 * 256 * 2 / 1024 if act else 0,
+            f"{LAYER} KB/image": activation_bytes() / 1024 if act else 0,
         }
         for act in (False, True)
     ]
@@ -108,7 +125,7 @@ def extract_block3(args: Any, shas: list[str], source: dict[str, Path]) -> dict[
     import numpy as np
 
     from leukemia.augment import augment_batch
-    from leukemia.features import IMAGES_PER_SHARD, compute_part
+    from leukemia.features import ACTIVATION_DTYPE, IMAGES_PER_SHARD, compute_part
 
     paths = version_paths(args, args.copies)
     index = paths[0].with_name("sha256.txt")
@@ -116,12 +133,11 @@ def extract_block3(args: Any, shas: list[str], source: dict[str, Path]) -> dict[
     if not (index.exists() and index.read_text().split() == shas and all(map(Path.exists, paths))):
         paths[0].parent.mkdir(parents=True, exist_ok=True)
         net = extractor(args, True)
-        side = SIZE // 8
         with PeakRss() as mem:
             started = time.perf_counter()
             for v, path in enumerate(paths):
                 transform = functools.partial(augment_batch, copy=v - 1) if v else None
-                out = np.lib.format.open_memmap(path, "w+", "float16", (len(shas), side, side, 256))
+                out = np.lib.format.open_memmap(path, "w+", ACTIVATION_DTYPE, (len(shas), *shape()))
                 for first in range(0, len(shas), IMAGES_PER_SHARD):
                     part = shas[first : first + IMAGES_PER_SHARD]
                     _, acts = compute_part(part, source, net, SIZE, 32, transform)
@@ -194,27 +210,18 @@ def evaluate_split(
 
 def project_report(result: dict[str, Any], cache: dict[str, Any], args: Any, rows: list) -> None:
     """The project split's cost of fine-tuning and, with `--audit`, the shortcut audit."""
-    t = result["tuned"]
-    epochs = t["epoch_s"]
     print("\nCost of the fine-tuning (project split):")
-    cost = {
-        "fine-tuning": f"blocks 4-5 + head, {t['precision']}",
-        "load activations s": t["load_s"],
-        "epochs": len(epochs),
-        "s/epoch (mean)": sum(epochs) / len(epochs),
-        "total s (load + train + val/test features)": t["total_s"],
-        "peak RSS +MB": t["rss"],
-    }
-    print(table([cost]), flush=True)
+    print(cost_table([result["tuned"]], "blocks 4-5"), flush=True)
     if cache["seconds"]:
         print(
             f"The extraction that cached {cache['rows']} rows with {LAYER} took "
-            f"{cache['seconds']:.0f} s ({cache['rows'] / cache['seconds']:.1f} rows/s)",
+            f"{cache['seconds']:.0f} s ({cache['rows'] / cache['seconds']:.1f} rows/s, peak RSS "
+            f"+{cache['rss']:.0f} MB)",
             flush=True,
         )
     if args.audit:
         print("\nShortcut audit (project split):")
-        print(table(audit_rows(result["frozen"], t, rows, args, LABEL)), flush=True)
+        print(table(audit_rows(result["frozen"], result["tuned"], rows, args, LABEL)), flush=True)
 
 
 def main() -> None:

@@ -41,6 +41,8 @@ VGG_MEAN_BGR = (103.939, 116.779, 123.68)
 #: Pooled outputs every cache entry holds, in this order (one trunk pass serves every variant).
 POOL_LAYERS = ("block3_pool", "block4_pool", "block5_pool")
 POOL_WIDTHS = {"block3_pool": 256, "block4_pool": 512, "block5_pool": 512}
+#: How much smaller than the input each pooled output is on a side (28, 14 and 7 at 224 px).
+POOL_STRIDES = {"block3_pool": 8, "block4_pool": 16, "block5_pool": 32}
 POOLED_KEYS = tuple(f"{layer}_{how}" for layer in POOL_LAYERS for how in ("gap", "gmp"))
 #: The trunk output fine-tuning block 5 starts from (`build_extractor` with activations).
 ACTIVATION_LAYER = "block4_pool"
@@ -190,11 +192,8 @@ def build_pool(input_size: int, variant: str) -> Any:
     """Pool the trunk's outputs the variant's way and concatenate (same op order as the cache)."""
     import keras
 
-    shapes = {"block3_pool": 8, "block4_pool": 16, "block5_pool": 32}
-    inputs = [
-        keras.Input((input_size // shapes[n], input_size // shapes[n], POOL_WIDTHS[n]), name=n)
-        for n in POOL_LAYERS
-    ]
+    sides = {n: input_size // POOL_STRIDES[n] for n in POOL_LAYERS}
+    inputs = [keras.Input((sides[n], sides[n], POOL_WIDTHS[n]), name=n) for n in POOL_LAYERS]
     by_key: dict[str, Any] = {}
     for name, tensor in zip(POOL_LAYERS, inputs, strict=True):
         by_key[f"{name}_gap"] = keras.layers.GlobalAveragePooling2D(name=f"{name}_gap")(tensor)
@@ -248,7 +247,7 @@ def build_tail(cfg: ModelConfig, trunk: Any, precision: str = "float32", blocks:
 
     layers = tail_layers(blocks)
     start = TAIL_START[blocks]
-    side = cfg.input_size // (16 if blocks == 1 else 8)
+    side = cfg.input_size // POOL_STRIDES[start]
     inputs = {start: keras.Input((side, side, POOL_WIDTHS[start]), name=start)}
     for key in tail_inputs(cfg.variant, blocks)[1:]:
         inputs[key] = keras.Input((POOL_WIDTHS["block3_pool"],), name=key)

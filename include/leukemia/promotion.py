@@ -124,16 +124,15 @@ def select_candidate(experiment_id: str, airflow_run_id: str | None = None) -> d
         SELECTION_METRIC,
         best_run,
         cross_validated,
-        finished_runs,
-        pruned_runs,
+        finished_and_pruned,
     )
 
-    runs = finished_runs(experiment_id, airflow_run_id)
+    runs, pruned_runs = finished_and_pruned(experiment_id, airflow_run_id)
     run = best_run(runs)
     val = {k: v for k, v in run.data.metrics.items() if k.startswith("val_")}
     # best_run ranks by the CV mean when every run was cross-validated: say which one decided
     metric = CV_SELECTION_METRIC if cross_validated(runs) else SELECTION_METRIC
-    pruned = len(pruned_runs(experiment_id, airflow_run_id))
+    pruned = len(pruned_runs)
     compared = f"{len(runs)} configuration(s)"
     if pruned:  # successive halving: only the finalists were compared
         compared = f"{len(runs)} finalist(s) of {len(runs) + pruned} configurations (halving)"

@@ -35,25 +35,38 @@ def _training_runs(experiment_id: str, airflow_run_id: str | None = None) -> lis
     return mlflow.search_runs([experiment_id], filter_string=query, output_format="list")
 
 
+def _finished(run: Any) -> bool:
+    """A run that holds a model: not pruned by successive halving, nor between its rounds."""
+    from leukemia.halving import PRUNED_TAG, ROUND_TAG
+
+    tags = run.data.tags
+    return tags.get(PRUNED_TAG) != "true" and (ROUND_TAG not in tags or "head_uri" in tags)
+
+
+def _pruned(run: Any) -> bool:
+    """A run that successive halving pruned."""
+    from leukemia.halving import PRUNED_TAG
+
+    return run.data.tags.get(PRUNED_TAG) == "true"
+
+
 def finished_runs(experiment_id: str, airflow_run_id: str | None = None) -> list[Any]:
     """FINISHED training runs that hold a model (optionally of one Airflow DAG run): not those
     successive halving pruned, nor one still between its rounds (`halving`)."""
-    from leukemia.halving import PRUNED_TAG, ROUND_TAG
-
-    return [
-        r
-        for r in _training_runs(experiment_id, airflow_run_id)
-        if r.data.tags.get(PRUNED_TAG) != "true"
-        and (ROUND_TAG not in r.data.tags or "head_uri" in r.data.tags)
-    ]
+    return [r for r in _training_runs(experiment_id, airflow_run_id) if _finished(r)]
 
 
 def pruned_runs(experiment_id: str, airflow_run_id: str | None = None) -> list[Any]:
     """FINISHED training runs that successive halving pruned (optionally of one DAG run)."""
-    from leukemia.halving import PRUNED_TAG
+    return [r for r in _training_runs(experiment_id, airflow_run_id) if _pruned(r)]
 
+
+def finished_and_pruned(
+    experiment_id: str, airflow_run_id: str | None = None
+) -> tuple[list[Any], list[Any]]:
+    """`finished_runs` and `pruned_runs` from one search."""
     runs = _training_runs(experiment_id, airflow_run_id)
-    return [r for r in runs if r.data.tags.get(PRUNED_TAG) == "true"]
+    return [r for r in runs if _finished(r)], [r for r in runs if _pruned(r)]
 
 
 def round_runs(experiment_id: str, airflow_run_id: str, number: int) -> list[Any]:
